@@ -1,0 +1,40 @@
+# Quick start:  make demo   (set up, then answer a question about an example image)
+#               make test   (set up, then lint, type-check and run every test)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint typecheck pytest bench graph clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/insightv run --image examples/shapes.png \
+	  --question "How many red shapes are there, and which is the largest?"
+
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check insightv_agents tests benchmarks examples
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest insightv_agents tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/overhead.py
+
+graph: $(STAMP)
+	$(BIN)/python examples/draw_graph.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,43 @@
+"""insightv-agents: Insight-V multi-agent visual reasoning as LangGraph graphs.
+
+This module is the map of the public API: everything a user imports is listed here.
+"""
+
+from insightv_agents.errors import ConfigError, InsightVError, InvalidInputError, ModelOutputError
+from insightv_agents.graphs import create_insightv_graph
+from insightv_agents.images import ImagePolicy, load_images
+from insightv_agents.nodes import ReasoningNode, SummaryNode, prepare_input, revise
+from insightv_agents.parsing import parse_steps, parse_verdict
+from insightv_agents.prompts import DEFAULT_PROMPTS, PROMPTS_VERSION, Prompts
+from insightv_agents.schema import Attempt, Failure, ReasoningStep, Verdict
+from insightv_agents.state import InsightVContext, InsightVInput, InsightVOutput, InsightVState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "PROMPTS_VERSION",
+    "Attempt",
+    "ConfigError",
+    "Failure",
+    "ImagePolicy",
+    "InsightVContext",
+    "InsightVError",
+    "InsightVInput",
+    "InsightVOutput",
+    "InsightVState",
+    "InvalidInputError",
+    "ModelOutputError",
+    "Prompts",
+    "ReasoningNode",
+    "ReasoningStep",
+    "SummaryNode",
+    "Verdict",
+    "create_insightv_graph",
+    "load_images",
+    "parse_steps",
+    "parse_verdict",
+    "prepare_input",
+    "revise",
+    "__version__",
+]

@@ -1,0 +1,141 @@
+"""The ``insightv`` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+
+from insightv_agents.errors import InsightVError
+from insightv_agents.graphs import create_insightv_graph
+from insightv_agents.images import ImagePolicy
+from insightv_agents.prompts import ReasoningMode
+from insightv_agents.testing import ScriptedChatModel
+
+app = typer.Typer(help="Insight-V multi-agent visual reasoning.", no_args_is_help=True,
+                  add_completion=False)
+
+
+@app.callback()
+def main() -> None:
+    """Insight-V multi-agent visual reasoning."""
+
+
+STAND_IN_NOTICE = (
+    "No model given: using a scripted stand-in (insightv_agents.testing.ScriptedChatModel). "
+    "Its replies are canned text, not a model's reading of the image; the run shows the "
+    "graph's flow only. Pass --base-url (an OpenAI-compatible server such as vLLM) for real "
+    "answers."
+)
+
+
+def stand_in_model() -> ScriptedChatModel:
+    """The scripted stand-in used when no backend is given (it says so in every reply)."""
+    steps = [
+        {"summary": "Stand-in: read the question",
+         "reasoning": "This is a scripted reply; no model has looked at the image.",
+         "action": "continue"},
+        {"summary": "Stand-in: hand over",
+         "reasoning": "A real reasoning agent would write its steps here.", "action": "summary"},
+    ]
+    verdict = {"reasoning_correct": True, "critique": "",
+               "answer": "(no model configured: scripted stand-in)"}
+    return ScriptedChatModel([json.dumps(step) for step in steps] + [json.dumps(verdict)])
+
+
+@app.command()
+def run(
+    image: Annotated[list[str], typer.Option("--image", "-i", help="Image path (repeat for several).")],
+    question: Annotated[str, typer.Option("--question", "-q", help="The question to answer.")],
+    base_url: Annotated[str | None, typer.Option(
+        help="OpenAI-compatible API root of the reasoning agent, e.g. http://127.0.0.1:8000/v1.")] = None,
+    model: Annotated[str, typer.Option(help="Served model name of the reasoning agent.")] = "insightv-reason",
+    summary_base_url: Annotated[str | None, typer.Option(
+        help="API root of the summary agent (default: the reasoning agent's server).")] = None,
+    summary_model: Annotated[str | None, typer.Option(
+        help="Served model name of the summary agent (default: the reasoning agent plays both roles).")] = None,
+    mode: Annotated[str, typer.Option(help="step: one step per call; chain: a whole chain per call.")] = "step",
+    max_steps: Annotated[int, typer.Option(help="Cap on reasoning steps.")] = 16,
+    max_revisions: Annotated[int, typer.Option(help="Times the summary agent may send reasoning back.")] = 0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.2,
+    allow_urls: Annotated[bool, typer.Option(help="Allow http(s) image URLs.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
+) -> None:
+    """Answer a question about an image, printing each reasoning step as it is made."""
+    console = Console(stderr=as_json)
+    try:
+        reasoner, summarizer = _models(base_url, model, summary_base_url, summary_model,
+                                       temperature)
+        if base_url is None:
+            console.print(Panel(STAND_IN_NOTICE, title="backend", style="yellow"))
+        else:
+            console.print(f"[dim]backend: {model} at {base_url}"
+                          + (f", summary: {summary_model}" if summary_model else "") + "[/dim]")
+        graph = create_insightv_graph(
+            reasoner=reasoner, summarizer=summarizer, mode=_mode(mode), max_steps=max_steps,
+            max_revisions=max_revisions, image_policy=ImagePolicy(allow_urls=allow_urls),
+        ).compile(name="insightv")
+        result = _stream(graph, {"image": image if len(image) > 1 else image[0],
+                                 "question": question}, console)
+    except InsightVError as err:
+        console.print(f"[bold red]error:[/bold red] {err}")
+        raise typer.Exit(2) from err
+    if as_json:
+        typer.echo(json.dumps(result, ensure_ascii=False, indent=2))
+        return
+    style = "green" if result["status"] == "ok" else "red"
+    console.print(Panel(result["answer"] or "(no answer)", title="answer", style=style))
+    for failure in result["failures"]:
+        console.print(f"[yellow]recorded failure in {failure['node']}: {failure['error']}[/yellow]")
+
+
+def _models(base_url: str | None, model: str, summary_base_url: str | None,
+            summary_model: str | None, temperature: float) -> tuple[Any, Any]:
+    if base_url is None:
+        if summary_base_url or summary_model:
+            raise InsightVError("--summary-base-url/--summary-model need --base-url as well.")
+        return stand_in_model(), None
+    from insightv_agents.integrations.vllm import vllm_chat_model
+
+    reasoner = vllm_chat_model(base_url, model, temperature=temperature)
+    if summary_model is None and summary_base_url is None:
+        return reasoner, None
+    return reasoner, vllm_chat_model(summary_base_url or base_url, summary_model or model,
+                                     temperature=temperature)
+
+
+def _mode(mode: str) -> ReasoningMode:
+    if mode == "step":
+        return "step"
+    if mode == "chain":
+        return "chain"
+    raise InsightVError(f"--mode must be 'step' or 'chain', not {mode!r}.")
+
+
+def _stream(graph: Any, inputs: dict[str, Any], console: Console) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for kind, chunk in graph.stream(inputs, stream_mode=["custom", "values"]):
+        if kind == "values":
+            result = chunk
+        elif chunk.get("event") == "step":
+            step = chunk["step"]
+            title = f"step {chunk['index']}" + (f" (revision {chunk['revision']})"
+                                               if chunk["revision"] else "")
+            console.print(Panel(f"[bold]{step['summary']}[/bold]\n{step['reasoning']}",
+                                title=title, subtitle=step["action"], title_align="left"))
+        elif chunk.get("event") == "verdict":
+            verdict = chunk["verdict"]
+            holds = "holds" if verdict["reasoning_correct"] else "is flawed"
+            console.print(f"[dim]summary agent: the reasoning {holds}"
+                          + (f": {verdict['critique']}" if verdict["critique"] else "") + "[/dim]")
+    return result
+
+
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Model backends: an OpenAI-compatible (vLLM) client and, later, in-process transformers."""

@@ -1,0 +1,340 @@
+"""The graph nodes, usable on their own in any LangGraph graph.
+
+- :func:`prepare_input` validates ``image`` and ``question`` (no model call) and resets a run.
+- :class:`ReasoningNode` asks the reasoning agent for the next step (or the rest of a chain).
+- :class:`SummaryNode` asks the summary agent to judge the reasoning and answer.
+- :func:`revise` archives a pass judged flawed and starts the next one with its critique.
+
+Model replies are untrusted: each call is re-asked at most ``max_retries`` times with the
+parse error kept in the conversation, then recorded as a :class:`~insightv_agents.schema.Failure`.
+Nodes never raise on model output. Each node has a real sync and async path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, TypeVar
+
+from langchain_core.language_models import LanguageModelLike
+from langchain_core.messages import BaseMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.runtime import Runtime, get_runtime
+from langgraph.types import Overwrite
+from langgraph.utils.runnable import RunnableCallable
+
+from insightv_agents.errors import ConfigError, InvalidInputError, ModelOutputError
+from insightv_agents.images import ImagePolicy, load_images
+from insightv_agents.parsing import parse_steps, parse_verdict
+from insightv_agents.prompts import (
+    DEFAULT_PROMPTS,
+    Prompts,
+    ReasoningMode,
+    reask_messages,
+    reasoning_messages,
+    render_reasoning,
+    summary_messages,
+)
+from insightv_agents.schema import Attempt, Failure, ReasoningStep, Verdict
+
+T = TypeVar("T")
+# A conversation with a model: yields the messages to send, receives the reply text, and
+# returns (parsed value or None, attempts made, last error, last reply).
+Exchange = Generator[list[BaseMessage], str, tuple[T | None, int, str, str]]
+
+MAX_QUESTION_CHARS = 20_000
+
+
+def prepare_input(
+    state: dict[str, Any],
+    *,
+    image_policy: ImagePolicy | None = None,
+    max_question_chars: int = MAX_QUESTION_CHARS,
+) -> dict[str, Any]:
+    """Validate the input and reset per-run fields (so a reused thread starts clean).
+
+    Raises:
+        InvalidInputError: for a missing, empty or oversized question, or any bad image.
+    """
+    question = state.get("question")
+    if question is None:
+        raise InvalidInputError("`question` is required: pass a non-empty string.",
+                                field="question")
+    if not isinstance(question, str):
+        raise InvalidInputError(f"`question` must be a string, not {type(question).__name__}.",
+                                field="question")
+    if not question.strip():
+        raise InvalidInputError("`question` is empty: pass the question to answer.",
+                                field="question")
+    if len(question) > max_question_chars:
+        raise InvalidInputError(f"`question` is {len(question)} characters; the limit is "
+                                f"{max_question_chars}.", field="question")
+    images = load_images(state.get("image"), image_policy)
+    return {
+        "question": question.strip(), "images": images,
+        "steps": Overwrite([]), "failures": Overwrite([]), "attempts": Overwrite([]),
+        "revision": 0, "critique": None, "verdict": None, "answer": "", "reasoning": "",
+        "status": "ok",
+    }
+
+
+def revise(state: dict[str, Any]) -> dict[str, Any]:
+    """Archive the pass the summary agent judged flawed and start a new one with its critique."""
+    verdict: Verdict = state["verdict"]
+    attempt: Attempt = {"steps": list(state.get("steps") or []), "verdict": verdict}
+    return {"attempts": [attempt], "steps": Overwrite([]), "critique": verdict["critique"],
+            "revision": state.get("revision", 0) + 1, "verdict": None}
+
+
+class _ModelNode(RunnableCallable):
+    """Shared machinery: model choice (graph default or run-time context) and bounded re-asks."""
+
+    def __init__(
+        self,
+        model: LanguageModelLike,
+        *,
+        name: str,
+        context_keys: Sequence[str],
+        prompts: Prompts,
+        max_retries: int,
+    ) -> None:
+        super().__init__(self._run, self._arun, name=name, trace=False)
+        if model is None:
+            raise ConfigError(f"the {name!r} node needs a chat model.")
+        _check_range("max_retries", max_retries, 0, 10)
+        self.model = model
+        self.context_keys = tuple(context_keys)
+        self.prompts = prompts
+        self.max_retries = max_retries
+
+    # Subclasses implement the conversation and what to write back to the state.
+    def _conversation(self, state: dict[str, Any]) -> Exchange[Any] | None:
+        raise NotImplementedError
+
+    def _update(self, state: dict[str, Any], outcome: tuple[Any, int, str, str] | None,
+                runtime: Runtime[Any] | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _run(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        runtime = _current_runtime()
+        model = self._model(runtime)
+        conversation = self._conversation(state)
+        outcome = None
+        if conversation is not None:
+            outcome = _finish(conversation, lambda messages: _text(model.invoke(messages, config)))
+        return self._update(state, outcome, runtime)
+
+    async def _arun(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        runtime = _current_runtime()
+        model = self._model(runtime)
+        conversation = self._conversation(state)
+        outcome = None
+        if conversation is not None:
+            try:
+                messages = next(conversation)
+                while True:
+                    reply = _text(await model.ainvoke(messages, config))
+                    messages = conversation.send(reply)
+            except StopIteration as stop:
+                outcome = stop.value
+        return self._update(state, outcome, runtime)
+
+    def _model(self, runtime: Runtime[Any] | None) -> LanguageModelLike:
+        context = getattr(runtime, "context", None)
+        for key in self.context_keys:
+            chosen = getattr(context, key, None)
+            if chosen is not None:
+                return chosen  # type: ignore[no-any-return]
+        return self.model
+
+    def _ask(self, messages: list[BaseMessage], parse: Callable[[str], T]) -> Exchange[T]:
+        """Send ``messages``; on an unreadable reply, re-ask with the error, a bounded number of times."""
+        error, reply = "", ""
+        for attempt in range(1, self.max_retries + 2):
+            reply = yield messages
+            try:
+                return parse(reply), attempt, "", reply
+            except ModelOutputError as err:
+                error = str(err)
+                messages = reask_messages(messages, reply, error, self.prompts)
+        return None, self.max_retries + 1, error, reply
+
+    def _failure(self, state: dict[str, Any], kind: Any, error: str, attempts: int,
+                 raw: str) -> Failure:
+        return {"node": self.name or "", "revision": state.get("revision", 0), "kind": kind,
+                "error": error, "attempts": attempts, "raw": raw[:2000]}
+
+
+class ReasoningNode(_ModelNode):
+    """The reasoning agent: adds the next step(s) to ``state["steps"]``.
+
+    Args:
+        model: any LangChain chat model that takes images.
+        mode: ``"step"`` asks for one step per call (multi-turn); ``"chain"`` asks for the
+            whole chain in one generation (how a trained reasoning agent answers) and parses
+            it into the same steps.
+        max_steps: hard cap on steps per reasoning pass.
+        max_retries: re-asks after an unreadable reply before recording a failure.
+        prompts: the prompt texts.
+        name: the node's name (also used in recorded failures and stream events).
+        context_keys: attributes of the run-time context that can replace ``model``.
+
+    Reads ``question``, ``images``, ``steps``, ``revision``, ``critique``, ``attempts``;
+    writes ``steps`` (appended) and ``failures`` (appended). Streams a custom event
+    ``{"event": "step", ...}`` per new step.
+
+    Example:
+        >>> from insightv_agents.testing import ScriptedChatModel
+        >>> node = ReasoningNode(ScriptedChatModel(
+        ...     ['{"summary": "Look", "reasoning": "A red square.", "action": "summary"}']))
+        >>> node.invoke({"question": "What shape?", "images": [], "steps": []})["steps"][0]["action"]
+        'summary'
+    """
+
+    def __init__(
+        self,
+        model: LanguageModelLike,
+        *,
+        mode: ReasoningMode = "step",
+        max_steps: int = 16,
+        max_retries: int = 2,
+        prompts: Prompts = DEFAULT_PROMPTS,
+        name: str = "reason",
+        context_keys: Sequence[str] = ("reasoner",),
+    ) -> None:
+        super().__init__(model, name=name, context_keys=context_keys, prompts=prompts,
+                         max_retries=max_retries)
+        if mode not in ("step", "chain"):
+            raise ConfigError(f"mode must be 'step' or 'chain', not {mode!r}.")
+        _check_range("max_steps", max_steps, 1, 256)
+        self.mode: ReasoningMode = mode
+        self.max_steps = max_steps
+
+    def is_done(self, state: dict[str, Any]) -> bool:
+        """Whether this reasoning pass is over: ``summary`` chosen, step cap, or a failure."""
+        revision = state.get("revision", 0)
+        if any(f["node"] == self.name and f["revision"] == revision
+               for f in state.get("failures") or []):
+            return True
+        steps = state.get("steps") or []
+        return bool(steps) and (steps[-1]["action"] == "summary" or len(steps) >= self.max_steps)
+
+    def _conversation(self, state: dict[str, Any]) -> Exchange[list[ReasoningStep]] | None:
+        steps = state.get("steps") or []
+        if len(steps) >= self.max_steps:
+            return None
+        revision = state.get("revision", 0)
+        attempts = state.get("attempts") or []
+        messages = reasoning_messages(
+            prompts=self.prompts, mode=self.mode, question=state["question"],
+            images=state.get("images") or [], steps=steps,
+            critique=state.get("critique") if revision else None,
+            previous=attempts[-1]["steps"] if revision and attempts else None)
+        return self._ask(messages, parse_steps)
+
+    def _update(self, state: dict[str, Any], outcome: tuple[Any, int, str, str] | None,
+                runtime: Runtime[Any] | None) -> dict[str, Any]:
+        steps = state.get("steps") or []
+        if outcome is None:
+            failure = self._failure(state, "step_cap", f"the step cap ({self.max_steps}) was "
+                                    "reached before the model chose 'summary'", 0, "")
+            return {"failures": [failure]}
+        parsed, attempts, error, raw = outcome
+        if parsed is None:
+            failure = self._failure(state, "unparsable", error, attempts, raw)
+            _emit(runtime, {"event": "failure", "node": self.name, "failure": failure})
+            return {"failures": [failure]}
+        new = parsed[: self.max_steps - len(steps)]
+        for index, step in enumerate(new, len(steps) + 1):
+            _emit(runtime, {"event": "step", "node": self.name,
+                            "revision": state.get("revision", 0), "index": index, "step": step})
+        update: dict[str, Any] = {"steps": new}
+        if len(steps) + len(new) >= self.max_steps and new[-1]["action"] == "continue":
+            update["failures"] = [self._failure(
+                state, "step_cap", f"the step cap ({self.max_steps}) was reached before the "
+                "model chose 'summary'", attempts, "")]
+        return update
+
+
+class SummaryNode(_ModelNode):
+    """The summary agent (the critique node): judges ``state["steps"]`` and answers.
+
+    Writes ``verdict``, ``answer``, ``reasoning`` (the rendered steps) and ``status``; on an
+    unreadable reply after the re-asks, ``status="failed"``, an empty answer and a recorded
+    failure. Streams a custom event ``{"event": "verdict", ...}``.
+
+    Args:
+        model: any LangChain chat model that takes images.
+        max_retries: re-asks after an unreadable reply before recording a failure.
+        prompts: the prompt texts.
+        name: the node's name.
+        context_keys: attributes of the run-time context that can replace ``model``, in order.
+    """
+
+    def __init__(
+        self,
+        model: LanguageModelLike,
+        *,
+        max_retries: int = 2,
+        prompts: Prompts = DEFAULT_PROMPTS,
+        name: str = "summarize",
+        context_keys: Sequence[str] = ("summarizer",),
+    ) -> None:
+        super().__init__(model, name=name, context_keys=context_keys, prompts=prompts,
+                         max_retries=max_retries)
+
+    def _conversation(self, state: dict[str, Any]) -> Exchange[Verdict]:
+        messages = summary_messages(prompts=self.prompts, question=state["question"],
+                                    images=state.get("images") or [],
+                                    steps=state.get("steps") or [])
+        return self._ask(messages, parse_verdict)
+
+    def _update(self, state: dict[str, Any], outcome: tuple[Any, int, str, str] | None,
+                runtime: Runtime[Any] | None) -> dict[str, Any]:
+        assert outcome is not None
+        verdict, attempts, error, raw = outcome
+        reasoning = render_reasoning(state.get("steps") or [], self.prompts)
+        if verdict is None:
+            failure = self._failure(state, "unparsable", error, attempts, raw)
+            _emit(runtime, {"event": "failure", "node": self.name, "failure": failure})
+            return {"verdict": None, "answer": "", "reasoning": reasoning, "status": "failed",
+                    "failures": [failure]}
+        _emit(runtime, {"event": "verdict", "node": self.name,
+                        "revision": state.get("revision", 0), "verdict": verdict})
+        return {"verdict": verdict, "answer": verdict["answer"], "reasoning": reasoning,
+                "status": "ok"}
+
+
+def _finish(conversation: Exchange[T], call: Callable[[list[BaseMessage]], str]
+            ) -> tuple[T | None, int, str, str]:
+    try:
+        messages = next(conversation)
+        while True:
+            messages = conversation.send(call(messages))
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+def _text(reply: Any) -> str:
+    """The text of a model reply (a message or a plain string)."""
+    if isinstance(reply, BaseMessage):
+        return reply.text
+    return reply if isinstance(reply, str) else str(reply)
+
+
+def _current_runtime() -> Runtime[Any] | None:
+    """The LangGraph runtime of the current run, or ``None`` when called outside a graph."""
+    try:
+        return get_runtime()
+    except RuntimeError:
+        return None
+
+
+def _emit(runtime: Runtime[Any] | None, event: dict[str, Any]) -> None:
+    writer = getattr(runtime, "stream_writer", None)
+    if writer is not None:
+        writer(event)
+
+
+def _check_range(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer from {low} to {high}, not {value!r}.")

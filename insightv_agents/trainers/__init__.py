@@ -1,0 +1,1 @@
+"""Training: dataset builders, SFT of both agents, and iterative DPO (see the trainers issue)."""

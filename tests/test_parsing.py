@@ -1,0 +1,149 @@
+"""Tolerant, bounded parsing of the agents' replies."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from insightv_agents.errors import ModelOutputError
+from insightv_agents.parsing import (
+    format_chain,
+    format_step,
+    format_verdict,
+    iter_json_objects,
+    parse_steps,
+    parse_verdict,
+)
+from insightv_agents.schema import ReasoningStep
+
+
+def test_our_key_set() -> None:
+    steps = parse_steps('{"summary": "Look", "reasoning": "A red square.", "action": "continue"}')
+    assert steps == [{"summary": "Look", "reasoning": "A red square.", "action": "continue"}]
+
+
+def test_reference_key_set_with_final_answer() -> None:
+    text = '{"title": "Final", "content": "It is 3.", "next_action": "final_answer"}'
+    assert parse_steps(text) == [{"summary": "Final", "reasoning": "It is 3.", "action": "summary"}]
+
+
+@pytest.mark.parametrize("text", [
+    'Here is my step:\n```json\n{"summary": "A", "reasoning": "B", "action": "summary"}\n```\nDone.',
+    'Sure. {"summary": "A", "reasoning": "B", "action": "Summary"} Hope that helps!',
+    '{"Summary": "A", "Reasoning": "B", "Action": "SUMMARY"}',
+    '{"summary": "A", "reasoning": "B", "action": "final answer"}',
+    '[1, 2] then {"summary": "A", "reasoning": "B", "action": "summary"}',
+    '{"summary": "A", "reasoning": "B\u0001 with a raw\ncontrol", "action": "summary"}',
+])
+def test_json_in_prose_fences_and_case(text: str) -> None:
+    steps = parse_steps(text)
+    assert len(steps) == 1
+    assert steps[0]["summary"] == "A" and steps[0]["action"] == "summary"
+    assert steps[0]["reasoning"].startswith("B")
+
+
+def test_chain_as_lines_array_and_steps_key() -> None:
+    chain: list[ReasoningStep] = [
+        {"summary": "one", "reasoning": "r1", "action": "continue"},
+        {"summary": "two", "reasoning": "r2", "action": "continue"},
+        {"summary": "three", "reasoning": "r3", "action": "summary"},
+    ]
+    assert parse_steps(format_chain(chain)) == chain
+    assert parse_steps(json.dumps(chain)) == chain
+    assert parse_steps(json.dumps({"steps": chain})) == chain
+
+
+def test_format_round_trips() -> None:
+    step: ReasoningStep = {"summary": "ü \"q\"", "reasoning": "a\nb {x}", "action": "continue"}
+    assert parse_steps(format_step(step)) == [step]
+    verdict = {"reasoning_correct": False, "critique": "bad count", "answer": "4"}
+    assert parse_verdict(format_verdict(verdict)) == verdict  # type: ignore[arg-type]
+
+
+def test_non_string_fields_are_coerced_and_capped() -> None:
+    text = json.dumps({"summary": 3, "reasoning": {"k": [1]}, "action": "continue"})
+    assert parse_steps(text)[0] == {"summary": "3", "reasoning": '{"k": [1]}', "action": "continue"}
+    huge = json.dumps({"summary": "s", "reasoning": "x" * 100_000, "action": "continue"})
+    assert len(parse_steps(huge)[0]["reasoning"]) == 16_000
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "no JSON object"),
+    ("I think the answer is 4.", "no JSON object"),
+    ('{"summary": "A", "reasoning": "B"}', "no action"),
+    ('{"summary": "A", "reasoning": "B", "action": "dance"}', "unknown action"),
+    ('{"summary": "", "reasoning": "", "action": "continue"}', "neither a summary"),
+    ('{"summary": "A", "reasoning": "B", "action": "continue"', "no JSON object"),
+])
+def test_unreadable_steps_raise_model_output_error(text: str, message: str) -> None:
+    with pytest.raises(ModelOutputError, match=message) as info:
+        parse_steps(text)
+    assert info.value.raw == text[:2000]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('{"reasoning_correct": true, "critique": "", "answer": "3"}', (True, "3")),
+    ('{"correct": "no", "critique": "miscounted", "answer": 4}', (False, "4")),
+    ('Verdict: ```{"is_correct": "Yes.", "final_answer": "B"}```', (True, "B")),
+    ('{"reasoning_correct": 0, "answer": "x"}', (False, "x")),
+])
+def test_verdict_variants(text: str, expected: tuple[bool, str]) -> None:
+    verdict = parse_verdict(text)
+    assert (verdict["reasoning_correct"], verdict["answer"]) == expected
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("The answer is 3", "no JSON object"),
+    ('{"reasoning_correct": true, "answer": ""}', "no non-empty 'answer'"),
+    ('{"reasoning_correct": "maybe", "answer": "3"}', "no 'reasoning_correct'"),
+    ('{"answer": "3"}', "no 'reasoning_correct'"),
+])
+def test_unreadable_verdicts(text: str, message: str) -> None:
+    with pytest.raises(ModelOutputError, match=message):
+        parse_verdict(text)
+
+
+@pytest.mark.parametrize("text", [
+    "[" * 100_000,
+    "{" * 100_000,
+    '{"a": ' * 50_000,
+    "1" * 300_000,
+    "[" + "9" * 10_000 + "]",
+    '{"summary": "' + "x" * 500_000,
+])
+def test_adversarial_text_is_bounded(text: str) -> None:
+    started = time.perf_counter()
+    with pytest.raises(ModelOutputError):
+        parse_steps(text)
+    with pytest.raises(ModelOutputError):
+        parse_verdict(text)
+    assert time.perf_counter() - started < 5
+
+
+def test_iter_json_objects_skips_prose() -> None:
+    assert list(iter_json_objects('a {"x": 1} b [2] c {bad} {"y": 2}')) == [{"x": 1}, [2], {"y": 2}]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["summary", "reasoning", "action", "title", "content", "next_action",
+                         "answer", "reasoning_correct", "steps", "x"]), inner, max_size=5),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=400), json_values.map(json.dumps),
+                 st.tuples(st.text(max_size=50), json_values.map(json.dumps),
+                           st.text(max_size=50)).map("".join)))
+def test_fuzz_parsers_raise_only_model_output_error(text: str) -> None:
+    for parse in (parse_steps, parse_verdict):
+        try:
+            result = parse(text)
+        except ModelOutputError:
+            continue
+        assert result
