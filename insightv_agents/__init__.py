@@ -33,11 +33,11 @@ __all__ = [
     "ReasoningStep",
     "SummaryNode",
     "Verdict",
+    "__version__",
     "create_insightv_graph",
     "load_images",
     "parse_steps",
     "parse_verdict",
     "prepare_input",
     "revise",
-    "__version__",
 ]

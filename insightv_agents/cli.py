@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -47,23 +46,37 @@ def stand_in_model() -> ScriptedChatModel:
     return ScriptedChatModel([json.dumps(step) for step in steps] + [json.dumps(verdict)])
 
 
+Images = Annotated[list[str], typer.Option("--image", "-i", help="Image path (repeatable).")]
+Question = Annotated[str, typer.Option("--question", "-q", help="The question to answer.")]
+BaseUrl = Annotated[str | None, typer.Option(
+    help="OpenAI-compatible API root of the reasoning agent (e.g. http://127.0.0.1:8000/v1).")]
+SummaryBaseUrl = Annotated[str | None, typer.Option(
+    help="API root of the summary agent (default: the reasoning agent's).")]
+Model = Annotated[str, typer.Option(help="Served model name of the reasoning agent.")]
+SummaryModel = Annotated[str | None, typer.Option(
+    help="Served model name of the summary agent (default: the reasoner plays both roles).")]
+Mode = Annotated[str, typer.Option(help="step: one step per call; chain: a chain per call.")]
+MaxSteps = Annotated[int, typer.Option(help="Cap on reasoning steps.")]
+MaxRevisions = Annotated[int, typer.Option(help="Times the summary agent may send reasoning back.")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature.")]
+AllowUrls = Annotated[bool, typer.Option(help="Allow http(s) image URLs.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")]
+
+
 @app.command()
 def run(
-    image: Annotated[list[str], typer.Option("--image", "-i", help="Image path (repeat for several).")],
-    question: Annotated[str, typer.Option("--question", "-q", help="The question to answer.")],
-    base_url: Annotated[str | None, typer.Option(
-        help="OpenAI-compatible API root of the reasoning agent, e.g. http://127.0.0.1:8000/v1.")] = None,
-    model: Annotated[str, typer.Option(help="Served model name of the reasoning agent.")] = "insightv-reason",
-    summary_base_url: Annotated[str | None, typer.Option(
-        help="API root of the summary agent (default: the reasoning agent's server).")] = None,
-    summary_model: Annotated[str | None, typer.Option(
-        help="Served model name of the summary agent (default: the reasoning agent plays both roles).")] = None,
-    mode: Annotated[str, typer.Option(help="step: one step per call; chain: a whole chain per call.")] = "step",
-    max_steps: Annotated[int, typer.Option(help="Cap on reasoning steps.")] = 16,
-    max_revisions: Annotated[int, typer.Option(help="Times the summary agent may send reasoning back.")] = 0,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.2,
-    allow_urls: Annotated[bool, typer.Option(help="Allow http(s) image URLs.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
+    image: Images,
+    question: Question,
+    base_url: BaseUrl = None,
+    model: Model = "insightv-reason",
+    summary_base_url: SummaryBaseUrl = None,
+    summary_model: SummaryModel = None,
+    mode: Mode = "step",
+    max_steps: MaxSteps = 16,
+    max_revisions: MaxRevisions = 0,
+    temperature: Temperature = 0.2,
+    allow_urls: AllowUrls = False,
+    as_json: AsJson = False,
 ) -> None:
     """Answer a question about an image, printing each reasoning step as it is made."""
     console = Console(stderr=as_json)

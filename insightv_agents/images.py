@@ -33,7 +33,7 @@ allowed), or a list of these."""
 
 _KEEP_AS_IS = {"PNG": "image/png", "JPEG": "image/jpeg"}
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/_\-\s]+={0,2}\s*$")
-_DATA_URL_RE = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
+_DATA_URL_RE = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[^;,]*)*?;base64,", re.I)
 
 
 class ImagePolicy(BaseModel):
@@ -258,7 +258,7 @@ def _fetch(url: str, policy: ImagePolicy) -> bytes:
 
 def _refuse_private(host: str) -> None:
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
     except OSError as err:
         raise InvalidInputError(f"cannot resolve host {host!r}: {err}.") from err
     for address in addresses:

@@ -35,6 +35,7 @@ from insightv_agents.prompts import (
     summary_messages,
 )
 from insightv_agents.schema import Attempt, Failure, ReasoningStep, Verdict
+from insightv_agents.state import InsightVState
 
 T = TypeVar("T")
 # A conversation with a model: yields the messages to send, receives the reply text, and
@@ -77,9 +78,11 @@ def prepare_input(
     }
 
 
-def revise(state: dict[str, Any]) -> dict[str, Any]:
+def revise(state: InsightVState) -> dict[str, Any]:
     """Archive the pass the summary agent judged flawed and start a new one with its critique."""
-    verdict: Verdict = state["verdict"]
+    verdict = state.get("verdict")
+    if verdict is None:
+        return {}
     attempt: Attempt = {"steps": list(state.get("steps") or []), "verdict": verdict}
     return {"attempts": [attempt], "steps": Overwrite([]), "critique": verdict["critique"],
             "revision": state.get("revision", 0) + 1, "verdict": None}
@@ -143,11 +146,12 @@ class _ModelNode(RunnableCallable):
         for key in self.context_keys:
             chosen = getattr(context, key, None)
             if chosen is not None:
-                return chosen  # type: ignore[no-any-return]
+                return chosen
         return self.model
 
     def _ask(self, messages: list[BaseMessage], parse: Callable[[str], T]) -> Exchange[T]:
-        """Send ``messages``; on an unreadable reply, re-ask with the error, a bounded number of times."""
+        """Send ``messages``; re-ask with the error after an unreadable reply, a bounded
+        number of times."""
         error, reply = "", ""
         for attempt in range(1, self.max_retries + 2):
             reply = yield messages
@@ -186,7 +190,8 @@ class ReasoningNode(_ModelNode):
         >>> from insightv_agents.testing import ScriptedChatModel
         >>> node = ReasoningNode(ScriptedChatModel(
         ...     ['{"summary": "Look", "reasoning": "A red square.", "action": "summary"}']))
-        >>> node.invoke({"question": "What shape?", "images": [], "steps": []})["steps"][0]["action"]
+        >>> update = node.invoke({"question": "What shape?", "images": [], "steps": []})
+        >>> update["steps"][0]["action"]
         'summary'
     """
 
@@ -311,7 +316,7 @@ def _finish(conversation: Exchange[T], call: Callable[[list[BaseMessage]], str]
         while True:
             messages = conversation.send(call(messages))
     except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+        return stop.value
 
 
 def _text(reply: Any) -> str:

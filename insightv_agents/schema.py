@@ -6,7 +6,9 @@ custom types). Model output becomes one of these only through :mod:`insightv_age
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import Literal
+
+from typing_extensions import TypedDict
 
 Action = Literal["continue", "summary"]
 """What the reasoning agent wants next: another step, or to hand over to the summary agent."""

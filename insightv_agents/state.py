@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, Literal
 
 from langchain_core.language_models import LanguageModelLike
+from typing_extensions import TypedDict
 
 from insightv_agents.schema import Attempt, Failure, ReasoningStep, Verdict
 

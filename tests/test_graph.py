@@ -53,7 +53,8 @@ def test_step_cap_ends_reasoning(inputs: dict[str, Any]) -> None:
 
 
 def test_one_pass_by_default_even_when_flawed(inputs: dict[str, Any]) -> None:
-    model = ScriptedChatModel([step("s", "2 squares", "summary"), verdict("3", False, "miscounted")])
+    model = ScriptedChatModel([step("s", "2 squares", "summary"),
+                               verdict("3", False, "miscounted")])
     out = run(model, inputs)
     assert out["answer"] == "3" and out["attempts"] == [] and len(model.calls) == 2
 

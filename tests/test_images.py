@@ -12,7 +12,13 @@ from helpers import png_bytes, png_header
 from PIL import Image
 
 from insightv_agents.errors import InvalidInputError
-from insightv_agents.images import ImagePolicy, data_url_bytes, load_images, open_image, redact_images
+from insightv_agents.images import (
+    ImagePolicy,
+    data_url_bytes,
+    load_images,
+    open_image,
+    redact_images,
+)
 
 
 def encoded(image: Image.Image, fmt: str, **save: Any) -> bytes:
@@ -110,9 +116,9 @@ def test_directory_and_oversized_file(tmp_path: Path) -> None:
         load_images(str(tmp_path))
     big = tmp_path / "big.png"
     big.write_bytes(png_bytes((64, 64)))
-    with pytest.raises(InvalidInputError, match="ImagePolicy.max_bytes"):
+    with pytest.raises(InvalidInputError, match=r"ImagePolicy\.max_bytes"):
         load_images(big, ImagePolicy(max_bytes=100))
-    with pytest.raises(InvalidInputError, match="ImagePolicy.max_pixels"):
+    with pytest.raises(InvalidInputError, match=r"ImagePolicy\.max_pixels"):
         load_images(big, ImagePolicy(max_pixels=100))
 
 

@@ -32,7 +32,7 @@ def test_reference_key_set_with_final_answer() -> None:
 
 
 @pytest.mark.parametrize("text", [
-    'Here is my step:\n```json\n{"summary": "A", "reasoning": "B", "action": "summary"}\n```\nDone.',
+    'Step:\n```json\n{"summary": "A", "reasoning": "B", "action": "summary"}\n```\nDone.',
     'Sure. {"summary": "A", "reasoning": "B", "action": "Summary"} Hope that helps!',
     '{"Summary": "A", "Reasoning": "B", "Action": "SUMMARY"}',
     '{"summary": "A", "reasoning": "B", "action": "final answer"}',

@@ -73,7 +73,8 @@ def create_insightv_graph(
         ...     '{"summary": "Count", "reasoning": "There are 3 dots.", "action": "summary"}',
         ...     '{"reasoning_correct": true, "critique": "", "answer": "3"}'])
         >>> graph = create_insightv_graph(reasoner=model).compile()
-        >>> png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+        >>> png = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ"
+        ...        "/pLvAAAAAElFTkSuQmCC")
         >>> graph.invoke({"image": png, "question": "How many dots?"})["answer"]
         '3'
     """

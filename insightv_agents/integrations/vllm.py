@@ -42,7 +42,7 @@ def vllm_chat_model(
     if not base_url.startswith(("http://", "https://")):
         raise ConfigError(f"base_url must be an http(s) URL, not {base_url!r}.")
     return ChatOpenAI(
-        base_url=base_url, model=model, api_key=api_key,  # type: ignore[arg-type]
+        base_url=base_url, model=model, api_key=api_key,
         temperature=temperature, top_p=top_p, max_completion_tokens=max_tokens,
         timeout=timeout, max_retries=max_retries, extra_body=vllm_options or None,
     )

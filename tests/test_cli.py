@@ -1,0 +1,111 @@
+"""The ``insightv`` command line."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import step, verdict
+from typer.testing import CliRunner
+
+from insightv_agents.cli import app
+
+runner = CliRunner()
+
+
+def test_run_with_the_stand_in_says_what_it_is(image_path: Path) -> None:
+    result = runner.invoke(app, ["run", "--image", str(image_path), "--question", "What?"])
+    assert result.exit_code == 0, result.output
+    assert "scripted stand-in" in result.output
+    assert "step 1" in result.output and "step 2" in result.output
+    assert "answer" in result.output
+
+
+def test_json_output(image_path: Path) -> None:
+    result = runner.invoke(app, ["run", "-i", str(image_path), "-q", "What?", "--json"])
+    assert result.exit_code == 0
+    payload = json.loads(result.stdout)
+    assert payload["status"] == "ok" and len(payload["steps"]) == 2
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--image", "/no/such.png", "--question", "q"], "no such file"),
+    (["--image", "{img}", "--question", "  "], "`question` is empty"),
+    (["--image", "{img}", "--question", "q", "--mode", "tree"], "--mode must be"),
+    (["--image", "{img}", "--question", "q", "--max-steps", "0"], "max_steps must be"),
+    (["--image", "{img}", "--question", "q", "--max-revisions", "-1"], "max_revisions must be"),
+    (["--image", "https://example.com/a.png", "--question", "q"], "URLs are not allowed"),
+    (["--image", "{img}", "--question", "q", "--summary-model", "s"], "need --base-url"),
+    (["--image", "{img}", "--question", "q", "--base-url", "localhost:8000"], "http(s) URL"),
+])
+def test_bad_arguments_exit_2_with_a_message(image_path: Path, args: list[str],
+                                             message: str) -> None:
+    args = [a.replace("{img}", str(image_path)) for a in args]
+    result = runner.invoke(app, ["run", *args])
+    assert result.exit_code == 2
+    assert message in result.output.replace("\n", " ")
+
+
+class FakeOpenAIServer(http.server.ThreadingHTTPServer):
+    """A loopback OpenAI-compatible chat endpoint (stands in for vLLM until the backends
+    issue brings the real vLLM CPU server into the tests)."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.requests: list[dict[str, Any]] = []
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: FakeOpenAIServer
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body)
+        messages = body["messages"]
+        if "summary agent" in str(messages[0]["content"]):
+            text = verdict("4")
+        elif any(m["role"] == "assistant" for m in messages):
+            text = step("count", "4 shapes", "summary")
+        else:
+            text = step("look", "I see shapes")
+        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                 "choices": [{"index": 0, "finish_reason": "stop",
+                              "message": {"role": "assistant", "content": text}}],
+                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def openai_server() -> Iterator[FakeOpenAIServer]:
+    server = FakeOpenAIServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+def test_run_against_an_openai_compatible_server(image_path: Path,
+                                                 openai_server: FakeOpenAIServer) -> None:
+    url = f"http://127.0.0.1:{openai_server.server_address[1]}/v1"
+    result = runner.invoke(app, ["run", "-i", str(image_path), "-q", "How many?", "--base-url",
+                                 url, "--model", "reason", "--summary-model", "summ", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["answer"] == "4"
+    models = [r["model"] for r in openai_server.requests]
+    assert models == ["reason", "reason", "summ"]
+    first = openai_server.requests[0]["messages"][1]["content"]
+    assert first[0]["type"] == "image_url"
+    assert first[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert openai_server.requests[0]["temperature"] == 0.2

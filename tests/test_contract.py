@@ -1,0 +1,41 @@
+"""The public contract: the picture in the README, the public API, the README's claims."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import insightv_agents
+from insightv_agents import create_insightv_graph
+from insightv_agents.testing import ScriptedChatModel
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_picture_is_the_graph() -> None:
+    mermaid = create_insightv_graph(reasoner=ScriptedChatModel([])).compile().get_graph()
+    drawn = mermaid.draw_mermaid().strip()
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```mermaid\n(.*?)```", readme, re.S)
+    assert block is not None
+    assert block.group(1).strip() == drawn
+    for edge in ("reason -. &nbsp;continue&nbsp; .-> reason", "reason -. &nbsp;summary&nbsp; .-> "
+                 "summarize", "summarize -. &nbsp;flawed&nbsp; .-> revise",
+                 "summarize -. &nbsp;done&nbsp; .-> __end__"):
+        assert edge in drawn
+
+
+def test_public_api_is_listed_and_importable() -> None:
+    for name in insightv_agents.__all__:
+        assert hasattr(insightv_agents, name), name
+
+
+def test_graph_is_uncompiled_and_compile_name_friendly() -> None:
+    builder = create_insightv_graph(reasoner=ScriptedChatModel([]))
+    assert type(builder).__name__ == "StateGraph"
+    assert builder.compile(name="my-agent").get_name() == "my-agent"
+    schema = builder.compile().get_input_jsonschema()
+    assert set(schema["properties"]) == {"image", "question"}
+    output = builder.compile().get_output_jsonschema()
+    assert {"answer", "steps", "verdict", "reasoning", "status", "failures"} <= set(
+        output["properties"])

@@ -1,0 +1,60 @@
+"""Whole graph runs on adversarial model text: always end within the caps, typed outcome."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from helpers import png_bytes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from insightv_agents import create_insightv_graph
+from insightv_agents.testing import ScriptedChatModel
+
+MAX_STEPS, MAX_RETRIES, MAX_REVISIONS = 4, 1, 1
+CALLS_PER_PASS = (MAX_STEPS + 1) * (MAX_RETRIES + 1)
+MAX_CALLS = (MAX_REVISIONS + 1) * CALLS_PER_PASS
+
+step_like = st.fixed_dictionaries({
+    "summary": st.text(max_size=30), "reasoning": st.text(max_size=60),
+    "action": st.sampled_from(["continue", "summary", "final_answer", "Continue", "??", ""]),
+}).map(json.dumps)
+verdict_like = st.fixed_dictionaries({
+    "reasoning_correct": st.one_of(st.booleans(), st.text(max_size=5), st.integers()),
+    "critique": st.text(max_size=30), "answer": st.one_of(st.text(max_size=10), st.integers()),
+}).map(json.dumps)
+adversarial = st.one_of(
+    st.text(max_size=300),
+    st.text(alphabet=st.characters(max_codepoint=0x1F), max_size=200),
+    step_like, verdict_like,
+    st.just(json.dumps({"summary": "again", "reasoning": "x", "action": "continue"})),
+    st.just("{" * 5_000), st.just("[" * 5_000),
+    st.integers(min_value=0, max_value=200_000).map(lambda n: "x" * n),
+    st.lists(step_like, max_size=20).map("\n".join),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(replies=st.lists(adversarial, min_size=1, max_size=12),
+       mode=st.sampled_from(["step", "chain"]))
+def test_any_model_text_ends_within_caps(replies: list[str], mode: Any) -> None:
+    model = ScriptedChatModel(replies, cycle=True)
+    graph = create_insightv_graph(reasoner=model, mode=mode, max_steps=MAX_STEPS,
+                                  max_retries=MAX_RETRIES, max_revisions=MAX_REVISIONS).compile()
+    out = graph.invoke({"image": png_bytes((4, 4)), "question": "q?"})
+    assert out["status"] in ("ok", "failed")
+    assert (out["status"] == "ok") == (out["verdict"] is not None)
+    assert len(out["steps"]) <= MAX_STEPS and len(out["attempts"]) <= MAX_REVISIONS
+    assert len(model.calls) <= MAX_CALLS
+    assert all(f["kind"] in ("unparsable", "step_cap") for f in out["failures"])
+
+
+def test_endless_continue_is_stopped_by_the_step_cap() -> None:
+    endless = json.dumps({"summary": "more", "reasoning": "x", "action": "continue"})
+    model = ScriptedChatModel([endless], cycle=True)
+    graph = create_insightv_graph(reasoner=model, max_steps=16).compile()
+    out = graph.invoke({"image": png_bytes((4, 4)), "question": "q?"})
+    assert len(out["steps"]) == 16 and out["failures"][0]["kind"] == "step_cap"
+    assert out["status"] == "failed"  # the endless model cannot give a verdict either
+    assert len(model.calls) == 16 + 3
