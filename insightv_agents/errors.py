@@ -6,6 +6,8 @@ Every error the library raises on purpose derives from :class:`InsightVError`, s
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class InsightVError(Exception):
     """Base class of every error raised on purpose by insightv-agents."""
@@ -35,3 +37,9 @@ class ModelOutputError(InsightVError):
 
 class ConfigError(InsightVError, ValueError):
     """A factory or command option is out of range or inconsistent."""
+
+
+def check_int(name: str, value: Any, low: int, high: int) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an int (not a bool) in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer from {low} to {high}, not {value!r}.")

@@ -13,7 +13,7 @@ Nodes never raise on model output. Each node has a real sync and async path.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from langchain_core.language_models import LanguageModelLike
 from langchain_core.messages import BaseMessage
@@ -22,7 +22,7 @@ from langgraph.runtime import Runtime, get_runtime
 from langgraph.types import Overwrite
 from langgraph.utils.runnable import RunnableCallable
 
-from insightv_agents.errors import ConfigError, InvalidInputError, ModelOutputError
+from insightv_agents.errors import ConfigError, InvalidInputError, ModelOutputError, check_int
 from insightv_agents.images import ImagePolicy, load_images
 from insightv_agents.parsing import parse_steps, parse_verdict
 from insightv_agents.prompts import (
@@ -38,9 +38,19 @@ from insightv_agents.schema import Attempt, Failure, ReasoningStep, Verdict
 from insightv_agents.state import InsightVState
 
 T = TypeVar("T")
-# A conversation with a model: yields the messages to send, receives the reply text, and
-# returns (parsed value or None, attempts made, last error, last reply).
-Exchange = Generator[list[BaseMessage], str, tuple[T | None, int, str, str]]
+
+
+class Outcome(NamedTuple, Generic[T]):
+    """How a conversation with a model ended: the parsed value, or ``None`` after the re-asks."""
+
+    value: T | None
+    attempts: int
+    error: str
+    raw: str
+
+
+# A conversation with a model: yields the messages to send, receives each reply's text.
+Exchange = Generator[list[BaseMessage], str, Outcome[T]]
 
 MAX_QUESTION_CHARS = 20_000
 
@@ -103,7 +113,7 @@ class _ModelNode(RunnableCallable):
         super().__init__(self._run, self._arun, name=name, trace=False)
         if model is None:
             raise ConfigError(f"the {name!r} node needs a chat model.")
-        _check_range("max_retries", max_retries, 0, 10)
+        check_int("max_retries", max_retries, 0, 10)
         self.model = model
         self.context_keys = tuple(context_keys)
         self.prompts = prompts
@@ -113,7 +123,7 @@ class _ModelNode(RunnableCallable):
     def _conversation(self, state: dict[str, Any]) -> Exchange[Any] | None:
         raise NotImplementedError
 
-    def _update(self, state: dict[str, Any], outcome: tuple[Any, int, str, str] | None,
+    def _update(self, state: dict[str, Any], outcome: Outcome[Any] | None,
                 runtime: Runtime[Any] | None) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -132,13 +142,7 @@ class _ModelNode(RunnableCallable):
         conversation = self._conversation(state)
         outcome = None
         if conversation is not None:
-            try:
-                messages = next(conversation)
-                while True:
-                    reply = _text(await model.ainvoke(messages, config))
-                    messages = conversation.send(reply)
-            except StopIteration as stop:
-                outcome = stop.value
+            outcome = await _afinish(conversation, model, config)
         return self._update(state, outcome, runtime)
 
     def _model(self, runtime: Runtime[Any] | None) -> LanguageModelLike:
@@ -156,11 +160,11 @@ class _ModelNode(RunnableCallable):
         for attempt in range(1, self.max_retries + 2):
             reply = yield messages
             try:
-                return parse(reply), attempt, "", reply
+                return Outcome(parse(reply), attempt, "", reply)
             except ModelOutputError as err:
                 error = str(err)
                 messages = reask_messages(messages, reply, error, self.prompts)
-        return None, self.max_retries + 1, error, reply
+        return Outcome(None, self.max_retries + 1, error, reply)
 
     def _failure(self, state: dict[str, Any], kind: Any, error: str, attempts: int,
                  raw: str) -> Failure:
@@ -210,7 +214,7 @@ class ReasoningNode(_ModelNode):
                          max_retries=max_retries)
         if mode not in ("step", "chain"):
             raise ConfigError(f"mode must be 'step' or 'chain', not {mode!r}.")
-        _check_range("max_steps", max_steps, 1, 256)
+        check_int("max_steps", max_steps, 1, 256)
         self.mode: ReasoningMode = mode
         self.max_steps = max_steps
 
@@ -236,13 +240,11 @@ class ReasoningNode(_ModelNode):
             previous=attempts[-1]["steps"] if revision and attempts else None)
         return self._ask(messages, parse_steps)
 
-    def _update(self, state: dict[str, Any], outcome: tuple[Any, int, str, str] | None,
+    def _update(self, state: dict[str, Any], outcome: Outcome[Any] | None,
                 runtime: Runtime[Any] | None) -> dict[str, Any]:
         steps = state.get("steps") or []
         if outcome is None:
-            failure = self._failure(state, "step_cap", f"the step cap ({self.max_steps}) was "
-                                    "reached before the model chose 'summary'", 0, "")
-            return {"failures": [failure]}
+            return {"failures": [self._cap_failure(state, attempts=0)]}
         parsed, attempts, error, raw = outcome
         if parsed is None:
             failure = self._failure(state, "unparsable", error, attempts, raw)
@@ -254,10 +256,12 @@ class ReasoningNode(_ModelNode):
                             "revision": state.get("revision", 0), "index": index, "step": step})
         update: dict[str, Any] = {"steps": new}
         if len(steps) + len(new) >= self.max_steps and new[-1]["action"] == "continue":
-            update["failures"] = [self._failure(
-                state, "step_cap", f"the step cap ({self.max_steps}) was reached before the "
-                "model chose 'summary'", attempts, "")]
+            update["failures"] = [self._cap_failure(state, attempts)]
         return update
+
+    def _cap_failure(self, state: dict[str, Any], attempts: int) -> Failure:
+        return self._failure(state, "step_cap", f"the step cap ({self.max_steps}) was reached "
+                             "before the model chose 'summary'", attempts, "")
 
 
 class SummaryNode(_ModelNode):
@@ -293,7 +297,7 @@ class SummaryNode(_ModelNode):
                                     steps=state.get("steps") or [])
         return self._ask(messages, parse_verdict)
 
-    def _update(self, state: dict[str, Any], outcome: tuple[Any, int, str, str] | None,
+    def _update(self, state: dict[str, Any], outcome: Outcome[Any] | None,
                 runtime: Runtime[Any] | None) -> dict[str, Any]:
         assert outcome is not None
         verdict, attempts, error, raw = outcome
@@ -310,11 +314,21 @@ class SummaryNode(_ModelNode):
 
 
 def _finish(conversation: Exchange[T], call: Callable[[list[BaseMessage]], str]
-            ) -> tuple[T | None, int, str, str]:
+            ) -> Outcome[T]:
     try:
         messages = next(conversation)
         while True:
             messages = conversation.send(call(messages))
+    except StopIteration as stop:
+        return stop.value
+
+
+async def _afinish(conversation: Exchange[T], model: LanguageModelLike, config: RunnableConfig
+                   ) -> Outcome[T]:
+    try:
+        messages = next(conversation)
+        while True:
+            messages = conversation.send(_text(await model.ainvoke(messages, config)))
     except StopIteration as stop:
         return stop.value
 
@@ -339,7 +353,3 @@ def _emit(runtime: Runtime[Any] | None, event: dict[str, Any]) -> None:
     if writer is not None:
         writer(event)
 
-
-def _check_range(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} must be an integer from {low} to {high}, not {value!r}.")

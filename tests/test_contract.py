@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 import insightv_agents
 from insightv_agents import create_insightv_graph
 from insightv_agents.testing import ScriptedChatModel
@@ -39,3 +41,19 @@ def test_graph_is_uncompiled_and_compile_name_friendly() -> None:
     output = builder.compile().get_output_jsonschema()
     assert {"answer", "steps", "verdict", "reasoning", "status", "failures"} <= set(
         output["properties"])
+
+
+def test_langgraph_json_points_at_a_compiled_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    import json
+
+    config = json.loads((ROOT / "langgraph.json").read_text())
+    path, _, attribute = config["graphs"]["insightv"].partition(":")
+    monkeypatch.setenv("INSIGHTV_SUMMARY_MODEL", "insightv-summary")
+    spec = importlib.util.spec_from_file_location("langgraph_app", ROOT / path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    graph = getattr(module, attribute)
+    assert graph.get_name() == "insightv"
+    assert {"prepare", "reason", "summarize", "revise"} <= set(graph.get_graph().nodes)

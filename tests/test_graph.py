@@ -13,6 +13,8 @@ from insightv_agents import (
     InsightVContext,
     InvalidInputError,
     Prompts,
+    ReasoningNode,
+    SummaryNode,
     create_insightv_graph,
 )
 from insightv_agents.testing import ScriptedChatModel
@@ -212,3 +214,17 @@ def test_model_errors_propagate_unchanged(inputs: dict[str, Any]) -> None:
 
     with pytest.raises(ConnectionError, match="server down"):
         run(ScriptedChatModel([boom]), inputs)
+
+
+def test_nodes_run_alone_outside_any_graph() -> None:
+    model = ScriptedChatModel([])
+    node = ReasoningNode(model, max_steps=1)
+    full = {"question": "q", "images": [], "steps": [{"summary": "s", "reasoning": "r",
+                                                       "action": "continue"}]}
+    update = node.invoke(full)
+    assert update["failures"][0]["kind"] == "step_cap" and model.calls == []
+    assert node.is_done({**full, **update})
+    judge = SummaryNode(ScriptedChatModel([verdict("B", False, "step 1 misreads the axis")]))
+    out = judge.invoke({"question": "q", "images": [], "steps": full["steps"]})
+    assert out["answer"] == "B" and out["verdict"]["critique"] == "step 1 misreads the axis"
+    assert out["reasoning"] == "Step 1: s\nr"

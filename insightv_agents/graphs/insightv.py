@@ -10,14 +10,14 @@ START → prepare → reason ─continue→ reason
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 from langchain_core.language_models import LanguageModelLike
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import TracePolicy
 from langgraph.utils.runnable import RunnableCallable
 
-from insightv_agents.errors import ConfigError
+from insightv_agents.errors import check_int
 from insightv_agents.images import ImagePolicy, redact_images
 from insightv_agents.nodes import (
     MAX_QUESTION_CHARS,
@@ -78,8 +78,8 @@ def create_insightv_graph(
         >>> graph.invoke({"image": png, "question": "How many dots?"})["answer"]
         '3'
     """
-    _check_range("max_revisions", max_revisions, 0, 16)
-    _check_range("max_question_chars", max_question_chars, 1, 10_000_000)
+    check_int("max_revisions", max_revisions, 0, 16)
+    check_int("max_question_chars", max_question_chars, 1, 10_000_000)
     reason = ReasoningNode(reasoner, mode=mode, max_steps=max_steps, max_retries=max_retries,
                            prompts=prompts)
     summarize = SummaryNode(
@@ -113,7 +113,3 @@ def create_insightv_graph(
     builder.add_edge("revise", "reason")
     return builder
 
-
-def _check_range(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} must be an integer from {low} to {high}, not {value!r}.")
