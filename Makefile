@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Pinned so that CPU-only machines take the CPU wheel (a newer range pulls CUDA packages);
+# on a GPU machine the same pin installs the CUDA build.
+TORCH ?= torch==2.13.0
 
 .PHONY: setup demo test lint typecheck pytest bench graph clean
 
@@ -12,7 +15,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev,hf]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -27,8 +27,8 @@ def main() -> None:
 STAND_IN_NOTICE = (
     "No model given: using a scripted stand-in (insightv_agents.testing.ScriptedChatModel). "
     "Its replies are canned text, not a model's reading of the image; the run shows the "
-    "graph's flow only. Pass --base-url (an OpenAI-compatible server such as vLLM) for real "
-    "answers."
+    "graph's flow only. Pass --base-url (an OpenAI-compatible server such as vLLM) or "
+    "--local-model DIR (a transformers model run in-process) for real answers."
 )
 
 
@@ -52,6 +52,9 @@ BaseUrl = Annotated[str | None, typer.Option(
     help="OpenAI-compatible API root of the reasoning agent (e.g. http://127.0.0.1:8000/v1).")]
 SummaryBaseUrl = Annotated[str | None, typer.Option(
     help="API root of the summary agent (default: the reasoning agent's).")]
+LocalModel = Annotated[str | None, typer.Option(
+    help="Folder of a transformers VLM to run in-process as the reasoning (and summary) agent.")]
+LocalAdapter = Annotated[str | None, typer.Option(help="PEFT adapter folder for --local-model.")]
 Model = Annotated[str, typer.Option(help="Served model name of the reasoning agent.")]
 SummaryModel = Annotated[str | None, typer.Option(
     help="Served model name of the summary agent (default: the reasoner plays both roles).")]
@@ -68,6 +71,8 @@ def run(
     image: Images,
     question: Question,
     base_url: BaseUrl = None,
+    local_model: LocalModel = None,
+    local_adapter: LocalAdapter = None,
     model: Model = "insightv-reason",
     summary_base_url: SummaryBaseUrl = None,
     summary_model: SummaryModel = None,
@@ -81,11 +86,22 @@ def run(
     """Answer a question about an image, printing each reasoning step as it is made."""
     console = Console(stderr=as_json)
     try:
-        reasoner, summarizer = _models(base_url, model, summary_base_url, summary_model,
-                                       temperature)
-        if base_url is None:
-            console.print(Panel(STAND_IN_NOTICE, title="backend", style="yellow"))
+        if local_model is not None:
+            if base_url is not None:
+                raise InsightVError("pass either --base-url or --local-model, not both.")
+            from insightv_agents.integrations.transformers import ChatTransformersVLM
+
+            reasoner, summarizer = ChatTransformersVLM(
+                model_path=local_model, adapter_path=local_adapter, temperature=temperature,
+                max_new_tokens=512), None
+            console.print(f"[dim]backend: {local_model} in-process (transformers)"
+                          + (f" + adapter {local_adapter}" if local_adapter else "") + "[/dim]")
         else:
+            reasoner, summarizer = _models(base_url, model, summary_base_url, summary_model,
+                                           temperature)
+        if base_url is None and local_model is None:
+            console.print(Panel(STAND_IN_NOTICE, title="backend", style="yellow"))
+        elif base_url is not None:
             console.print(f"[dim]backend: {model} at {base_url}"
                           + (f", summary: {summary_model}" if summary_model else "") + "[/dim]")
         graph = create_insightv_graph(

@@ -1,0 +1,243 @@
+"""An in-process vision-language model as a LangChain chat model (transformers, optional PEFT).
+
+``ChatTransformersVLM`` loads any ``AutoModelForImageTextToText`` checkpoint with its
+``AutoProcessor`` (Idefics3 / SmolVLM, LLaVA, LLaVA-NeXT, Qwen2-VL, ... as transformers
+supports them), optionally applies a PEFT (LoRA) adapter, and generates from LangChain
+messages whose content holds text and images. Weights load from safetensors only, and
+``trust_remote_code`` is off unless asked for.
+
+Needs the ``hf`` extra: ``pip install 'insightv-agents[hf]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatResult
+from PIL import Image
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from insightv_agents.errors import ConfigError, InvalidInputError
+from insightv_agents.images import ImagePolicy, load_images, open_image
+
+_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "user"}
+
+
+class ChatTransformersVLM(BaseChatModel):
+    """A local vision-language model served in-process by transformers.
+
+    Args:
+        model_path: folder (or hub id, where a hub is reachable) of the base model.
+        adapter_path: optional PEFT adapter folder applied on top of the base model.
+        device: ``"auto"`` (CUDA, then MPS, then CPU), or a torch device string.
+        dtype: ``"auto"`` (bfloat16 on a GPU that supports it, float32 otherwise), or a
+            torch dtype name such as ``"float16"``.
+        max_new_tokens, temperature, top_p, top_k, repetition_penalty: sampling settings;
+            ``temperature=0`` means greedy decoding.
+        n: how many samples each call returns (``generate`` gives them all; ``invoke``
+            the first).
+        stop: strings that end a generation; the reply is cut before them.
+        seed: seeds torch before each call, for repeatable sampling.
+        trust_remote_code: run code shipped with the checkpoint. Off by default.
+
+    Example:
+        >>> from insightv_agents.testing import build_tiny_idefics3
+        >>> import tempfile
+        >>> path = build_tiny_idefics3(tempfile.mkdtemp())
+        >>> model = ChatTransformersVLM(model_path=str(path), max_new_tokens=4)
+        >>> isinstance(model.invoke("hello").content, str)
+        True
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    model_path: str
+    adapter_path: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_new_tokens: int = Field(512, ge=1, le=32_768)
+    temperature: float = Field(0.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    n: int = Field(1, ge=1, le=64)
+    stop: list[str] | None = None
+    seed: int | None = None
+    trust_remote_code: bool = False
+    image_policy: ImagePolicy = Field(default_factory=ImagePolicy)
+
+    _model: Any = PrivateAttr(default=None)
+    _processor: Any = PrivateAttr(default=None)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            import torch
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ConfigError("ChatTransformersVLM needs the hf extra: "
+                              "pip install 'insightv-agents[hf]'") from err
+        if self.adapter_path is not None and not Path(self.adapter_path).is_dir():
+            raise ConfigError(f"adapter_path {self.adapter_path!r} is not a folder.")
+        device = _device(torch, self.device)
+        dtype = _dtype(torch, self.dtype, device)
+        self._processor = AutoProcessor.from_pretrained(
+            self.model_path, trust_remote_code=self.trust_remote_code)
+        model: Any = AutoModelForImageTextToText.from_pretrained(
+            self.model_path, dtype=dtype, use_safetensors=True,
+            trust_remote_code=self.trust_remote_code)
+        if self.adapter_path is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, self.adapter_path)
+        self._model = model.to(device).eval()
+
+    @property
+    def _llm_type(self) -> str:
+        return "transformers-vlm"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_path": self.model_path, "adapter_path": self.adapter_path,
+                "temperature": self.temperature, "top_p": self.top_p, "n": self.n}
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        import torch
+
+        conversation, images = self._to_hf(messages)
+        processor, model = self._processor, self._model
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True,
+                                             tokenize=False)
+        inputs = processor(text=[text], images=[images] if images else None,
+                           return_tensors="pt").to(model.device)
+        options = self._sampling(kwargs)
+        stops = [*(self.stop or []), *(stop or [])]
+        with self._lock, torch.inference_mode():
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+            output = model.generate(**inputs, **options, stop_strings=stops or None,
+                                    tokenizer=processor.tokenizer)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        generations = []
+        for sequence in output[:, prompt_tokens:]:
+            reply = _cut_at_stop(processor.decode(sequence, skip_special_tokens=True), stops)
+            new_tokens = int((sequence != _pad_id(processor)).sum())
+            usage = UsageMetadata(input_tokens=prompt_tokens, output_tokens=new_tokens,
+                                  total_tokens=prompt_tokens + new_tokens)
+            generations.append(ChatGeneration(message=AIMessage(reply, usage_metadata=usage)))
+        return ChatResult(generations=generations)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        # Generation is blocking compute: run it in a worker thread, never on the event loop.
+        return await asyncio.to_thread(self._generate, messages, stop, None, **kwargs)
+
+    def _sampling(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        temperature = float(overrides.get("temperature", self.temperature))
+        n = int(overrides.get("n", self.n))
+        options: dict[str, Any] = {
+            "max_new_tokens": int(overrides.get("max_new_tokens",
+                                                overrides.get("max_tokens", self.max_new_tokens))),
+            "num_return_sequences": n,
+            "repetition_penalty": float(overrides.get("repetition_penalty",
+                                                      self.repetition_penalty)),
+        }
+        if temperature > 0:
+            options.update(do_sample=True, temperature=temperature,
+                           top_p=float(overrides.get("top_p", self.top_p)))
+            top_k = overrides.get("top_k", self.top_k)
+            if top_k is not None:
+                options["top_k"] = int(top_k)
+        elif n > 1:
+            raise ConfigError("n > 1 needs temperature > 0 (greedy decoding gives one answer).")
+        else:
+            options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return options
+
+    def _to_hf(self, messages: list[BaseMessage]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+        """LangChain messages to the processor's chat format, plus the images in order."""
+        conversation: list[dict[str, Any]] = []
+        images: list[Image.Image] = []
+        for message in messages:
+            role = "system" if isinstance(message, SystemMessage) else _ROLES.get(message.type)
+            if role is None:
+                raise InvalidInputError(f"unsupported message type {message.type!r}.")
+            parts: list[dict[str, Any]] = []
+            content = message.content
+            for part in [content] if isinstance(content, str) else content:
+                if isinstance(part, str):
+                    parts.append({"type": "text", "text": part})
+                elif part.get("type") == "text":
+                    parts.append({"type": "text", "text": part.get("text", "")})
+                else:
+                    images.append(self._image(part))
+                    parts.append({"type": "image"})
+            conversation.append({"role": role, "content": parts})
+        return conversation, images
+
+    def _image(self, part: dict[str, Any]) -> Image.Image:
+        kind = part.get("type")
+        if kind == "image_url":
+            url = part["image_url"]["url"] if isinstance(part.get("image_url"), dict) \
+                else part.get("image_url")
+        elif kind == "image" and part.get("base64"):
+            url = f"data:{part.get('mime_type', 'image/png')};base64,{part['base64']}"
+        elif kind == "image" and part.get("url"):
+            url = part["url"]
+        else:
+            raise InvalidInputError(f"unsupported message content part {kind!r}.")
+        return open_image(load_images(url, self.image_policy)[0])
+
+
+def _device(torch: Any, device: str) -> str:
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _dtype(torch: Any, dtype: str, device: str) -> Any:
+    if dtype != "auto":
+        try:
+            return getattr(torch, dtype)
+        except AttributeError as err:
+            raise ConfigError(f"unknown dtype {dtype!r}.") from err
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _pad_id(processor: Any) -> int:
+    tokenizer = processor.tokenizer
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+               else tokenizer.eos_token_id)
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> str:
+    cut = min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=len(text))
+    return text[:cut]

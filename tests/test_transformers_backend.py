@@ -1,0 +1,137 @@
+"""The in-process transformers backend, on a tiny real Idefics3 built offline."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+from insightv_agents import ConfigError, InvalidInputError, create_insightv_graph
+from insightv_agents.integrations.transformers import ChatTransformersVLM
+from insightv_agents.testing import build_tiny_idefics3
+
+
+@pytest.fixture(scope="module")
+def tiny_idefics3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_idefics3(tmp_path_factory.mktemp("idefics3"))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_idefics3: Path) -> ChatTransformersVLM:
+    return ChatTransformersVLM(model_path=str(tiny_idefics3), max_new_tokens=12)
+
+
+def image_message(path: Path, text: str = "What is shown?") -> HumanMessage:
+    return HumanMessage(content=[{"type": "image_url", "image_url": {"url": str(path)}},
+                                 {"type": "text", "text": text}])
+
+
+def test_built_model_is_safetensors_with_a_real_processor(tiny_idefics3: Path) -> None:
+    files = {p.name for p in tiny_idefics3.iterdir()}
+    assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    assert {"config.json", "tokenizer.json", "processor_config.json"} <= files
+
+
+def test_chat_template_renders_turns_and_images(model: ChatTransformersVLM,
+                                                image_path: Path) -> None:
+    conversation, images = model._to_hf([SystemMessage("S"), image_message(image_path, "Q"),
+                                         AIMessage("A")])
+    text = model._processor.apply_chat_template(conversation, add_generation_prompt=True,
+                                                tokenize=False)
+    assert text == ("<|im_start|>System:S<end_of_utterance>\n<|im_start|>User:<image>Q"
+                    "<end_of_utterance>\n<|im_start|>Assistant:A<end_of_utterance>\n"
+                    "<|im_start|>Assistant:")
+    assert len(images) == 1 and images[0].mode == "RGB"
+
+
+def test_generation_with_an_image_is_greedy_and_repeatable(model: ChatTransformersVLM,
+                                                           image_path: Path) -> None:
+    first = model.invoke([image_message(image_path)])
+    second = model.invoke([image_message(image_path)])
+    assert isinstance(first.content, str) and first.content == second.content
+    assert first.usage_metadata is not None
+    assert first.usage_metadata["input_tokens"] > 20  # 20 image tokens plus the text
+    assert 1 <= first.usage_metadata["output_tokens"] <= 12
+
+
+def test_image_changes_the_prompt(model: ChatTransformersVLM, image_path: Path) -> None:
+    with_image = model._processor(text=["x"], images=None, return_tensors="pt")
+    conversation, images = model._to_hf([image_message(image_path)])
+    text = model._processor.apply_chat_template(conversation, add_generation_prompt=True,
+                                                tokenize=False)
+    inputs = model._processor(text=[text], images=[images], return_tensors="pt")
+    assert "pixel_values" in inputs and "pixel_values" not in with_image
+
+
+def test_n_samples(tiny_idefics3: Path, image_path: Path) -> None:
+    sampler = ChatTransformersVLM(model_path=str(tiny_idefics3), max_new_tokens=8,
+                                  temperature=1.0, n=3, seed=0)
+    [generations] = sampler.generate([[image_message(image_path)]]).generations
+    assert len(generations) == 3 and len({g.text for g in generations}) > 1
+    again = sampler.generate([[image_message(image_path)]]).generations[0]
+    assert [g.text for g in again] == [g.text for g in generations]  # seeded
+
+
+def test_stop_strings_cut_the_reply(model: ChatTransformersVLM, image_path: Path) -> None:
+    full = model.invoke([image_message(image_path)]).text
+    assert len(full) >= 2
+    stop = full[1:3]
+    cut = model.invoke([image_message(image_path)], stop=[stop]).text
+    assert stop not in cut and full.startswith(cut)
+
+
+def test_lora_adapter_is_applied(tiny_idefics3: Path, tmp_path: Path, image_path: Path,
+                                 model: ChatTransformersVLM) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_idefics3)
+    config = LoraConfig(r=8, lora_alpha=64, init_lora_weights=False,
+                        target_modules=r".*text_model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj")
+    get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
+    adapted = ChatTransformersVLM(model_path=str(tiny_idefics3),
+                                  adapter_path=str(tmp_path / "adapter"), max_new_tokens=12)
+    assert type(adapted._model).__name__.startswith("Peft")
+    messages = [image_message(image_path)]
+    assert adapted.invoke(messages).text != model.invoke(messages).text
+
+
+def test_bad_options_and_inputs(tiny_idefics3: Path, model: ChatTransformersVLM) -> None:
+    with pytest.raises(ConfigError, match="not a folder"):
+        ChatTransformersVLM(model_path=str(tiny_idefics3), adapter_path="/no/adapter")
+    with pytest.raises(ConfigError, match="n > 1 needs temperature"):
+        model.invoke("hi", n=2)
+    with pytest.raises(ValueError):
+        ChatTransformersVLM(model_path=str(tiny_idefics3), temperature=-1)
+    with pytest.raises(InvalidInputError, match="URLs are not allowed"):
+        model.invoke([HumanMessage(content=[{"type": "image_url",
+                                             "image_url": {"url": "https://x.org/a.png"}}])])
+
+
+def test_graph_runs_end_to_end_with_a_typed_outcome(model: ChatTransformersVLM,
+                                                    inputs: dict[str, Any]) -> None:
+    graph = create_insightv_graph(reasoner=model, max_steps=4, max_retries=1).compile()
+    out = graph.invoke(inputs)
+    assert out["status"] in ("ok", "failed") and len(out["steps"]) <= 4
+    assert all(f["kind"] in ("unparsable", "step_cap") for f in out["failures"])
+    assert asyncio.run(graph.ainvoke(inputs))["status"] == out["status"]  # greedy: same path
+
+
+def test_cli_runs_a_local_model_in_process(tiny_idefics3: Path, image_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from insightv_agents.cli import app
+
+    result = CliRunner().invoke(app, ["run", "-i", str(image_path), "-q", "How many?",
+                                      "--local-model", str(tiny_idefics3), "--max-steps", "2",
+                                      "--temperature", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["status"] in ("ok", "failed")
+    both = CliRunner().invoke(app, ["run", "-i", str(image_path), "-q", "q", "--local-model",
+                                    str(tiny_idefics3), "--base-url", "http://127.0.0.1:1/v1"])
+    assert both.exit_code == 2 and "not both" in both.output
