@@ -43,3 +43,7 @@ def check_int(name: str, value: Any, low: int, high: int) -> None:
     """Raise :class:`ConfigError` unless ``value`` is an int (not a bool) in ``[low, high]``."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(f"{name} must be an integer from {low} to {high}, not {value!r}.")
+
+
+class BackendError(InsightVError):
+    """A model backend could not be started or stopped (the message includes its log tail)."""

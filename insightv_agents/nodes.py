@@ -34,7 +34,15 @@ from insightv_agents.prompts import (
     render_reasoning,
     summary_messages,
 )
-from insightv_agents.schema import Attempt, Failure, ReasoningStep, Verdict
+from insightv_agents.schema import (
+    Attempt,
+    Failure,
+    ReasoningStep,
+    Verdict,
+    chain_json_schema,
+    step_json_schema,
+    verdict_json_schema,
+)
 from insightv_agents.state import InsightVState
 
 T = TypeVar("T")
@@ -145,13 +153,17 @@ class _ModelNode(RunnableCallable):
             outcome = await _afinish(conversation, model, config)
         return self._update(state, outcome, runtime)
 
+    def _json_schema(self) -> dict[str, object]:
+        raise NotImplementedError
+
     def _model(self, runtime: Runtime[Any] | None) -> LanguageModelLike:
+        """The model for this call: from the run's context, else the node's own; constrained
+        to the node's bounded JSON schema where the model supports it (vLLM)."""
         context = getattr(runtime, "context", None)
-        for key in self.context_keys:
-            chosen = getattr(context, key, None)
-            if chosen is not None:
-                return chosen
-        return self.model
+        chosen = next((getattr(context, key) for key in self.context_keys
+                       if getattr(context, key, None) is not None), self.model)
+        bind_json_schema = getattr(chosen, "bind_json_schema", None)
+        return bind_json_schema(self._json_schema()) if bind_json_schema else chosen
 
     def _ask(self, messages: list[BaseMessage], parse: Callable[[str], T]) -> Exchange[T]:
         """Send ``messages``; re-ask with the error after an unreadable reply, a bounded
@@ -217,6 +229,11 @@ class ReasoningNode(_ModelNode):
         check_int("max_steps", max_steps, 1, 256)
         self.mode: ReasoningMode = mode
         self.max_steps = max_steps
+
+    def _json_schema(self) -> dict[str, object]:
+        if self.mode == "chain":
+            return chain_json_schema(max_steps=self.max_steps)
+        return step_json_schema()
 
     def is_done(self, state: dict[str, Any]) -> bool:
         """Whether this reasoning pass is over: ``summary`` chosen, step cap, or a failure."""
@@ -290,6 +307,9 @@ class SummaryNode(_ModelNode):
     ) -> None:
         super().__init__(model, name=name, context_keys=context_keys, prompts=prompts,
                          max_retries=max_retries)
+
+    def _json_schema(self) -> dict[str, object]:
+        return verdict_json_schema()
 
     def _conversation(self, state: dict[str, Any]) -> Exchange[Verdict]:
         messages = summary_messages(prompts=self.prompts, question=state["question"],

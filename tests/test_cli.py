@@ -109,3 +109,9 @@ def test_run_against_an_openai_compatible_server(image_path: Path,
     assert first[0]["type"] == "image_url"
     assert first[0]["image_url"]["url"].startswith("data:image/png;base64,")
     assert openai_server.requests[0]["temperature"] == 0.2
+    # Each node constrains the server to its bounded JSON schema (vLLM structured outputs).
+    step_schema = openai_server.requests[0]["structured_outputs"]["json"]
+    assert step_schema["properties"]["action"]["enum"] == ["continue", "summary"]
+    assert step_schema["properties"]["reasoning"]["maxLength"] > 0
+    verdict_schema = openai_server.requests[2]["structured_outputs"]["json"]
+    assert verdict_schema["required"] == ["reasoning_correct", "critique", "answer"]

@@ -1,12 +1,57 @@
-"""Client side of a vLLM (or any OpenAI-compatible) server, as a LangChain chat model."""
+"""vLLM: a chat-model client for its OpenAI-compatible server, and a launcher for that server.
+
+- :func:`vllm_chat_model` returns a :class:`ChatVLLM` (a ``ChatOpenAI``) for a running server.
+- :class:`VLLMServer` starts ``python -m vllm.entrypoints.openai.api_server`` as a child
+  process (from any Python, so vLLM can live in its own virtualenv), waits until it is
+  healthy, serves LoRA adapters, and stops it cleanly.
+"""
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
 from typing import Any
 
-from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import BaseMessage
+from langchain_core.runnables import Runnable
 
-from insightv_agents.errors import ConfigError
+from insightv_agents.errors import BackendError, ConfigError
+
+try:
+    from langchain_openai import ChatOpenAI
+except ImportError:  # pragma: no cover - depends on the environment
+    ChatOpenAI = None  # type: ignore[assignment,misc]
+
+VLLM_PYTHON_ENV = "INSIGHTV_VLLM_PYTHON"
+"""Environment variable naming the Python that has vLLM installed (default: this one)."""
+
+
+if ChatOpenAI is not None:
+
+    class ChatVLLM(ChatOpenAI):
+        """``ChatOpenAI`` for a vLLM server, able to constrain replies to a JSON schema."""
+
+        def bind_json_schema(self, schema: Mapping[str, Any]
+                             ) -> Runnable[LanguageModelInput, BaseMessage]:
+            """This model with vLLM structured outputs: every reply follows ``schema``.
+
+            Keep the schema bounded (``maxLength`` on strings, ``maxItems`` on arrays).
+            """
+            extra = {**(self.extra_body or {}), "structured_outputs": {"json": dict(schema)}}
+            return self.bind(extra_body=extra)
 
 
 def vllm_chat_model(
@@ -17,32 +62,226 @@ def vllm_chat_model(
     temperature: float = 0.7,
     top_p: float = 0.95,
     max_tokens: int = 1024,
+    n: int = 1,
     timeout: float = 120.0,
     max_retries: int = 2,
     **vllm_options: Any,
 ) -> BaseChatModel:
-    """A ``ChatOpenAI`` configured for a vLLM server's OpenAI-compatible API.
+    """A chat model for a vLLM server's OpenAI-compatible API.
 
     Args:
         base_url: the server's API root, e.g. ``"http://127.0.0.1:8000/v1"``.
         model: the served model (or LoRA adapter) name.
         api_key: sent as a bearer token; vLLM ignores it unless started with ``--api-key``.
         temperature, top_p, max_tokens: sampling settings of every request.
+        n: samples per request (``model.generate(...)`` returns them all; ``invoke`` the first).
         timeout: seconds to wait for one request; ``max_retries``: client retries on errors.
         **vllm_options: vLLM-only request fields (``top_k``, ``repetition_penalty``, ...),
             sent in the request body.
 
     Images reach the server as data URLs in ``image_url`` parts, as the nodes write them.
+    The nodes constrain replies to bounded JSON schemas through ``bind_json_schema``.
     """
-    try:
-        from langchain_openai import ChatOpenAI
-    except ImportError as err:  # pragma: no cover - depends on the environment
+    if ChatOpenAI is None:  # pragma: no cover - depends on the environment
         raise ConfigError("the vLLM client needs langchain-openai: "
-                          "pip install 'insightv-agents[vllm]'") from err
+                          "pip install 'insightv-agents[vllm]'")
     if not base_url.startswith(("http://", "https://")):
         raise ConfigError(f"base_url must be an http(s) URL, not {base_url!r}.")
-    return ChatOpenAI(
-        base_url=base_url, model=model, api_key=api_key,
-        temperature=temperature, top_p=top_p, max_completion_tokens=max_tokens,
-        timeout=timeout, max_retries=max_retries, extra_body=vllm_options or None,
+    return ChatVLLM(
+        base_url=base_url, model=model, api_key=api_key, temperature=temperature, top_p=top_p,
+        max_completion_tokens=max_tokens, n=n, timeout=timeout, max_retries=max_retries,
+        extra_body=vllm_options or None,
     )
+
+
+class VLLMServer:
+    """A vLLM OpenAI-compatible server run as a child process, bound to 127.0.0.1.
+
+    Args:
+        model: folder (or hub id) of the model to serve.
+        served_model_name: the name clients ask for (default: ``model``).
+        python: the Python with vLLM installed (default: ``$INSIGHTV_VLLM_PYTHON``, else this
+            interpreter).
+        port: the port (default: a free one).
+        adapters: LoRA adapters to serve, ``{name: folder}``; clients select one by name.
+        max_lora_rank: the largest adapter rank the server accepts.
+        runtime_lora: allow loading and unloading adapters while running
+            (:meth:`load_adapter`, :meth:`unload_adapter`).
+        dtype, max_model_len, enforce_eager: engine settings (``enforce_eager`` starts faster).
+        extra_args: more command-line arguments for the server.
+        env: more environment variables for the server.
+        startup_timeout: seconds to wait for ``/health`` before giving up.
+        log_path: where the server's output goes (default: a temporary file).
+
+    Example::
+
+        with VLLMServer("path/to/model", adapters={"reason": "out/adapter"}) as server:
+            model = server.chat_model("reason")
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        served_model_name: str | None = None,
+        python: str | None = None,
+        port: int | None = None,
+        adapters: Mapping[str, str | Path] | None = None,
+        max_lora_rank: int = 16,
+        runtime_lora: bool = False,
+        dtype: str = "auto",
+        max_model_len: int = 4096,
+        enforce_eager: bool = False,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        startup_timeout: float = 600.0,
+        log_path: str | Path | None = None,
+    ) -> None:
+        if startup_timeout <= 0:
+            raise ConfigError("startup_timeout must be positive.")
+        for name, folder in (adapters or {}).items():
+            if not Path(folder).is_dir():
+                raise ConfigError(f"adapter {name!r}: {str(folder)!r} is not a folder.")
+        self.model = str(model)
+        self.served_model_name = served_model_name or self.model
+        self.python = python or os.environ.get(VLLM_PYTHON_ENV) or sys.executable
+        self.host = "127.0.0.1"
+        self.port = port or _free_port()
+        self.adapters = {name: str(folder) for name, folder in (adapters or {}).items()}
+        self.runtime_lora = runtime_lora
+        self.startup_timeout = startup_timeout
+        self.log_path = Path(log_path) if log_path else Path(
+            tempfile.mkstemp(prefix="vllm-", suffix=".log")[1])
+        self.command = [
+            self.python, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model, "--served-model-name", self.served_model_name,
+            "--host", self.host, "--port", str(self.port), "--dtype", dtype,
+            "--max-model-len", str(max_model_len),
+            # Stops whitespace runaways of constrained decoding (the per-request field is ignored).
+            "--structured-outputs-config",
+            json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
+        ]
+        if enforce_eager:
+            self.command.append("--enforce-eager")
+        if self.adapters or runtime_lora:
+            self.command += ["--enable-lora", "--max-lora-rank", str(max_lora_rank)]
+        if self.adapters:
+            self.command += ["--lora-modules",
+                             *(f"{name}={folder}" for name, folder in self.adapters.items())]
+        self.command += list(extra_args)
+        self.env = {**os.environ, **(env or {})}
+        if runtime_lora:
+            self.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible API root, e.g. ``http://127.0.0.1:8000/v1``."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> VLLMServer:
+        """Start the server and wait until it is healthy.
+
+        Raises:
+            BackendError: if the server exits or is not healthy within ``startup_timeout``
+                (the message holds the tail of its log).
+        """
+        if self.running:
+            return self
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.env, start_new_session=True)
+        atexit.register(self.stop)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                code = self._process.returncode
+                self._process = None
+                raise BackendError(f"the vLLM server exited with status {code} while starting."
+                                   f"\n{self.log_tail()}")
+            if self._healthy():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise BackendError(f"the vLLM server was not ready after {self.startup_timeout:.0f} s."
+                           f"\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the server and every process it started (SIGTERM, then SIGKILL)."""
+        process, self._process = self._process, None
+        atexit.unregister(self.stop)
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.stop()
+
+    def chat_model(self, model: str | None = None, **settings: Any) -> BaseChatModel:
+        """A chat model for this server: the base model, or a LoRA adapter by name."""
+        return vllm_chat_model(self.base_url, model or self.served_model_name, **settings)
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load a LoRA adapter into the running server (needs ``runtime_lora=True``)."""
+        if not self.runtime_lora:
+            raise ConfigError("start the server with runtime_lora=True to load adapters.")
+        self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+        self.adapters[name] = str(path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload a LoRA adapter from the running server (needs ``runtime_lora=True``)."""
+        if not self.runtime_lora:
+            raise ConfigError("start the server with runtime_lora=True to unload adapters.")
+        self._post("/v1/unload_lora_adapter", {"lora_name": name})
+        self.adapters.pop(name, None)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the server's log."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.port}/health",
+                                        timeout=2) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _post(self, path: str, body: dict[str, Any]) -> None:
+        request = urllib.request.Request(
+            f"http://{self.host}:{self.port}{path}", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60):
+                pass
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")[:500]
+            raise BackendError(f"vLLM refused {path}: {err.code} {detail}") from err
+        except (urllib.error.URLError, OSError) as err:
+            raise BackendError(f"cannot reach the vLLM server for {path}: {err}") from err
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
