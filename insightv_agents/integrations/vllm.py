@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import signal
@@ -212,19 +213,27 @@ class VLLMServer:
                            f"\n{self.log_tail()}")
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the server and every process it started (SIGTERM, then SIGKILL)."""
+        """Stop the server and every process it started (SIGTERM, then SIGKILL).
+
+        vLLM runs its engine in child processes of the API server; they share its process
+        group, and this returns only when the whole group is gone.
+        """
         process, self._process = self._process, None
         atexit.unregister(self.stop)
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        except ProcessLookupError:
-            pass
+        group = process.pid
+        _signal_group(group, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _group_alive(group) and time.monotonic() < deadline:
+            process.poll()  # reap the server itself once it exits
+            time.sleep(0.1)
+        if _group_alive(group):
+            _signal_group(group, signal.SIGKILL)
+            while _group_alive(group) and time.monotonic() < deadline + 10:
+                process.poll()
+                time.sleep(0.1)
+        process.wait()
 
     def __enter__(self) -> VLLMServer:
         return self.start()
@@ -279,6 +288,19 @@ class VLLMServer:
             raise BackendError(f"vLLM refused {path}: {err.code} {detail}") from err
         except (urllib.error.URLError, OSError) as err:
             raise BackendError(f"cannot reach the vLLM server for {path}: {err}") from err
+
+
+def _signal_group(group: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, sig)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _free_port() -> int:

