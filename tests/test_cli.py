@@ -115,3 +115,22 @@ def test_run_against_an_openai_compatible_server(image_path: Path,
     assert step_schema["properties"]["reasoning"]["maxLength"] > 0
     verdict_schema = openai_server.requests[2]["structured_outputs"]["json"]
     assert verdict_schema["required"] == ["reasoning_correct", "critique", "answer"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--adapter", "noequals"], "NAME=FOLDER"),
+    (["--adapter", "reason=/no/such/folder"], "is not a folder"),
+])
+def test_serve_refuses_bad_adapters(args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["serve", "--model", "m", *args])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_serve_reports_a_server_that_never_gets_ready(tmp_path: Path) -> None:
+    never_ready = tmp_path / "python"
+    never_ready.write_text("#!/bin/sh\necho 'still loading'\nexec sleep 600\n")
+    never_ready.chmod(0o755)
+    result = runner.invoke(app, ["serve", "--model", "m", "--python", str(never_ready),
+                                 "--startup-timeout", "1"])
+    assert result.exit_code == 2
+    assert "not ready after 1 s" in result.output and "still loading" in result.output

@@ -11,7 +11,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 from insightv_agents import ConfigError, InvalidInputError, create_insightv_graph
 from insightv_agents.integrations.transformers import ChatTransformersVLM
-from insightv_agents.testing import build_tiny_idefics3
+from insightv_agents.testing import build_tiny_idefics3, build_tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +111,25 @@ def test_bad_options_and_inputs(tiny_idefics3: Path, model: ChatTransformersVLM)
                                              "image_url": {"url": "https://x.org/a.png"}}])])
 
 
-def test_graph_runs_end_to_end_with_a_typed_outcome(model: ChatTransformersVLM,
-                                                    inputs: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llava(tmp_path_factory.mktemp("llava"))
+
+
+def test_llava_generates_with_an_image(tiny_llava: Path, image_path: Path) -> None:
+    llava = ChatTransformersVLM(model_path=str(tiny_llava), max_new_tokens=6)
+    reply = llava.invoke([image_message(image_path)])
+    assert reply.usage_metadata is not None
+    assert reply.usage_metadata["input_tokens"] >= 16  # the image's 16 patch tokens and text
+    assert type(llava._model).__name__ == "LlavaForConditionalGeneration"
+
+
+@pytest.mark.parametrize("architecture", ["idefics3", "llava"])
+def test_graph_runs_end_to_end_with_a_typed_outcome(
+        architecture: str, model: ChatTransformersVLM, tiny_llava: Path,
+        inputs: dict[str, Any]) -> None:
+    if architecture == "llava":
+        model = ChatTransformersVLM(model_path=str(tiny_llava), max_new_tokens=12)
     graph = create_insightv_graph(reasoner=model, max_steps=4, max_retries=1).compile()
     out = graph.invoke(inputs)
     assert out["status"] in ("ok", "failed") and len(out["steps"]) <= 4
