@@ -86,24 +86,13 @@ def run(
     """Answer a question about an image, printing each reasoning step as it is made."""
     console = Console(stderr=as_json)
     try:
-        if local_model is not None:
-            if base_url is not None:
-                raise InsightVError("pass either --base-url or --local-model, not both.")
-            from insightv_agents.integrations.transformers import ChatTransformersVLM
-
-            reasoner, summarizer = ChatTransformersVLM(
-                model_path=local_model, adapter_path=local_adapter, temperature=temperature,
-                max_new_tokens=512), None
-            console.print(f"[dim]backend: {local_model} in-process (transformers)"
-                          + (f" + adapter {local_adapter}" if local_adapter else "") + "[/dim]")
-        else:
-            reasoner, summarizer = _models(base_url, model, summary_base_url, summary_model,
-                                           temperature)
-        if base_url is None and local_model is None:
+        reasoner, summarizer, backend = _models(base_url, model, summary_base_url,
+                                                summary_model, local_model, local_adapter,
+                                                temperature)
+        if backend is None:
             console.print(Panel(STAND_IN_NOTICE, title="backend", style="yellow"))
-        elif base_url is not None:
-            console.print(f"[dim]backend: {model} at {base_url}"
-                          + (f", summary: {summary_model}" if summary_model else "") + "[/dim]")
+        else:
+            console.print(f"[dim]backend: {backend}[/dim]")
         graph = create_insightv_graph(
             reasoner=reasoner, summarizer=summarizer, mode=_mode(mode), max_steps=max_steps,
             max_revisions=max_revisions, image_policy=ImagePolicy(allow_urls=allow_urls),
@@ -176,18 +165,32 @@ def _adapter_spec(spec: str) -> tuple[str, str]:
 
 
 def _models(base_url: str | None, model: str, summary_base_url: str | None,
-            summary_model: str | None, temperature: float) -> tuple[Any, Any]:
+            summary_model: str | None, local_model: str | None, local_adapter: str | None,
+            temperature: float) -> tuple[Any, Any, str | None]:
+    """The reasoner, the summarizer (``None``: the reasoner plays both) and a description of
+    the backend (``None`` for the scripted stand-in)."""
+    if local_model is not None and base_url is not None:
+        raise InsightVError("pass either --base-url or --local-model, not both.")
+    if base_url is None and (summary_base_url or summary_model):
+        raise InsightVError("--summary-base-url/--summary-model need --base-url as well.")
+    if local_model is not None:
+        from insightv_agents.integrations.transformers import ChatTransformersVLM
+
+        local = ChatTransformersVLM(model_path=local_model, adapter_path=local_adapter,
+                                    temperature=temperature, max_new_tokens=512)
+        adapter = f" + adapter {local_adapter}" if local_adapter else ""
+        return local, None, f"{local_model}{adapter} in-process (transformers)"
     if base_url is None:
-        if summary_base_url or summary_model:
-            raise InsightVError("--summary-base-url/--summary-model need --base-url as well.")
-        return stand_in_model(), None
+        return stand_in_model(), None, None
     from insightv_agents.integrations.vllm import vllm_chat_model
 
     reasoner = vllm_chat_model(base_url, model, temperature=temperature)
+    description = f"{model} at {base_url}"
     if summary_model is None and summary_base_url is None:
-        return reasoner, None
-    return reasoner, vllm_chat_model(summary_base_url or base_url, summary_model or model,
-                                     temperature=temperature)
+        return reasoner, None, description
+    summarizer = vllm_chat_model(summary_base_url or base_url, summary_model or model,
+                                 temperature=temperature)
+    return reasoner, summarizer, f"{description}, summary: {summary_model or model}"
 
 
 def _mode(mode: str) -> ReasoningMode:

@@ -88,10 +88,19 @@ def data_url_bytes(url: str) -> bytes:
     return _b64decode(url[match.end():])
 
 
-def open_image(url: str) -> Image.Image:
-    """Decode a data URL made by :func:`load_images` into an RGB ``PIL.Image`` (for backends)."""
-    with Image.open(BytesIO(data_url_bytes(url))) as img:
-        return img.convert("RGB")
+def open_image(item: Any, policy: ImagePolicy | None = None) -> Image.Image:
+    """Validate one image (any form :func:`load_images` takes) and decode it, once, to RGB.
+
+    For backends that need pixels rather than a data URL.
+
+    Raises:
+        InvalidInputError: as :func:`load_images` does.
+    """
+    policy = policy or ImagePolicy()
+    if isinstance(item, Image.Image):
+        _check_size(item.width, item.height, policy)
+        return _to_rgb(item)
+    return _to_rgb(_decode(_source_bytes(item, policy), policy))
 
 
 def redact_images(value: Any) -> Any:
@@ -112,10 +121,20 @@ def redact_images(value: Any) -> Any:
 def _load_one(item: Any, policy: ImagePolicy) -> str:
     if isinstance(item, Image.Image):
         return _from_pil(item, policy)
+    data = _source_bytes(item, policy)
+    img = _decode(data, policy)
+    mime = _KEEP_AS_IS.get(img.format or "")
+    if mime and img.mode in ("RGB", "L") and not getattr(img, "is_animated", False):
+        return _data_url(data, mime)
+    return _from_pil(img, policy)
+
+
+def _source_bytes(item: Any, policy: ImagePolicy) -> bytes:
+    """The encoded image behind any accepted form other than a ``PIL.Image``."""
     if isinstance(item, bytes | bytearray | memoryview):
-        return _from_bytes(bytes(item), policy)
+        return bytes(item)
     if isinstance(item, Path):
-        return _from_bytes(_read_path(item, policy), policy)
+        return _read_path(item, policy)
     if not isinstance(item, str):
         raise InvalidInputError(f"unsupported type {type(item).__name__}: pass a path, bytes, "
                                 "a PIL image, base64 text or a data URL.")
@@ -123,19 +142,19 @@ def _load_one(item: Any, policy: ImagePolicy) -> str:
     if not text:
         raise InvalidInputError("empty string: pass a path, base64 text or a data URL.")
     if text[:5].lower() == "data:":
-        return _from_bytes(data_url_bytes(text), policy)
+        return data_url_bytes(text)
     scheme = urllib.parse.urlsplit(text).scheme.lower() if "://" in text[:12] else ""
     if scheme in ("http", "https"):
-        return _from_bytes(_fetch(text, policy), policy)
+        return _fetch(text, policy)
     if scheme:
         raise InvalidInputError(f"URL scheme {scheme!r} is not supported (only http and https, "
                                 "and only with ImagePolicy(allow_urls=True)).")
     if len(text) < 4096 and "\n" not in text:
         path = Path(text).expanduser()
         if path.exists():
-            return _from_bytes(_read_path(path, policy), policy)
+            return _read_path(path, policy)
     if len(text) >= 64 and _BASE64_RE.match(text):
-        return _from_bytes(_b64decode(text), policy)
+        return _b64decode(text)
     raise InvalidInputError(f"no such file {text[:200]!r} (and it is not base64 image data).")
 
 
@@ -164,21 +183,13 @@ def _b64decode(text: str) -> bytes:
         raise InvalidInputError(f"invalid base64 image data ({err}).") from err
 
 
-def _from_bytes(data: bytes, policy: ImagePolicy) -> str:
+def _decode(data: bytes, policy: ImagePolicy) -> Image.Image:
+    """Open and fully decode ``data``, checking its size and pixel count before decoding."""
     if not data:
         raise InvalidInputError("the image data is empty (0 bytes).")
     if len(data) > policy.max_bytes:
         raise InvalidInputError(f"the image is {len(data)} bytes; the limit is "
                                 f"{policy.max_bytes} (ImagePolicy.max_bytes).")
-    img = _decode(data, policy)
-    mime = _KEEP_AS_IS.get(img.format or "")
-    if mime and img.mode in ("RGB", "L") and not getattr(img, "is_animated", False):
-        return _data_url(data, mime)
-    return _from_pil(img, policy)
-
-
-def _decode(data: bytes, policy: ImagePolicy) -> Image.Image:
-    """Open and fully decode ``data``, checking the pixel count before decoding."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:

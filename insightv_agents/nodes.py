@@ -12,7 +12,7 @@ Nodes never raise on model output. Each node has a real sync and async path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from langchain_core.language_models import LanguageModelLike
@@ -235,7 +235,7 @@ class ReasoningNode(_ModelNode):
             return chain_json_schema(max_steps=self.max_steps)
         return step_json_schema()
 
-    def is_done(self, state: dict[str, Any]) -> bool:
+    def is_done(self, state: Mapping[str, Any]) -> bool:
         """Whether this reasoning pass is over: ``summary`` chosen, step cap, or a failure."""
         revision = state.get("revision", 0)
         if any(f["node"] == self.name and f["revision"] == revision

@@ -88,7 +88,7 @@ def create_insightv_graph(
         context_keys=("summarizer",) if summarizer is not None else ("summarizer", "reasoner"))
 
     def after_reason(state: InsightVState) -> Literal["continue", "summary"]:
-        return "summary" if reason.is_done(dict(state)) else "continue"
+        return "summary" if reason.is_done(state) else "continue"
 
     def after_summary(state: InsightVState) -> Literal["flawed", "done"]:
         verdict = state.get("verdict")

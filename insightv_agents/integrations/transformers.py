@@ -25,7 +25,7 @@ from PIL import Image
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from insightv_agents.errors import ConfigError, InvalidInputError
-from insightv_agents.images import ImagePolicy, load_images, open_image
+from insightv_agents.images import ImagePolicy, open_image
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "user"}
 
@@ -208,7 +208,7 @@ class ChatTransformersVLM(BaseChatModel):
             url = part["url"]
         else:
             raise InvalidInputError(f"unsupported message content part {kind!r}.")
-        return open_image(load_images(url, self.image_policy)[0])
+        return open_image(url, self.image_policy)
 
 
 def _device(torch: Any, device: str) -> str:

@@ -151,8 +151,7 @@ class VLLMServer:
         self.adapters = {name: str(folder) for name, folder in (adapters or {}).items()}
         self.runtime_lora = runtime_lora
         self.startup_timeout = startup_timeout
-        self.log_path = Path(log_path) if log_path else Path(
-            tempfile.mkstemp(prefix="vllm-", suffix=".log")[1])
+        self.log_path = Path(log_path) if log_path else _new_log_file()
         self.command = [
             self.python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model, "--served-model-name", self.served_model_name,
@@ -301,6 +300,12 @@ def _group_alive(group: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _new_log_file() -> Path:
+    descriptor, name = tempfile.mkstemp(prefix="vllm-", suffix=".log")
+    os.close(descriptor)
+    return Path(name)
 
 
 def _free_port() -> int:
