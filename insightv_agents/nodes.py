@@ -3,6 +3,8 @@
 - :func:`prepare_input` validates ``image`` and ``question`` (no model call) and resets a run.
 - :class:`ReasoningNode` asks the reasoning agent for the next step (or the rest of a chain).
 - :class:`SummaryNode` asks the summary agent to judge the reasoning and answer.
+- :class:`FinalAnswerNode` asks the reasoning model for the final answer of its own reasoning
+  (data synthesis: each teacher path ends with one).
 - :func:`revise` archives a pass judged flawed and starts the next one with its critique.
 
 Model replies are untrusted: each call is re-asked at most ``max_retries`` times with the
@@ -24,11 +26,12 @@ from langgraph.utils.runnable import RunnableCallable
 
 from insightv_agents.errors import ConfigError, InvalidInputError, ModelOutputError, check_int
 from insightv_agents.images import ImagePolicy, load_images
-from insightv_agents.parsing import parse_steps, parse_verdict
+from insightv_agents.parsing import parse_answer, parse_steps, parse_verdict
 from insightv_agents.prompts import (
     DEFAULT_PROMPTS,
     Prompts,
     ReasoningMode,
+    final_answer_messages,
     reask_messages,
     reasoning_messages,
     render_reasoning,
@@ -39,6 +42,7 @@ from insightv_agents.schema import (
     Failure,
     ReasoningStep,
     Verdict,
+    answer_json_schema,
     chain_json_schema,
     step_json_schema,
     verdict_json_schema,
@@ -137,7 +141,7 @@ class _ModelNode(RunnableCallable):
 
     def _run(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         runtime = _current_runtime()
-        model = self._model(runtime)
+        model = self._model(runtime, state)
         conversation = self._conversation(state)
         outcome = None
         if conversation is not None:
@@ -146,24 +150,24 @@ class _ModelNode(RunnableCallable):
 
     async def _arun(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         runtime = _current_runtime()
-        model = self._model(runtime)
+        model = self._model(runtime, state)
         conversation = self._conversation(state)
         outcome = None
         if conversation is not None:
             outcome = await _afinish(conversation, model, config)
         return self._update(state, outcome, runtime)
 
-    def _json_schema(self) -> dict[str, object]:
+    def _json_schema(self, state: dict[str, Any]) -> dict[str, object]:
         raise NotImplementedError
 
-    def _model(self, runtime: Runtime[Any] | None) -> LanguageModelLike:
+    def _model(self, runtime: Runtime[Any] | None, state: dict[str, Any]) -> LanguageModelLike:
         """The model for this call: from the run's context, else the node's own; constrained
         to the node's bounded JSON schema where the model supports it (vLLM)."""
         context = getattr(runtime, "context", None)
         chosen = next((getattr(context, key) for key in self.context_keys
                        if getattr(context, key, None) is not None), self.model)
         bind_json_schema = getattr(chosen, "bind_json_schema", None)
-        return bind_json_schema(self._json_schema()) if bind_json_schema else chosen
+        return bind_json_schema(self._json_schema(state)) if bind_json_schema else chosen
 
     def _ask(self, messages: list[BaseMessage], parse: Callable[[str], T]) -> Exchange[T]:
         """Send ``messages``; re-ask with the error after an unreadable reply, a bounded
@@ -230,7 +234,7 @@ class ReasoningNode(_ModelNode):
         self.mode: ReasoningMode = mode
         self.max_steps = max_steps
 
-    def _json_schema(self) -> dict[str, object]:
+    def _json_schema(self, state: dict[str, Any]) -> dict[str, object]:
         if self.mode == "chain":
             return chain_json_schema(max_steps=self.max_steps)
         return step_json_schema()
@@ -308,7 +312,7 @@ class SummaryNode(_ModelNode):
         super().__init__(model, name=name, context_keys=context_keys, prompts=prompts,
                          max_retries=max_retries)
 
-    def _json_schema(self) -> dict[str, object]:
+    def _json_schema(self, state: dict[str, Any]) -> dict[str, object]:
         return verdict_json_schema()
 
     def _conversation(self, state: dict[str, Any]) -> Exchange[Verdict]:
@@ -331,6 +335,65 @@ class SummaryNode(_ModelNode):
                         "revision": state.get("revision", 0), "verdict": verdict})
         return {"verdict": verdict, "answer": verdict["answer"], "reasoning": reasoning,
                 "status": "ok"}
+
+
+class FinalAnswerNode(_ModelNode):
+    """Asks the reasoning model for the final answer after its last step (data synthesis).
+
+    Skipped (no call) when the reasoning has no steps or failed; otherwise writes ``answer``,
+    or records a failure and writes an empty answer when the reply cannot be read.
+
+    Args:
+        model: the chat model that wrote the reasoning (the teacher).
+        max_retries: re-asks after an unreadable reply before recording a failure.
+        prompts: the prompt texts.
+        reasoning_node: the name of the node whose failures make the reasoning unusable.
+        name: the node's name.
+        context_keys: attributes of the run-time context that can replace ``model``.
+    """
+
+    def __init__(
+        self,
+        model: LanguageModelLike,
+        *,
+        max_retries: int = 2,
+        prompts: Prompts = DEFAULT_PROMPTS,
+        reasoning_node: str = "reason",
+        name: str = "final_answer",
+        context_keys: Sequence[str] = ("reasoner",),
+    ) -> None:
+        super().__init__(model, name=name, context_keys=context_keys, prompts=prompts,
+                         max_retries=max_retries)
+        self.reasoning_node = reasoning_node
+
+    def _json_schema(self, state: dict[str, Any]) -> dict[str, object]:
+        return answer_json_schema()
+
+    def usable(self, state: Mapping[str, Any]) -> bool:
+        """Whether the reasoning can be answered from: it has steps and no unreadable reply."""
+        return bool(state.get("steps")) and not any(
+            f["node"] == self.reasoning_node and f["kind"] == "unparsable"
+            for f in state.get("failures") or [])
+
+    def _conversation(self, state: dict[str, Any]) -> Exchange[str] | None:
+        if not self.usable(state):
+            return None
+        messages = final_answer_messages(prompts=self.prompts, question=state["question"],
+                                         images=state.get("images") or [],
+                                         steps=state.get("steps") or [])
+        return self._ask(messages, parse_answer)
+
+    def _update(self, state: dict[str, Any], outcome: Outcome[Any] | None,
+                runtime: Runtime[Any] | None) -> dict[str, Any]:
+        if outcome is None:
+            return {"answer": ""}
+        answer, attempts, error, raw = outcome
+        if answer is None:
+            failure = self._failure(state, "unparsable", error, attempts, raw)
+            _emit(runtime, {"event": "failure", "node": self.name, "failure": failure})
+            return {"answer": "", "failures": [failure]}
+        _emit(runtime, {"event": "answer", "node": self.name, "answer": answer})
+        return {"answer": answer}
 
 
 def _finish(conversation: Exchange[T], call: Callable[[list[BaseMessage]], str]

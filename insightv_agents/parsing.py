@@ -13,16 +13,19 @@ builders train on, so what the library writes it can always read back.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from insightv_agents.errors import ModelOutputError
-from insightv_agents.schema import Action, ReasoningStep, Verdict
+from insightv_agents.schema import Action, PathScore, ReasoningStep, Verdict
 
 MAX_REPLY_CHARS = 200_000
 """Only this much of a reply is read; the rest is ignored (a runaway generation)."""
 MAX_FIELD_CHARS = 16_000
 """Longer step fields are cut to this length, so state stays bounded."""
+MAX_PLAIN_ANSWER_CHARS = 300
+"""A reply without JSON is taken as the final answer only if it is this short."""
 _MAX_DECODE_TRIES = 64
 
 _DECODER = json.JSONDecoder(strict=False)
@@ -132,6 +135,84 @@ def parse_verdict(text: str) -> Verdict:
                            raw=text)
 
 
+def parse_answer(text: str) -> str:
+    """Read a final answer: ``{"answer": ...}`` (or the reference code's
+    ``{"title": "FINAL ANSWER", "content": ...}``); a short reply with no JSON is the answer.
+
+    Raises:
+        ModelOutputError: for an empty reply, or JSON without an answer.
+    """
+    found_json = False
+    for value in iter_json_objects(text):
+        found_json = True
+        if isinstance(value, Mapping):
+            keys = {str(key).strip().lower(): item for key, item in value.items()}
+            answer = _text(_first(keys, (*_ANSWER_KEYS, "content", "final")))
+            if answer:
+                return answer
+    plain = text.strip()
+    if not found_json and plain and len(plain) <= MAX_PLAIN_ANSWER_CHARS:
+        return plain
+    raise ModelOutputError('no final answer could be read. Expected a JSON object like '
+                           '{"answer": "..."}.', raw=text)
+
+
+def parse_judgement(text: str) -> tuple[bool, str]:
+    """Read the answer judge's reply: ``{"correct": true|false, "reason": ...}``, or a bare
+    ``1``/``0``/``yes``/``no`` (the reference prompt's format). Returns (correct, reason).
+
+    Raises:
+        ModelOutputError: when no judgement can be read.
+    """
+    for value in iter_json_objects(text):
+        if isinstance(value, Mapping):
+            keys = {str(key).strip().lower(): item for key, item in value.items()}
+            judgement = _truth(_first(keys, _JUDGEMENT_KEYS))
+            if judgement is not None:
+                return judgement, _text(_first(keys, ("reason", *_CRITIQUE_KEYS)))
+    judgement = _truth(text.strip().strip("\"'`"))
+    if judgement is not None:
+        return judgement, ""
+    raise ModelOutputError('no judgement could be read. Expected a JSON object like '
+                           '{"correct": true, "reason": "..."}.', raw=text)
+
+
+def parse_scores(text: str, paths: int) -> list[PathScore]:
+    """Read the path scorer's reply: a score from 1 to 100 for each of ``paths`` paths.
+
+    Tolerant of what a model gets wrong: entries may be objects with a ``path`` number, or
+    plain numbers in path order; scores are rounded and clamped to 1-100; extra entries and
+    repeats of a path are ignored; a path the reply leaves out gets ``score=None`` with a
+    comment saying so.
+
+    Raises:
+        ModelOutputError: when not one score can be read.
+    """
+    found: dict[int, PathScore] = {}
+    for value in iter_json_objects(text):
+        entries = value.get("scores") if isinstance(value, Mapping) else value
+        if not isinstance(entries, list):
+            continue
+        for position, entry in enumerate(entries[: paths * 4], 1):
+            index, raw_score, comment = position, entry, ""
+            if isinstance(entry, Mapping):
+                keys = {str(key).strip().lower(): item for key, item in entry.items()}
+                index = _integer(_first(keys, ("path", "index", "id", "path_index"))) or position
+                raw_score = _first(keys, ("score", "rating", "value"))
+                comment = _text(_first(keys, ("comment", "reason", *_CRITIQUE_KEYS)))
+            score = _integer(raw_score)
+            if score is not None and 1 <= index <= paths and index not in found:
+                found[index] = {"score": min(100, max(1, score)), "comment": comment[:2000]}
+        if found:
+            break
+    if not found:
+        raise ModelOutputError(f'no scores could be read. Expected {{"scores": [{{"path": 1, '
+                               f'"score": <1-100>, "comment": "..."}}, ...]}} for {paths} '
+                               "path(s).", raw=text)
+    return [found.get(i) or {"score": None, "comment": "the scorer gave no score for this path"}
+            for i in range(1, paths + 1)]
+
+
 def format_step(step: ReasoningStep) -> str:
     """The canonical text of one step: one line of JSON, as the reasoning agent writes it."""
     return json.dumps({"summary": step["summary"], "reasoning": step["reasoning"],
@@ -173,6 +254,20 @@ def _text(value: Any) -> str:
     else:
         text = json.dumps(value, ensure_ascii=False)[:MAX_FIELD_CHARS]
     return text.strip()[:MAX_FIELD_CHARS]
+
+
+def _integer(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float) and math.isfinite(value):
+        return round(value)
+    if isinstance(value, str):
+        try:
+            number = float(value.strip().rstrip("%"))
+        except ValueError:
+            return None
+        return round(number) if math.isfinite(number) else None
+    return None
 
 
 def _truth(value: Any) -> bool | None:

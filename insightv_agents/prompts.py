@@ -7,6 +7,7 @@ that a change of wording is visible in provenance.
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -65,6 +66,33 @@ class Prompts:
     )
     summary_user: str = "Question: {question}\n\nReasoning process:\n{reasoning}"
     no_reasoning: str = "(no reasoning was produced)"
+    choices: str = "{question}\nOptions:\n{options}"
+    final_answer: str = (
+        "The reasoning is complete. Now give the final answer to the question. Reply with only "
+        'a JSON object {"answer": "<the final answer, as short as the question allows; the '
+        'option letter for a multiple-choice question>"}.'
+    )
+    judge_system: str = (
+        "You check answers. Given a question, its ground-truth answer and an answer to check, "
+        "decide whether the answer to check means the same as the ground truth (equivalent "
+        "wording, units, rounding or option letter all count as correct). Reply with only a "
+        'JSON object {"correct": true or false, "reason": "<one short sentence>"}.'
+    )
+    judge_user: str = (
+        "Question: {question}\nGround-truth answer: {truth}\nAnswer to check: {answer}"
+    )
+    score_system: str = (
+        "You are the scoring agent of a data pipeline. You are given an image question, its "
+        "ground-truth answer and {paths} reasoning paths written for it by other models. Score "
+        "every path from 1 to 100 for step-by-step accuracy (are the observations and each "
+        "inference correct, and does the path reach the ground truth for the right reasons?) "
+        "and level of detail (are the steps complete and clear, without padding?). Compare the "
+        "paths with each other so that the scores are consistent. Reply with only a JSON object "
+        '{{"scores": [{{"path": 1, "score": <1-100>, "comment": "<the main strength or flaw, '
+        'one sentence>"}}, ...]}} with one entry for each of the {paths} paths, in order.'
+    )
+    score_user: str = "Question: {question}\nGround-truth answer: {truth}\n\n{paths}"
+    score_path: str = "=== Path {index} ===\n{reasoning}\nFinal answer: {answer}"
 
 
 DEFAULT_PROMPTS = Prompts()
@@ -125,6 +153,48 @@ def summary_messages(
                                        reasoning=render_reasoning(steps, prompts))
     return [
         SystemMessage(prompts.summary_system),
+        HumanMessage(content=[*image_parts(images), {"type": "text", "text": text}]),
+    ]
+
+
+def format_question(question: str, choices: list[str] | None, prompts: Prompts) -> str:
+    """The question text the agents see: with its lettered options, if it has any."""
+    if not choices:
+        return question
+    options = "\n".join(f"({letter}) {choice}" for letter, choice
+                        in zip(string.ascii_uppercase, choices, strict=False))
+    return prompts.choices.format(question=question, options=options)
+
+
+def final_answer_messages(
+    *, prompts: Prompts, question: str, images: list[str], steps: list[ReasoningStep]
+) -> list[BaseMessage]:
+    """The step-mode reasoning conversation so far, then the request for the final answer."""
+    messages = reasoning_messages(prompts=prompts, mode="step", question=question,
+                                  images=images, steps=steps)
+    return [*messages, HumanMessage(prompts.final_answer)]
+
+
+def judge_messages(*, prompts: Prompts, question: str, truth: str, answer: str
+                   ) -> list[BaseMessage]:
+    """The answer judge's conversation (text only)."""
+    return [SystemMessage(prompts.judge_system),
+            HumanMessage(prompts.judge_user.format(question=question, truth=truth,
+                                                   answer=answer))]
+
+
+def score_messages(
+    *, prompts: Prompts, question: str, truth: str, images: list[str],
+    paths: list[tuple[list[ReasoningStep], str]],
+) -> list[BaseMessage]:
+    """The scoring agent's conversation: every path of one question, in a single request."""
+    blocks = "\n\n".join(
+        prompts.score_path.format(index=index, reasoning=render_reasoning(steps, prompts),
+                                  answer=answer or "(none)")
+        for index, (steps, answer) in enumerate(paths, 1))
+    text = prompts.score_user.format(question=question, truth=truth, paths=blocks)
+    return [
+        SystemMessage(prompts.score_system.format(paths=len(paths))),
         HumanMessage(content=[*image_parts(images), {"type": "text", "text": text}]),
     ]
 

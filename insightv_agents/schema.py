@@ -41,6 +41,43 @@ class Failure(TypedDict):
     raw: str
 
 
+CheckMethod = Literal["choice", "number", "exact", "yes_no", "empty", "undecided", "judge"]
+
+
+class AnswerCheck(TypedDict):
+    """The answer filter's verdict on one final answer: ``correct`` is ``None`` when neither
+    the rules nor a judge could decide; ``method`` says which decided."""
+
+    correct: bool | None
+    method: CheckMethod
+    detail: str
+
+
+class PathScore(TypedDict):
+    """The scorer's mark for one reasoning path: 1-100, or ``None`` when it gave none."""
+
+    score: int | None
+    comment: str
+
+
+class PathResult(TypedDict):
+    """One synthesized reasoning path: its steps, final answer, check and score.
+
+    ``status`` is ``failed`` when the path has no usable reasoning or final answer (the
+    ``failures`` say why); such paths are kept in the records, never dropped.
+    """
+
+    index: int
+    status: Literal["ok", "failed"]
+    steps: list[ReasoningStep]
+    answer: str
+    check: AnswerCheck | None
+    score: int | None
+    comment: str
+    failures: list[Failure]
+    seconds: float
+
+
 class Attempt(TypedDict):
     """A finished reasoning pass that the summary agent sent back for revision."""
 
@@ -90,5 +127,49 @@ def verdict_json_schema(*, max_critique_chars: int = 500, max_answer_chars: int 
             "answer": {"type": "string", "minLength": 1, "maxLength": max_answer_chars},
         },
         "required": ["reasoning_correct", "critique", "answer"],
+        "additionalProperties": False,
+    }
+
+
+def answer_json_schema(*, max_answer_chars: int = 300) -> dict[str, object]:
+    """A bounded JSON schema of a final answer: ``{"answer": "..."}``."""
+    return {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "minLength": 1,
+                                  "maxLength": max_answer_chars}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+
+
+def judgement_json_schema(*, max_reason_chars: int = 300) -> dict[str, object]:
+    """A bounded JSON schema of the answer judge's reply: ``{"correct": bool, "reason": ...}``."""
+    return {
+        "type": "object",
+        "properties": {"correct": {"type": "boolean"},
+                       "reason": {"type": "string", "maxLength": max_reason_chars}},
+        "required": ["correct", "reason"],
+        "additionalProperties": False,
+    }
+
+
+def scores_json_schema(*, paths: int, max_comment_chars: int = 300) -> dict[str, object]:
+    """A bounded JSON schema of the path scorer's reply: one score (1-100) per path."""
+    return {
+        "type": "object",
+        "properties": {"scores": {
+            "type": "array", "minItems": paths, "maxItems": paths,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "path": {"type": "integer", "minimum": 1, "maximum": paths},
+                    "score": {"type": "integer", "minimum": 1, "maximum": 100},
+                    "comment": {"type": "string", "maxLength": max_comment_chars},
+                },
+                "required": ["path", "score", "comment"],
+                "additionalProperties": False,
+            },
+        }},
+        "required": ["scores"],
         "additionalProperties": False,
     }

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
+import time
+from collections.abc import Callable
 from io import BytesIO
+from typing import Any
 
 from PIL import Image
 
@@ -34,3 +39,98 @@ def png_header(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + \
         chunk(b"IEND", b"")
+
+
+def role_of(messages: list[Any]) -> str:
+    """Which agent a conversation is for, from its system prompt and last turn."""
+    system = str(messages[0].content)
+    last = messages[-1].content if isinstance(messages[-1].content, str) else ""
+    if "scoring agent" in system:
+        return "score"
+    if "You check answers" in system:
+        return "judge"
+    if "final answer to the question" in last:
+        return "answer"
+    if "summary agent" in system:
+        return "summary"
+    return "reason"
+
+
+def teacher(answer: str = "3", steps: int = 2, scores: list[int] | None = None,
+            judge: bool = True) -> Callable[[list[Any]], str]:
+    """A scripted reply function playing teacher, scorer and judge by the prompt it gets."""
+    def reply(messages: list[Any]) -> str:
+        role = role_of(messages)
+        if role == "score":
+            count = str(messages[-1].content).count("=== Path ")
+            given = scores or [50 + i for i in range(count)]
+            return json.dumps({"scores": [{"path": i + 1, "score": s, "comment": f"c{i + 1}"}
+                                          for i, s in enumerate(given)]})
+        if role == "judge":
+            return json.dumps({"correct": judge, "reason": "judged"})
+        if role == "answer":
+            return json.dumps({"answer": answer})
+        done = sum(1 for m in messages if m.type == "ai")
+        return step(f"s{done + 1}", action="summary" if done + 1 >= steps else "continue")
+    return reply
+
+
+class FakeOpenAIServer(http.server.ThreadingHTTPServer):
+    """A loopback OpenAI-compatible chat endpoint replying ``reply(request_body)`` after
+    ``delay`` seconds; records every request. For CLI tests of the HTTP client path (the
+    real vLLM server is tested in test_vllm_server.py)."""
+
+    daemon_threads = True
+
+    def __init__(self, reply: Callable[[dict[str, Any]], str], delay: float = 0.0) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.reply = reply
+        self.delay = delay
+        self.requests: list[dict[str, Any]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeOpenAIServer:
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: FakeOpenAIServer
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body)
+        time.sleep(self.server.delay)
+        text = self.server.reply(body)
+        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                 "choices": [{"index": 0, "finish_reason": "stop",
+                              "message": {"role": "assistant", "content": text}}],
+                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def wire_teacher(answer: str = "3", steps: int = 2) -> Callable[[dict[str, Any]], str]:
+    """``teacher`` for a FakeOpenAIServer: the same replies, from OpenAI wire messages."""
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+    kinds = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
+    scripted = teacher(answer=answer, steps=steps)
+
+    def reply(body: dict[str, Any]) -> str:
+        return scripted([kinds[m["role"]](content=m["content"]) for m in body["messages"]])
+    return reply

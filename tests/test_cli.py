@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import step, verdict
+from helpers import FakeOpenAIServer, step, verdict
 from typer.testing import CliRunner
 
 from insightv_agents.cli import app
@@ -51,49 +49,19 @@ def test_bad_arguments_exit_2_with_a_message(image_path: Path, args: list[str],
     assert message in result.output.replace("\n", " ")
 
 
-class FakeOpenAIServer(http.server.ThreadingHTTPServer):
-    """A loopback OpenAI-compatible chat endpoint (stands in for vLLM until the backends
-    issue brings the real vLLM CPU server into the tests)."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.requests: list[dict[str, Any]] = []
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: FakeOpenAIServer
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(body)
-        messages = body["messages"]
-        if "summary agent" in str(messages[0]["content"]):
-            text = verdict("4")
-        elif any(m["role"] == "assistant" for m in messages):
-            text = step("count", "4 shapes", "summary")
-        else:
-            text = step("look", "I see shapes")
-        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                 "choices": [{"index": 0, "finish_reason": "stop",
-                              "message": {"role": "assistant", "content": text}}],
-                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+def _reply(body: dict[str, Any]) -> str:
+    messages = body["messages"]
+    if "summary agent" in str(messages[0]["content"]):
+        return verdict("4")
+    if any(m["role"] == "assistant" for m in messages):
+        return step("count", "4 shapes", "summary")
+    return step("look", "I see shapes")
 
 
 @pytest.fixture
 def openai_server() -> Iterator[FakeOpenAIServer]:
-    server = FakeOpenAIServer()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
+    with FakeOpenAIServer(_reply) as server:
+        yield server
 
 
 def test_run_against_an_openai_compatible_server(image_path: Path,

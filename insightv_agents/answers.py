@@ -1,0 +1,143 @@
+"""Checking an answer against the ground truth by rule.
+
+:func:`match_answer` is the first half of the answer filter (an LLM judge decides what the
+rules cannot) and the scorer of the evaluation harness. It says ``True`` or ``False`` only
+when a rule really applies — multiple-choice letters, numbers (with a tolerance), yes/no, or
+equal normalised text — and ``None`` ("cannot decide") otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from insightv_agents.schema import AnswerCheck
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans({c: " " for c in string.punctuation if c not in "%"})
+_NUMBER = re.compile(
+    r"^[^\d+\-.]{0,3}?(?P<sign>[-+\u2212]?)\s*(?P<int>\d{1,3}(?:,\d{3})+|\d+)?(?P<frac>\.\d+)?"
+    r"(?:\s*/\s*(?P<den>\d+))?\s*(?P<unit>%|[a-z]{1,12}\.?)?$")
+_LETTER_FORMS = (
+    re.compile(r"^\(?([a-z])\)?[.:)]?$"),  # B, (B), B., B)
+    re.compile(r"^\(?([a-z])\)?[.:)]\s+\S"),  # B. text, (B) text, B: text
+    re.compile(r"^\(([a-z])\)\s+\S"),
+    re.compile(r"^(?:option|choice|answer)\s*(?:is\s*)?:?\s*\(?([a-z])\)?[.:)]?(?:\s|$)"),
+    re.compile(r"^(?:the\s+)?(?:correct\s+)?(?:answer|option|choice)\s+is\s*:?\s*\(?([a-z])\)?"
+               r"(?:[.:)\s]|$)"),
+)
+_YES = {"yes", "true", "correct", "right"}
+_NO = {"no", "false", "incorrect", "wrong"}
+
+
+@dataclass(frozen=True)
+class AnswerRules:
+    """Settings of the rule check.
+
+    Args:
+        rel_tol: relative tolerance between two numbers (0.01: within 1%).
+        abs_tol: absolute tolerance between two numbers (for answers near zero).
+    """
+
+    rel_tol: float = 0.01
+    abs_tol: float = 1e-6
+
+
+DEFAULT_RULES = AnswerRules()
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, accents folded, punctuation and articles dropped, spaces collapsed."""
+    text = unicodedata.normalize("NFKC", text).lower().strip()
+    text = _ARTICLES.sub(" ", text.translate(_PUNCTUATION))
+    return " ".join(text.split())
+
+
+def parse_number(text: str) -> float | None:
+    """The number an answer states, if it is nothing but a number (with a unit or %).
+
+    >>> parse_number("1,234.5"), parse_number("$3.50"), parse_number("3/4"), parse_number("50%")
+    (1234.5, 3.5, 0.75, 50.0)
+    >>> parse_number("3 red squares") is None
+    True
+    """
+    match = _NUMBER.match(unicodedata.normalize("NFKC", text).strip().lower().rstrip("."))
+    if match is None or (match["int"] is None and match["frac"] is None):
+        return None
+    value = float((match["int"] or "0").replace(",", "") + (match["frac"] or ""))
+    if match["den"] is not None:
+        denominator = float(match["den"])
+        if denominator == 0:
+            return None
+        value /= denominator
+    return -value if match["sign"] in ("-", "\u2212") else value
+
+
+def choice_letter(text: str, choices: Sequence[str] | None = None) -> str | None:
+    """The option letter an answer picks (``"B"``, ``"(b)"``, ``"B. a cat"``, ``"Option B"``,
+    or the text of option B), upper case; ``None`` if it names none.
+
+    >>> choice_letter("(b) two", ["one", "two"]), choice_letter("two", ["one", "two"])
+    ('B', 'B')
+    """
+    lowered = unicodedata.normalize("NFKC", text).strip().lower()
+    count = len(choices) if choices else 26
+    for form in _LETTER_FORMS:
+        found = form.match(lowered)
+        if found and ord(found[1]) - ord("a") < count:
+            return found[1].upper()
+    if choices:
+        target = normalize_answer(text)
+        matches = [i for i, choice in enumerate(choices) if normalize_answer(choice) == target]
+        if len(matches) == 1:
+            return string.ascii_uppercase[matches[0]]
+    return None
+
+
+def match_answer(prediction: str, truth: str, *, choices: Sequence[str] | None = None,
+                 rules: AnswerRules = DEFAULT_RULES) -> AnswerCheck:
+    """Compare ``prediction`` with the ground truth ``truth`` by rule.
+
+    Returns an :class:`~insightv_agents.schema.AnswerCheck` whose ``correct`` is ``None``
+    when no rule applies (a judge should decide).
+
+    >>> match_answer("B", "b. a cat", choices=["a dog", "a cat"])["correct"]
+    True
+    >>> match_answer("12.0", "12")["correct"], match_answer("13", "12")["correct"]
+    (True, False)
+    >>> match_answer("a red circle", "circle")["correct"] is None
+    True
+    """
+    if not prediction.strip():
+        return _check(False, "empty", "the answer is empty")
+    if choices or _is_letter(truth):
+        want = choice_letter(truth, choices)
+        got = choice_letter(prediction, choices)
+        if want is not None and got is not None:
+            return _check(want == got, "choice", f"picked {got}, expected {want}")
+    want_number, got_number = parse_number(truth), parse_number(prediction)
+    if want_number is not None and got_number is not None:
+        close = math.isclose(got_number, want_number, rel_tol=rules.rel_tol,
+                             abs_tol=rules.abs_tol)
+        return _check(close, "number", f"{got_number:g} vs {want_number:g}")
+    want_text, got_text = normalize_answer(truth), normalize_answer(prediction)
+    if want_text and want_text == got_text:
+        return _check(True, "exact", "same text after normalisation")
+    if want_text in _YES | _NO:
+        first = got_text.split(" ", 1)[0] if got_text else ""
+        if first in _YES | _NO:
+            return _check((first in _YES) == (want_text in _YES), "yes_no",
+                          f"said {first!r}, expected {want_text!r}")
+    return _check(None, "undecided", "no rule applies")
+
+
+def _is_letter(text: str) -> bool:
+    return bool(re.fullmatch(r"\(?[A-Za-z]\)?\.?", text.strip()))
+
+
+def _check(correct: bool | None, method: str, detail: str) -> AnswerCheck:
+    return {"correct": correct, "method": method, "detail": detail}  # type: ignore[typeddict-item]

@@ -1,0 +1,285 @@
+"""The data-synthesis graph: N teacher reasoning paths per question, checked and scored.
+
+One run handles one (image, question, ground-truth answer):
+
+    prepare ─Send×N→ path ─→ score → END
+    path = reason ⟲ (continue) → final_answer → check ─(undecided)→ judge → finish
+                                                     └─(decided)──────────→ finish
+
+Each path is the Insight-V progressive generation: the teacher writes one step at a time
+(the same :class:`~insightv_agents.nodes.ReasoningNode` as inference) until it chooses
+``summary`` or reaches the cap, then gives its final answer. Paths differ by sampling, so
+give the teacher a temperature above zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import Annotated, Any, Literal, NotRequired
+
+from langchain_core.language_models import LanguageModelLike
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Overwrite, Send
+from langgraph.utils.runnable import RunnableCallable
+from typing_extensions import TypedDict
+
+from insightv_agents.answers import DEFAULT_RULES, AnswerRules, match_answer
+from insightv_agents.assessment import JudgeNode, PathScorer, ScoreNode, score_with
+from insightv_agents.errors import ConfigError, InvalidInputError, check_int
+from insightv_agents.graphs.insightv import REDACT_IMAGES
+from insightv_agents.images import ImagePolicy
+from insightv_agents.nodes import MAX_QUESTION_CHARS, FinalAnswerNode, ReasoningNode, prepare_input
+from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, format_question
+from insightv_agents.schema import AnswerCheck, Failure, PathResult, ReasoningStep
+
+MAX_CHOICES = 26
+MAX_ANSWER_CHARS = 10_000
+
+
+class SynthesisInput(TypedDict):
+    """One item: ``image``, ``question``, the ground-truth ``answer``; optional ``choices``
+    (multiple-choice options, lettered A, B, ...), ``id`` and ``category`` (passed through)."""
+
+    image: Any
+    question: str
+    answer: str
+    choices: NotRequired[list[str] | None]
+    id: NotRequired[str | None]
+    category: NotRequired[str | None]
+
+
+class SynthesisOutput(TypedDict):
+    """The item's paths (in order, each checked and scored) and how scoring went."""
+
+    id: str | None
+    question: str
+    answer: str
+    choices: list[str] | None
+    category: str | None
+    paths: list[PathResult]
+    scoring_failures: list[Failure]
+    scoring_seconds: float
+
+
+class SynthesisState(TypedDict):
+    image: Any
+    question: str
+    answer: str
+    choices: list[str] | None
+    id: str | None
+    category: str | None
+    images: list[str]
+    paths: Annotated[list[PathResult], operator.add]
+    scoring_failures: Annotated[list[Failure], operator.add]
+    scoring_seconds: float
+    started: float
+
+
+class PathState(TypedDict):
+    """The state of one reasoning path (a subgraph run per path)."""
+
+    index: int
+    question: str
+    images: list[str]
+    truth: str
+    choices: list[str] | None
+    started: float
+    steps: Annotated[list[ReasoningStep], operator.add]
+    failures: Annotated[list[Failure], operator.add]
+    answer: str
+    check: AnswerCheck | None
+    paths: list[PathResult]
+
+
+class PathOutput(TypedDict):
+    paths: list[PathResult]
+
+
+def create_path_graph(
+    *,
+    teacher: LanguageModelLike,
+    judge: LanguageModelLike | None = None,
+    max_steps: int = 16,
+    max_retries: int = 2,
+    prompts: Prompts = DEFAULT_PROMPTS,
+    rules: AnswerRules = DEFAULT_RULES,
+) -> StateGraph[PathState, Any, PathState, PathOutput]:
+    """One progressive reasoning path: steps until ``summary`` or the cap, the final answer,
+    and the answer check (rules, then ``judge`` when they cannot decide). Its output is
+    ``{"paths": [PathResult]}``, so runs fanned out with ``Send`` collect in a parent's
+    ``paths`` list."""
+    reason = ReasoningNode(teacher, mode="step", max_steps=max_steps, max_retries=max_retries,
+                           prompts=prompts, context_keys=("teacher",))
+    final = FinalAnswerNode(teacher, max_retries=max_retries, prompts=prompts,
+                            context_keys=("teacher",))
+
+    def after_reason(state: PathState) -> Literal["continue", "answer"]:
+        return "answer" if reason.is_done(state) else "continue"
+
+    def check(state: PathState) -> dict[str, Any]:
+        if not state.get("answer"):
+            return {"check": None}
+        return {"check": match_answer(state["answer"], state["truth"],
+                                      choices=state.get("choices"), rules=rules)}
+
+    def after_check(state: PathState) -> Literal["undecided", "decided"]:
+        undecided = state["check"] is not None and state["check"]["correct"] is None
+        return "undecided" if undecided and judge is not None else "decided"
+
+    builder = StateGraph(PathState, output_schema=PathOutput)
+    builder.add_node("reason", reason, trace_policy=REDACT_IMAGES)
+    builder.add_node("final_answer", final, trace_policy=REDACT_IMAGES)
+    builder.add_node("check", check, trace_policy=REDACT_IMAGES)
+    builder.add_node("finish", _finish_path, trace_policy=REDACT_IMAGES)
+    builder.add_edge(START, "reason")
+    builder.add_conditional_edges("reason", RunnableCallable(after_reason, trace=False),
+                                  {"continue": "reason", "answer": "final_answer"})
+    builder.add_edge("final_answer", "check")
+    if judge is not None:
+        builder.add_node("judge", JudgeNode(judge, max_retries=max_retries, prompts=prompts),
+                         trace_policy=REDACT_IMAGES)
+        builder.add_conditional_edges("check", RunnableCallable(after_check, trace=False),
+                                      {"undecided": "judge", "decided": "finish"})
+        builder.add_edge("judge", "finish")
+    else:
+        builder.add_edge("check", "finish")
+    builder.add_edge("finish", END)
+    return builder
+
+
+def create_synthesis_graph(
+    *,
+    teacher: LanguageModelLike,
+    scorer: LanguageModelLike | PathScorer | None = None,
+    judge: LanguageModelLike | None = None,
+    paths: int = 4,
+    max_steps: int = 16,
+    max_retries: int = 2,
+    prompts: Prompts = DEFAULT_PROMPTS,
+    rules: AnswerRules = DEFAULT_RULES,
+    image_policy: ImagePolicy | None = None,
+    max_question_chars: int = MAX_QUESTION_CHARS,
+) -> StateGraph[SynthesisState, Any, SynthesisInput, SynthesisOutput]:
+    """Build the Insight-V data-synthesis graph for one item (see the module docstring).
+
+    Args:
+        teacher: the MLLM that writes the reasoning paths and their final answers (sample
+            with a temperature above zero: the paths differ only by sampling).
+        scorer: the scoring agent — an MLLM that scores all paths of the question in one
+            request — or any :class:`~insightv_agents.assessment.PathScorer`. Default: the
+            teacher.
+        judge: a text LLM asked whether a final answer matches the ground truth when the
+            rules cannot tell (without one, such answers stay undecided: ``correct=None``).
+        paths: reasoning paths per item (N).
+        max_steps: step cap per path; max_retries: re-asks after an unreadable reply.
+        prompts: every prompt text; rules: tolerance of the rule-based answer check.
+        image_policy: what images are accepted; max_question_chars: longest question.
+
+    Returns:
+        A ``StateGraph``: input :class:`SynthesisInput`, output :class:`SynthesisOutput`.
+        Models can be swapped per run through a context with ``teacher``, ``scorer`` and
+        ``judge`` attributes.
+
+    Raises:
+        ConfigError: for an option out of range.
+    """
+    check_int("paths", paths, 1, 64)
+    if teacher is None:
+        raise ConfigError("create_synthesis_graph needs a teacher model.")
+    path_graph = create_path_graph(teacher=teacher, judge=judge, max_steps=max_steps,
+                                   max_retries=max_retries, prompts=prompts,
+                                   rules=rules).compile()
+    chosen_scorer = teacher if scorer is None else scorer
+    if isinstance(chosen_scorer, PathScorer):
+        score: Any = partial(score_with, chosen_scorer)
+    else:
+        score = _Timed(ScoreNode(chosen_scorer, max_retries=max_retries, prompts=prompts,
+                                 context_keys=("scorer", "teacher") if scorer is None
+                                 else ("scorer",)))
+
+    def fan_out(state: SynthesisState) -> list[Send]:
+        question = format_question(state["question"], state.get("choices"), prompts)
+        return [Send("path", {"index": index, "question": question, "images": state["images"],
+                              "truth": state["answer"], "choices": state.get("choices"),
+                              "started": time.time()})
+                for index in range(paths)]
+
+    builder = StateGraph(SynthesisState, input_schema=SynthesisInput,
+                         output_schema=SynthesisOutput)
+    builder.add_node("prepare", partial(_prepare, image_policy=image_policy,
+                                        max_question_chars=max_question_chars),
+                     trace_policy=REDACT_IMAGES)
+    builder.add_node("path", path_graph, trace_policy=REDACT_IMAGES)
+    builder.add_node("score", score if isinstance(score, _Timed) else _Timed(score),
+                     trace_policy=REDACT_IMAGES)
+    builder.add_edge(START, "prepare")
+    builder.add_conditional_edges("prepare", RunnableCallable(fan_out, trace=False), ["path"])
+    builder.add_edge("path", "score")
+    builder.add_edge("score", END)
+    return builder
+
+
+def _prepare(state: dict[str, Any], *, image_policy: ImagePolicy | None,
+             max_question_chars: int) -> dict[str, Any]:
+    """Validate the item (no model call) and reset per-run fields."""
+    answer = state.get("answer")
+    if not isinstance(answer, str | int | float) or isinstance(answer, bool) \
+            or not str(answer).strip():
+        raise InvalidInputError("`answer` (the ground truth) is required: a non-empty string.",
+                                field="answer")
+    if len(str(answer)) > MAX_ANSWER_CHARS:
+        raise InvalidInputError(f"`answer` is longer than {MAX_ANSWER_CHARS} characters.",
+                                field="answer")
+    choices = state.get("choices")
+    if choices is not None:
+        if not isinstance(choices, Sequence) or isinstance(choices, str) or not choices \
+                or len(choices) > MAX_CHOICES \
+                or not all(isinstance(c, str | int | float) and str(c).strip() for c in choices):
+            raise InvalidInputError(f"`choices` must be a list of 1 to {MAX_CHOICES} non-empty "
+                                    "strings (or null).", field="choices")
+        choices = [str(choice).strip() for choice in choices]
+    prepared = prepare_input(state, image_policy=image_policy,
+                             max_question_chars=max_question_chars)
+    return {"question": prepared["question"], "images": prepared["images"],
+            "answer": str(answer).strip(), "choices": choices, "id": state.get("id"),
+            "category": state.get("category"), "paths": Overwrite([]),
+            "scoring_failures": Overwrite([]), "scoring_seconds": 0.0, "started": time.time()}
+
+
+def _finish_path(state: PathState) -> dict[str, Any]:
+    ok = bool(state.get("answer")) and bool(state.get("steps"))
+    result: PathResult = {
+        "index": state["index"], "status": "ok" if ok else "failed",
+        "steps": list(state.get("steps") or []), "answer": state.get("answer") or "",
+        "check": state.get("check"), "score": None, "comment": "",
+        "failures": list(state.get("failures") or []),
+        "seconds": round(time.time() - state["started"], 3),
+    }
+    return {"paths": [result]}
+
+
+class _Timed(RunnableCallable):
+    """Runs a scoring node and records how long it took in ``scoring_seconds``."""
+
+    def __init__(self, node: Any) -> None:
+        super().__init__(self._run, self._arun, name="score", trace=False)
+        self.node = node
+
+    def _run(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        started = time.perf_counter()
+        update = self.node.invoke(state, config) if hasattr(self.node, "invoke") \
+            else self.node(state)
+        return {**update, "scoring_seconds": round(time.perf_counter() - started, 3)}
+
+    async def _arun(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        started = time.perf_counter()
+        if hasattr(self.node, "ainvoke"):
+            update = await self.node.ainvoke(state, config)
+        else:
+            update = await asyncio.to_thread(self.node, state)
+        return {**update, "scoring_seconds": round(time.perf_counter() - started, 3)}

@@ -1,0 +1,355 @@
+"""Running the synthesis graph over a dataset: resumable, append-only, concurrent.
+
+:func:`load_items` reads and validates a whole dataset (JSONL, or a Hugging Face dataset
+folder saved with ``save_to_disk``) before any model is called. :func:`synthesize` runs the
+graph over the items not yet done, ``concurrency`` at a time, and appends each item's paths
+to ``<out>/records.jsonl`` as one group (see :mod:`insightv_agents.records`): a rerun of the
+same command resumes where a crash or kill left off.
+
+Each line of ``records.jsonl`` is one path of one item (the :data:`RECORD_FIELDS`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from insightv_agents import __version__
+from insightv_agents.errors import ConfigError, InvalidInputError
+from insightv_agents.graphs.synthesis import MAX_CHOICES
+from insightv_agents.prompts import PROMPTS_VERSION
+from insightv_agents.records import RecordLog
+
+RECORDS_FILE = "records.jsonl"
+RUN_FILE = "run.json"
+ERRORS_FILE = "errors.jsonl"
+RECORD_FIELDS = (
+    "id", "path_index", "num_paths", "image", "image_root", "question", "answer", "choices",
+    "category", "status", "steps", "final_answer", "correct", "check", "score", "comment",
+    "failures", "scoring_failures", "provenance",
+)
+"""The fields of a record. ``answer`` is the ground truth, ``final_answer`` the path's own;
+``correct`` is the answer filter's verdict (``None``: undecided); ``image`` is relative to
+the data folder (``image_root="data"``) or, for images embedded in a dataset, to the output
+folder (``"out"``)."""
+_MAX_ERRORS_SHOWN = 10
+
+
+@dataclass(frozen=True)
+class Item:
+    """One validated input item. ``image`` is what the graph reads (a file path or bytes);
+    ``image_ref`` and ``image_root`` are what the records say."""
+
+    id: str
+    image: str | bytes
+    image_ref: str
+    image_root: str
+    question: str
+    answer: str
+    choices: list[str] | None
+    category: str | None
+    line: int
+
+    def graph_input(self) -> dict[str, Any]:
+        return {"id": self.id, "image": self.image, "question": self.question,
+                "answer": self.answer, "choices": self.choices, "category": self.category}
+
+
+@dataclass
+class SynthesisReport:
+    """What a run did: items done now and before, failed paths, items that raised."""
+
+    total: int = 0
+    skipped: int = 0
+    written: int = 0
+    paths_failed: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    repaired_bytes: int = 0
+    seconds: float = 0.0
+
+
+def load_items(source: str | Path, *, out: str | Path | None = None,
+               limit: int | None = None) -> tuple[list[Item], Path]:
+    """Read and validate every item of ``source`` before anything runs.
+
+    ``source`` is a JSONL file (one object per line) or a folder saved with
+    ``datasets.Dataset.save_to_disk``, with fields ``image`` (a path relative to the data
+    folder — the JSONL's folder, or the dataset folder — or an embedded image), ``question``,
+    ``answer`` and optionally ``id``, ``choices``, ``category``. Embedded images are written
+    to ``<out>/images/`` so that records can point at them.
+
+    Returns:
+        The items and the data folder.
+
+    Raises:
+        InvalidInputError: listing the bad lines (missing fields, images missing or outside
+            the data folder, duplicate ids), before any model is called.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise InvalidInputError(f"{path}: no such file or folder.", field="input")
+    if path.is_dir():
+        root, rows = path.resolve(), _dataset_rows(path)
+    else:
+        root, rows = path.resolve().parent, _jsonl_rows(path)
+    items: list[Item] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for line, row in rows:
+        if limit is not None and len(items) >= limit:
+            break
+        try:
+            item = _item(row, line, root, Path(out) if out is not None else None)
+        except InvalidInputError as err:
+            problems.append(f"line {line}: {err}")
+            continue
+        if item.id in seen:
+            problems.append(f"line {line}: id {item.id!r} is also on line {seen[item.id]}")
+            continue
+        seen[item.id] = line
+        items.append(item)
+    if problems:
+        shown = "\n  ".join(problems[:_MAX_ERRORS_SHOWN])
+        more = f"\n  ... and {len(problems) - _MAX_ERRORS_SHOWN} more" \
+            if len(problems) > _MAX_ERRORS_SHOWN else ""
+        raise InvalidInputError(f"{path}: {len(problems)} bad item(s):\n  {shown}{more}",
+                                field="input")
+    if not items:
+        raise InvalidInputError(f"{path} holds no items.", field="input")
+    return items, root
+
+
+def describe_model(model: Any) -> dict[str, Any]:
+    """Provenance of a model: its name and sampling settings, as far as they are known."""
+    if model is None:
+        return {}
+    description: dict[str, Any] = {"type": type(model).__name__}
+    for attribute in ("model_name", "model", "model_path", "openai_api_base", "adapter_path",
+                      "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens",
+                      "max_new_tokens", "repetition_penalty", "n", "seed", "extra_body"):
+        value = getattr(model, attribute, None)
+        if value is not None and isinstance(value, str | int | float | bool | dict):
+            description[attribute] = value
+    name = getattr(model, "name", None)
+    if isinstance(name, str) and "model_name" not in description:
+        description["name"] = name
+    return description
+
+
+async def synthesize(
+    graph: Any,
+    items: Sequence[Item],
+    out: str | Path,
+    *,
+    concurrency: int = 32,
+    provenance: dict[str, Any] | None = None,
+    on_item: Callable[[SynthesisReport], None] | None = None,
+    fsync: bool = True,
+) -> SynthesisReport:
+    """Run the compiled synthesis ``graph`` on the items not yet in ``<out>/records.jsonl``.
+
+    At most ``concurrency`` items are in flight; each finished item's paths are appended as
+    one group. An item that raises (a server error, say) is logged to
+    ``<out>/errors.jsonl`` and left for the next run. ``on_item`` is called after each item
+    (for a progress bar).
+    """
+    if concurrency < 1:
+        raise ConfigError(f"concurrency must be at least 1, not {concurrency}.")
+    out = Path(out)
+    report = SynthesisReport(total=len(items))
+    started = time.perf_counter()
+    with RecordLog(out / RECORDS_FILE) as log:
+        report.repaired_bytes = log.repaired_bytes
+        pending = [item for item in items if item.id not in log.finished]
+        report.skipped = len(items) - len(pending)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(item: Item) -> None:
+            async with gate:
+                item_started = time.perf_counter()
+                try:
+                    result = await graph.ainvoke(item.graph_input())
+                except Exception as err:  # logged, and retried by a rerun
+                    _log_error(out, item, err)
+                    report.errors.append((item.id, f"{type(err).__name__}: {err}"))
+                else:
+                    records = to_records(item, result, provenance or {},
+                                         time.perf_counter() - item_started)
+                    log.append(records)
+                    report.written += 1
+                    report.paths_failed += sum(r["status"] == "failed" for r in records)
+            if on_item is not None:
+                on_item(report)
+
+        await asyncio.gather(*(one(item) for item in pending))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def to_records(item: Item, result: dict[str, Any], provenance: dict[str, Any],
+               seconds: float) -> list[dict[str, Any]]:
+    """The records (one per path) of one item's synthesis result."""
+    paths = sorted(result["paths"], key=lambda path: path["index"])
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    records = []
+    for path in paths:
+        check = path["check"]
+        records.append({
+            "id": item.id, "path_index": path["index"], "num_paths": len(paths),
+            "image": item.image_ref, "image_root": item.image_root,
+            "question": item.question, "answer": item.answer, "choices": item.choices,
+            "category": item.category, "status": path["status"], "steps": path["steps"],
+            "final_answer": path["answer"], "correct": check["correct"] if check else None,
+            "check": check, "score": path["score"], "comment": path["comment"],
+            "failures": path["failures"], "scoring_failures": result["scoring_failures"],
+            "provenance": {
+                **provenance, "prompts_version": PROMPTS_VERSION, "library": __version__,
+                "created": created,
+                "timings": {"path_seconds": path["seconds"],
+                            "scoring_seconds": result["scoring_seconds"],
+                            "item_seconds": round(seconds, 3)},
+            },
+        })
+    return records
+
+
+def write_run_file(out: str | Path, settings: dict[str, Any]) -> None:
+    """Record the run's settings in ``<out>/run.json``; refuse to resume a run whose
+    record layout (``paths`` per item) differs."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / RUN_FILE
+    if run_file.exists():
+        earlier = json.loads(run_file.read_text())
+        if earlier.get("paths") != settings.get("paths"):
+            raise ConfigError(f"{out} holds a run with {earlier.get('paths')} paths per item; "
+                              f"this one asks for {settings.get('paths')}. Use another --out.")
+        return
+    temporary = run_file.with_suffix(".tmp")
+    temporary.write_text(json.dumps(settings, indent=2, ensure_ascii=False))
+    temporary.replace(run_file)
+
+
+def read_run_file(folder: str | Path) -> dict[str, Any]:
+    """The settings of a synthesis run (see :func:`write_run_file`)."""
+    run_file = Path(folder) / RUN_FILE
+    if not run_file.exists():
+        raise InvalidInputError(f"{folder} is not a synthesis output folder (no {RUN_FILE}).",
+                                field="from")
+    settings: dict[str, Any] = json.loads(run_file.read_text())
+    return settings
+
+
+def _log_error(out: Path, item: Item, error: BaseException) -> None:
+    line = json.dumps({"id": item.id, "error": f"{type(error).__name__}: {error}"[:2000],
+                       "time": datetime.now(UTC).isoformat(timespec="seconds")})
+    with open(out / ERRORS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+
+
+def _jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, text in enumerate(handle, 1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise InvalidInputError(f"{path}, line {number}: not JSON ({err.msg}).",
+                                        field="input") from None
+            if not isinstance(row, dict):
+                raise InvalidInputError(f"{path}, line {number}: not a JSON object.",
+                                        field="input")
+            rows.append((number, row))
+    return rows
+
+
+def _dataset_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ConfigError("reading a dataset folder needs `datasets`: "
+                          "pip install 'insightv-agents[hf]'") from None
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise InvalidInputError(f"{path}: not a dataset saved with save_to_disk ({err}).",
+                                field="input") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        raise InvalidInputError(f"{path} holds several splits ({', '.join(dataset)}); point "
+                                "--input at one of them.", field="input")
+    if isinstance(dataset.features.get("image"), datasets.Image):
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    return [(index + 1, dict(row)) for index, row in enumerate(dataset)]
+
+
+def _item(row: dict[str, Any], line: int, root: Path, out: Path | None) -> Item:
+    question, answer = row.get("question"), row.get("answer")
+    if not isinstance(question, str) or not question.strip():
+        raise InvalidInputError("`question` must be a non-empty string", field="question")
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float) \
+            or not str(answer).strip():
+        raise InvalidInputError("`answer` must be a non-empty string", field="answer")
+    choices = row.get("choices")
+    if choices is not None and (not isinstance(choices, list) or not choices
+                                or len(choices) > MAX_CHOICES
+                                or not all(str(c).strip() for c in choices)):
+        raise InvalidInputError(f"`choices` must be a list of 1 to {MAX_CHOICES} non-empty "
+                                "options", field="choices")
+    category = row.get("category")
+    image, image_ref, image_root = _image(row.get("image"), root, out)
+    identifier = row.get("id")
+    if identifier is None or not str(identifier).strip():
+        digest = hashlib.sha1(json.dumps([image_ref, question, str(answer)]).encode())
+        identifier = digest.hexdigest()[:16]
+    return Item(id=str(identifier).strip(), image=image, image_ref=image_ref,
+                image_root=image_root, question=question.strip(), answer=str(answer).strip(),
+                choices=[str(c).strip() for c in choices] if choices else None,
+                category=str(category) if category is not None else None, line=line)
+
+
+def _image(value: Any, root: Path, out: Path | None) -> tuple[str | bytes, str, str]:
+    """(what the graph reads, the record's reference, its root) for an item's image."""
+    if isinstance(value, dict) and value.get("bytes"):  # a datasets Image, not decoded
+        data = bytes(value["bytes"])
+        if out is None:
+            return data, "", "out"
+        name = f"images/{hashlib.sha1(data).hexdigest()[:20]}{_suffix(data)}"
+        target = out / name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_suffix(".tmp")
+            temporary.write_bytes(data)
+            temporary.replace(target)
+        return data, name, "out"
+    if isinstance(value, dict) and value.get("path"):
+        value = value["path"]
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInputError("`image` must be a path relative to the data folder",
+                                field="image")
+    relative = Path(value)
+    if relative.is_absolute():
+        raise InvalidInputError(f"image {value!r} is absolute; give it relative to the data "
+                                "folder", field="image")
+    resolved = (root / relative).resolve()
+    if not resolved.is_relative_to(root):
+        raise InvalidInputError(f"image {value!r} is outside the data folder", field="image")
+    if not resolved.is_file():
+        raise InvalidInputError(f"image {value!r}: no such file in {root}", field="image")
+    return str(resolved), relative.as_posix(), "data"
+
+
+def _suffix(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return ".png"
+    if data.startswith(b"\xff\xd8"):
+        return ".jpg"
+    return ".img"

@@ -1,0 +1,70 @@
+"""The append-only record log: groups written whole, torn tails cut, damage refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from insightv_agents import InvalidInputError
+from insightv_agents.records import RecordLog, read_records
+
+
+def group(identifier: str, size: int = 3) -> list[dict[str, object]]:
+    return [{"id": identifier, "path_index": i, "num_paths": size, "text": "é\n" * i}
+            for i in range(size)]
+
+
+def test_groups_are_appended_and_known_finished(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "records.jsonl"
+    with RecordLog(path) as log:
+        log.append(group("a"))
+        log.append(group("b", 2))
+    with RecordLog(path) as log:
+        assert log.finished == {"a", "b"} and log.repaired_bytes == 0
+        with pytest.raises(ValueError, match="already"):
+            log.append(group("a"))
+        with pytest.raises(ValueError, match="group"):
+            log.append(group("c")[:2])
+    assert [(r["id"], r["path_index"]) for r in read_records(path)] == [
+        ("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]
+
+
+@pytest.mark.parametrize("cut", [1, 10, 40, -1])
+def test_a_torn_last_group_is_cut_off(tmp_path: Path, cut: int) -> None:
+    path = tmp_path / "records.jsonl"
+    with RecordLog(path) as log:
+        log.append(group("a"))
+    whole = path.read_bytes()
+    torn = b"".join(json.dumps(r).encode() + b"\n" for r in group("b"))
+    path.write_bytes(whole + torn[:cut])  # what a kill in the middle of a write leaves
+    with RecordLog(path) as log:
+        assert log.finished == {"a"}
+        assert log.repaired_bytes == len(torn[:cut])
+        log.append(group("b"))
+    records = list(read_records(path))
+    assert [(r["id"], r["path_index"]) for r in records] == [
+        ("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]
+
+
+def test_damage_before_the_end_is_refused_not_cut(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    with RecordLog(path) as log:
+        log.append(group("a"))
+        log.append(group("b"))
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join([lines[0], b"garbage\n", *lines[2:]]))
+    before = path.read_bytes()
+    with pytest.raises(InvalidInputError, match="line 2"):
+        RecordLog(path)
+    assert path.read_bytes() == before
+
+
+def test_a_repeated_group_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    with RecordLog(path) as log:
+        log.append(group("a", 1))
+    path.write_bytes(path.read_bytes() * 2)
+    with pytest.raises(InvalidInputError, match="appears twice|changed"):
+        RecordLog(path)
