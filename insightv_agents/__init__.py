@@ -10,12 +10,26 @@ from insightv_agents.errors import (
     InvalidInputError,
     ModelOutputError,
 )
-from insightv_agents.graphs import create_insightv_graph
+from insightv_agents.graphs import create_insightv_graph, create_synthesis_graph
 from insightv_agents.images import ImagePolicy, load_images
-from insightv_agents.nodes import ReasoningNode, SummaryNode, prepare_input, revise
+from insightv_agents.nodes import (
+    FinalAnswerNode,
+    ReasoningNode,
+    SummaryNode,
+    prepare_input,
+    revise,
+)
 from insightv_agents.parsing import parse_steps, parse_verdict
 from insightv_agents.prompts import DEFAULT_PROMPTS, PROMPTS_VERSION, Prompts
-from insightv_agents.schema import Attempt, Failure, ReasoningStep, Verdict
+from insightv_agents.schema import (
+    AnswerCheck,
+    Attempt,
+    Failure,
+    PathResult,
+    PathScore,
+    ReasoningStep,
+    Verdict,
+)
 from insightv_agents.state import InsightVContext, InsightVInput, InsightVOutput, InsightVState
 
 __version__ = "0.1.0"
@@ -23,10 +37,12 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_PROMPTS",
     "PROMPTS_VERSION",
+    "AnswerCheck",
     "Attempt",
     "BackendError",
     "ConfigError",
     "Failure",
+    "FinalAnswerNode",
     "ImagePolicy",
     "InsightVContext",
     "InsightVError",
@@ -35,6 +51,8 @@ __all__ = [
     "InsightVState",
     "InvalidInputError",
     "ModelOutputError",
+    "PathResult",
+    "PathScore",
     "Prompts",
     "ReasoningNode",
     "ReasoningStep",
@@ -42,6 +60,7 @@ __all__ = [
     "Verdict",
     "__version__",
     "create_insightv_graph",
+    "create_synthesis_graph",
     "load_images",
     "parse_steps",
     "parse_verdict",

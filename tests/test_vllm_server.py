@@ -122,6 +122,47 @@ def test_graph_runs_end_to_end_through_vllm(server: VLLMServer, inputs: dict[str
         assert out["steps"] or out["failures"]
 
 
+def test_synthesis_runs_through_vllm(server: VLLMServer, tmp_path: Path) -> None:
+    """insightv synthesize against the real server: N paths per item, scored in one request
+    each; then the builders read the records."""
+    from collections import Counter
+
+    from helpers import png_bytes
+    from typer.testing import CliRunner
+
+    from insightv_agents.cli import app
+    from insightv_agents.records import read_records
+
+    (tmp_path / "data").mkdir()
+    rows = []
+    for i in range(2):
+        (tmp_path / "data" / f"{i}.png").write_bytes(png_bytes(color=("red", "blue")[i]))
+        rows.append({"id": f"q{i}", "image": f"{i}.png", "question": "What colour is it?",
+                     "answer": ("red", "blue")[i], "choices": ["red", "blue"]})
+    data = tmp_path / "data" / "items.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = CliRunner().invoke(app, [
+        "synthesize", "--input", str(data), "--out", str(tmp_path / "out"), "--teacher", "tiny",
+        "--teacher-url", server.base_url, "-n", "3", "--max-steps", "2", "--max-tokens", "200",
+        "--concurrency", "2"])
+    assert result.exit_code == 0, result.output
+    records = list(read_records(tmp_path / "out" / "records.jsonl"))
+    assert Counter((r["id"], r["path_index"]) for r in records) == Counter(
+        {(f"q{i}", p): 1 for i in range(2) for p in range(3)})
+    for record in records:
+        # Random weights: whatever the text, every path ends in a typed outcome.
+        assert record["status"] in ("ok", "failed")
+        assert record["status"] == "ok" or record["failures"]
+        if record["status"] == "ok":
+            assert record["check"]["correct"] is record["correct"]
+            assert record["score"] is None or 1 <= record["score"] <= 100
+        assert record["provenance"]["teacher"]["model_name"] == "tiny"
+    built = CliRunner().invoke(app, ["build-data", "sft-summary", "--from",
+                                     str(tmp_path / "out"), "--out", str(tmp_path / "sft"),
+                                     "--mix", "qa=1"])
+    assert built.exit_code == 0, built.output
+
+
 def test_stops_cleanly_even_on_error(tiny: dict[str, Path], tmp_path: Path) -> None:
     server = VLLMServer(tiny["model"], python=vllm_python(), log_path=tmp_path / "v.log", **ENGINE)
     with pytest.raises(KeyboardInterrupt), server:

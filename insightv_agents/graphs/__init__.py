@@ -1,5 +1,6 @@
 """Graph factories. Each returns an uncompiled ``StateGraph``."""
 
 from insightv_agents.graphs.insightv import create_insightv_graph
+from insightv_agents.graphs.synthesis import create_path_graph, create_synthesis_graph
 
-__all__ = ["create_insightv_graph"]
+__all__ = ["create_insightv_graph", "create_path_graph", "create_synthesis_graph"]
