@@ -124,7 +124,8 @@ def test_graph_runs_end_to_end_through_vllm(server: VLLMServer, inputs: dict[str
 
 def test_synthesis_runs_through_vllm(server: VLLMServer, tmp_path: Path) -> None:
     """insightv synthesize against the real server: N paths per item, scored in one request
-    each; then the builders read the records."""
+    each; then the builders read the records. (Replies are kept short: the scoring prompt
+    holds every path and must fit the tiny model's 2048-token context.)"""
     from collections import Counter
 
     from helpers import png_bytes
@@ -143,7 +144,7 @@ def test_synthesis_runs_through_vllm(server: VLLMServer, tmp_path: Path) -> None
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     result = CliRunner().invoke(app, [
         "synthesize", "--input", str(data), "--out", str(tmp_path / "out"), "--teacher", "tiny",
-        "--teacher-url", server.base_url, "-n", "3", "--max-steps", "2", "--max-tokens", "200",
+        "--teacher-url", server.base_url, "-n", "3", "--max-steps", "2", "--max-tokens", "48",
         "--concurrency", "2"])
     assert result.exit_code == 0, result.output
     records = list(read_records(tmp_path / "out" / "records.jsonl"))
