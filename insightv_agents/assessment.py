@@ -18,7 +18,7 @@ from langgraph.runtime import Runtime
 from langgraph.types import Overwrite
 from typing_extensions import TypedDict
 
-from insightv_agents.nodes import Exchange, Outcome, _emit, _ModelNode
+from insightv_agents.nodes import Exchange, Outcome, _ModelNode
 from insightv_agents.parsing import parse_judgement, parse_scores
 from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, judge_messages, score_messages
 from insightv_agents.schema import (
@@ -117,10 +117,9 @@ class JudgeNode(_ModelNode):
                 runtime: Runtime[Any] | None) -> dict[str, Any]:
         if outcome is None:
             return {}
-        judgement, attempts, error, raw = outcome
+        judgement = outcome.value
         if judgement is None:
-            failure = self._failure(state, "unparsable", error, attempts, raw)
-            _emit(runtime, {"event": "failure", "node": self.name, "failure": failure})
+            failure = self._unreadable(state, outcome, runtime)
             return {"failures": [failure]}
         correct, reason = judgement
         check: AnswerCheck = {"correct": correct, "method": "judge", "detail": reason[:500]}
@@ -164,10 +163,9 @@ class ScoreNode(_ModelNode):
                 runtime: Runtime[Any] | None) -> dict[str, Any]:
         if outcome is None:
             return with_scores(state, [])
-        scores, attempts, error, raw = outcome
+        scores = outcome.value
         if scores is None:
-            failure = self._failure(state, "unparsable", error, attempts, raw)
-            _emit(runtime, {"event": "failure", "node": self.name, "failure": failure})
+            failure = self._unreadable(state, outcome, runtime)
             return {**with_scores(state, []), "scoring_failures": [failure]}
         return with_scores(state, scores)
 

@@ -182,6 +182,14 @@ class _ModelNode(RunnableCallable):
                 messages = reask_messages(messages, reply, error, self.prompts)
         return Outcome(None, self.max_retries + 1, error, reply)
 
+    def _unreadable(self, state: dict[str, Any], outcome: Outcome[Any],
+                    runtime: Runtime[Any] | None) -> Failure:
+        """The failure of a conversation that ended with no readable reply, streamed."""
+        failure = self._failure(state, "unparsable", outcome.error, outcome.attempts,
+                                outcome.raw)
+        _emit(runtime, {"event": "failure", "node": self.name, "failure": failure})
+        return failure
+
     def _failure(self, state: dict[str, Any], kind: Any, error: str, attempts: int,
                  raw: str) -> Failure:
         return {"node": self.name or "", "revision": state.get("revision", 0), "kind": kind,
@@ -266,10 +274,9 @@ class ReasoningNode(_ModelNode):
         steps = state.get("steps") or []
         if outcome is None:
             return {"failures": [self._cap_failure(state, attempts=0)]}
-        parsed, attempts, error, raw = outcome
+        parsed, attempts = outcome.value, outcome.attempts
         if parsed is None:
-            failure = self._failure(state, "unparsable", error, attempts, raw)
-            _emit(runtime, {"event": "failure", "node": self.name, "failure": failure})
+            failure = self._unreadable(state, outcome, runtime)
             return {"failures": [failure]}
         new = parsed[: self.max_steps - len(steps)]
         for index, step in enumerate(new, len(steps) + 1):
@@ -324,11 +331,10 @@ class SummaryNode(_ModelNode):
     def _update(self, state: dict[str, Any], outcome: Outcome[Any] | None,
                 runtime: Runtime[Any] | None) -> dict[str, Any]:
         assert outcome is not None
-        verdict, attempts, error, raw = outcome
+        verdict = outcome.value
         reasoning = render_reasoning(state.get("steps") or [], self.prompts)
         if verdict is None:
-            failure = self._failure(state, "unparsable", error, attempts, raw)
-            _emit(runtime, {"event": "failure", "node": self.name, "failure": failure})
+            failure = self._unreadable(state, outcome, runtime)
             return {"verdict": None, "answer": "", "reasoning": reasoning, "status": "failed",
                     "failures": [failure]}
         _emit(runtime, {"event": "verdict", "node": self.name,
@@ -387,10 +393,9 @@ class FinalAnswerNode(_ModelNode):
                 runtime: Runtime[Any] | None) -> dict[str, Any]:
         if outcome is None:
             return {"answer": ""}
-        answer, attempts, error, raw = outcome
+        answer = outcome.value
         if answer is None:
-            failure = self._failure(state, "unparsable", error, attempts, raw)
-            _emit(runtime, {"event": "failure", "node": self.name, "failure": failure})
+            failure = self._unreadable(state, outcome, runtime)
             return {"answer": "", "failures": [failure]}
         _emit(runtime, {"event": "answer", "node": self.name, "answer": answer})
         return {"answer": answer}

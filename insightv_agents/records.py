@@ -77,36 +77,39 @@ class RecordLog:
         self.close()
 
     def _repair(self) -> None:
+        """Read the file once, line by line: learn the finished groups, cut a torn tail."""
         if not self.path.exists():
             return
-        data = self.path.read_bytes()
         complete_end = 0  # byte offset just after the last complete group
-        position, number, group, count, expected = 0, 0, None, 0, 0
-        while (end := data.find(b"\n", position)) >= 0:  # a last line without \n is torn
-            number += 1
-            try:
-                record = json.loads(data[position:end])
-                record_group, record_size = str(record[self.key]), int(record[self.size])
-            except (ValueError, KeyError, TypeError):
-                record_group, record_size = None, 0
-            in_order = record_group is not None and (group is None or record_group == group)
-            if not in_order or record_group in self.finished:
-                if end + 1 < len(data) or record_group in self.finished:
-                    raise InvalidInputError(
-                        f"{self.path}, line {number}: not the next record of a group written "
-                        "by this library; the file was changed by something else. Fix or "
-                        "remove it.", field="out")
-                break  # the damaged last line of a torn write
-            if group is None:
-                group, count, expected = record_group, 0, record_size
-            count, position = count + 1, end + 1
-            if count == expected:
-                self.finished.add(str(group))
-                complete_end, group = position, None
-        if complete_end < len(data):
+        position, group, count, expected = 0, None, 0, 0
+        with open(self.path, "rb") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.endswith(b"\n"):
+                    break  # a torn last line
+                try:
+                    record = json.loads(line)
+                    record_group, record_size = str(record[self.key]), int(record[self.size])
+                except (ValueError, KeyError, TypeError):
+                    record_group, record_size = None, 0
+                in_order = record_group is not None and group in (None, record_group)
+                if not in_order or record_group in self.finished:
+                    if handle.read(1) or record_group in self.finished:
+                        raise InvalidInputError(
+                            f"{self.path}, line {number}: not the next record of a group "
+                            "written by this library; the file was changed by something "
+                            "else. Fix or remove it.", field="out")
+                    break  # the damaged last line of a torn write
+                if group is None:
+                    group, count, expected = record_group, 0, record_size
+                count, position = count + 1, position + len(line)
+                if count == expected:
+                    self.finished.add(str(group))
+                    complete_end, group = position, None
+        size = self.path.stat().st_size
+        if complete_end < size:
             with open(self.path, "r+b") as handle:
                 handle.truncate(complete_end)
-            self.repaired_bytes = len(data) - complete_end
+            self.repaired_bytes = size - complete_end
 
 
 def read_records(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from insightv_agents import __version__
 from insightv_agents.errors import ConfigError, InvalidInputError
-from insightv_agents.graphs.synthesis import MAX_CHOICES
+from insightv_agents.graphs.synthesis import check_truth
 from insightv_agents.prompts import PROMPTS_VERSION
 from insightv_agents.records import RecordLog
 
@@ -169,10 +169,10 @@ async def synthesize(
         report.repaired_bytes = log.repaired_bytes
         pending = [item for item in items if item.id not in log.finished]
         report.skipped = len(items) - len(pending)
-        gate = asyncio.Semaphore(concurrency)
+        queue = iter(pending)
 
-        async def one(item: Item) -> None:
-            async with gate:
+        async def worker() -> None:  # a fixed pool: memory stays flat however many items
+            for item in queue:
                 item_started = time.perf_counter()
                 try:
                     result = await graph.ainvoke(item.graph_input())
@@ -185,10 +185,10 @@ async def synthesize(
                     log.append(records)
                     report.written += 1
                     report.paths_failed += sum(r["status"] == "failed" for r in records)
-            if on_item is not None:
-                on_item(report)
+                if on_item is not None:
+                    on_item(report)
 
-        await asyncio.gather(*(one(item) for item in pending))
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(pending)))))
     report.seconds = time.perf_counter() - started
     return report
 
@@ -292,27 +292,18 @@ def _dataset_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 def _item(row: dict[str, Any], line: int, root: Path, out: Path | None) -> Item:
-    question, answer = row.get("question"), row.get("answer")
+    question = row.get("question")
     if not isinstance(question, str) or not question.strip():
         raise InvalidInputError("`question` must be a non-empty string", field="question")
-    if isinstance(answer, bool) or not isinstance(answer, str | int | float) \
-            or not str(answer).strip():
-        raise InvalidInputError("`answer` must be a non-empty string", field="answer")
-    choices = row.get("choices")
-    if choices is not None and (not isinstance(choices, list) or not choices
-                                or len(choices) > MAX_CHOICES
-                                or not all(str(c).strip() for c in choices)):
-        raise InvalidInputError(f"`choices` must be a list of 1 to {MAX_CHOICES} non-empty "
-                                "options", field="choices")
+    answer, choices = check_truth(row.get("answer"), row.get("choices"))
     category = row.get("category")
     image, image_ref, image_root = _image(row.get("image"), root, out)
     identifier = row.get("id")
     if identifier is None or not str(identifier).strip():
-        digest = hashlib.sha1(json.dumps([image_ref, question, str(answer)]).encode())
+        digest = hashlib.sha1(json.dumps([image_ref, question, answer]).encode())
         identifier = digest.hexdigest()[:16]
     return Item(id=str(identifier).strip(), image=image, image_ref=image_ref,
-                image_root=image_root, question=question.strip(), answer=str(answer).strip(),
-                choices=[str(c).strip() for c in choices] if choices else None,
+                image_root=image_root, question=question.strip(), answer=answer, choices=choices,
                 category=str(category) if category is not None else None, line=line)
 
 

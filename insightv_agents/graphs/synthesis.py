@@ -77,7 +77,6 @@ class SynthesisState(TypedDict):
     paths: Annotated[list[PathResult], operator.add]
     scoring_failures: Annotated[list[Failure], operator.add]
     scoring_seconds: float
-    started: float
 
 
 class PathState(TypedDict):
@@ -196,11 +195,16 @@ def create_synthesis_graph(
                                    rules=rules).compile()
     chosen_scorer = teacher if scorer is None else scorer
     if isinstance(chosen_scorer, PathScorer):
-        score: Any = partial(score_with, chosen_scorer)
+        custom = partial(score_with, chosen_scorer)
+
+        async def ascore(state: dict[str, Any]) -> dict[str, Any]:
+            return await asyncio.to_thread(custom, state)  # a scorer may block (a model)
+
+        score: Any = RunnableCallable(custom, ascore, name="score", trace=False)
     else:
-        score = _Timed(ScoreNode(chosen_scorer, max_retries=max_retries, prompts=prompts,
-                                 context_keys=("scorer", "teacher") if scorer is None
-                                 else ("scorer",)))
+        score = ScoreNode(chosen_scorer, max_retries=max_retries, prompts=prompts,
+                          context_keys=("scorer", "teacher") if scorer is None
+                          else ("scorer",))
 
     def fan_out(state: SynthesisState) -> list[Send]:
         question = format_question(state["question"], state.get("choices"), prompts)
@@ -215,8 +219,7 @@ def create_synthesis_graph(
                                         max_question_chars=max_question_chars),
                      trace_policy=REDACT_IMAGES)
     builder.add_node("path", path_graph, trace_policy=REDACT_IMAGES)
-    builder.add_node("score", score if isinstance(score, _Timed) else _Timed(score),
-                     trace_policy=REDACT_IMAGES)
+    builder.add_node("score", _Timed(score), trace_policy=REDACT_IMAGES)
     builder.add_edge(START, "prepare")
     builder.add_conditional_edges("prepare", RunnableCallable(fan_out, trace=False), ["path"])
     builder.add_edge("path", "score")
@@ -224,31 +227,39 @@ def create_synthesis_graph(
     return builder
 
 
-def _prepare(state: dict[str, Any], *, image_policy: ImagePolicy | None,
-             max_question_chars: int) -> dict[str, Any]:
-    """Validate the item (no model call) and reset per-run fields."""
-    answer = state.get("answer")
-    if not isinstance(answer, str | int | float) or isinstance(answer, bool) \
+def check_truth(answer: Any, choices: Any) -> tuple[str, list[str] | None]:
+    """The ground-truth ``answer`` and the ``choices`` of an item, checked and cleaned.
+
+    Raises:
+        InvalidInputError: for a missing, empty or oversized answer, or bad choices.
+    """
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float) \
             or not str(answer).strip():
         raise InvalidInputError("`answer` (the ground truth) is required: a non-empty string.",
                                 field="answer")
     if len(str(answer)) > MAX_ANSWER_CHARS:
         raise InvalidInputError(f"`answer` is longer than {MAX_ANSWER_CHARS} characters.",
                                 field="answer")
-    choices = state.get("choices")
-    if choices is not None:
-        if not isinstance(choices, Sequence) or isinstance(choices, str) or not choices \
-                or len(choices) > MAX_CHOICES \
-                or not all(isinstance(c, str | int | float) and str(c).strip() for c in choices):
-            raise InvalidInputError(f"`choices` must be a list of 1 to {MAX_CHOICES} non-empty "
-                                    "strings (or null).", field="choices")
-        choices = [str(choice).strip() for choice in choices]
+    if choices is None:
+        return str(answer).strip(), None
+    if not isinstance(choices, Sequence) or isinstance(choices, str) or not choices \
+            or len(choices) > MAX_CHOICES \
+            or not all(isinstance(c, str | int | float) and str(c).strip() for c in choices):
+        raise InvalidInputError(f"`choices` must be a list of 1 to {MAX_CHOICES} non-empty "
+                                "strings (or null).", field="choices")
+    return str(answer).strip(), [str(choice).strip() for choice in choices]
+
+
+def _prepare(state: dict[str, Any], *, image_policy: ImagePolicy | None,
+             max_question_chars: int) -> dict[str, Any]:
+    """Validate the item (no model call) and reset per-run fields."""
+    answer, choices = check_truth(state.get("answer"), state.get("choices"))
     prepared = prepare_input(state, image_policy=image_policy,
                              max_question_chars=max_question_chars)
     return {"question": prepared["question"], "images": prepared["images"],
-            "answer": str(answer).strip(), "choices": choices, "id": state.get("id"),
+            "answer": answer, "choices": choices, "id": state.get("id"),
             "category": state.get("category"), "paths": Overwrite([]),
-            "scoring_failures": Overwrite([]), "scoring_seconds": 0.0, "started": time.time()}
+            "scoring_failures": Overwrite([]), "scoring_seconds": 0.0}
 
 
 def _finish_path(state: PathState) -> dict[str, Any]:
@@ -272,14 +283,10 @@ class _Timed(RunnableCallable):
 
     def _run(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         started = time.perf_counter()
-        update = self.node.invoke(state, config) if hasattr(self.node, "invoke") \
-            else self.node(state)
+        update = self.node.invoke(state, config)
         return {**update, "scoring_seconds": round(time.perf_counter() - started, 3)}
 
     async def _arun(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         started = time.perf_counter()
-        if hasattr(self.node, "ainvoke"):
-            update = await self.node.ainvoke(state, config)
-        else:
-            update = await asyncio.to_thread(self.node, state)
+        update = await self.node.ainvoke(state, config)
         return {**update, "scoring_seconds": round(time.perf_counter() - started, 3)}

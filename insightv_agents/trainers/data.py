@@ -31,6 +31,7 @@ from insightv_agents.prompts import (
     Prompts,
     ReasoningMode,
     format_question,
+    image_parts,
     reasoning_messages,
     summary_messages,
 )
@@ -127,7 +128,7 @@ def summary_conversation(record: Record, verdict: Verdict, prompts: Prompts
 
 def qa_conversation(record: Record, prompts: Prompts) -> list[BaseMessage]:
     """Plain question answering: the image and question, then the ground truth."""
-    return [HumanMessage(content=[{"type": "image_url", "image_url": {"url": _PLACEHOLDER}},
+    return [HumanMessage(content=[*image_parts([_PLACEHOLDER]),
                                   {"type": "text", "text": _question(record, prompts)}]),
             AIMessage(record["answer"])]
 
