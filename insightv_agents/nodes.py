@@ -187,7 +187,7 @@ class _ModelNode(RunnableCallable):
         """The failure of a conversation that ended with no readable reply, streamed."""
         failure = self._failure(state, "unparsable", outcome.error, outcome.attempts,
                                 outcome.raw)
-        _emit(runtime, {"event": "failure", "node": self.name, "failure": failure})
+        emit_event(runtime, {"event": "failure", "node": self.name, "failure": failure})
         return failure
 
     def _failure(self, state: dict[str, Any], kind: Any, error: str, attempts: int,
@@ -280,7 +280,7 @@ class ReasoningNode(_ModelNode):
             return {"failures": [failure]}
         new = parsed[: self.max_steps - len(steps)]
         for index, step in enumerate(new, len(steps) + 1):
-            _emit(runtime, {"event": "step", "node": self.name,
+            emit_event(runtime, {"event": "step", "node": self.name,
                             "revision": state.get("revision", 0), "index": index, "step": step})
         update: dict[str, Any] = {"steps": new}
         if len(steps) + len(new) >= self.max_steps and new[-1]["action"] == "continue":
@@ -322,7 +322,7 @@ class SummaryNode(_ModelNode):
     def _json_schema(self, state: dict[str, Any]) -> dict[str, object]:
         return verdict_json_schema()
 
-    def _conversation(self, state: dict[str, Any]) -> Exchange[Verdict]:
+    def _conversation(self, state: dict[str, Any]) -> Exchange[Verdict] | None:
         messages = summary_messages(prompts=self.prompts, question=state["question"],
                                     images=state.get("images") or [],
                                     steps=state.get("steps") or [])
@@ -337,7 +337,7 @@ class SummaryNode(_ModelNode):
             failure = self._unreadable(state, outcome, runtime)
             return {"verdict": None, "answer": "", "reasoning": reasoning, "status": "failed",
                     "failures": [failure]}
-        _emit(runtime, {"event": "verdict", "node": self.name,
+        emit_event(runtime, {"event": "verdict", "node": self.name,
                         "revision": state.get("revision", 0), "verdict": verdict})
         return {"verdict": verdict, "answer": verdict["answer"], "reasoning": reasoning,
                 "status": "ok"}
@@ -377,9 +377,7 @@ class FinalAnswerNode(_ModelNode):
 
     def usable(self, state: Mapping[str, Any]) -> bool:
         """Whether the reasoning can be answered from: it has steps and no unreadable reply."""
-        return bool(state.get("steps")) and not any(
-            f["node"] == self.reasoning_node and f["kind"] == "unparsable"
-            for f in state.get("failures") or [])
+        return reasoning_usable(state, self.reasoning_node)
 
     def _conversation(self, state: dict[str, Any]) -> Exchange[str] | None:
         if not self.usable(state):
@@ -397,8 +395,16 @@ class FinalAnswerNode(_ModelNode):
         if answer is None:
             failure = self._unreadable(state, outcome, runtime)
             return {"answer": "", "failures": [failure]}
-        _emit(runtime, {"event": "answer", "node": self.name, "answer": answer})
+        emit_event(runtime, {"event": "answer", "node": self.name, "answer": answer})
         return {"answer": answer}
+
+
+def reasoning_usable(state: Mapping[str, Any], reasoning_node: str = "reason") -> bool:
+    """Whether a state's reasoning can be answered from: it has steps and
+    ``reasoning_node`` left no unreadable reply."""
+    return bool(state.get("steps")) and not any(
+        f["node"] == reasoning_node and f["kind"] == "unparsable"
+        for f in state.get("failures") or [])
 
 
 def _finish(conversation: Exchange[T], call: Callable[[list[BaseMessage]], str]
@@ -436,7 +442,7 @@ def _current_runtime() -> Runtime[Any] | None:
         return None
 
 
-def _emit(runtime: Runtime[Any] | None, event: dict[str, Any]) -> None:
+def emit_event(runtime: Runtime[Any] | None, event: dict[str, Any]) -> None:
     writer = getattr(runtime, "stream_writer", None)
     if writer is not None:
         writer(event)

@@ -8,9 +8,12 @@ import threading
 import time
 from collections.abc import Callable
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from insightv_agents.synthesize import RECORD_FIELDS, write_run_file
 
 
 def png_bytes(size: tuple[int, int] = (16, 12), color: str = "red", mode: str = "RGB") -> bytes:
@@ -134,3 +137,36 @@ def wire_teacher(answer: str = "3", steps: int = 2) -> Callable[[dict[str, Any]]
     def reply(body: dict[str, Any]) -> str:
         return scripted([kinds[m["role"]](content=m["content"]) for m in body["messages"]])
     return reply
+
+
+# --- synthesis outputs written directly, for the builders and trainers ---
+
+
+def path_record(identifier: str, index: int, paths: int, score: int | None,
+                correct: bool | None, status: str = "ok", steps: int = 2) -> dict[str, Any]:
+    record = dict.fromkeys(RECORD_FIELDS)
+    record.update({
+        "id": identifier, "path_index": index, "num_paths": paths, "image": "img.png",
+        "image_root": "data", "question": f"Question {identifier}?", "answer": "7",
+        "choices": None, "status": status,
+        "steps": [{"summary": f"{identifier}-{index}-{s}", "reasoning": "r" * 10,
+                   "action": "summary" if s == steps - 1 else "continue"}
+                  for s in range(steps)] if status == "ok" else [],
+        "final_answer": "7" if correct else "9", "correct": correct,
+        "check": {"correct": correct, "method": "number", "detail": "d"},
+        "score": score, "comment": f"comment {identifier}-{index}", "failures": [],
+    })
+    return record
+
+
+def write_output(folder: Path, questions: dict[str, list[tuple[int | None, bool | None]]],
+                 **extra: Any) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "img.png").write_bytes(png_bytes())
+    write_run_file(folder, {"data_root": str(folder), "paths": 3})
+    with open(folder / "records.jsonl", "w") as handle:
+        for identifier, paths in questions.items():
+            for index, (score, correct) in enumerate(paths):
+                record = path_record(identifier, index, len(paths), score, correct, **extra)
+                handle.write(json.dumps(record) + "\n")
+    return folder

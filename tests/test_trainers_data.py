@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import png_bytes, teacher
+from helpers import png_bytes, teacher, write_output
 from typer.testing import CliRunner
 
 from insightv_agents.cli import app
 from insightv_agents.graphs.synthesis import create_synthesis_graph
 from insightv_agents.parsing import parse_steps, parse_verdict
-from insightv_agents.synthesize import RECORD_FIELDS, load_items, synthesize, write_run_file
+from insightv_agents.synthesize import load_items, synthesize, write_run_file
 from insightv_agents.testing import ScriptedChatModel
 from insightv_agents.trainers.data import (
     SummaryMix,
@@ -25,36 +25,6 @@ from insightv_agents.trainers.data import (
 )
 
 runner = CliRunner()
-
-
-def path_record(identifier: str, index: int, paths: int, score: int | None,
-                correct: bool | None, status: str = "ok", steps: int = 2) -> dict[str, Any]:
-    record = dict.fromkeys(RECORD_FIELDS)
-    record.update({
-        "id": identifier, "path_index": index, "num_paths": paths, "image": "img.png",
-        "image_root": "data", "question": f"Question {identifier}?", "answer": "7",
-        "choices": None, "status": status,
-        "steps": [{"summary": f"{identifier}-{index}-{s}", "reasoning": "r" * 10,
-                   "action": "summary" if s == steps - 1 else "continue"}
-                  for s in range(steps)] if status == "ok" else [],
-        "final_answer": "7" if correct else "9", "correct": correct,
-        "check": {"correct": correct, "method": "number", "detail": "d"},
-        "score": score, "comment": f"comment {identifier}-{index}", "failures": [],
-    })
-    return record
-
-
-def write_output(folder: Path, questions: dict[str, list[tuple[int | None, bool | None]]],
-                 **extra: Any) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "img.png").write_bytes(png_bytes())
-    write_run_file(folder, {"data_root": str(folder), "paths": 3})
-    with open(folder / "records.jsonl", "w") as handle:
-        for identifier, paths in questions.items():
-            for index, (score, correct) in enumerate(paths):
-                record = path_record(identifier, index, len(paths), score, correct, **extra)
-                handle.write(json.dumps(record) + "\n")
-    return folder
 
 
 QUESTIONS: dict[str, list[tuple[int | None, bool | None]]] = {

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, NotRequired
 from langchain_core.language_models import LanguageModelLike
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
 from langgraph.types import Overwrite, Send
 from langgraph.utils.runnable import RunnableCallable
 from typing_extensions import TypedDict
@@ -33,9 +34,19 @@ from insightv_agents.assessment import JudgeNode, PathScorer, ScoreNode, score_w
 from insightv_agents.errors import ConfigError, InvalidInputError, check_int
 from insightv_agents.graphs.insightv import REDACT_IMAGES
 from insightv_agents.images import ImagePolicy
-from insightv_agents.nodes import MAX_QUESTION_CHARS, FinalAnswerNode, ReasoningNode, prepare_input
-from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, format_question
-from insightv_agents.schema import AnswerCheck, Failure, PathResult, ReasoningStep
+from insightv_agents.nodes import (
+    MAX_QUESTION_CHARS,
+    Exchange,
+    FinalAnswerNode,
+    Outcome,
+    ReasoningNode,
+    SummaryNode,
+    emit_event,
+    prepare_input,
+    reasoning_usable,
+)
+from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, ReasoningMode, format_question
+from insightv_agents.schema import AnswerCheck, Failure, PathResult, ReasoningStep, Verdict
 
 MAX_CHOICES = 26
 MAX_ANSWER_CHARS = 10_000
@@ -103,19 +114,22 @@ def create_path_graph(
     *,
     teacher: LanguageModelLike,
     judge: LanguageModelLike | None = None,
+    summarizer: LanguageModelLike | None = None,
+    mode: ReasoningMode = "step",
     max_steps: int = 16,
     max_retries: int = 2,
     prompts: Prompts = DEFAULT_PROMPTS,
     rules: AnswerRules = DEFAULT_RULES,
 ) -> StateGraph[PathState, Any, PathState, PathOutput]:
-    """One progressive reasoning path: steps until ``summary`` or the cap, the final answer,
-    and the answer check (rules, then ``judge`` when they cannot decide). Its output is
-    ``{"paths": [PathResult]}``, so runs fanned out with ``Send`` collect in a parent's
-    ``paths`` list."""
-    reason = ReasoningNode(teacher, mode="step", max_steps=max_steps, max_retries=max_retries,
+    """One reasoning path: steps until ``summary`` or the cap, the final answer (from the
+    teacher, or from ``summarizer``'s verdict), and the answer check (rules, then ``judge``
+    when they cannot decide). Its output is ``{"paths": [PathResult]}``, so runs fanned out
+    with ``Send`` collect in a parent's ``paths`` list."""
+    reason = ReasoningNode(teacher, mode=mode, max_steps=max_steps, max_retries=max_retries,
                            prompts=prompts, context_keys=("teacher",))
-    final = FinalAnswerNode(teacher, max_retries=max_retries, prompts=prompts,
-                            context_keys=("teacher",))
+    final: Any = (FinalAnswerNode(teacher, max_retries=max_retries, prompts=prompts,
+                                  context_keys=("teacher",)) if summarizer is None
+                  else VerdictAnswerNode(summarizer, max_retries=max_retries, prompts=prompts))
 
     def after_reason(state: PathState) -> Literal["continue", "answer"]:
         return "answer" if reason.is_done(state) else "continue"
@@ -156,6 +170,8 @@ def create_synthesis_graph(
     teacher: LanguageModelLike,
     scorer: LanguageModelLike | PathScorer | None = None,
     judge: LanguageModelLike | None = None,
+    summarizer: LanguageModelLike | None = None,
+    mode: ReasoningMode = "step",
     paths: int = 4,
     max_steps: int = 16,
     max_retries: int = 2,
@@ -174,6 +190,11 @@ def create_synthesis_graph(
             teacher.
         judge: a text LLM asked whether a final answer matches the ground truth when the
             rules cannot tell (without one, such answers stay undecided: ``correct=None``).
+        summarizer: a summary agent that gives each path's final answer from its verdict
+            (default: the teacher is asked for it after its last step). Iterative DPO uses
+            it: the reasoning agent being trained writes the paths, the summary agent answers.
+        mode: ``"step"`` (the Insight-V progressive pipeline, one step per call) or
+            ``"chain"`` (the whole reasoning in one call, as a trained reasoning agent writes).
         paths: reasoning paths per item (N).
         max_steps: step cap per path; max_retries: re-asks after an unreadable reply.
         prompts: every prompt text; rules: tolerance of the rule-based answer check.
@@ -181,8 +202,8 @@ def create_synthesis_graph(
 
     Returns:
         A ``StateGraph``: input :class:`SynthesisInput`, output :class:`SynthesisOutput`.
-        Models can be swapped per run through a context with ``teacher``, ``scorer`` and
-        ``judge`` attributes.
+        Models can be swapped per run through a context with ``teacher``, ``scorer``,
+        ``judge`` and ``summarizer`` attributes.
 
     Raises:
         ConfigError: for an option out of range.
@@ -190,9 +211,9 @@ def create_synthesis_graph(
     check_int("paths", paths, 1, 64)
     if teacher is None:
         raise ConfigError("create_synthesis_graph needs a teacher model.")
-    path_graph = create_path_graph(teacher=teacher, judge=judge, max_steps=max_steps,
-                                   max_retries=max_retries, prompts=prompts,
-                                   rules=rules).compile()
+    path_graph = create_path_graph(teacher=teacher, judge=judge, summarizer=summarizer,
+                                   mode=mode, max_steps=max_steps, max_retries=max_retries,
+                                   prompts=prompts, rules=rules).compile()
     chosen_scorer = teacher if scorer is None else scorer
     if isinstance(chosen_scorer, PathScorer):
         custom = partial(score_with, chosen_scorer)
@@ -260,6 +281,29 @@ def _prepare(state: dict[str, Any], *, image_policy: ImagePolicy | None,
             "answer": answer, "choices": choices, "id": state.get("id"),
             "category": state.get("category"), "paths": Overwrite([]),
             "scoring_failures": Overwrite([]), "scoring_seconds": 0.0}
+
+
+class VerdictAnswerNode(SummaryNode):
+    """A path's final answer from the summary agent: its verdict's answer on the path's
+    reasoning. Skipped when the reasoning is unusable; an unreadable verdict is a failure."""
+
+    def __init__(self, model: LanguageModelLike, *, max_retries: int = 2,
+                 prompts: Prompts = DEFAULT_PROMPTS) -> None:
+        super().__init__(model, max_retries=max_retries, prompts=prompts, name="final_answer",
+                         context_keys=("summarizer",))
+
+    def _conversation(self, state: dict[str, Any]) -> Exchange[Verdict] | None:
+        return super()._conversation(state) if reasoning_usable(state) else None
+
+    def _update(self, state: dict[str, Any], outcome: Outcome[Any] | None,
+                runtime: Runtime[Any] | None) -> dict[str, Any]:
+        if outcome is None:
+            return {"answer": ""}
+        if outcome.value is None:
+            return {"answer": "", "failures": [self._unreadable(state, outcome, runtime)]}
+        answer = outcome.value["answer"]
+        emit_event(runtime, {"event": "answer", "node": self.name, "answer": answer})
+        return {"answer": answer}
 
 
 def _finish_path(state: PathState) -> dict[str, Any]:

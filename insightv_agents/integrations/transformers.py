@@ -26,6 +26,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from insightv_agents.errors import ConfigError, InvalidInputError
 from insightv_agents.images import ImagePolicy, open_image
+from insightv_agents.trained import resolve_model
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "user"}
 
@@ -34,7 +35,8 @@ class ChatTransformersVLM(BaseChatModel):
     """A local vision-language model served in-process by transformers.
 
     Args:
-        model_path: folder (or hub id, where a hub is reachable) of the base model.
+        model_path: folder (or hub id, where a hub is reachable) of the model, or a PEFT
+            adapter folder (an ``insightv train`` output): its base model is loaded under it.
         adapter_path: optional PEFT adapter folder applied on top of the base model.
         device: ``"auto"`` (CUDA, then MPS, then CPU), or a torch device string.
         dtype: ``"auto"`` (bfloat16 on a GPU that supports it, float32 otherwise), or a
@@ -88,19 +90,24 @@ class ChatTransformersVLM(BaseChatModel):
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ConfigError("ChatTransformersVLM needs the hf extra: "
                               "pip install 'insightv-agents[hf]'") from err
-        if self.adapter_path is not None and not Path(self.adapter_path).is_dir():
-            raise ConfigError(f"adapter_path {self.adapter_path!r} is not a folder.")
+        base, adapter = resolve_model(self.model_path)
+        if self.adapter_path is not None and adapter is not None:
+            raise ConfigError(f"model_path {self.model_path!r} is itself an adapter; "
+                              "give its base model as model_path, or no adapter_path.")
+        adapter = adapter or self.adapter_path
+        if adapter is not None and not Path(adapter).is_dir():
+            raise ConfigError(f"adapter_path {adapter!r} is not a folder.")
         device = _device(torch, self.device)
         dtype = _dtype(torch, self.dtype, device)
         self._processor = AutoProcessor.from_pretrained(
-            self.model_path, trust_remote_code=self.trust_remote_code)
+            base, trust_remote_code=self.trust_remote_code)
         model: Any = AutoModelForImageTextToText.from_pretrained(
-            self.model_path, dtype=dtype, use_safetensors=True,
+            base, dtype=dtype, use_safetensors=True,
             trust_remote_code=self.trust_remote_code)
-        if self.adapter_path is not None:
+        if adapter is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, self.adapter_path)
+            model = PeftModel.from_pretrained(model, adapter)
         self._model = model.to(device).eval()
 
     @property

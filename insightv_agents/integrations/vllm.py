@@ -30,6 +30,7 @@ from langchain_core.messages import BaseMessage
 from langchain_core.runnables import Runnable
 
 from insightv_agents.errors import BackendError, ConfigError
+from insightv_agents.trained import adapter_rank, resolve_model, vllm_lora_rank
 
 try:
     from langchain_openai import ChatOpenAI
@@ -99,13 +100,16 @@ class VLLMServer:
     """A vLLM OpenAI-compatible server run as a child process, bound to 127.0.0.1.
 
     Args:
-        model: folder (or hub id) of the model to serve.
+        model: folder (or hub id) of the model to serve, or a LoRA adapter folder (an
+            ``insightv train`` output): its base model is served, and the adapter under
+            ``served_model_name`` (default: the folder's name), the default of :meth:`chat_model`.
         served_model_name: the name clients ask for (default: ``model``).
         python: the Python with vLLM installed (default: ``$INSIGHTV_VLLM_PYTHON``, else this
             interpreter).
         port: the port (default: a free one).
         adapters: LoRA adapters to serve, ``{name: folder}``; clients select one by name.
-        max_lora_rank: the largest adapter rank the server accepts.
+        max_lora_rank: the largest adapter rank the server accepts (raised to fit the
+            adapters given).
         runtime_lora: allow loading and unloading adapters while running
             (:meth:`load_adapter`, :meth:`unload_adapter`).
         dtype, max_model_len, enforce_eager: engine settings (``enforce_eager`` starts faster).
@@ -140,15 +144,25 @@ class VLLMServer:
     ) -> None:
         if startup_timeout <= 0:
             raise ConfigError("startup_timeout must be positive.")
-        for name, folder in (adapters or {}).items():
-            if not Path(folder).is_dir():
-                raise ConfigError(f"adapter {name!r}: {str(folder)!r} is not a folder.")
-        self.model = str(model)
+        base, trained_adapter = resolve_model(model)
+        adapters = dict(adapters or {})
+        default = None
+        if trained_adapter is not None:  # an adapter output: serve its base, and it by name
+            default = served_model_name or Path(trained_adapter).name
+            adapters.setdefault(default, trained_adapter)
+            served_model_name = None
+        max_lora_rank = vllm_lora_rank(max_lora_rank,
+                                       *(adapter_rank(folder) for folder in adapters.values()))
+        self.model = base
         self.served_model_name = served_model_name or self.model
+        self.default_model = default or self.served_model_name
         self.python = python or os.environ.get(VLLM_PYTHON_ENV) or sys.executable
         self.host = "127.0.0.1"
         self.port = port or _free_port()
-        self.adapters = {name: str(folder) for name, folder in (adapters or {}).items()}
+        for name, folder in adapters.items():
+            if not Path(folder).is_dir():
+                raise ConfigError(f"adapter {name!r}: {str(folder)!r} is not a folder.")
+        self.adapters = {name: str(folder) for name, folder in adapters.items()}
         self.runtime_lora = runtime_lora
         self.startup_timeout = startup_timeout
         self.log_path = Path(log_path) if log_path else _new_log_file()
@@ -242,8 +256,9 @@ class VLLMServer:
         self.stop()
 
     def chat_model(self, model: str | None = None, **settings: Any) -> BaseChatModel:
-        """A chat model for this server: the base model, or a LoRA adapter by name."""
-        return vllm_chat_model(self.base_url, model or self.served_model_name, **settings)
+        """A chat model for this server: a LoRA adapter by name, or by default the model
+        served (the adapter, when the server was made from an adapter folder)."""
+        return vllm_chat_model(self.base_url, model or self.default_model, **settings)
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load a LoRA adapter into the running server (needs ``runtime_lora=True``)."""

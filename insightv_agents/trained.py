@@ -1,0 +1,63 @@
+"""Reading a trained output folder: a full model, or a PEFT adapter naming its base model.
+
+Both backends (:class:`~insightv_agents.integrations.transformers.ChatTransformersVLM` and
+:class:`~insightv_agents.integrations.vllm.VLLMServer`) and the trainers use this, so an
+output of ``insightv train`` loads anywhere with no manual step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from insightv_agents.errors import InvalidInputError
+
+ADAPTER_FILE = "adapter_config.json"
+TRAINING_FILE = "insightv_training.json"
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def is_adapter(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding a PEFT adapter."""
+    return (Path(path) / ADAPTER_FILE).is_file()
+
+
+def resolve_model(path: str | Path) -> tuple[str, str | None]:
+    """``(base model, adapter or None)`` for a model folder, a hub id, or an adapter folder.
+
+    Raises:
+        InvalidInputError: for an adapter whose base model cannot be found.
+    """
+    if not is_adapter(path):
+        return str(path), None
+    adapter = Path(path).resolve()
+    try:
+        config = json.loads((adapter / ADAPTER_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise InvalidInputError(f"{adapter / ADAPTER_FILE} cannot be read: {err}",
+                                field="model") from None
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise InvalidInputError(f"the adapter in {adapter} names no base model "
+                                "(base_model_name_or_path).", field="model")
+    if base.startswith((".", "/")) and not Path(base).is_dir():
+        raise InvalidInputError(f"the adapter in {adapter} was trained on {base}, which is "
+                                "not there any more; pass the base model explicitly.",
+                                field="model")
+    return base, str(adapter)
+
+
+def adapter_rank(path: str | Path) -> int:
+    """The LoRA rank of an adapter folder (``r``), or 0 when it cannot be read."""
+    try:
+        config = json.loads((Path(path) / ADAPTER_FILE).read_text())
+        return max([int(config.get("r") or 0),
+                    *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
+def vllm_lora_rank(*ranks: int) -> int:
+    """The smallest ``--max-lora-rank`` vLLM accepts that holds every rank given."""
+    needed = max(ranks, default=0)
+    return next((rank for rank in _VLLM_LORA_RANKS if rank >= needed), needed)

@@ -1,0 +1,310 @@
+"""Iterative DPO of the reasoning agent (Insight-V, section 4): for t = 1..T, sample N
+paths per question from M_t **through the synthesis graph**, score them, build the pairs
+D_t, and train M_{t+1} from M_t with M_t as the reference.
+
+Each round lives in ``<output_dir>/round-<t>/``: ``samples/`` (a synthesis output, itself
+append-only and resumable), ``pairs/`` (the DPO dataset), ``model/`` (the trained adapter
+or model, with TRL checkpoints) and ``round.json``, written last: a round with it is
+finished. A killed run, started again with the same arguments, skips finished rounds and
+resumes the unfinished one (its samples from the record log, its training from the newest
+checkpoint). ``rounds.md``, ``rounds.json`` and ``rounds.svg`` hold the round metrics.
+
+Sampling goes through a :class:`Policy`: :class:`InProcessPolicy` (transformers) or
+:class:`VLLMPolicy` (a running vLLM server that loads each round's adapter without a
+restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from langchain_core.language_models import BaseChatModel, LanguageModelLike
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from insightv_agents.assessment import PathScorer
+from insightv_agents.errors import BackendError, ConfigError, InvalidInputError
+from insightv_agents.prompts import DEFAULT_PROMPTS, PROMPTS_VERSION, Prompts, ReasoningMode
+from insightv_agents.trained import resolve_model
+from insightv_agents.trainers.common import check_settings, write_atomic
+from insightv_agents.trainers.dpo import DPOSettings, train_dpo
+from insightv_agents.trainers.report import write_round_report
+
+ROUND_FILE = "round.json"
+
+
+class IterativeDPOSettings(BaseModel):
+    """Settings of an iterative-DPO run.
+
+    Args:
+        output_dir: the run's folder (one sub-folder per round).
+        rounds: T, the number of rounds (the paper: 3).
+        paths: N, reasoning paths sampled per question and round.
+        mode: how the policy writes its reasoning: ``"chain"`` (one call, as trained by
+            ``build-data sft-reason --mode chain``) or ``"step"``.
+        max_steps, max_retries: caps of each sampled path.
+        concurrency: questions sampled at once.
+        min_margin, min_chosen_score, pairs_per_question: how pairs are picked
+            (see :func:`~insightv_agents.trainers.data.build_dpo_pairs`).
+        dpo: the DPO settings of every round (:class:`DPOSettings` fields but
+            ``output_dir``), e.g. ``{"finetune": "lora", "learning_rate": 5e-6}``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    output_dir: Path
+    rounds: int = Field(3, ge=1, le=100)
+    paths: int = Field(4, ge=2, le=64)
+    mode: ReasoningMode = "chain"
+    max_steps: int = Field(16, ge=1, le=256)
+    max_retries: int = Field(2, ge=0, le=10)
+    concurrency: int = Field(8, ge=1, le=1024)
+    min_margin: int = Field(20, ge=0, le=99)
+    min_chosen_score: int | None = Field(None, ge=1, le=100)
+    pairs_per_question: int = Field(1, ge=1, le=64)
+    dpo: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_dpo(self) -> IterativeDPOSettings:
+        if "output_dir" in self.dpo:
+            raise ValueError("dpo.output_dir is set per round; leave it out.")
+        self.round_dpo(1)
+        return self
+
+    def round_dpo(self, round_number: int) -> DPOSettings:
+        """The DPO settings of one round (its model folder filled in)."""
+        return check_settings({**self.dpo, "output_dir": self.round_dir(round_number) / "model"},
+                              DPOSettings)
+
+    def round_dir(self, round_number: int) -> Path:
+        return self.output_dir / f"round-{round_number}"
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Where the policy M_t samples from: a chat model for a round's model folder."""
+
+    def chat_model(self, model: str, round_number: int) -> BaseChatModel:
+        """A chat model sampling from ``model`` (a model folder or an adapter output)."""
+        ...
+
+
+@dataclass
+class InProcessPolicy:
+    """Samples in-process with ``ChatTransformersVLM`` (each round loads the round's model
+    or adapter)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 1024
+    device: str = "auto"
+    seed: int | None = None
+
+    def chat_model(self, model: str, round_number: int) -> BaseChatModel:
+        from insightv_agents.integrations.transformers import ChatTransformersVLM
+
+        return ChatTransformersVLM(model_path=model, temperature=self.temperature,
+                                   top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                                   device=self.device, seed=self.seed)
+
+
+@dataclass
+class VLLMPolicy:
+    """Samples from a running :class:`~insightv_agents.integrations.vllm.VLLMServer`
+    (started with ``runtime_lora=True``): each round's adapter is loaded into it by name
+    (``round-<t>``), no restart. The server serves the base model; rounds must be LoRA
+    adapters on it (full fine-tuned rounds need a new server: use :class:`InProcessPolicy`)."""
+
+    server: Any
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 1024
+
+    def chat_model(self, model: str, round_number: int) -> BaseChatModel:
+        base, adapter = resolve_model(model)
+        settings = {"temperature": self.temperature, "top_p": self.top_p,
+                    "max_tokens": self.max_tokens}
+        if adapter is None:
+            if _same(base, self.server.model):
+                return self.server.chat_model(self.server.served_model_name, **settings)
+            raise ConfigError(f"the vLLM server serves {self.server.model}, not {base}: a "
+                              "full model per round needs InProcessPolicy (or LoRA rounds).")
+        if not _same(base, self.server.model):
+            raise ConfigError(f"the adapter {adapter} is for {base}, but the vLLM server "
+                              f"serves {self.server.model}.")
+        name = f"round-{round_number}"
+        if self.server.adapters.get(name) != adapter:
+            if name in self.server.adapters:
+                self.server.unload_adapter(name)
+            self.server.load_adapter(name, adapter)
+        return self.server.chat_model(name, **settings)
+
+
+@dataclass(frozen=True)
+class IterativeResult:
+    """The run's rounds (their metrics, in order) and the final model M_{T+1}."""
+
+    rounds: list[dict[str, Any]]
+    final_model: str
+
+
+def iterative_dpo(
+    model: str | Path,
+    items: str | Path,
+    settings: IterativeDPOSettings | dict[str, Any],
+    *,
+    scorer: LanguageModelLike | PathScorer,
+    judge: LanguageModelLike | None = None,
+    summarizer: LanguageModelLike | None = None,
+    policy: Policy | None = None,
+    prompts: Prompts = DEFAULT_PROMPTS,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> IterativeResult:
+    """Run T rounds of iterative DPO from ``model`` (M_1: a model folder or an adapter
+    output, e.g. the reasoning agent's SFT output) on the questions in ``items`` (the
+    synthesis input format: image, question, answer[, id, choices]).
+
+    Args:
+        scorer: scores each question's paths (an MLLM, or a
+            :class:`~insightv_agents.assessment.PathScorer` such as ``RuleScorer``).
+        judge: decides answers the rules cannot; summarizer: gives each path's final answer
+            (the summary agent; default: the policy is asked after its reasoning).
+        policy: where M_t samples (default: :class:`InProcessPolicy`).
+        on_round: called with each round's metrics when the round finishes.
+
+    Raises:
+        ConfigError, InvalidInputError: before any round, for bad settings or items;
+        BackendError: when items fail to sample (rerun to resume).
+    """
+    from insightv_agents.synthesize import load_items
+
+    config = check_settings(settings, IterativeDPOSettings)
+    if scorer is None:
+        raise ConfigError("iterative_dpo needs a scorer (an MLLM or a PathScorer such as "
+                          "RuleScorer): the policy must not score its own paths.")
+    load_items(items)  # every item is checked before any round
+    policy = policy or InProcessPolicy()
+    current = _start_model(model)
+    rounds: list[dict[str, Any]] = []
+    for number in range(1, config.rounds + 1):
+        finished = _finished_round(config.round_dir(number))
+        if finished is None:
+            finished = _run_round(number, current, items, config, policy=policy, scorer=scorer,
+                                  judge=judge, summarizer=summarizer, prompts=prompts)
+            if on_round is not None:
+                on_round(finished)
+        rounds.append(finished)
+        current = finished["model_out"]
+        write_round_report(config.output_dir, rounds)
+    return IterativeResult(rounds=rounds, final_model=current)
+
+
+def _run_round(number: int, current: str, items: str | Path, config: IterativeDPOSettings, *,
+               policy: Policy, scorer: Any, judge: Any, summarizer: Any,
+               prompts: Prompts) -> dict[str, Any]:
+    from accelerate import PartialState
+
+    from insightv_agents.trainers.data import build_dpo_pairs, load_records
+
+    folder = config.round_dir(number)
+    samples = folder / "samples"
+    state = PartialState()
+    started = time.perf_counter()
+    if state.is_main_process:  # under accelerate launch, one process samples
+        _sample(number, current, items, samples, config, policy=policy, scorer=scorer,
+                judge=judge, summarizer=summarizer, prompts=prompts)
+    state.wait_for_everyone()
+    sampled_seconds = time.perf_counter() - started
+    records = load_records(samples)
+    metrics: dict[str, Any] = {"round": number, "model_in": current,
+                               **_sample_metrics(records.questions.values())}
+    try:
+        pairs, report = build_dpo_pairs(records, min_margin=config.min_margin,
+                                        min_chosen_score=config.min_chosen_score,
+                                        pairs_per_question=config.pairs_per_question,
+                                        prompts=prompts)
+    except InvalidInputError:
+        pairs, report = None, None
+    metrics["pairs"] = 0 if pairs is None else len(pairs)
+    metrics["skipped_questions"] = dict(report.skipped) if report is not None else {}
+    metrics["sampling_seconds"] = round(sampled_seconds, 3)
+    if pairs is None:  # nothing to learn from: M_{t+1} = M_t, said in the metrics
+        metrics.update(model_out=current, trained=False, train_loss=None, reward_margin=None,
+                       training_seconds=0.0)
+    else:
+        if state.is_main_process and not (folder / "pairs").exists():
+            pairs.save_to_disk(str(folder / "pairs.tmp"))  # then renamed: never half written
+            (folder / "pairs.tmp").replace(folder / "pairs")
+        state.wait_for_everyone()
+        result = train_dpo(current, str(folder / "pairs"), config.round_dpo(number))
+        metrics.update(model_out=str(result.output_dir), trained=True,
+                       train_loss=result.metrics.get("train_loss"),
+                       reward_margin=result.metrics.get("last_logged_reward_margin"),
+                       training_seconds=result.metrics.get("wall_seconds"))
+    if state.is_main_process:
+        write_atomic(folder / ROUND_FILE, json.dumps(metrics, indent=2, default=str))
+    state.wait_for_everyone()
+    return metrics
+
+
+def _sample(number: int, current: str, items: str | Path, samples: Path,
+            config: IterativeDPOSettings, *, policy: Policy, scorer: Any, judge: Any,
+            summarizer: Any, prompts: Prompts) -> None:
+    from insightv_agents.graphs.synthesis import create_synthesis_graph
+    from insightv_agents.synthesize import describe_model, load_items, synthesize, write_run_file
+
+    loaded, root = load_items(items, out=samples)
+    sampler = policy.chat_model(current, number)
+    graph = create_synthesis_graph(teacher=sampler, scorer=scorer, judge=judge,
+                                   summarizer=summarizer, mode=config.mode, paths=config.paths,
+                                   max_steps=config.max_steps, max_retries=config.max_retries,
+                                   prompts=prompts).compile(name=f"iterative-dpo-round-{number}")
+    provenance = {"teacher": {**describe_model(sampler), "policy_model": current},
+                  "scorer": describe_model(scorer), "judge": describe_model(judge),
+                  "summarizer": describe_model(summarizer), "max_steps": config.max_steps,
+                  "mode": config.mode, "prompts_version": PROMPTS_VERSION, "round": number}
+    write_run_file(samples, {"input": str(items), "data_root": str(root),
+                             "paths": config.paths, **provenance})
+    report = asyncio.run(synthesize(graph, loaded, samples, concurrency=config.concurrency,
+                                    provenance=provenance))
+    if report.errors:
+        shown = "; ".join(f"{item}: {error}" for item, error in report.errors[:3])
+        raise BackendError(f"round {number}: {len(report.errors)} item(s) failed to sample "
+                           f"({shown}). Rerun to resume; see {samples / 'errors.jsonl'}.")
+
+
+def _sample_metrics(questions: Sequence[list[dict[str, Any]]] | Any) -> dict[str, Any]:
+    paths = [path for group in questions for path in group]
+    scored = [path["score"] for path in paths if path["score"] is not None]
+    return {
+        "questions": len(list(questions)), "paths": len(paths),
+        "failed_paths": sum(path["status"] != "ok" for path in paths),
+        "accuracy": round(sum(path["correct"] is True for path in paths) / len(paths), 4)
+        if paths else None,
+        "mean_score": round(sum(scored) / len(scored), 2) if scored else None,
+    }
+
+
+def _finished_round(folder: Path) -> dict[str, Any] | None:
+    path = folder / ROUND_FILE
+    if not path.exists():
+        return None
+    metrics: dict[str, Any] = json.loads(path.read_text())
+    return metrics
+
+
+def _start_model(model: str | Path) -> str:
+    base, adapter = resolve_model(model)
+    if adapter is None and Path(base).exists():
+        return str(Path(base).resolve())
+    return adapter or base
+
+
+def _same(first: str, second: str) -> bool:
+    return Path(first).resolve() == Path(second).resolve() if Path(first).exists() \
+        else first == second

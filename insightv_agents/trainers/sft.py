@@ -1,0 +1,164 @@
+"""Supervised fine-tuning of the reasoning agent or the summary agent with TRL's
+``SFTTrainer``, on the datasets :mod:`insightv_agents.trainers.data` builds.
+
+Example::
+
+    from insightv_agents.trainers import SFTSettings, train_sft
+
+    result = train_sft("models/base", "data/sft-reason",
+                       SFTSettings(agent="reasoning", output_dir="out/reasoner"))
+    # result.output_dir holds a LoRA adapter that ChatTransformersVLM and VLLMServer load.
+
+Defaults (``None`` in the settings): full fine-tuning follows the paper — reasoning agent
+lr 5e-6 for 2 epochs, summary agent lr 1e-5 for 1 epoch. LoRA (rank 16, alpha 32, on the
+language model) uses lr 1e-4 (reasoning) and 2e-4 (summary), the usual LoRA range, keeping
+the paper's 1:2 ratio and epochs.
+
+The loss covers the assistant turns only: through the chat template's ``{% generation %}``
+markers where it has them (or TRL has a training template for it), otherwise by splitting
+each conversation into prompt/completion rows, one per assistant turn (completion-only loss).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from insightv_agents.errors import ConfigError
+from insightv_agents.trainers.common import (
+    TrainSettings,
+    check_settings,
+    checkpoint_to_resume,
+    load_dataset_arg,
+    load_for_training,
+    save_output,
+)
+
+Agent = Literal["reasoning", "summary"]
+LossMask = Literal["auto", "assistant", "completion"]
+
+# (learning rate, epochs) by agent and fine-tuning kind; see the module docstring.
+SFT_DEFAULTS: dict[tuple[str, str], tuple[float, float]] = {
+    ("reasoning", "full"): (5e-6, 2), ("summary", "full"): (1e-5, 1),
+    ("reasoning", "lora"): (1e-4, 2), ("summary", "lora"): (2e-4, 1),
+}
+
+
+class SFTSettings(TrainSettings):
+    """SFT settings (see :class:`~insightv_agents.trainers.common.TrainSettings` for the rest).
+
+    Args:
+        agent: ``"reasoning"`` or ``"summary"`` (picks the defaults).
+        loss: which tokens are supervised: ``"assistant"`` (template markers), ``"completion"``
+            (prompt/completion rows), or ``"auto"`` (markers when the template allows).
+    """
+
+    agent: Agent = "reasoning"
+    loss: LossMask = "auto"
+    max_length: int | None = Field(None, ge=16)
+
+    def schedule(self) -> tuple[float, float]:
+        """The learning rate and epochs this run uses."""
+        rate, epochs = SFT_DEFAULTS[(self.agent, self.finetune)]
+        return self.learning_rate or rate, self.num_train_epochs or epochs
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A finished run: where its output is, whether it is an adapter, and its metrics."""
+
+    output_dir: Path
+    adapter: bool
+    base_model: str
+    metrics: dict[str, Any]
+
+
+def train_sft(model: str | Path, dataset: Any, settings: SFTSettings | dict[str, Any], *,
+              adapter: str | Path | None = None, eval_dataset: Any = None,
+              callbacks: list[Any] | None = None) -> TrainResult:
+    """Fine-tune ``model`` (a base model, a full model output, or an adapter output) on
+    ``dataset`` (a ``messages`` + ``images`` dataset, or the folder ``insightv build-data``
+    saved). Resumes from the newest checkpoint in ``output_dir``; under ``accelerate launch``
+    it trains on every process.
+
+    Raises:
+        ConfigError: for invalid settings or a chat template that cannot mask the loss as
+            asked; InvalidInputError: for a missing or empty dataset.
+    """
+    from trl import SFTConfig, SFTTrainer
+
+    config = check_settings(settings, SFTSettings)
+    data = load_dataset_arg(dataset)
+    if "messages" not in data.column_names:
+        raise ConfigError("SFT needs a conversational dataset with a `messages` column "
+                          "(see insightv build-data sft-reason / sft-summary).")
+    loaded = load_for_training(model, config, adapter=adapter)
+    mask = loss_mask(loaded.processor, config.loss)
+    if mask == "completion":
+        data = to_prompt_completion(data)
+        if eval_dataset is not None:
+            eval_dataset = to_prompt_completion(load_dataset_arg(eval_dataset))
+    rate, epochs = config.schedule()
+    kwargs = config.trl_kwargs(rate, epochs, loaded.bf16)
+    kwargs.update(assistant_only_loss=mask == "assistant", max_length=config.max_length)
+    kwargs.update(config.trl_args)
+    trainer = SFTTrainer(model=loaded.model, args=SFTConfig(**kwargs), train_dataset=data,
+                         eval_dataset=eval_dataset, processing_class=loaded.processor,
+                         peft_config=loaded.peft_config, callbacks=callbacks)
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=checkpoint_to_resume(config))
+    metrics = {**output.metrics, "train_loss": output.training_loss,
+               "wall_seconds": round(time.perf_counter() - started, 3), "rows": len(data)}
+    out = save_output(trainer, loaded, config, f"sft-{config.agent}", metrics,
+                      {"loss_mask": mask, "learning_rate": rate, "epochs": epochs})
+    return TrainResult(output_dir=out, adapter=config.finetune == "lora",
+                       base_model=loaded.base, metrics=metrics)
+
+
+def loss_mask(processor: Any, asked: LossMask) -> Literal["assistant", "completion"]:
+    """How the loss is limited to assistant turns with this processor's chat template."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = getattr(processor, "chat_template", None)
+    if asked == "completion":
+        return "completion"
+    supported = isinstance(template, str | dict) and (
+        has_generation_markers(template) or _patchable(get_training_chat_template, processor))
+    if supported:
+        return "assistant"
+    if asked == "assistant":
+        raise ConfigError("the chat template has no {% generation %} markers and TRL has no "
+                          "training template for it; use loss='completion' or 'auto'.")
+    return "completion"
+
+
+def to_prompt_completion(dataset: Any) -> Any:
+    """Split each conversation into one prompt/completion row per assistant turn (the
+    prompt is everything before it), so only assistant text is supervised."""
+    def split(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        rows: dict[str, list[Any]] = {"prompt": [], "completion": []}
+        others = [name for name in batch if name != "messages"]
+        rows.update({name: [] for name in others})
+        for index, messages in enumerate(batch["messages"]):
+            for turn, message in enumerate(messages):
+                if message["role"] != "assistant":
+                    continue
+                rows["prompt"].append(messages[:turn])
+                rows["completion"].append([message])
+                for name in others:
+                    rows[name].append(batch[name][index])
+        return rows
+
+    return dataset.map(split, batched=True, remove_columns=dataset.column_names)
+
+
+def _patchable(get_training_chat_template: Any, processor: Any) -> bool:
+    try:
+        get_training_chat_template(processor)
+    except ValueError:
+        return False
+    return True

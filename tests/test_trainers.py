@@ -1,0 +1,365 @@
+"""SFT of both agents, DPO, and iterative DPO on tiny offline models, on CPU.
+
+The models are tiny random Idefics3 models; what is asserted is measured: the loss falls,
+greedy output moves towards its target, the DPO margin rises, rounds run and resume.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import png_bytes, write_output
+
+from insightv_agents import ConfigError, InvalidInputError
+from insightv_agents.assessment import RuleScorer
+from insightv_agents.integrations.transformers import ChatTransformersVLM
+from insightv_agents.parsing import format_chain, format_verdict, parse_verdict
+from insightv_agents.prompts import DEFAULT_PROMPTS
+from insightv_agents.testing import ScriptedChatModel, build_tiny_idefics3, build_tiny_llava
+from insightv_agents.trainers.data import (
+    SummaryMix,
+    build_dpo_pairs,
+    build_reasoning_sft,
+    build_summary_sft,
+    load_records,
+    reasoning_prompt,
+    summary_conversation,
+)
+from insightv_agents.trainers.dpo import DPOSettings, preference_margins, train_dpo
+from insightv_agents.trainers.iterative import InProcessPolicy, iterative_dpo
+from insightv_agents.trainers.sft import SFTSettings, loss_mask, to_prompt_completion, train_sft
+
+QUESTIONS = {"a": [(90, True), (10, False)], "b": [(80, True), (20, False)]}
+FAST = {"logging_steps": 5, "save_steps": 1000, "num_train_epochs": 1000}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_idefics3(tmp_path_factory.mktemp("base") / "model")
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return load_records(write_output(tmp_path_factory.mktemp("records") / "out", QUESTIONS))
+
+
+def with_image(messages: list[Any]) -> list[Any]:
+    """The builders' messages carry an image placeholder; put a real image in."""
+    url = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    for message in messages:
+        if isinstance(message.content, list):
+            for part in message.content:
+                if part.get("type") == "image_url":
+                    part["image_url"] = {"url": url}
+    return messages
+
+
+def similarity(model: Path | str, messages: list[Any], target: str) -> float:
+    reply = ChatTransformersVLM(model_path=str(model), max_new_tokens=160,
+                                temperature=0).invoke(with_image(messages)).content
+    return difflib.SequenceMatcher(None, str(reply), target).ratio()
+
+
+def logged_losses(output_dir: Path) -> list[float]:
+    run = json.loads((output_dir / "insightv_training.json").read_text())
+    return [entry["loss"] for entry in run["log_history"] if "loss" in entry]
+
+
+# --- SFT ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sft_reasoning_agent_overfits_and_its_greedy_output_moves_to_the_target(
+        base: Path, records: Any, tmp_path: Path) -> None:
+    dataset, _ = build_reasoning_sft(records, mode="chain")
+    record = records.questions["a"][0]
+    prompt, target = reasoning_prompt(record, "chain", DEFAULT_PROMPTS), format_chain(
+        record["steps"])
+    before = similarity(base, prompt, target)
+    result = train_sft(base, dataset, SFTSettings(
+        agent="reasoning", finetune="full", output_dir=tmp_path / "run", learning_rate=3e-3,
+        max_steps=60, **FAST))
+    losses = logged_losses(result.output_dir)
+    assert losses[-1] < losses[0] / 4, losses
+    after = similarity(result.output_dir, reasoning_prompt(record, "chain", DEFAULT_PROMPTS),
+                       target)
+    assert after > before + 0.3 and after > 0.7, (before, after)
+    assert not result.adapter and (result.output_dir / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_sft_summary_agent_overfits_and_answers_like_its_target(
+        base: Path, records: Any, tmp_path: Path) -> None:
+    dataset, _ = build_summary_sft(records, mix=SummaryMix(optimal=1, flawed=0, self_made=0,
+                                                           qa=0))
+    record = records.questions["a"][0]
+    verdict = {"reasoning_correct": True, "critique": "", "answer": record["answer"]}
+    conversation = summary_conversation(record, verdict, DEFAULT_PROMPTS)
+    prompt, target = conversation[:-1], format_verdict(verdict)
+    before = similarity(base, list(prompt), target)
+    result = train_sft(base, dataset, SFTSettings(
+        agent="summary", finetune="full", output_dir=tmp_path / "run", learning_rate=3e-3,
+        max_steps=150, **FAST))
+    losses = logged_losses(result.output_dir)
+    assert losses[-1] < losses[0] / 4, losses
+    reply = ChatTransformersVLM(model_path=str(result.output_dir), max_new_tokens=80,
+                                temperature=0).invoke(with_image(list(prompt))).content
+    after = difflib.SequenceMatcher(None, str(reply), target).ratio()
+    assert after > before + 0.3, (before, after)
+    assert parse_verdict(str(reply))["answer"] == record["answer"]
+
+
+@pytest.mark.slow
+def test_sft_lora_adapts_the_language_model_only_and_loads_by_folder(
+        base: Path, records: Any, tmp_path: Path) -> None:
+    dataset, _ = build_reasoning_sft(records, mode="step")
+    result = train_sft(base, dataset, SFTSettings(output_dir=tmp_path / "run",
+                                                  learning_rate=1e-2, max_steps=30, **FAST))
+    assert result.adapter and result.metrics["train_loss"] > 0
+    losses = logged_losses(result.output_dir)
+    assert losses[-1] < losses[0], losses
+    config = json.loads((result.output_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base.resolve())
+    from safetensors import safe_open
+
+    with safe_open(str(result.output_dir / "adapter_model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+    assert names and all(".text_model.layers." in name for name in names)
+    assert any("mlp" in name for name in names) and any("self_attn" in name for name in names)
+    # The output folder alone is enough for the in-process backend.
+    reply = ChatTransformersVLM(model_path=str(result.output_dir), max_new_tokens=4).invoke("hi")
+    assert isinstance(reply.content, str)
+    run = json.loads((result.output_dir / "insightv_training.json").read_text())
+    assert run["kind"] == "sft-reasoning" and run["loss_mask"] == "assistant"
+    assert run["learning_rate"] == 1e-2 and run["settings"]["lora"]["r"] == 16
+
+
+def test_sft_defaults_follow_the_paper() -> None:
+    def schedule(**kwargs: Any) -> tuple[float, float]:
+        return SFTSettings(output_dir=Path("x"), **kwargs).schedule()
+
+    assert schedule(agent="reasoning", finetune="full") == (5e-6, 2)
+    assert schedule(agent="summary", finetune="full") == (1e-5, 1)
+    assert schedule(agent="summary", learning_rate=3e-4, num_train_epochs=3) == (3e-4, 3)
+    assert DPOSettings(output_dir=Path("x"), finetune="full").schedule() == (5e-7, 1)
+    settings = DPOSettings(output_dir=Path("x"))
+    assert (settings.beta, settings.loss_type) == (0.1, "sigmoid")
+
+
+def test_completion_loss_splits_a_conversation_per_assistant_turn(records: Any) -> None:
+    dataset, _ = build_reasoning_sft(records, mode="step")
+    turns = sum(m["role"] == "assistant" for row in dataset for m in row["messages"])
+    split = to_prompt_completion(dataset)
+    assert len(split) == turns and set(split.column_names) >= {"prompt", "completion", "images"}
+    for row in split:
+        assert [m["role"] for m in row["completion"]] == ["assistant"]
+        assert row["prompt"][-1]["role"] != "assistant"
+
+
+def test_loss_mask_follows_the_chat_template(base: Path) -> None:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(base)
+    assert loss_mask(processor, "auto") == "assistant"  # the template has generation markers
+    assert loss_mask(processor, "completion") == "completion"
+    processor.chat_template = ("{% for m in messages %}{{ m['role'] }}: "
+                               "{{ m['content'][0]['text'] }}\n{% endfor %}")
+    assert loss_mask(processor, "auto") == "completion"
+    with pytest.raises(ConfigError, match="generation"):
+        loss_mask(processor, "assistant")
+
+
+def test_bad_settings_and_data_are_refused_before_loading(tmp_path: Path, base: Path,
+                                                          records: Any) -> None:
+    sft, _ = build_reasoning_sft(records)
+    pairs, _ = build_dpo_pairs(records)
+    with pytest.raises(ConfigError, match="learning_rate"):
+        train_sft(base, sft, {"output_dir": tmp_path, "learning_rate": -1})
+    with pytest.raises(ConfigError, match="Extra inputs"):
+        train_sft(base, sft, {"output_dir": tmp_path, "learnin_rate": 1e-4})
+    with pytest.raises(ConfigError, match="messages"):
+        train_sft(base, pairs, {"output_dir": tmp_path})
+    with pytest.raises(ConfigError, match="chosen"):
+        train_dpo(base, sft, {"output_dir": tmp_path})
+    with pytest.raises(InvalidInputError, match="not a folder"):
+        train_sft(base, tmp_path / "missing", {"output_dir": tmp_path})
+    with pytest.raises(ConfigError, match="full fine-tuning"):
+        train_sft(base, sft, {"output_dir": tmp_path, "finetune": "full"},
+                  adapter=tmp_path)
+
+
+@pytest.mark.slow
+def test_sft_on_llava_with_completion_loss(tmp_path: Path, records: Any) -> None:
+    model = build_tiny_llava(tmp_path / "llava")
+    dataset, _ = build_reasoning_sft(records, mode="step")
+    result = train_sft(model, dataset, SFTSettings(output_dir=tmp_path / "run", loss="completion",
+                                                   learning_rate=1e-2, max_steps=10, **FAST))
+    run = json.loads((result.output_dir / "insightv_training.json").read_text())
+    turns = sum(m["role"] == "assistant" for row in dataset for m in row["messages"])
+    assert run["loss_mask"] == "completion" and run["metrics"]["rows"] == turns == 4
+
+
+# --- DPO ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_dpo_raises_the_chosen_vs_rejected_margin(base: Path, records: Any, tmp_path: Path,
+                                                  finetune: str) -> None:
+    pairs, _ = build_dpo_pairs(records)
+    before = preference_margins(base, pairs)
+    result = train_dpo(base, pairs, DPOSettings(
+        output_dir=tmp_path / "run", finetune=finetune,  # type: ignore[arg-type]
+        learning_rate=1e-2 if finetune == "lora" else 1e-3, max_steps=20, **FAST))
+    after = preference_margins(result.output_dir, pairs)
+    assert all(a > b + 5 for a, b in zip(after, before, strict=True)), (before, after)
+    assert result.metrics["last_logged_reward_margin"] > 0
+
+
+@pytest.mark.slow
+def test_dpo_continues_an_adapter_with_it_as_reference(base: Path, records: Any,
+                                                       tmp_path: Path) -> None:
+    sft = train_sft(base, build_reasoning_sft(records, mode="chain")[0], SFTSettings(
+        output_dir=tmp_path / "sft", learning_rate=1e-2, max_steps=10, **FAST))
+    pairs, _ = build_dpo_pairs(records)
+    before = preference_margins(sft.output_dir, pairs)
+    result = train_dpo(sft.output_dir, pairs, DPOSettings(
+        output_dir=tmp_path / "dpo", learning_rate=1e-2, max_steps=10, **FAST))
+    run = json.loads((result.output_dir / "insightv_training.json").read_text())
+    assert run["started_from_adapter"] == str(sft.output_dir.resolve())
+    assert run["base_model"] == str(base.resolve())
+    after = preference_margins(result.output_dir, pairs)
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+# --- iterative DPO -----------------------------------------------------------------------
+
+
+def write_items(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, colour in enumerate(("red", "blue", "green")):
+        (folder / f"{index}.png").write_bytes(png_bytes(color=colour))
+        rows.append({"id": f"q{index}", "image": f"{index}.png", "question": "Question a?",
+                     "answer": "7"})
+    (folder / "items.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder / "items.jsonl"
+
+
+def alternating_summarizer() -> ScriptedChatModel:
+    """Stands in for the summary agent (a random tiny model cannot judge): it answers right
+    and wrong in turn, so each question's paths get both kinds."""
+    return ScriptedChatModel([json.dumps({"reasoning_correct": True, "critique": "",
+                                          "answer": "7"}),
+                              json.dumps({"reasoning_correct": False, "critique": "off",
+                                          "answer": "9"})], cycle=True)
+
+
+ROUNDS = {"rounds": 2, "paths": 2, "concurrency": 1, "max_steps": 3,
+          "dpo": {"learning_rate": 1e-2, "max_steps": 5, "logging_steps": 1,
+                  "save_steps": 1000}}
+
+
+@pytest.fixture(scope="module")
+def policy_model(base: Path, records: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """M_1: the tiny model fine-tuned to write chains in our format (so paths parse)."""
+    out = tmp_path_factory.mktemp("policy") / "sft"
+    return train_sft(base, build_reasoning_sft(records, mode="chain")[0], SFTSettings(
+        finetune="full", output_dir=out, learning_rate=3e-3, max_steps=150, **FAST)).output_dir
+
+
+@pytest.mark.slow
+def test_iterative_dpo_runs_two_rounds_through_the_synthesis_graph(
+        policy_model: Path, tmp_path: Path) -> None:
+    seen: list[int] = []
+    result = iterative_dpo(
+        policy_model, write_items(tmp_path / "data"), {**ROUNDS, "output_dir": tmp_path / "run"},
+        scorer=RuleScorer(), summarizer=alternating_summarizer(),
+        policy=InProcessPolicy(temperature=0.5, max_new_tokens=160),
+        on_round=lambda metrics: seen.append(metrics["round"]))
+    assert seen == [1, 2] and [r["round"] for r in result.rounds] == [1, 2]
+    first, second = result.rounds
+    for metrics in result.rounds:
+        assert metrics["questions"] == 3 and metrics["paths"] == 6
+    assert first["trained"] and first["pairs"] > 0
+    assert first["model_out"] == str(tmp_path / "run" / "round-1" / "model")
+    assert second["model_in"] == first["model_out"]  # round 2 samples from M_2
+    records = [json.loads(line) for line in
+               (tmp_path / "run" / "round-2" / "samples" / "records.jsonl").open()]
+    assert {r["provenance"]["teacher"]["policy_model"] for r in records} == {first["model_out"]}
+    assert result.final_model == second["model_out"]
+    # M_2 is an adapter on the SFT model (the reference of round 1), M_3 continues it.
+    adapter = json.loads((Path(first["model_out"]) / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(policy_model.resolve())
+    table = (tmp_path / "run" / "rounds.md").read_text()
+    assert table.count("\n") == 4 and "sample accuracy" in table
+    assert (tmp_path / "run" / "rounds.svg").read_text().startswith("<svg")
+
+
+@pytest.mark.slow
+def test_iterative_dpo_killed_resumes_after_the_finished_round(
+        policy_model: Path, tmp_path: Path) -> None:
+    items = write_items(tmp_path / "data")
+    run = tmp_path / "run"
+    script = tmp_path / "run_rounds.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_trainers import ROUNDS, alternating_summarizer
+        from insightv_agents.assessment import RuleScorer
+        from insightv_agents.trainers.iterative import InProcessPolicy, iterative_dpo
+        iterative_dpo({str(policy_model)!r}, {str(items)!r},
+                      {{**ROUNDS, "output_dir": {str(run)!r}}}, scorer=RuleScorer(),
+                      summarizer=alternating_summarizer(),
+                      policy=InProcessPolicy(temperature=0.5, max_new_tokens=160))
+    """))
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    finished = run / "round-1" / "round.json"
+    deadline = time.monotonic() + 240
+    while not finished.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert finished.exists(), "round 1 did not finish before the kill"
+    assert not (run / "round-2" / "round.json").exists()
+    first = finished.read_text()
+    samples = (run / "round-1" / "samples" / "records.jsonl").read_text()
+    rounds_seen: list[int] = []
+    result = iterative_dpo(policy_model, items, {**ROUNDS, "output_dir": run},
+                           scorer=RuleScorer(), summarizer=alternating_summarizer(),
+                           policy=InProcessPolicy(temperature=0.5, max_new_tokens=160),
+                           on_round=lambda metrics: rounds_seen.append(metrics["round"]))
+    assert rounds_seen == [2]  # round 1 was not run again
+    assert finished.read_text() == first
+    assert (run / "round-1" / "samples" / "records.jsonl").read_text() == samples
+    assert [r["round"] for r in result.rounds] == [1, 2]
+    records = (run / "round-2" / "samples" / "records.jsonl").read_text().splitlines()
+    assert len(records) == 6  # one record per (question, path), none twice
+
+
+def test_iterative_settings_are_checked_before_any_round(tmp_path: Path) -> None:
+    items = write_items(tmp_path / "data")
+    with pytest.raises(ConfigError, match="rounds"):
+        iterative_dpo("m", items, {"output_dir": tmp_path, "rounds": 0}, scorer=RuleScorer())
+    with pytest.raises(ConfigError, match="output_dir"):
+        iterative_dpo("m", items, {"output_dir": tmp_path, "dpo": {"output_dir": "x"}},
+                      scorer=RuleScorer())
+    with pytest.raises(ConfigError, match="beta"):
+        iterative_dpo("m", items, {"output_dir": tmp_path, "dpo": {"beta": -1}},
+                      scorer=RuleScorer())
+    (tmp_path / "bad.jsonl").write_text('{"question": "q?"}\n')
+    with pytest.raises(InvalidInputError, match="bad item"):
+        iterative_dpo("m", tmp_path / "bad.jsonl", {"output_dir": tmp_path},
+                      scorer=RuleScorer())
