@@ -89,10 +89,16 @@ def vllm_chat_model(
                           "pip install 'insightv-agents[vllm]'")
     if not base_url.startswith(("http://", "https://")):
         raise ConfigError(f"base_url must be an http(s) URL, not {base_url!r}.")
+    import httpx
+
     return ChatVLLM(
         base_url=base_url, model=model, api_key=api_key, temperature=temperature, top_p=top_p,
-        max_completion_tokens=max_tokens, n=n, timeout=timeout, max_retries=max_retries,
-        extra_body=vllm_options or None,
+        max_completion_tokens=max_tokens, n=n, max_retries=max_retries,
+        # An httpx.Timeout (unhashable) gives each model its own HTTP clients instead of
+        # langchain-openai's process-wide cached ones, which stay bound to the event loop
+        # that first used them: a model made for a new asyncio.run would fail with
+        # "Event loop is closed".
+        timeout=httpx.Timeout(timeout), extra_body=vllm_options or None,
     )
 
 
