@@ -95,8 +95,10 @@ class TrainSettings(BaseModel):
             raise ValueError("max_steps must be -1 (run the epochs) or at least 1.")
         return self
 
-    def trl_kwargs(self, learning_rate: float, epochs: float, bf16: bool) -> dict[str, Any]:
-        """Keyword arguments shared by TRL's ``SFTConfig`` and ``DPOConfig``."""
+    def trl_kwargs(self, learning_rate: float, epochs: float, bf16: bool,
+                   **specific: Any) -> dict[str, Any]:
+        """Keyword arguments for TRL's ``SFTConfig`` / ``DPOConfig``: the shared ones, then
+        the trainer's ``specific`` ones, then ``trl_args`` (which win)."""
         import torch
         from transformers import TrainingArguments
 
@@ -119,7 +121,7 @@ class TrainSettings(BaseModel):
         renamed = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
         kwargs["activation_checkpointing" if renamed else "gradient_checkpointing"] = \
             self.gradient_checkpointing
-        return {**kwargs, **self.trl_args}
+        return {**kwargs, **specific, **self.trl_args}
 
 
 def check_settings(settings: Settings | dict[str, Any], kind: type[Settings]) -> Settings:

@@ -76,9 +76,8 @@ def train_dpo(model: str | Path, dataset: Any, settings: DPOSettings | dict[str,
             loaded.base, dtype=precision(config.dtype)[0], use_safetensors=True,
             trust_remote_code=config.trust_remote_code)
     rate, epochs = config.schedule()
-    kwargs = config.trl_kwargs(rate, epochs, loaded.bf16)
-    kwargs.update(beta=config.beta, loss_type=[config.loss_type])
-    kwargs.update(config.trl_args)
+    kwargs = config.trl_kwargs(rate, epochs, loaded.bf16, beta=config.beta,
+                               loss_type=[config.loss_type])
     eval_data = load_dataset_arg(eval_dataset) if eval_dataset is not None else None
     trainer = DPOTrainer(model=loaded.model, ref_model=reference, args=DPOConfig(**kwargs),
                          train_dataset=data, eval_dataset=eval_data,

@@ -103,9 +103,8 @@ def train_sft(model: str | Path, dataset: Any, settings: SFTSettings | dict[str,
         if eval_dataset is not None:
             eval_dataset = to_prompt_completion(load_dataset_arg(eval_dataset))
     rate, epochs = config.schedule()
-    kwargs = config.trl_kwargs(rate, epochs, loaded.bf16)
-    kwargs.update(assistant_only_loss=mask == "assistant", max_length=config.max_length)
-    kwargs.update(config.trl_args)
+    kwargs = config.trl_kwargs(rate, epochs, loaded.bf16, assistant_only_loss=mask == "assistant",
+                               max_length=config.max_length)
     trainer = SFTTrainer(model=loaded.model, args=SFTConfig(**kwargs), train_dataset=data,
                          eval_dataset=eval_dataset, processing_class=loaded.processor,
                          peft_config=loaded.peft_config, callbacks=callbacks)
