@@ -81,7 +81,10 @@ def plain_trl(kind: str, paths: dict[str, str], settings: dict[str, object]) -> 
               "per_device_train_batch_size": BATCH, "learning_rate": 1e-4,
               "logging_steps": 1000, "save_strategy": "no", "report_to": "none",
               "bf16": False, "max_length": None, "lr_scheduler_type": "linear",
-              "remove_unused_columns": False, "dataloader_pin_memory": False}
+              "remove_unused_columns": False, "dataloader_pin_memory": False,
+              # TRL turns gradient checkpointing on by default; our settings leave it off
+              # unless asked (gradient_checkpointing=True). Compared like for like.
+              "gradient_checkpointing": False}
     if kind == "sft":
         from trl import SFTConfig, SFTTrainer
 

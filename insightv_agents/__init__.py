@@ -10,7 +10,12 @@ from insightv_agents.errors import (
     InvalidInputError,
     ModelOutputError,
 )
-from insightv_agents.graphs import create_insightv_graph, create_synthesis_graph
+from insightv_agents.graphs import (
+    create_insightv_graph,
+    create_stage_beam_graph,
+    create_synthesis_graph,
+)
+from insightv_agents.graphs.stage_beam import StageBeamContext, StageBeamOutput
 from insightv_agents.images import ImagePolicy, load_images
 from insightv_agents.nodes import (
     FinalAnswerNode,
@@ -19,8 +24,14 @@ from insightv_agents.nodes import (
     prepare_input,
     revise,
 )
-from insightv_agents.parsing import parse_steps, parse_verdict
-from insightv_agents.prompts import DEFAULT_PROMPTS, PROMPTS_VERSION, Prompts
+from insightv_agents.parsing import parse_stages, parse_steps, parse_verdict
+from insightv_agents.prompts import (
+    DEFAULT_PROMPTS,
+    DEFAULT_STAGE_PROMPTS,
+    PROMPTS_VERSION,
+    Prompts,
+    StagePrompts,
+)
 from insightv_agents.schema import (
     AnswerCheck,
     Attempt,
@@ -28,6 +39,8 @@ from insightv_agents.schema import (
     PathResult,
     PathScore,
     ReasoningStep,
+    SearchRecord,
+    Stages,
     Verdict,
 )
 from insightv_agents.state import InsightVContext, InsightVInput, InsightVOutput, InsightVState
@@ -36,6 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_PROMPTS",
+    "DEFAULT_STAGE_PROMPTS",
     "PROMPTS_VERSION",
     "AnswerCheck",
     "Attempt",
@@ -56,12 +70,19 @@ __all__ = [
     "Prompts",
     "ReasoningNode",
     "ReasoningStep",
+    "SearchRecord",
+    "StageBeamContext",
+    "StageBeamOutput",
+    "StagePrompts",
+    "Stages",
     "SummaryNode",
     "Verdict",
     "__version__",
     "create_insightv_graph",
+    "create_stage_beam_graph",
     "create_synthesis_graph",
     "load_images",
+    "parse_stages",
     "parse_steps",
     "parse_verdict",
     "prepare_input",

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.panel import Panel
 
 from insightv_agents.errors import InsightVError
-from insightv_agents.graphs import create_insightv_graph
+from insightv_agents.graphs import create_insightv_graph, create_stage_beam_graph
 from insightv_agents.images import ImagePolicy
 from insightv_agents.prompts import ReasoningMode
 from insightv_agents.testing import ScriptedChatModel
@@ -47,6 +47,27 @@ def stand_in_model() -> ScriptedChatModel:
     return ScriptedChatModel([json.dumps(step) for step in steps] + [json.dumps(verdict)])
 
 
+def stand_in_stage_model() -> ScriptedChatModel:
+    """The scripted stand-in for the LLaVA-CoT methods: stage texts that say what they are,
+    a judge that always keeps the first candidate, a check that always passes."""
+    from langchain_core.messages import BaseMessage
+
+    from insightv_agents.prompts import DEFAULT_STAGE_PROMPTS
+
+    def reply(messages: list[BaseMessage]) -> str:
+        system = messages[0].text if messages else ""
+        if system == DEFAULT_STAGE_PROMPTS.judge_system:
+            return "Since this is a scripted stand-in, I choose response 1."
+        if system == DEFAULT_STAGE_PROMPTS.check_system:
+            return "Correct: a scripted stand-in always says so."
+        return ("<SUMMARY> Stand-in: a real model would plan here. </SUMMARY>\n\n<CAPTION> "
+                "Stand-in: no model has looked at the image. </CAPTION>\n\n<REASONING> "
+                "Stand-in: a real model would reason here. </REASONING>\n\n<CONCLUSION> (no "
+                "model configured: scripted stand-in) </CONCLUSION>")
+
+    return ScriptedChatModel([reply], cycle=True)
+
+
 Images = Annotated[list[str], typer.Option("--image", "-i", help="Image path (repeatable).")]
 Question = Annotated[str, typer.Option("--question", "-q", help="The question to answer.")]
 BaseUrl = Annotated[str | None, typer.Option(
@@ -65,6 +86,14 @@ MaxRevisions = Annotated[int, typer.Option(help="Times the summary agent may sen
 Temperature = Annotated[float, typer.Option(help="Sampling temperature.")]
 AllowUrls = Annotated[bool, typer.Option(help="Allow http(s) image URLs.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")]
+Method = Annotated[str, typer.Option(
+    help="insightv (reasoning + summary agents), or LLaVA-CoT's four stages with stage-beam "
+         "(stage-level beam search), best-of-n, sentence-beam or single (one pass).")]
+BeamSize = Annotated[int, typer.Option(
+    help="Candidates per stage (stage-beam, sentence-beam) or responses (best-of-n).")]
+
+METHODS = {"stage-beam": "stage", "best-of-n": "best_of_n", "sentence-beam": "sentence",
+           "single": "single"}
 
 
 @app.command()
@@ -81,23 +110,35 @@ def run(
     max_steps: MaxSteps = 16,
     max_revisions: MaxRevisions = 0,
     temperature: Temperature = 0.2,
+    method: Method = "insightv",
+    beam_size: BeamSize = 2,
     allow_urls: AllowUrls = False,
     as_json: AsJson = False,
 ) -> None:
-    """Answer a question about an image, printing each reasoning step as it is made."""
+    """Answer a question about an image, printing each reasoning step (or stage) as it is
+    made."""
     console = Console(stderr=as_json)
     try:
+        if method != "insightv" and method not in METHODS:
+            raise InsightVError(f"--method must be insightv, {', '.join(METHODS)}; "
+                                f"not {method!r}.")
         reasoner, summarizer, backend = _models(base_url, model, summary_base_url,
                                                 summary_model, local_model, local_adapter,
-                                                temperature)
+                                                temperature, staged=method != "insightv")
         if backend is None:
             console.print(Panel(STAND_IN_NOTICE, title="backend", style="yellow"))
         else:
             console.print(f"[dim]backend: {backend}[/dim]")
-        graph = create_insightv_graph(
-            reasoner=reasoner, summarizer=summarizer, mode=_mode(mode), max_steps=max_steps,
-            max_revisions=max_revisions, image_policy=ImagePolicy(allow_urls=allow_urls),
-        ).compile(name="insightv")
+        policy = ImagePolicy(allow_urls=allow_urls)
+        graph: Any
+        if method == "insightv":
+            graph = create_insightv_graph(
+                reasoner=reasoner, summarizer=summarizer, mode=_mode(mode), max_steps=max_steps,
+                max_revisions=max_revisions, image_policy=policy).compile(name="insightv")
+        else:
+            graph = create_stage_beam_graph(
+                reasoner, beam_size=beam_size, search=METHODS[method],  # type: ignore[arg-type]
+                summarizer=summarizer, image_policy=policy).compile(name=method)
         result = _stream(graph, {"image": image if len(image) > 1 else image[0],
                                  "question": question}, console)
     except InsightVError as err:
@@ -334,7 +375,7 @@ def _adapter_spec(spec: str) -> tuple[str, str]:
 
 def _models(base_url: str | None, model: str, summary_base_url: str | None,
             summary_model: str | None, local_model: str | None, local_adapter: str | None,
-            temperature: float) -> tuple[Any, Any, str | None]:
+            temperature: float, staged: bool = False) -> tuple[Any, Any, str | None]:
     """The reasoner, the summarizer (``None``: the reasoner plays both) and a description of
     the backend (``None`` for the scripted stand-in)."""
     if local_model is not None and base_url is not None:
@@ -349,7 +390,7 @@ def _models(base_url: str | None, model: str, summary_base_url: str | None,
         adapter = f" + adapter {local_adapter}" if local_adapter else ""
         return local, None, f"{local_model}{adapter} in-process (transformers)"
     if base_url is None:
-        return stand_in_model(), None, None
+        return (stand_in_stage_model() if staged else stand_in_model()), None, None
     from insightv_agents.integrations.vllm import vllm_chat_model
 
     reasoner = vllm_chat_model(base_url, model, temperature=temperature)
@@ -380,6 +421,11 @@ def _stream(graph: Any, inputs: dict[str, Any], console: Console) -> dict[str, A
                                                if chunk["revision"] else "")
             console.print(Panel(f"[bold]{step['summary']}[/bold]\n{step['reasoning']}",
                                 title=title, subtitle=step["action"], title_align="left"))
+        elif chunk.get("event") == "stage":
+            console.print(Panel(chunk["text"] or "(empty)", title_align="left",
+                                title=f"{chunk['stage']} (best of {chunk['candidates']})"))
+        elif chunk.get("event") == "response":
+            console.print(Panel(chunk["text"] or "(empty)", title="response", title_align="left"))
         elif chunk.get("event") == "verdict":
             verdict = chunk["verdict"]
             holds = "holds" if verdict["reasoning_correct"] else "is flawed"

@@ -140,7 +140,7 @@ class _ModelNode(RunnableCallable):
         raise NotImplementedError
 
     def _run(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
-        runtime = _current_runtime()
+        runtime = current_runtime()
         model = self._model(runtime, state)
         conversation = self._conversation(state)
         outcome = None
@@ -149,7 +149,7 @@ class _ModelNode(RunnableCallable):
         return self._update(state, outcome, runtime)
 
     async def _arun(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
-        runtime = _current_runtime()
+        runtime = current_runtime()
         model = self._model(runtime, state)
         conversation = self._conversation(state)
         outcome = None
@@ -434,7 +434,7 @@ def _text(reply: Any) -> str:
     return reply if isinstance(reply, str) else str(reply)
 
 
-def _current_runtime() -> Runtime[Any] | None:
+def current_runtime() -> Runtime[Any] | None:
     """The LangGraph runtime of the current run, or ``None`` when called outside a graph."""
     try:
         return get_runtime()

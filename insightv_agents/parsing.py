@@ -14,11 +14,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from insightv_agents.errors import ModelOutputError
-from insightv_agents.schema import Action, PathScore, ReasoningStep, Verdict
+from insightv_agents.schema import (
+    STAGES,
+    Action,
+    PathScore,
+    ReasoningStep,
+    Stage,
+    Stages,
+    Verdict,
+)
 
 MAX_REPLY_CHARS = 200_000
 """Only this much of a reply is read; the rest is ignored (a runaway generation)."""
@@ -211,6 +220,132 @@ def parse_scores(text: str, paths: int) -> list[PathScore]:
                                "path(s).", raw=text)
     return [found.get(i) or {"score": None, "comment": "the scorer gave no score for this path"}
             for i in range(1, paths + 1)]
+
+
+# --- LLaVA-CoT's four tagged stages ----------------------------------------------------------
+
+_STAGE_TAG = re.compile(r"<\s*(/?)\s*(summary|caption|reasoning|conclusion)\s*>", re.IGNORECASE)
+_CHOICE = re.compile(r"(?:\bI\s+(?:would\s+|will\s+)?)?(?:choose|choice|pick|select|prefer)"
+                     r"\w*\s*(?:is\s*|:\s*)?(?:the\s+)?(?:response|candidate|option|answer)?"
+                     r"\s*[\[(#]?\s*([12])\b", re.IGNORECASE)
+_BETTER = re.compile(r"(?:response|candidate)\s*[\[(#]?\s*([12])\s*[\])]?\s+is\s+(?:the\s+)?"
+                     r"better", re.IGNORECASE)
+_CHOICE_KEYS = ("choice", "choose", "winner", "better", "response", "selected")
+
+
+def open_tag(stage: Stage) -> str:
+    """``<SUMMARY>``, ``<CAPTION>``, ``<REASONING>`` or ``<CONCLUSION>``."""
+    return f"<{stage.upper()}>"
+
+
+def close_tag(stage: Stage) -> str:
+    """``</SUMMARY>``, ``</CAPTION>``, ``</REASONING>`` or ``</CONCLUSION>``."""
+    return f"</{stage.upper()}>"
+
+
+def parse_stages(text: str) -> Stages:
+    """Read a LLaVA-CoT response into its four stages, tolerantly.
+
+    Tags are matched in any case and with stray spaces (``< Caption >``). A stage runs from
+    its opening tag to its closing tag, or, when that is missing (unclosed), to the next tag
+    or the end of the text. A stage that never opens is empty; when a stage appears twice the
+    first non-empty one counts; text outside the tags is ignored. A reply with no tag at all
+    is taken as the conclusion (a model answering plainly). Never raises.
+    """
+    text = text[:MAX_REPLY_CHARS]
+    found: dict[str, str] = {}
+    current, start, tagged = None, 0, False
+    for match in _STAGE_TAG.finditer(text):
+        tagged = True
+        if current is not None and not found.get(current):
+            found[current] = text[start:match.start()].strip()
+        current = None
+        if match.group(1) != "/":
+            current, start = match.group(2).lower(), match.end()
+    if current is not None and not found.get(current):
+        found[current] = text[start:].strip()
+    if not tagged:
+        found["conclusion"] = text.strip()
+    stages = {stage: found.get(stage, "")[:MAX_FIELD_CHARS] for stage in STAGES}
+    return stages  # type: ignore[return-value]
+
+
+def stage_text(text: str, stage: Stage) -> str:
+    """The content of ``stage`` in a generation that continued a prefix ending in its opening
+    tag: cut at its closing tag or at any other tag (a run-on into the next stage); when the
+    model restarted the response instead of continuing it, what follows the stage's own
+    opening tag. Never raises."""
+    text = text[:MAX_REPLY_CHARS]
+    opening = [m for m in _STAGE_TAG.finditer(text)
+               if m.group(1) != "/" and m.group(2).lower() == stage]
+    if opening:
+        text = text[opening[0].end():]
+    following = _STAGE_TAG.search(text)
+    if following:
+        text = text[:following.start()]
+    return text.strip()[:MAX_FIELD_CHARS]
+
+
+def format_stages(stages: Mapping[str, Any], upto: Stage | None = None) -> str:
+    """The canonical tagged text of the stages written so far (all, or those before
+    ``upto``), as LLaVA-CoT writes them: ``<SUMMARY> ... </SUMMARY>`` blocks, blank-line
+    separated."""
+    chosen = STAGES[: STAGES.index(upto)] if upto else STAGES
+    return "\n\n".join(f"{open_tag(stage)} {stages.get(stage, '')} {close_tag(stage)}"
+                       for stage in chosen if stages.get(stage))
+
+
+def parse_choice(text: str) -> tuple[Literal[1, 2], str]:
+    """Read a pairwise judgement: which of two responses is better, and why.
+
+    Accepts LLaVA-CoT's form ``"Since <reason>, I choose response 2."`` (the last choice
+    stated wins), ``"Response 1 is better"``, a bare ``1``/``2``, or JSON such as
+    ``{"choice": 2, "reason": "..."}``. Returns (choice, reason).
+
+    Raises:
+        ModelOutputError: when no choice of 1 or 2 can be read.
+    """
+    text = text[:MAX_REPLY_CHARS]
+    for value in iter_json_objects(text):
+        if isinstance(value, Mapping):
+            keys = {str(key).strip().lower(): item for key, item in value.items()}
+            choice = _integer(_first(keys, _CHOICE_KEYS))
+            if choice in (1, 2):
+                return choice, _text(_first(keys, ("reason", *_CRITIQUE_KEYS)))[:2000]  # type: ignore[return-value]
+    matches = [*_CHOICE.finditer(text), *_BETTER.finditer(text)]
+    bare = text.strip().strip("\"'`.[]() ").lower().removeprefix("response").strip()
+    if matches:
+        last = max(matches, key=lambda m: m.start())
+        choice, before = int(last.group(1)), text[:last.start()]
+    elif bare in ("1", "2"):
+        choice, before = int(bare), ""
+    else:
+        raise ModelOutputError("no choice could be read. End the reply with "
+                               "'Since <reason>, I choose response 1' (or 2).", raw=text)
+    reason = re.sub(r"^\W*since\s+", "", before.strip(), flags=re.IGNORECASE)
+    return (1 if choice == 1 else 2), reason.rstrip(" ,;:")[:2000]
+
+
+def parse_check(text: str) -> bool:
+    """Read a correctness check of one reasoning: ``Correct``/``Incorrect`` (or yes/no,
+    true/false) as the first word, or JSON ``{"correct": true}``.
+
+    Raises:
+        ModelOutputError: when neither can be read.
+    """
+    try:
+        return parse_judgement(text)[0]
+    except ModelOutputError:
+        pass
+    words = re.findall(r"[a-z]+", text[:2000].lower())
+    if words:
+        if words[0] == "not" and len(words) > 1 and _truth(words[1]) is True:
+            return False
+        first = _truth(words[0])
+        if first is not None:
+            return first
+    raise ModelOutputError("no check could be read. Start the reply with 'Correct' or "
+                           "'Incorrect'.", raw=text)
 
 
 def format_step(step: ReasoningStep) -> str:

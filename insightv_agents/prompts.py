@@ -98,6 +98,76 @@ class Prompts:
 DEFAULT_PROMPTS = Prompts()
 
 
+_CHOOSE = ('Think briefly, then end your reply with exactly "Since <your reason>, I choose '
+           'response 1." or "Since <your reason>, I choose response 2."')
+
+
+@dataclass(frozen=True)
+class StagePrompts:
+    """The texts of the LLaVA-CoT method: the four-stage response and its judges.
+
+    ``system`` teaches an untrained model the tagged format; a model trained on LLaVA-CoT
+    data needs none (set it to ``""``). ``judge_<target>`` is the criterion of the pairwise
+    judge for each stage, for whole responses (best-of-N) and for sentences.
+    """
+
+    system: str = (
+        "Answer the question about the image(s) in four stages, each inside its tags, in this "
+        "order: <SUMMARY> how you will approach the problem, without solving it yet "
+        "</SUMMARY> <CAPTION> what in the image matters for the question </CAPTION> "
+        "<REASONING> the step-by-step logic that solves it </REASONING> <CONCLUSION> the "
+        "final answer only; for a multiple-choice question only the option </CONCLUSION>."
+    )
+    question: str = "{question}"
+    judge_system: str = (
+        "You compare two candidate continuations of a response to a question about the "
+        f"image(s) and decide which is better. {_CHOOSE}"
+    )
+    judge_user: str = (
+        "Question: {question}\n\n{context}Response 1:\n{first}\n\nResponse 2:\n{second}\n\n"
+        "Criterion: {criterion}"
+    )
+    judge_context: str = "The response so far (shared by both):\n{prefix}\n\n"
+    judge_summary: str = (
+        "Which response better outlines how to approach the question, without doing the "
+        "detailed reasoning yet?"
+    )
+    judge_caption: str = (
+        "Which response describes more accurately and more usefully what in the image "
+        "matters for the question?"
+    )
+    judge_reasoning: str = (
+        "Which response explains the reasoning more clearly and with fewer errors? The image "
+        "description in the response so far can be taken as a hint."
+    )
+    judge_conclusion: str = (
+        "Which conclusion follows better from the reasoning and answers the question? A "
+        "conclusion that refuses to answer is worse."
+    )
+    judge_response: str = "Which response answers the question better and more correctly?"
+    judge_sentence: str = (
+        "Which next sentence continues the response better: more accurate, and more useful "
+        "for answering the question?"
+    )
+    check_system: str = (
+        "You check one piece of reasoning about an image. Assume the image description it "
+        "builds on is right. Start your reply with \"Correct\" if every step of the reasoning "
+        "holds, or \"Incorrect\" if any step is wrong, then say why in one sentence."
+    )
+    check_user: str = (
+        "Question: {question}\n\nImage description: {caption}\n\nReasoning:\n{reasoning}\n\n"
+        "Is this reasoning correct?"
+    )
+    reask: str = "Your reply could not be read: {error}\nReply again in the requested form."
+
+    def criterion(self, target: str) -> str:
+        """The judge's criterion for ``target``: a stage, ``response`` or ``sentence``."""
+        return str(getattr(self, f"judge_{target}"))
+
+
+DEFAULT_STAGE_PROMPTS = StagePrompts()
+
+
 def image_parts(images: list[str]) -> list[dict[str, Any]]:
     """Message content parts for images given as data URLs (OpenAI ``image_url`` format)."""
     return [{"type": "image_url", "image_url": {"url": url}} for url in images]
@@ -199,8 +269,41 @@ def score_messages(
     ]
 
 
+def stage_messages(*, prompts: StagePrompts, question: str, images: list[str], prefix: str = ""
+                   ) -> list[BaseMessage]:
+    """The conversation that asks for a LLaVA-CoT response, or (``prefix`` given) for the
+    continuation of one: the prefix is the final assistant turn, which backends that can
+    (vLLM, the in-process transformers model) continue rather than answer."""
+    messages: list[BaseMessage] = [SystemMessage(prompts.system)] if prompts.system else []
+    text = prompts.question.format(question=question)
+    messages.append(HumanMessage(content=[*image_parts(images), {"type": "text", "text": text}]))
+    if prefix:
+        messages.append(AIMessage(prefix))
+    return messages
+
+
+def pairwise_messages(*, prompts: StagePrompts, target: str, question: str, images: list[str],
+                      prefix: str, first: str, second: str) -> list[BaseMessage]:
+    """The judge's conversation: which of two candidates for ``target`` is better."""
+    context = prompts.judge_context.format(prefix=prefix) if prefix else ""
+    text = prompts.judge_user.format(question=question, context=context,
+                                     first=first or "(empty)", second=second or "(empty)",
+                                     criterion=prompts.criterion(target))
+    return [SystemMessage(prompts.judge_system),
+            HumanMessage(content=[*image_parts(images), {"type": "text", "text": text}])]
+
+
+def check_messages(*, prompts: StagePrompts, question: str, images: list[str], caption: str,
+                   reasoning: str) -> list[BaseMessage]:
+    """The single-candidate correctness check of a reasoning stage."""
+    text = prompts.check_user.format(question=question, caption=caption or "(none)",
+                                     reasoning=reasoning or "(empty)")
+    return [SystemMessage(prompts.check_system),
+            HumanMessage(content=[*image_parts(images), {"type": "text", "text": text}])]
+
+
 def reask_messages(
-    messages: list[BaseMessage], reply: str, error: str, prompts: Prompts
+    messages: list[BaseMessage], reply: str, error: str, prompts: Prompts | StagePrompts
 ) -> list[BaseMessage]:
     """``messages`` plus the unreadable reply and a request to answer again, naming the error."""
     return [*messages, AIMessage(reply[:4000]), HumanMessage(prompts.reask.format(error=error))]

@@ -35,7 +35,7 @@ class Failure(TypedDict):
 
     node: str
     revision: int
-    kind: Literal["unparsable", "step_cap"]
+    kind: Literal["unparsable", "step_cap", "no_answer"]
     error: str
     attempts: int
     raw: str
@@ -76,6 +76,53 @@ class PathResult(TypedDict):
     comment: str
     failures: list[Failure]
     seconds: float
+
+
+Stage = Literal["summary", "caption", "reasoning", "conclusion"]
+"""A LLaVA-CoT stage, written between its tags (``<SUMMARY>`` ... ``</SUMMARY>``)."""
+STAGES: tuple[Stage, ...] = ("summary", "caption", "reasoning", "conclusion")
+"""The four stages, in the order a response writes them."""
+
+
+class Stages(TypedDict):
+    """A LLaVA-CoT response read into its four stages (empty text for a missing stage)."""
+
+    summary: str
+    caption: str
+    reasoning: str
+    conclusion: str
+
+
+class Judgement(TypedDict):
+    """One match of a knockout tournament between two candidates (0-based indices).
+
+    ``decided_by``: ``judge`` (the judge model chose), ``check`` (the reasoning pre-check
+    found exactly one of the two incorrect), ``empty`` (one candidate was empty), or
+    ``fallback`` (the judge's reply stayed unreadable after the re-asks: the documented rule
+    picks the first-sampled of the two).
+    """
+
+    round: int
+    pair: list[int]
+    winner: int
+    decided_by: Literal["judge", "check", "empty", "fallback"]
+    reason: str
+    attempts: int
+
+
+class SearchRecord(TypedDict):
+    """One search step: the candidates sampled, how they were judged and which one won.
+
+    ``target`` is the stage (stage-level beam search), ``response`` (best-of-N) or
+    ``sentence N`` (sentence-level beam search). ``checks`` holds the reasoning pre-check
+    of each candidate (``None``: not checked, or the reply could not be read).
+    """
+
+    target: str
+    candidates: list[str]
+    checks: list[bool | None]
+    judgements: list[Judgement]
+    winner: int
 
 
 class Attempt(TypedDict):

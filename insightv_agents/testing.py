@@ -29,6 +29,8 @@ class ScriptedChatModel(BaseChatModel):
         replies: the replies, used in order. A reply may be a function of the messages.
         cycle: start again from the first reply when all are used (otherwise running out
             raises ``RuntimeError``, which makes a test that calls the model too often fail).
+        n: replies per call (a call may also pass ``n``): like a backend that samples
+            several candidates in one request.
 
     Example:
         >>> model = ScriptedChatModel(["first", "second"])
@@ -42,15 +44,17 @@ class ScriptedChatModel(BaseChatModel):
 
     replies: Sequence[Reply] = Field(default_factory=list)
     cycle: bool = False
+    n: int = 1
     _calls: list[list[BaseMessage]] = PrivateAttr(default_factory=list)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _used: int = PrivateAttr(default=0)
 
     def __init__(self, replies: Sequence[Reply] = (), **kwargs: Any) -> None:
         super().__init__(replies=list(replies), **kwargs)
 
     @property
     def calls(self) -> list[list[BaseMessage]]:
-        """Every conversation sent to the model, in order."""
+        """Every conversation sent to the model, in order (a call with ``n`` is one call)."""
         return list(self._calls)
 
     @property
@@ -64,17 +68,23 @@ class ScriptedChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        """The next reply, or the next ``n`` replies (``n`` samples in one call)."""
+        count = int(kwargs.get("n", self.n))
         with self._lock:
-            index = len(self._calls)
+            first = self._used
+            self._used += count
             self._calls.append(list(messages))
         if not self.replies:
             raise RuntimeError("ScriptedChatModel has no replies to give.")
-        if index >= len(self.replies) and not self.cycle:
-            raise RuntimeError(f"ScriptedChatModel ran out of replies: call {index + 1}, "
+        if first + count > len(self.replies) and not self.cycle:
+            raise RuntimeError(f"ScriptedChatModel ran out of replies: reply {first + count}, "
                                f"{len(self.replies)} scripted.")
-        reply = self.replies[index % len(self.replies)]
-        text = reply(list(messages)) if callable(reply) else reply
-        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text))])
+        generations = []
+        for index in range(first, first + count):
+            reply = self.replies[index % len(self.replies)]
+            text = reply(list(messages)) if callable(reply) else reply
+            generations.append(ChatGeneration(message=AIMessage(content=text)))
+        return ChatResult(generations=generations)
 
 
 # --- Tiny models of real architectures, built offline -------------------------------------------

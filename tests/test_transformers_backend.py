@@ -152,3 +152,11 @@ def test_cli_runs_a_local_model_in_process(tiny_idefics3: Path, image_path: Path
     both = CliRunner().invoke(app, ["run", "-i", str(image_path), "-q", "q", "--local-model",
                                     str(tiny_idefics3), "--base-url", "http://127.0.0.1:1/v1"])
     assert both.exit_code == 2 and "not both" in both.output
+
+
+def test_a_final_assistant_turn_is_continued(model: ChatTransformersVLM,
+                                            image_path: Path) -> None:
+    conversation, _ = model._to_hf([image_message(image_path, "Q"), AIMessage("<SUMMARY>")])
+    assert model._prompt(conversation).endswith("<|im_start|>Assistant:<SUMMARY>")
+    reply = model.invoke([image_message(image_path, "Q"), AIMessage("<SUMMARY>")])
+    assert isinstance(reply.content, str)

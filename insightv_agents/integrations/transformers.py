@@ -46,6 +46,7 @@ class ChatTransformersVLM(BaseChatModel):
         n: how many samples each call returns (``generate`` gives them all; ``invoke``
             the first).
         stop: strings that end a generation; the reply is cut before them.
+            A conversation that ends with an assistant message is continued from it.
         seed: seeds torch before each call, for repeatable sampling.
         trust_remote_code: run code shipped with the checkpoint. Off by default.
 
@@ -130,8 +131,7 @@ class ChatTransformersVLM(BaseChatModel):
 
         conversation, images = self._to_hf(messages)
         processor, model = self._processor, self._model
-        text = processor.apply_chat_template(conversation, add_generation_prompt=True,
-                                             tokenize=False)
+        text = self._prompt(conversation)
         inputs = processor(text=[text], images=[images] if images else None,
                            return_tensors="pt").to(model.device)
         options = self._sampling(kwargs)
@@ -182,6 +182,14 @@ class ChatTransformersVLM(BaseChatModel):
         else:
             options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return options
+
+    def _prompt(self, conversation: list[dict[str, Any]]) -> str:
+        """The prompt text; a conversation ending with an assistant turn is a prefix that
+        the reply continues (no end-of-turn after it, no new assistant header)."""
+        prefix = conversation[-1]["role"] == "assistant"
+        return str(self._processor.apply_chat_template(
+            conversation, add_generation_prompt=not prefix, continue_final_message=prefix,
+            tokenize=False))
 
     def _to_hf(self, messages: list[BaseMessage]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
         """LangChain messages to the processor's chat format, plus the images in order."""

@@ -55,6 +55,18 @@ if ChatOpenAI is not None:
             extra = {**(self.extra_body or {}), "structured_outputs": {"json": dict(schema)}}
             return self.bind(extra_body=extra)
 
+        def _get_request_payload(self, input_: LanguageModelInput, *,
+                                 stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+            """A conversation that ends with an assistant turn is continued, not answered
+            (vLLM's ``continue_final_message``), as a prefix to complete."""
+            payload: dict[str, Any] = super()._get_request_payload(input_, stop=stop, **kwargs)
+            messages = payload.get("messages") or []
+            if messages and messages[-1].get("role") == "assistant":
+                payload["extra_body"] = {**(payload.get("extra_body") or {}),
+                                         "continue_final_message": True,
+                                         "add_generation_prompt": False}
+            return payload
+
 
 def vllm_chat_model(
     base_url: str,
@@ -82,6 +94,7 @@ def vllm_chat_model(
             sent in the request body.
 
     Images reach the server as data URLs in ``image_url`` parts, as the nodes write them.
+    A conversation ending with an assistant message is continued from that message.
     The nodes constrain replies to bounded JSON schemas through ``bind_json_schema``.
     """
     if ChatOpenAI is None:  # pragma: no cover - depends on the environment
