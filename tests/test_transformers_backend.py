@@ -160,3 +160,17 @@ def test_a_final_assistant_turn_is_continued(model: ChatTransformersVLM,
     assert model._prompt(conversation).endswith("<|im_start|>Assistant:<SUMMARY>")
     reply = model.invoke([image_message(image_path, "Q"), AIMessage("<SUMMARY>")])
     assert isinstance(reply.content, str)
+
+
+@pytest.mark.slow
+def test_stage_beam_runs_in_process(tiny_idefics3: Path, image_path: Path) -> None:
+    from insightv_agents import create_stage_beam_graph
+
+    sampler = ChatTransformersVLM(model_path=str(tiny_idefics3), max_new_tokens=8,
+                                  temperature=1.0, seed=0)
+    out = create_stage_beam_graph(sampler, beam_size=2, max_retries=0).compile().invoke(
+        {"image": str(image_path), "question": "How many shapes?"})
+    assert [len(r["candidates"]) for r in out["search"]] == [2, 2, 2, 2]
+    assert all(len(r["judgements"]) == 1 for r in out["search"])
+    assert out["status"] in ("ok", "failed")
+    assert out["status"] == "ok" or out["failures"][-1]["kind"] == "no_answer"

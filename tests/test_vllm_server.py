@@ -273,3 +273,37 @@ def test_iterative_dpo_samples_through_vllm_with_each_rounds_adapter(
                (tmp_path / "run" / "round-2" / "samples" / "records.jsonl").open()]
     expected = "round-2" if first["trained"] else "tiny"
     assert {r["provenance"]["teacher"]["model_name"] for r in records} == {expected}
+
+
+def test_stage_beam_through_vllm_samples_candidates_with_n(server: VLLMServer,
+                                                           inputs: dict[str, Any]) -> None:
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    from insightv_agents import create_stage_beam_graph
+    from insightv_agents.prompts import DEFAULT_STAGE_PROMPTS
+
+    class Requests(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.generation = self.judging = 0
+
+        def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+            if messages[0][0].content == DEFAULT_STAGE_PROMPTS.system:
+                self.generation += 1
+            else:
+                self.judging += 1
+
+    model = server.chat_model(max_tokens=12, temperature=0.8)
+    for batch, generation_requests in ((True, 4), (False, 8)):
+        counted = Requests()
+        graph = create_stage_beam_graph(model, beam_size=2, max_retries=0,
+                                        batch_candidates=batch).compile()
+        out = graph.invoke(inputs, {"callbacks": [counted]})
+        assert counted.generation == generation_requests
+        assert [len(r["candidates"]) for r in out["search"]] == [2, 2, 2, 2]
+        # max_retries=0: one request per judged match, one per check of a written candidate.
+        matches = sum(j["decided_by"] in ("judge", "fallback")
+                      for r in out["search"] for j in r["judgements"])
+        reasoning = out["search"][2]["candidates"]
+        checks = len(reasoning) if all(reasoning) else 0
+        assert counted.judging == matches + checks
+        assert out["status"] in ("ok", "failed")
