@@ -31,8 +31,26 @@ def test_json_output(image_path: Path) -> None:
     assert payload["status"] == "ok" and len(payload["steps"]) == 2
 
 
+def test_run_stage_beam_with_the_stand_in(image_path: Path) -> None:
+    result = runner.invoke(app, ["run", "-i", str(image_path), "-q", "What?", "--method",
+                                 "stage-beam", "--beam-size", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert [r["target"] for r in payload["search"]] == ["summary", "caption", "reasoning",
+                                                        "conclusion"]
+    assert all(len(r["candidates"]) == 3 and len(r["judgements"]) == 2
+               for r in payload["search"])
+    assert payload["answer"] == "(no model configured: scripted stand-in)"
+    shown = runner.invoke(app, ["run", "-i", str(image_path), "-q", "What?", "--method",
+                                "best-of-n"])
+    assert shown.exit_code == 0 and "response" in shown.output and "stand-in" in shown.output
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--image", "/no/such.png", "--question", "q"], "no such file"),
+    (["--image", "{img}", "--question", "q", "--method", "tree"], "--method must be"),
+    (["--image", "{img}", "--question", "q", "--method", "stage-beam", "--beam-size", "0"],
+     "beam_size must be"),
     (["--image", "{img}", "--question", "  "], "`question` is empty"),
     (["--image", "{img}", "--question", "q", "--mode", "tree"], "--mode must be"),
     (["--image", "{img}", "--question", "q", "--max-steps", "0"], "max_steps must be"),
