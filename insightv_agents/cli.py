@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from langchain_core.messages import BaseMessage
 from rich.console import Console
 from rich.panel import Panel
 
 from insightv_agents.errors import InsightVError
 from insightv_agents.graphs import create_insightv_graph, create_stage_beam_graph
 from insightv_agents.images import ImagePolicy
-from insightv_agents.prompts import ReasoningMode
+from insightv_agents.prompts import DEFAULT_STAGE_PROMPTS, ReasoningMode
 from insightv_agents.testing import ScriptedChatModel
 
 app = typer.Typer(help="Insight-V multi-agent visual reasoning.", no_args_is_help=True,
@@ -50,10 +51,6 @@ def stand_in_model() -> ScriptedChatModel:
 def stand_in_stage_model() -> ScriptedChatModel:
     """The scripted stand-in for the LLaVA-CoT methods: stage texts that say what they are,
     a judge that always keeps the first candidate, a check that always passes."""
-    from langchain_core.messages import BaseMessage
-
-    from insightv_agents.prompts import DEFAULT_STAGE_PROMPTS
-
     def reply(messages: list[BaseMessage]) -> str:
         system = messages[0].text if messages else ""
         if system == DEFAULT_STAGE_PROMPTS.judge_system:

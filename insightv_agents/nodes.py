@@ -145,7 +145,8 @@ class _ModelNode(RunnableCallable):
         conversation = self._conversation(state)
         outcome = None
         if conversation is not None:
-            outcome = _finish(conversation, lambda messages: _text(model.invoke(messages, config)))
+            outcome = _finish(conversation,
+                              lambda messages: reply_text(model.invoke(messages, config)))
         return self._update(state, outcome, runtime)
 
     async def _arun(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
@@ -422,12 +423,12 @@ async def _afinish(conversation: Exchange[T], model: LanguageModelLike, config: 
     try:
         messages = next(conversation)
         while True:
-            messages = conversation.send(_text(await model.ainvoke(messages, config)))
+            messages = conversation.send(reply_text(await model.ainvoke(messages, config)))
     except StopIteration as stop:
         return stop.value
 
 
-def _text(reply: Any) -> str:
+def reply_text(reply: Any) -> str:
     """The text of a model reply (a message or a plain string)."""
     if isinstance(reply, BaseMessage):
         return reply.text

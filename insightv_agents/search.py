@@ -27,6 +27,7 @@ from langchain_core.messages import BaseMessage
 from langchain_core.runnables import RunnableBinding, RunnableConfig
 
 from insightv_agents.errors import ModelOutputError
+from insightv_agents.nodes import Outcome, reply_text
 from insightv_agents.parsing import (
     close_tag,
     format_stages,
@@ -69,15 +70,6 @@ Search = Generator[Sample | Ask, list[str], T]
 
 
 @dataclass(frozen=True)
-class Asked:
-    """How a judge conversation ended: the parsed value (``None`` if never readable)."""
-
-    value: Any
-    attempts: int
-    error: str
-
-
-@dataclass(frozen=True)
 class SearchSettings:
     """What every search shares: question, images, prompts and bounds."""
 
@@ -100,7 +92,7 @@ def run_search(search: Search[T], model: LanguageModelLike, judge: LanguageModel
                 replies = sample(model, request, config, use_n=use_n)
             else:
                 conversations: list[Any] = list(request.conversations)
-                replies = [_text(r) for r in judge.batch(conversations, config)]
+                replies = [reply_text(r) for r in judge.batch(conversations, config)]
             request = search.send(replies)
     except StopIteration as stop:
         return stop.value
@@ -116,22 +108,39 @@ async def arun_search(search: Search[T], model: LanguageModelLike, judge: Langua
                 replies = await asample(model, request, config, use_n=use_n)
             else:
                 conversations: list[Any] = list(request.conversations)
-                replies = [_text(r) for r in await judge.abatch(conversations, config)]
+                replies = [reply_text(r) for r in await judge.abatch(conversations, config)]
             request = search.send(replies)
     except StopIteration as stop:
         return stop.value
 
 
+def unwrap(model: LanguageModelLike) -> tuple[Any, dict[str, Any]]:
+    """The model behind a ``.bind(...)`` and the arguments bound to it."""
+    if isinstance(model, RunnableBinding):
+        return model.bound, dict(model.kwargs)
+    return model, {}
+
+
 def chat_model_with_n(model: LanguageModelLike) -> tuple[BaseChatModel, dict[str, Any]] | None:
     """The chat model behind ``model`` and its bound arguments, if it takes an ``n``
     (samples per request); ``None`` otherwise."""
-    kwargs: dict[str, Any] = {}
-    if isinstance(model, RunnableBinding):
-        kwargs = dict(model.kwargs)
-        model = model.bound
-    if isinstance(model, BaseChatModel) and "n" in type(model).model_fields:
-        return model, kwargs
+    chat, kwargs = unwrap(model)
+    if isinstance(chat, BaseChatModel) and "n" in type(chat).model_fields:
+        return chat, kwargs
     return None
+
+
+def _with_n(model: LanguageModelLike, request: Sample, config: RunnableConfig, use_n: bool
+            ) -> tuple[BaseChatModel, dict[str, Any]] | None:
+    """The chat model and ``generate`` arguments for all candidates in one request, or
+    ``None`` when they go one request each."""
+    found = chat_model_with_n(model) if use_n and request.k > 1 else None
+    if found is None:
+        return None
+    chat, kwargs = found
+    return chat, {"stop": request.stop, "callbacks": config.get("callbacks"),
+                  "tags": config.get("tags"), "metadata": config.get("metadata"),
+                  **kwargs, "n": request.k}
 
 
 def sample(model: LanguageModelLike, request: Sample, config: RunnableConfig, *,
@@ -139,17 +148,14 @@ def sample(model: LanguageModelLike, request: Sample, config: RunnableConfig, *,
     """``request.k`` replies: one request with ``n`` where the model takes it, else ``k``
     requests sent together; topped up if a backend returns fewer."""
     texts: list[str] = []
-    with_n = chat_model_with_n(model) if use_n and request.k > 1 else None
+    with_n = _with_n(model, request, config, use_n)
     if with_n is not None:
-        chat, kwargs = with_n
-        result = chat.generate([request.messages], stop=request.stop, **_run_options(config),
-                               **{**kwargs, "n": request.k})
+        chat, arguments = with_n
+        result = chat.generate([request.messages], **arguments)
         texts = [g.text for g in result.generations[0]][: request.k]
-    missing = request.k - len(texts)
-    if missing:
-        inputs: list[Any] = [request.messages] * missing
-        replies = model.batch(inputs, config, stop=request.stop)
-        texts += [_text(r) for r in replies]
+    if len(texts) < request.k:
+        inputs: list[Any] = [request.messages] * (request.k - len(texts))
+        texts += [reply_text(r) for r in model.batch(inputs, config, stop=request.stop)]
     return texts
 
 
@@ -157,40 +163,26 @@ async def asample(model: LanguageModelLike, request: Sample, config: RunnableCon
                   use_n: bool = True) -> list[str]:
     """The async :func:`sample`."""
     texts: list[str] = []
-    with_n = chat_model_with_n(model) if use_n and request.k > 1 else None
+    with_n = _with_n(model, request, config, use_n)
     if with_n is not None:
-        chat, kwargs = with_n
-        result = await chat.agenerate([request.messages], stop=request.stop,
-                                      **_run_options(config), **{**kwargs, "n": request.k})
+        chat, arguments = with_n
+        result = await chat.agenerate([request.messages], **arguments)
         texts = [g.text for g in result.generations[0]][: request.k]
-    missing = request.k - len(texts)
-    if missing:
-        inputs: list[Any] = [request.messages] * missing
-        replies = await model.abatch(inputs, config, stop=request.stop)
-        texts += [_text(r) for r in replies]
+    if len(texts) < request.k:
+        inputs: list[Any] = [request.messages] * (request.k - len(texts))
+        texts += [reply_text(r) for r in await model.abatch(inputs, config, stop=request.stop)]
     return texts
-
-
-def _run_options(config: RunnableConfig) -> dict[str, Any]:
-    return {"callbacks": config.get("callbacks"), "tags": config.get("tags"),
-            "metadata": config.get("metadata")}
-
-
-def _text(reply: Any) -> str:
-    if isinstance(reply, BaseMessage):
-        return reply.text
-    return reply if isinstance(reply, str) else str(reply)
 
 
 # --- Judging --------------------------------------------------------------------------------
 
 
 def ask_all(conversations: Sequence[list[BaseMessage]], parse: Callable[[str], P],
-            settings: SearchSettings) -> Search[list[Asked]]:
+            settings: SearchSettings) -> Search[list[Outcome[P]]]:
     """Ask every conversation at once; re-ask the unreadable ones (with the error) together,
     at most ``max_retries`` times."""
     pending = {index: list(messages) for index, messages in enumerate(conversations)}
-    done: dict[int, Asked] = {}
+    done: dict[int, Outcome[P]] = {}
     attempts = 0
     while pending:
         attempts += 1
@@ -198,10 +190,10 @@ def ask_all(conversations: Sequence[list[BaseMessage]], parse: Callable[[str], P
         retry: dict[int, list[BaseMessage]] = {}
         for (index, messages), reply in zip(pending.items(), replies, strict=True):
             try:
-                done[index] = Asked(parse(reply), attempts, "")
+                done[index] = Outcome(parse(reply), attempts, "", reply)
             except ModelOutputError as err:
                 if attempts > settings.max_retries:
-                    done[index] = Asked(None, attempts, str(err))
+                    done[index] = Outcome(None, attempts, str(err), reply)
                 else:
                     retry[index] = reask_messages(messages, reply, str(err), settings.prompts)
         pending = retry

@@ -51,6 +51,7 @@ from insightv_agents.search import (
     sentence_search,
     single_pass,
     stage_search,
+    unwrap,
 )
 from insightv_agents.state import InsightVInput, InsightVOutput, InsightVState
 
@@ -226,7 +227,7 @@ def finish(state: StageBeamState) -> dict[str, Any]:
     update: dict[str, Any] = {
         "steps": Overwrite(steps), "reasoning": render_reasoning(steps, DEFAULT_PROMPTS),
         "response": state.get("response") or format_stages(stages),
-        "answer": stages["conclusion"], "verdict": None,
+        "answer": stages["conclusion"],
         "status": "ok" if stages["conclusion"] else "failed"}
     if not stages["conclusion"]:
         failure: Failure = {"node": "finish", "revision": 0, "kind": "no_answer",
@@ -336,7 +337,6 @@ def create_stage_beam_graph(
 
 
 def _temperature(model: LanguageModelLike) -> float | None:
-    bound = getattr(model, "bound", model)
-    kwargs = getattr(model, "kwargs", {}) if bound is not model else {}
+    bound, kwargs = unwrap(model)
     value = kwargs.get("temperature", getattr(bound, "temperature", None))
     return float(value) if isinstance(value, int | float) else None
