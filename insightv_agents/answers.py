@@ -8,6 +8,7 @@ equal normalised text — and ``None`` ("cannot decide") otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import string
@@ -141,3 +142,28 @@ def _is_letter(text: str) -> bool:
 
 def _check(correct: bool | None, method: str, detail: str) -> AnswerCheck:
     return {"correct": correct, "method": method, "detail": detail}  # type: ignore[typeddict-item]
+
+
+_STATED = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is|answer\s*:)\s*(.+?)\s*(?:[.\n]\s|[.\n]?$)",
+                     re.I | re.S)
+
+
+def extract_answer(reply: str) -> str:
+    """The answer a free-form reply states: a JSON ``{"answer": ...}``, else the last
+    "the answer is X" / "Answer: X" (in a reasoning chain: in its last step), else the whole
+    reply (a bare short answer), without a final full stop. How the evaluation harness reads
+    single-model (direct) replies."""
+    from insightv_agents.errors import ModelOutputError
+    from insightv_agents.parsing import iter_json_objects, parse_answer, parse_steps
+
+    text = reply
+    if any(True for _ in iter_json_objects(reply)):
+        try:
+            return parse_answer(reply)
+        except ModelOutputError:
+            pass
+        with contextlib.suppress(ModelOutputError, IndexError):  # a chain: its last step
+            text = parse_steps(reply)[-1]["reasoning"]
+    stated = _STATED.findall(text)
+    text = stated[-1] if stated else text
+    return text.strip().rstrip(".").strip()

@@ -126,16 +126,9 @@ def run(
             console.print(Panel(STAND_IN_NOTICE, title="backend", style="yellow"))
         else:
             console.print(f"[dim]backend: {backend}[/dim]")
-        policy = ImagePolicy(allow_urls=allow_urls)
-        graph: Any
-        if method == "insightv":
-            graph = create_insightv_graph(
-                reasoner=reasoner, summarizer=summarizer, mode=_mode(mode), max_steps=max_steps,
-                max_revisions=max_revisions, image_policy=policy).compile(name="insightv")
-        else:
-            graph = create_stage_beam_graph(
-                reasoner, beam_size=beam_size, search=METHODS[method],  # type: ignore[arg-type]
-                summarizer=summarizer, image_policy=policy).compile(name=method)
+        graph = _graph(method, reasoner, summarizer, mode=mode, max_steps=max_steps,
+                       max_revisions=max_revisions, beam_size=beam_size,
+                       policy=ImagePolicy(allow_urls=allow_urls))
         result = _stream(graph, {"image": image if len(image) > 1 else image[0],
                                  "question": question}, console)
     except InsightVError as err:
@@ -361,6 +354,103 @@ def _summary_mix(text: str, bins: str, seed: int) -> Any:
         raise InsightVError("--bins ranges must lie within 1-100, low <= high.")
     return SummaryMix(**{**dict.fromkeys(names.values(), 0.0), **shares},
                       flawed_bins=ranges, seed=seed)
+
+
+def _graph(method: str, reasoner: Any, summarizer: Any, *, mode: str, max_steps: int,
+           max_revisions: int, beam_size: int, policy: ImagePolicy | None = None) -> Any:
+    """The compiled graph of ``method`` (``insightv`` or a LLaVA-CoT search)."""
+    if method == "insightv":
+        return create_insightv_graph(
+            reasoner=reasoner, summarizer=summarizer, mode=_mode(mode), max_steps=max_steps,
+            max_revisions=max_revisions, image_policy=policy).compile(name="insightv")
+    return create_stage_beam_graph(
+        reasoner, beam_size=beam_size, search=METHODS[method],  # type: ignore[arg-type]
+        summarizer=summarizer, image_policy=policy).compile(name=method)
+
+
+@app.command("eval")
+def eval_command(
+    data: Annotated[str, typer.Option(
+        help="JSONL file or saved Hugging Face dataset folder in the synthesis input format "
+             "(image, question, answer[, id, choices, category]).")],
+    out: Annotated[str, typer.Option(help="Output folder (predictions.jsonl, report.json, "
+                                          "report.md); rerun the same command to resume.")],
+    method: Annotated[str, typer.Option(
+        help="insightv, direct (one model, one call), or a LLaVA-CoT method: stage-beam, "
+             "best-of-n, sentence-beam, single.")] = "insightv",
+    base_url: BaseUrl = None,
+    local_model: LocalModel = None,
+    local_adapter: LocalAdapter = None,
+    model: Model = "insightv-reason",
+    summary_base_url: SummaryBaseUrl = None,
+    summary_model: SummaryModel = None,
+    mode: Mode = "chain",
+    max_steps: MaxSteps = 16,
+    temperature: Temperature = 0.0,
+    beam_size: BeamSize = 2,
+    scenes: Annotated[str | None, typer.Option(
+        help="A shapes dataset folder whose scenes judge the reasoning (default: the data's "
+             "folder when it has scenes.jsonl).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Items in flight at once.")] = 8,
+) -> None:
+    """Evaluate a method on a dataset: accuracy overall and per category, every prediction
+    saved; append-only and resumable."""
+    import asyncio
+
+    from rich.markdown import Markdown
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from insightv_agents.evaluate import direct_predictor, evaluate, graph_predictor
+    from insightv_agents.synthesize import describe_model, load_items
+
+    console = Console()
+    try:
+        if method not in ("insightv", "direct", *METHODS):
+            raise InsightVError(f"--method must be insightv, direct or one of "
+                                f"{', '.join(METHODS)}; not {method!r}.")
+        items, root = load_items(data, out=out, limit=limit)
+        reasoner, summarizer, backend = _models(
+            base_url, model, summary_base_url, summary_model, local_model, local_adapter,
+            temperature, staged=method not in ("insightv", "direct"))
+        if backend is None:
+            raise InsightVError("evaluation needs a model: pass --base-url or --local-model.")
+        predict = direct_predictor(reasoner) if method == "direct" else graph_predictor(
+            _graph(method, reasoner, summarizer, mode=mode, max_steps=max_steps,
+                   max_revisions=0, beam_size=beam_size))
+        check = _reasoning_check(scenes, root)
+        settings = {"method": method, "data": str(data), "backend": backend,
+                    "reasoner": describe_model(reasoner),
+                    "summarizer": describe_model(summarizer), "mode": mode,
+                    "beam_size": beam_size, "limit": limit}
+    except InsightVError as err:
+        console.print(f"[bold red]error:[/bold red] {err}")
+        raise typer.Exit(2) from err
+    columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(f"evaluating {method}", total=len(items))
+        try:
+            report = asyncio.run(evaluate(
+                predict, items, out, settings=settings, concurrency=concurrency,
+                reasoning_check=check, on_item=lambda _: progress.advance(task)))
+        except InsightVError as err:
+            console.print(f"[bold red]error:[/bold red] {err}")
+            raise typer.Exit(2) from err
+    from insightv_agents.evaluate import report_markdown
+
+    console.print(Markdown(report_markdown(report)))
+    console.print(f"-> {out}/report.md, {out}/report.json, {out}/predictions.jsonl")
+
+
+def _reasoning_check(scenes: str | None, root: Path) -> Any:
+    """The scene-grounded reasoning check of a shapes dataset, if there is one."""
+    from insightv_agents.shapes.scenes import SceneIndex
+    from insightv_agents.shapes.scorer import reasoning_check
+
+    if scenes is None and not (root / "scenes.jsonl").is_file():
+        return None
+    return reasoning_check(SceneIndex.from_folder(scenes or root))
 
 
 def _adapter_spec(spec: str) -> tuple[str, str]:

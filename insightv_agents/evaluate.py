@@ -1,0 +1,218 @@
+"""The evaluation harness: run a method over a dataset, check every answer, report accuracy.
+
+Items are read with :func:`~insightv_agents.synthesize.load_items` (the synthesis input
+format: JSONL or a ``save_to_disk`` folder, with ``image``, ``question``, ``answer`` and
+optional ``id``, ``choices``, ``category``), all validated before any model is called.
+Each prediction (answer, reasoning, verdict, the check) is appended to
+``<out>/predictions.jsonl`` as one whole line as soon as it is made, so a run stopped at any
+point resumes where it stopped; ``report.json`` and ``report.md`` are rewritten from all
+predictions at the end. Answers are checked by :func:`~insightv_agents.answers.match_answer`,
+the same rules as the synthesis answer filter.
+
+Methods (a :class:`Predictor` each): ``insightv`` (the two-agent graph), ``stage-beam``
+(LLaVA-CoT's four stages with a search) and ``direct`` (one model, one call, its answer read
+from the reply by :func:`~insightv_agents.answers.extract_answer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from langchain_core.language_models import LanguageModelLike
+from langchain_core.messages import HumanMessage
+
+from insightv_agents.answers import extract_answer, match_answer
+from insightv_agents.errors import InvalidInputError
+from insightv_agents.images import ImagePolicy, load_images
+from insightv_agents.nodes import reply_text
+from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, format_question, image_parts
+from insightv_agents.records import RecordLog, read_records
+from insightv_agents.synthesize import Item
+
+PREDICTIONS_FILE = "predictions.jsonl"
+EVAL_FILE = "eval.json"
+Predictor = Callable[[Item], Awaitable[dict[str, Any]]]
+"""Answers one item: returns at least ``answer`` and ``status``; may add ``steps``,
+``reasoning``, ``verdict``, ``stages``, ``response``, ``failures``."""
+
+
+def graph_predictor(graph: Any) -> Predictor:
+    """A compiled ``insightv`` or ``stage-beam`` graph as a predictor."""
+    async def predict(item: Item) -> dict[str, Any]:
+        question = format_question(item.question, item.choices, DEFAULT_PROMPTS)
+        result = await graph.ainvoke({"image": item.image, "question": question})
+        keep = ("answer", "status", "steps", "reasoning", "verdict", "stages", "response",
+                "failures")
+        return {key: result[key] for key in keep if key in result}
+    return predict
+
+
+def direct_predictor(model: LanguageModelLike, *, prompts: Prompts = DEFAULT_PROMPTS,
+                     image_policy: ImagePolicy | None = None) -> Predictor:
+    """One model answers in one call (image and question, no system prompt: the format
+    :func:`~insightv_agents.trainers.data.qa_conversation` trains); the answer is read from
+    its reply with :func:`~insightv_agents.answers.extract_answer`."""
+    async def predict(item: Item) -> dict[str, Any]:
+        images = load_images(item.image, image_policy)
+        question = format_question(item.question, item.choices, prompts)
+        message = HumanMessage(content=[*image_parts(images),
+                                        {"type": "text", "text": question}])
+        reply = reply_text(await model.ainvoke([message]))
+        answer = extract_answer(reply)
+        return {"answer": answer, "status": "ok" if answer else "failed", "response": reply}
+    return predict
+
+
+async def evaluate(predict: Predictor, items: Sequence[Item], out: str | Path, *,
+                   settings: dict[str, Any] | None = None, concurrency: int = 8,
+                   reasoning_check: Callable[[Item, dict[str, Any]], bool | None] | None = None,
+                   on_item: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Predict every item not yet in ``<out>/predictions.jsonl`` and write the reports.
+
+    Args:
+        settings: what the run is (method, models, data); stored in ``eval.json``. A rerun
+            into the same folder must have the same settings (it resumes), else it is refused.
+        reasoning_check: tells whether a prediction's reasoning is sound (``None``: cannot
+            tell); when given, the report says how often the final answer was right although
+            the reasoning was not (the summary agent's recovery rate).
+        on_item: called with each new prediction (progress bars).
+
+    Returns:
+        The report (also in ``report.json`` / ``report.md``).
+
+    Raises:
+        InvalidInputError: for a folder holding a run with other settings.
+    """
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    _check_settings(folder, settings or {})
+    queue: asyncio.Queue[Item] = asyncio.Queue()
+    with RecordLog(folder / PREDICTIONS_FILE, size="records") as log:
+        for item in items:
+            if item.id not in log.finished:
+                queue.put_nowait(item)
+
+        async def worker() -> None:
+            while not queue.empty():
+                item = queue.get_nowait()
+                row = await _predict_one(predict, item, reasoning_check)
+                log.append([row])
+                if on_item is not None:
+                    on_item(row)
+
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    wanted = {item.id for item in items}
+    rows = [row for row in read_records(folder / PREDICTIONS_FILE) if row["id"] in wanted]
+    report = summarize(rows)
+    report["settings"] = settings or {}
+    write_reports(folder, report)
+    return report
+
+
+async def _predict_one(predict: Predictor, item: Item,
+                       reasoning_check: Callable[[Item, dict[str, Any]], bool | None] | None
+                       ) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        result = await predict(item)
+    except InvalidInputError:
+        raise
+    except Exception as err:  # a failing backend is one failed item, not a lost run
+        result = {"answer": "", "status": "failed",
+                  "failures": [{"node": "predict", "kind": "error", "error": repr(err)[:500]}]}
+    check = match_answer(str(result.get("answer") or ""), item.answer, choices=item.choices)
+    row = {"id": item.id, "records": 1, "category": item.category or "all",
+           "question": item.question, "truth": item.answer, "answer": result.get("answer", ""),
+           "correct": check["correct"] is True, "check": check,
+           "status": result.get("status", "ok"),
+           "seconds": round(time.perf_counter() - started, 3),
+           **{key: value for key, value in result.items() if key not in ("answer", "status")}}
+    if reasoning_check is not None and result.get("steps"):
+        row["reasoning_sound"] = reasoning_check(item, result)
+    return row
+
+
+def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy overall and per category, failures, and the recovery of wrong reasoning."""
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    failed = undecided = flawed = recovered = rejected = 0
+    seconds = 0.0
+    rows = list(rows)
+    for row in rows:
+        for key in ("all", row["category"]):
+            totals[key][0] += 1
+            totals[key][1] += bool(row["correct"])
+        failed += row["status"] != "ok"
+        undecided += row["check"]["correct"] is None
+        seconds += row["seconds"]
+        if row.get("reasoning_sound") is False:
+            flawed += 1
+            recovered += bool(row["correct"])
+            verdict = row.get("verdict") or {}
+            rejected += verdict.get("reasoning_correct") is False
+    accuracy = {key: {"n": n, "correct": right, "accuracy": right / n if n else 0.0}
+                for key, (n, right) in sorted(totals.items(), key=lambda kv: kv[0] != "all")}
+    report: dict[str, Any] = {
+        "items": len(rows), "accuracy": accuracy, "failed": failed, "undecided": undecided,
+        "mean_seconds": seconds / len(rows) if rows else 0.0}
+    if any("reasoning_sound" in row for row in rows):
+        report["flawed_reasoning"] = {
+            "items": flawed, "answer_right": recovered, "flagged": rejected,
+            "recovery_rate": recovered / flawed if flawed else None}
+    return report
+
+
+def write_reports(folder: str | Path, report: dict[str, Any]) -> None:
+    """``report.json`` and ``report.md``, each written whole (atomically)."""
+    folder = Path(folder)
+    _write_atomic(folder / "report.json", json.dumps(report, indent=2) + "\n")
+    _write_atomic(folder / "report.md", report_markdown(report))
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown table (one row per category, ``all`` first)."""
+    settings = report.get("settings") or {}
+    lines = [f"# Evaluation: {settings.get('method', 'run')}", ""]
+    if settings:
+        lines += [f"- {key}: `{value}`" for key, value in settings.items()] + [""]
+    lines += ["| category | items | correct | accuracy |", "|---|---:|---:|---:|"]
+    for key, value in report["accuracy"].items():
+        lines.append(f"| {key} | {value['n']} | {value['correct']} | "
+                     f"{100 * value['accuracy']:.1f}% |")
+    lines += ["", f"Failed runs: {report['failed']}; answers no rule could check: "
+                  f"{report['undecided']}; mean seconds per item: {report['mean_seconds']:.2f}."]
+    flawed = report.get("flawed_reasoning")
+    if flawed:
+        rate = flawed["recovery_rate"]
+        lines.append(f"Unsound reasoning: {flawed['items']} items; final answer right anyway: "
+                     f"{flawed['answer_right']}" + (f" ({100 * rate:.1f}%)" if rate is not None
+                                                   else "")
+                     + f"; flagged by the summary agent: {flawed['flagged']}.")
+    return "\n".join(lines) + "\n"
+
+
+def _check_settings(folder: Path, settings: dict[str, Any]) -> None:
+    path = folder / EVAL_FILE
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored != json.loads(json.dumps(settings)):
+            raise InvalidInputError(
+                f"{folder} holds an evaluation with other settings ({stored}); use another "
+                "--out or remove it.", field="out")
+        return
+    _write_atomic(path, json.dumps(settings, indent=2) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as file:
+        file.write(text)
+    os.replace(name, path)

@@ -1,0 +1,130 @@
+"""A path scorer grounded in the scene: every claim a path makes is checked against the
+scene description.
+
+Claims are read in the shapes world's fixed wording (see
+:mod:`~insightv_agents.shapes.reasoning`):
+a shape seen in a cell ("small red circle at row 1, column 2"), a count ("the number of red
+shapes is 3", "the number of shapes left of column 3 is 2"), a sum or difference
+("2 + 1 = 3"), a comparison ("3 > 2", "column 1 < column 4").
+The score (1-100) weighs the share of claims that hold and whether the final answer is right,
+so a path with injected errors scores lower than the same path without them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from insightv_agents.answers import extract_answer, match_answer
+from insightv_agents.assessment import ScoreRequest
+from insightv_agents.errors import InvalidInputError
+from insightv_agents.schema import PathResult, PathScore, ReasoningStep
+from insightv_agents.shapes.questions import PLURAL_PHRASE, parse_filter
+from insightv_agents.shapes.scenes import COLOURS, KINDS, SIZES, Scene, SceneIndex
+
+_MENTION = re.compile(rf"\b({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(KINDS)}) "
+                      r"(?:is )?at row (\d+), column (\d+)", re.I)
+_LEFT = re.compile(r"\bthe number of shapes left of column (\d+) is (-?\d+)", re.I)
+_COUNT = re.compile(rf"\bthe number of {PLURAL_PHRASE} is (-?\d+)", re.I)
+_EQUATION = re.compile(r"(?<![\d\-+] )(?<!\d)(\d+(?: [+-] \d+)*) = (-?\d+)")
+_COMPARISON = re.compile(r"(?<![\d+-] )(?<!column )\b(\d+) ([<>]) (\d+)\b(?! [+-=])")
+_COLUMNS = re.compile(r"\bcolumn (\d+) ([<>=]) column (\d+)", re.I)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One checkable statement of a path and whether it holds in the scene."""
+
+    text: str
+    holds: bool
+
+
+def check_claims(scene: Scene, steps: list[ReasoningStep]) -> list[Claim]:
+    """Every claim in ``steps`` that can be checked against ``scene``, in order."""
+    claims: list[Claim] = []
+    for step in steps:
+        text = step["reasoning"]
+        for match in _MENTION.finditer(text):
+            size, colour, kind, row, column = match.groups()
+            shape = scene.at(int(row), int(column))
+            claims.append(Claim(match.group(0), shape is not None and
+                                (shape.size, shape.colour, shape.kind) ==
+                                (size.lower(), colour.lower(), kind.lower())))
+        for match in _COUNT.finditer(text):
+            phrase, number = match.groups()
+            claims.append(Claim(match.group(0),
+                                len(parse_filter(phrase).select(scene)) == int(number)))
+        for match in _LEFT.finditer(text):
+            column, number = int(match.group(1)), int(match.group(2))
+            claims.append(Claim(match.group(0), number ==
+                                sum(shape.column < column for shape in scene.shapes)))
+        for match in _EQUATION.finditer(text):
+            terms, result = match.groups()
+            tokens = terms.split()
+            value = int(tokens[0])
+            for sign, term in zip(tokens[1::2], tokens[2::2], strict=True):
+                value += int(term) if sign == "+" else -int(term)
+            claims.append(Claim(match.group(0), value == int(result)))
+        for pattern in (_COMPARISON, _COLUMNS):
+            for match in pattern.finditer(text):
+                left, sign, right = int(match.group(1)), match.group(2), int(match.group(3))
+                holds = {"<": left < right, ">": left > right, "=": left == right}[sign]
+                claims.append(Claim(match.group(0), holds))
+    return claims
+
+
+class SceneScorer:
+    """Scores all paths of a question against the scene of its image (a
+    :class:`~insightv_agents.assessment.PathScorer`).
+
+    ``score = 1 + 99 * (answer_weight * right answer + (1 - answer_weight) * share of claims
+    that hold)``; a path with no checkable claim gets nothing for them. Images not in the
+    index get no score (``None``), with a comment saying so.
+    """
+
+    name = "scene"
+
+    def __init__(self, index: SceneIndex, *, answer_weight: float = 0.5) -> None:
+        if not 0 <= answer_weight <= 1:
+            raise ValueError("answer_weight must be between 0 and 1")
+        self.index = index
+        self.answer_weight = answer_weight
+
+    def score_paths(self, request: ScoreRequest) -> list[PathScore]:
+        try:
+            scene = self.index.lookup(request["images"][0])
+        except (InvalidInputError, IndexError):
+            return [{"score": None, "comment": "the image is not a scene of the index"}
+                    for _ in request["paths"]]
+        return [self.score(scene, path, request["truth"]) for path in request["paths"]]
+
+    def score(self, scene: Scene, path: PathResult, truth: str) -> PathScore:
+        claims = check_claims(scene, path["steps"])
+        held = sum(claim.holds for claim in claims)
+        share = held / len(claims) if claims else 0.0
+        check = path.get("check")
+        correct = check["correct"] if check else match_answer(path["answer"], truth)["correct"]
+        value = self.answer_weight * bool(correct) + (1 - self.answer_weight) * share
+        wrong = [claim.text for claim in claims if not claim.holds]
+        comment = (f"{held}/{len(claims)} claims hold; answer "
+                   f"{'right' if correct else 'wrong'}"
+                   + (f"; wrong: {'; '.join(wrong[:3])}" if wrong else ""))
+        return {"score": 1 + round(99 * value), "comment": comment}
+
+
+def reasoning_check(index: SceneIndex) -> Callable[[Any, dict[str, Any]], bool | None]:
+    """For :func:`~insightv_agents.evaluate.evaluate`: whether a prediction's reasoning is
+    sound — every checkable claim holds and its last step states the right answer — judged
+    against the scene of the item's image (``None`` for an image not in ``index``)."""
+    def check(item: Any, result: dict[str, Any]) -> bool | None:
+        try:
+            scene = index.lookup(item.image)
+        except InvalidInputError:
+            return None
+        steps = result.get("steps") or []
+        stated = extract_answer(steps[-1]["reasoning"]) if steps else ""
+        right = match_answer(stated, item.answer, choices=item.choices)["correct"] is True
+        return right and all(claim.holds for claim in check_claims(scene, steps))
+    return check

@@ -1,0 +1,144 @@
+"""The evaluation harness, with scripted models: known numbers, resume, reports, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.messages import BaseMessage
+
+from insightv_agents import InvalidInputError, create_insightv_graph
+from insightv_agents.evaluate import direct_predictor, evaluate, graph_predictor
+from insightv_agents.images import data_url_bytes
+from insightv_agents.parsing import format_chain, format_verdict
+from insightv_agents.prompts import DEFAULT_PROMPTS
+from insightv_agents.shapes import SceneIndex, make_dataset, parse_question, plan_path
+from insightv_agents.shapes.scenes import image_key
+from insightv_agents.shapes.scorer import reasoning_check
+from insightv_agents.synthesize import load_items
+from insightv_agents.testing import ScriptedChatModel
+
+SIZES = {"test": 30}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("eval") / "shapes", sizes=SIZES, seed=7)
+
+
+def agents(data: Path) -> ScriptedChatModel:
+    """A reasoning + summary fake that knows each image's row: sound reasoning everywhere but
+    on compare questions (where it states nothing); the summary answers right on perception,
+    count and compare questions (flagging the compare reasoning) and wrongly elsewhere."""
+    index = SceneIndex.from_folder(data)
+    by_image = {}
+    for line in (data / "test.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        by_image[image_key(data / row["image"])] = row
+
+    def row_of(messages: list[BaseMessage]) -> dict[str, Any]:
+        part = next(p for p in messages[1].content if p["type"] == "image_url")
+        return by_image[image_key(data_url_bytes(part["image_url"]["url"]))]
+
+    def reply(messages: list[BaseMessage]) -> str:
+        row = row_of(messages)
+        if messages[0].content == DEFAULT_PROMPTS.summary_system:
+            right = row["category"] in ("perception", "count", "compare")
+            return format_verdict({"reasoning_correct": row["category"] != "compare",
+                                   "critique": "", "answer": row["answer"] if right else "purple"})
+        if row["category"] == "compare":
+            return json.dumps({"summary": "Guess", "reasoning": "It looks like 3 > 5.",
+                               "action": "summary"})
+        scene = index.lookup(data / row["image"])
+        return format_chain(plan_path(scene, parse_question(row["question"])).steps)
+
+    return ScriptedChatModel([reply], cycle=True)
+
+
+def run(predict: Any, data: Path, out: Path, **kwargs: Any) -> dict[str, Any]:
+    items, _ = load_items(data / "test.jsonl")
+    return asyncio.run(evaluate(predict, items, out, concurrency=4, **kwargs))
+
+
+def test_insightv_known_numbers_recovery_and_reports(data: Path, tmp_path: Path) -> None:
+    model = agents(data)
+    graph = create_insightv_graph(reasoner=model, summarizer=model, mode="chain").compile()
+    report = run(graph_predictor(graph), data, tmp_path / "out", settings={"method": "insightv"},
+                 reasoning_check=reasoning_check(SceneIndex.from_folder(data)))
+    accuracy = report["accuracy"]
+    assert next(iter(accuracy)) == "all" and accuracy["all"]["n"] == 30
+    assert accuracy["all"]["correct"] == 18 and accuracy["all"]["accuracy"] == pytest.approx(0.6)
+    for category, expected in [("perception", 1.0), ("count", 1.0), ("compare", 1.0),
+                               ("arithmetic", 0.0), ("spatial", 0.0)]:
+        assert accuracy[category] == {"n": 6, "correct": int(6 * expected),
+                                      "accuracy": expected}
+    assert report["flawed_reasoning"] == {"items": 6, "answer_right": 6, "flagged": 6,
+                                          "recovery_rate": 1.0}
+    assert report["failed"] == 0 and report["undecided"] == 12  # "purple": no rule decides
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["accuracy"] == accuracy and saved["settings"] == {"method": "insightv"}
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| all | 30 | 18 | 60.0% |" in markdown and "| compare | 6 | 6 | 100.0% |" in markdown
+    rows = [json.loads(line) for line in
+            (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and all({"reasoning", "verdict", "answer", "truth", "check", "steps"}
+                                   <= set(row) for row in rows)
+    assert "base64" not in (tmp_path / "out" / "predictions.jsonl").read_text()
+
+
+def test_resume_skips_done_items_and_other_settings_are_refused(data: Path,
+                                                                tmp_path: Path) -> None:
+    model = ScriptedChatModel([lambda m: "The answer is 1."], cycle=True)
+    out = tmp_path / "out"
+    items, _ = load_items(data / "test.jsonl")
+    asyncio.run(evaluate(direct_predictor(model), items[:10], out, settings={"m": "direct"}))
+    with (out / "predictions.jsonl").open("ab") as handle:
+        handle.write(b'{"id": "test-00010", "rec')  # a write cut short by a crash
+    report = asyncio.run(evaluate(direct_predictor(model), items, out, settings={"m": "direct"}))
+    assert len(model.calls) == 30 and report["items"] == 30
+    again = asyncio.run(evaluate(direct_predictor(model), items, out, settings={"m": "direct"}))
+    assert len(model.calls) == 30 and again["accuracy"] == report["accuracy"]
+    expected = sum(item.answer == "1" for item in items)
+    assert report["accuracy"]["all"]["correct"] == expected
+    with pytest.raises(InvalidInputError, match="other settings"):
+        asyncio.run(evaluate(direct_predictor(model), items, out, settings={"m": "other"}))
+
+
+def test_direct_reads_the_answer_from_free_text_and_a_failing_backend_is_one_item(
+        data: Path, tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    answers = {image_key(data / row["image"]): row["answer"] for row in rows}
+    calls = {"n": 0}
+
+    def reply(messages: list[BaseMessage]) -> str:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ConnectionError("backend went away")
+        url = next(p["image_url"]["url"] for p in messages[0].content if p["type"] != "text")
+        return f"Looking at the picture.\nSo the answer is {answers[image_key(url)]}."
+
+    report = run(direct_predictor(ScriptedChatModel([reply], cycle=True)), data, tmp_path / "o")
+    assert report["failed"] == 1 and report["accuracy"]["all"]["correct"] == 29
+    failed = [json.loads(line) for line in (tmp_path / "o" / "predictions.jsonl").read_text()
+              .splitlines() if json.loads(line)["status"] == "failed"]
+    assert "backend went away" in failed[0]["failures"][0]["error"]
+
+
+def test_cli_eval_needs_a_model_and_checks_the_data_first(data: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from insightv_agents.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--data", str(data / "test.jsonl"), "--out",
+                                      str(tmp_path / "o")])
+    assert result.exit_code == 2 and "needs a model" in result.output
+    (tmp_path / "bad.jsonl").write_text('{"image": "nope.png", "question": "q", "answer": "1"}\n')
+    result = CliRunner().invoke(app, ["eval", "--data", str(tmp_path / "bad.jsonl"), "--out",
+                                      str(tmp_path / "o"), "--base-url", "http://127.0.0.1:9/v1"])
+    assert result.exit_code == 2 and "bad item" in result.output
+    result = CliRunner().invoke(app, ["eval", "--data", str(data / "test.jsonl"), "--out",
+                                      str(tmp_path / "o"), "--method", "magic"])
+    assert result.exit_code == 2 and "--method" in result.output

@@ -1,0 +1,275 @@
+"""The shapes world: generator, labels, teacher, scorer, and their place in synthesis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from insightv_agents import InvalidInputError
+from insightv_agents.graphs.synthesis import create_synthesis_graph
+from insightv_agents.parsing import format_chain, format_step, parse_steps
+from insightv_agents.shapes import (
+    CATEGORIES,
+    STRATEGIES,
+    Flaw,
+    Query,
+    Scene,
+    SceneIndex,
+    SceneScorer,
+    SceneTeacher,
+    Shape,
+    check_claims,
+    draw_scene,
+    make_dataset,
+    parse_question,
+    plan_path,
+    random_scene,
+    sample_query,
+)
+from insightv_agents.shapes.questions import Filter
+from insightv_agents.shapes.reasoning import draw_flaws
+from insightv_agents.shapes.scenes import BACKGROUND, COLOURS, GRID
+from insightv_agents.synthesize import load_items, synthesize, write_run_file
+from insightv_agents.trainers.data import load_records
+
+SIZES = {"train": 40, "val": 10, "test": 30}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("shapes") / "data", sizes=SIZES, seed=3)
+
+
+def rows(folder: Path, split: str) -> list[dict]:
+    return [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+
+
+# --- the generator ---
+
+
+def test_same_seed_same_bytes_other_seed_other_data(dataset: Path, tmp_path: Path) -> None:
+    again = make_dataset(tmp_path / "again", sizes=SIZES, seed=3)
+    files = sorted(p.relative_to(dataset) for p in dataset.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert all((dataset / f).read_bytes() == (again / f).read_bytes() for f in files)
+    other = make_dataset(tmp_path / "other", sizes=SIZES, seed=4)
+    assert rows(other, "test") != rows(dataset, "test")
+    # Made again into the same folder: left alone; different settings: refused.
+    assert make_dataset(again, sizes=SIZES, seed=3) == again
+    with pytest.raises(InvalidInputError, match="different"):
+        make_dataset(again, sizes=SIZES, seed=5)
+
+
+def test_splits_are_balanced_disjoint_and_in_the_synthesis_format(dataset: Path) -> None:
+    images = {split: {row["image"] for row in rows(dataset, split)} for split in SIZES}
+    assert not images["train"] & images["test"] and not images["val"] & images["test"]
+    for split, size in SIZES.items():
+        split_rows = rows(dataset, split)
+        assert len(split_rows) == size
+        counts = {c: sum(r["category"] == c for r in split_rows) for c in CATEGORIES}
+        assert max(counts.values()) - min(counts.values()) <= 1
+    items, root = load_items(dataset / "test.jsonl")
+    assert len(items) == SIZES["test"] and root == dataset.resolve()
+
+
+def test_pictures_show_their_scene(dataset: Path) -> None:
+    """Each cell's centre has the shape's colour, and empty cells are background."""
+    index = SceneIndex.from_folder(dataset)
+    for row in rows(dataset, "test"):
+        picture = Image.open(dataset / row["image"]).convert("RGB")
+        scene = index.lookup(dataset / row["image"])
+        cell = picture.width // GRID
+        for r in range(1, GRID + 1):
+            for c in range(1, GRID + 1):
+                # a little below the centre: inside triangles too
+                x, y = (c - 1) * cell + cell // 2, (r - 1) * cell + cell * 5 // 8
+                pixel = picture.getpixel((x, y))
+                shape = scene.at(r, c)
+                assert pixel == (COLOURS[shape.colour] if shape else BACKGROUND)
+
+
+def test_labels_agree_with_the_scene_description(dataset: Path) -> None:
+    """Answers recomputed here, by plain loops over the scene description."""
+    index = SceneIndex.from_folder(dataset)
+    for split in SIZES:
+        for row in rows(dataset, split):
+            scene = index.lookup(dataset / row["image"])
+            query = parse_question(row["question"])
+            assert query.text() == row["question"] and query.category == row["category"]
+            assert independent_answer(scene, query) == row["answer"]
+
+
+def independent_answer(scene: Scene, query: Query) -> str:
+    def count(f: Filter | None) -> int:
+        assert f is not None
+        return sum(1 for s in scene.shapes if (f.size in (None, s.size))
+                   and (f.colour in (None, s.colour)) and (f.kind in (None, s.kind)))
+
+    def find(f: Filter | None) -> Shape:
+        (found,) = [s for s in scene.shapes if f and (s.size, s.colour, s.kind) ==
+                    (f.size, f.colour, f.kind)]
+        return found
+
+    if query.kind == "attribute":
+        shape = next(s for s in scene.shapes if (s.row, s.column) == query.cell)
+        return str(getattr(shape, query.attribute or ""))
+    if query.kind in ("count", "total", "difference", "more", "remove"):
+        a = count(query.a)
+        b = count(query.b) if query.b else 0
+        return {"count": str(a), "total": str(a + b), "difference": str(a - b),
+                "more": "yes" if a > b else "no",
+                "remove": str(len(scene.shapes) - a)}[query.kind]
+    ref = find(query.a)
+    if query.kind == "left_count":
+        return str(len([s for s in scene.shapes if s.column < ref.column]))
+    if query.kind == "below":
+        return next(s.colour for s in scene.shapes
+                    if (s.row, s.column) == (ref.row + 1, ref.column))
+    return "yes" if ref.column < find(query.b).column else "no"
+
+
+def test_every_question_form_reads_back_and_others_are_refused() -> None:
+    rng = random.Random(0)
+    kinds = set()
+    for _ in range(300):
+        scene = random_scene(rng)
+        query = sample_query(scene, rng.choice(CATEGORIES), rng)
+        assert parse_question(query.text()) == query
+        kinds.add(query.kind)
+    assert len(kinds) == 9
+    with pytest.raises(InvalidInputError, match="not a question of the shapes world"):
+        parse_question("What is the meaning of this chart?")
+
+
+def test_scene_descriptions_are_validated() -> None:
+    with pytest.raises(InvalidInputError, match="off the grid"):
+        Shape(5, 1, "circle", "red", "small")
+    with pytest.raises(InvalidInputError, match="unknown shape"):
+        Shape(1, 1, "hexagon", "red", "small")
+    with pytest.raises(InvalidInputError, match="share a cell"):
+        Scene((Shape(1, 1, "circle", "red", "small"), Shape(1, 1, "square", "red", "large")))
+    with pytest.raises(InvalidInputError, match="not a scene"):
+        Scene.from_dict({"shapes": [{"row": 1}]})
+
+
+# --- reasoning paths, the teacher and the scorer ---
+
+
+def test_every_strategy_reaches_the_label_and_every_claim_holds(dataset: Path) -> None:
+    index = SceneIndex.from_folder(dataset)
+    for row in rows(dataset, "train"):
+        scene = index.lookup(dataset / row["image"])
+        for strategy in STRATEGIES:
+            path = plan_path(scene, parse_question(row["question"]), strategy=strategy)
+            assert path.answer == row["answer"]
+            assert [s["action"] for s in path.steps] == \
+                ["continue"] * (len(path.steps) - 1) + ["summary"]
+            assert parse_steps(format_chain(path.steps)) == path.steps
+            claims = check_claims(scene, path.steps)
+            assert claims and all(claim.holds for claim in claims), claims
+
+
+def test_injected_errors_are_found_and_lower_the_score(dataset: Path) -> None:
+    index = SceneIndex.from_folder(dataset)
+    scorer = SceneScorer(index)
+    rng = random.Random(1)
+    lowered = 0
+    for row in rows(dataset, "train"):
+        scene = index.lookup(dataset / row["image"])
+        query = parse_question(row["question"])
+        strategy = rng.choice(STRATEGIES)
+        clean = plan_path(scene, query, strategy=strategy)
+        try:
+            flawed = plan_path(scene, query, strategy=strategy,
+                               flaws=draw_flaws(scene, query, rng, rng.randint(1, 2)))
+        except InvalidInputError:
+            continue
+        if flawed.steps == clean.steps:
+            continue  # the flaw touched nothing this path says
+        assert not all(c.holds for c in check_claims(scene, flawed.steps))
+        scores = [scorer.score(scene, {"steps": p.steps, "answer": p.answer, "check": None},
+                               row["answer"])["score"] for p in (clean, flawed)]
+        assert scores[0] == 100 and scores[1] < scores[0]
+        lowered += 1
+    assert lowered >= 25
+
+
+def test_reasoning_flaws_change_one_number_and_carry_on() -> None:
+    scene = Scene((Shape(1, 1, "circle", "red", "small"), Shape(2, 3, "square", "red", "large"),
+                   Shape(4, 4, "circle", "blue", "small")))
+    query = Query("total", Filter(colour="red"), Filter(colour="blue"))
+    assert plan_path(scene, query).answer == "3"
+    miscount = plan_path(scene, query, strategy="focus", flaws=[Flaw("miscount", delta=1)])
+    assert miscount.answer == "4" and miscount.used == ["miscount"]
+    assert "the number of red shapes is 3" in miscount.steps[0]["reasoning"]
+    arithmetic = plan_path(scene, query, flaws=[Flaw("arithmetic", delta=-1)])
+    assert arithmetic.steps[-1]["reasoning"].startswith("2 + 1 = 2.")
+    omit = plan_path(scene, query, flaws=[Flaw("omit", scene.shapes[0])])
+    assert omit.answer == "2" and "row 1, column 1" not in format_chain(omit.steps)
+
+
+def test_teacher_paths_through_the_synthesis_graph_reach_the_label(dataset: Path,
+                                                                  tmp_path: Path) -> None:
+    index = SceneIndex.from_folder(dataset)
+    teacher = SceneTeacher(index=index, flaw_rate=0.0, seed=0)
+    graph = create_synthesis_graph(teacher=teacher, scorer=SceneScorer(index), paths=3).compile()
+    items, root = load_items(dataset / "test.jsonl")
+    write_run_file(tmp_path / "out", {"data_root": str(root), "paths": 3})
+    report = asyncio.run(synthesize(graph, items, tmp_path / "out", concurrency=4, fsync=False))
+    assert report.written == len(items) and not report.errors
+    records = [r for paths in load_records(tmp_path / "out").questions.values() for r in paths]
+    assert len(records) == 3 * len(items)
+    strategies = set()
+    for record in records:
+        assert record["status"] == "ok" and record["correct"] is True and record["score"] == 100
+        assert all(format_step(step) for step in record["steps"])
+        strategies.add(record["steps"][0]["summary"].split()[0])
+    assert len(strategies) >= 3  # several strategies per question
+
+
+def test_flawed_teacher_paths_score_below_clean_ones(dataset: Path, tmp_path: Path) -> None:
+    index = SceneIndex.from_folder(dataset)
+    teacher = SceneTeacher(index=index, flaw_rate=0.5, max_flaws=2, seed=1)
+    graph = create_synthesis_graph(teacher=teacher, scorer=SceneScorer(index), paths=4).compile()
+    items, root = load_items(dataset / "train.jsonl")
+    write_run_file(tmp_path / "out", {"data_root": str(root), "paths": 4})
+    asyncio.run(synthesize(graph, items, tmp_path / "out", concurrency=4, fsync=False))
+    records = [r for paths in load_records(tmp_path / "out").questions.values() for r in paths]
+    wrong = [r["score"] for r in records if r["correct"] is False]
+    right = [r["score"] for r in records if r["correct"] is True]
+    assert wrong and right and max(wrong) <= 50 < min(right)  # the answer weighs half
+    # Some flawed paths still reach the right answer, and score below the clean ones.
+    assert any(r["score"] < 100 for r in records if r["correct"] is True)
+
+
+def test_teacher_chain_mode_final_answer_and_n(dataset: Path) -> None:
+    from insightv_agents.images import load_images
+    from insightv_agents.prompts import DEFAULT_PROMPTS, final_answer_messages, reasoning_messages
+
+    index = SceneIndex.from_folder(dataset)
+    row = rows(dataset, "test")[1]
+    images = load_images(dataset / row["image"])
+    teacher = SceneTeacher(index=index, flaw_rate=0.0, seed=0)
+    chain = teacher.invoke(reasoning_messages(prompts=DEFAULT_PROMPTS, mode="chain",
+                                              question=row["question"], images=images, steps=[]))
+    steps = parse_steps(str(chain.content))
+    assert steps[-1]["action"] == "summary" and f"The answer is {row['answer']}." in \
+        steps[-1]["reasoning"]
+    answer = teacher.invoke(final_answer_messages(prompts=DEFAULT_PROMPTS,
+                                                  question=row["question"], images=images,
+                                                  steps=steps))
+    assert json.loads(str(answer.content)) == {"answer": row["answer"]}
+    result = teacher.generate([reasoning_messages(prompts=DEFAULT_PROMPTS, mode="step",
+                                                  question=row["question"], images=images,
+                                                  steps=[])], n=3)
+    assert len(result.generations[0]) == 3
+    outside = draw_scene(random_scene(random.Random(99)))
+    with pytest.raises(InvalidInputError, match="not a scene of the index"):
+        teacher.invoke(reasoning_messages(prompts=DEFAULT_PROMPTS, mode="chain",
+                                          question=row["question"],
+                                          images=load_images(outside), steps=[]))
