@@ -1,0 +1,221 @@
+"""Small VLMs of real architectures, built offline: nothing is downloaded.
+
+- :func:`build_tiny_idefics3` / :func:`build_tiny_llava`: tiny random models that exercise
+  loading, images, sampling and parsing in tests (replies are random text).
+- :func:`build_idefics3`: an Idefics3 (SmolVLM family) of a chosen size with a tokenizer
+  trained on a given corpus, to be trained from scratch (the shapes world's demo agents).
+
+All are saved as safetensors with their processor, ready for ``from_pretrained``,
+:class:`~insightv_agents.integrations.transformers.ChatTransformersVLM` or a vLLM server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+_IDEFICS3_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+    "<global-img>", *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+]
+# Renders SmolVLM-style turns; accepts both "image" and "image_url" parts (vLLM then detects
+# the OpenAI content format). Assistant turns are wrapped in generation markers so that
+# TRL can train on assistant tokens only.
+IDEFICS3_CHAT_TEMPLATE = (
+    "{% macro render(content) %}{% if content is string %}{{ content }}{% else %}"
+    "{% for part in content %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] in ['image', 'image_url'] %}<image>{% endif %}{% endfor %}"
+    "{% endif %}{% endmacro %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] | capitalize }}:"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ render(message['content']) }}<end_of_utterance>\n{% endgeneration %}"
+    "{% else %}{{ render(message['content']) }}<end_of_utterance>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>Assistant:{% endif %}"
+)
+_CORPUS = (
+    '{"summary": "Count the red shapes", "reasoning": "There are 3 red squares and 1 blue '
+    'circle, so 3 + 1 = 4 shapes.", "action": "continue"}\n'
+    '{"reasoning_correct": true, "critique": "", "answer": "4"}\n'
+    "System: User: Assistant: Question: How many shapes are left of the largest one? "
+    "Reasoning process: Step 1: Step 2: final answer yes no left right above below"
+)
+
+
+def build_tiny_idefics3(path: str | Path, *, seed: int = 0, vocab_size: int = 512) -> Path:
+    """Build a tiny, randomly initialised Idefics3 (SmolVLM family) model in ``path``, offline.
+
+    A byte-level BPE tokenizer trained on a small corpus, the real ``Idefics3Processor``
+    (PIL image processor: 64 px longest edge split into 32 px tiles plus a global view,
+    20 image tokens per image) and ``Idefics3ForConditionalGeneration`` with a 2-layer
+    vision tower and a 2-layer Llama text model (head_dim 32, as vLLM's CPU attention
+    needs), saved as safetensors. About 160k parameters; builds in well under a second.
+    Its replies are random text: it exercises loading, images, sampling and parsing.
+
+    Returns:
+        The folder, ready for ``from_pretrained``, ``ChatTransformersVLM`` or a vLLM server.
+    """
+    import torch
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = _idefics3_tokenizer(vocab_size, (_CORPUS,) * 4)
+    image_processor = Idefics3ImageProcessorPil(
+        do_resize=True, size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+        do_image_splitting=True)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                  image_seq_len=4, chat_template=IDEFICS3_CHAT_TEMPLATE)
+    config = Idefics3Config(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        text_config=_tiny_llama(tokenizer),
+        scale_factor=2, image_token_id=tokenizer.get_vocab()["<image>"])
+    torch.manual_seed(seed)
+    return _save(Idefics3ForConditionalGeneration(config), processor, tokenizer, folder)
+
+
+def build_idefics3(path: str | Path, *, corpus: Iterable[str], image_size: int = 64,
+                   vision: dict[str, int] | None = None, text: dict[str, int] | None = None,
+                   vocab_size: int = 2048, seed: int = 0) -> Path:
+    """Build a randomly initialised Idefics3 of a chosen size in ``path``, offline, for
+    training from scratch.
+
+    The tokenizer is a byte-level BPE trained on ``corpus`` (the texts the model will read
+    and write). Images are one ``image_size`` px view (no splitting) cut into 8 px patches,
+    with a 2 x 2 pixel shuffle: ``(image_size / 16) ** 2`` image tokens. ``vision`` and
+    ``text`` override the sizes of the vision tower (``hidden_size``, ``intermediate_size``,
+    ``num_hidden_layers``, ``num_attention_heads``) and of the Llama text model (the same,
+    plus ``num_key_value_heads``); keep head sizes at 32 or more for vLLM's CPU attention.
+    """
+    import torch
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = _idefics3_tokenizer(vocab_size, corpus)
+    image_processor = Idefics3ImageProcessorPil(
+        do_resize=True, size={"longest_edge": image_size},
+        max_image_size={"longest_edge": image_size}, do_image_splitting=False)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                  image_seq_len=(image_size // 16) ** 2,
+                                  chat_template=IDEFICS3_CHAT_TEMPLATE)
+    vision_config = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2,
+                     "num_attention_heads": 3, **(vision or {}), "image_size": image_size,
+                     "patch_size": 8}
+    text_config = {**_tiny_llama(tokenizer), "hidden_size": 192, "intermediate_size": 512,
+                   "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2,
+                   **(text or {})}
+    config = Idefics3Config(vision_config=vision_config, text_config=text_config,
+                            scale_factor=2, image_token_id=tokenizer.get_vocab()["<image>"])
+    torch.manual_seed(seed)
+    return _save(Idefics3ForConditionalGeneration(config), processor, tokenizer, folder)
+
+
+def _idefics3_tokenizer(vocab_size: int, corpus: Iterable[str]) -> Any:
+    return _tiny_tokenizer(
+        _IDEFICS3_SPECIALS, vocab_size=vocab_size, chat_template=IDEFICS3_CHAT_TEMPLATE,
+        bos="<|im_start|>", eos="<end_of_utterance>", pad="<|endoftext|>", corpus=corpus,
+        extra_special_tokens={"fake_image_token": "<fake_token_around_image>",
+                              "image_token": "<image>",
+                              "end_of_utterance_token": "<end_of_utterance>",
+                              "global_image_token": "<global-img>"})
+
+
+# LLaVA-1.5 style turns ("USER: <image>\n... ASSISTANT: ...</s>"), same part handling.
+LLAVA_CHAT_TEMPLATE = (
+    "{% macro render(content) %}{% if content is string %}{{ content }}{% else %}"
+    "{% for part in content %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] in ['image', 'image_url'] %}<image>\n{% endif %}{% endfor %}"
+    "{% endif %}{% endmacro %}"
+    "{% for message in messages %}{{ message['role'] | upper }}: "
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ render(message['content']) }}</s>{% endgeneration %}"
+    "{% else %}{{ render(message['content']) }} {% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_tiny_llava(path: str | Path, *, seed: int = 0, vocab_size: int = 512) -> Path:
+    """Build a tiny, randomly initialised LLaVA (CLIP vision tower + Llama) in ``path``, offline.
+
+    Like :func:`build_tiny_idefics3`: a trained BPE tokenizer, the real ``LlavaProcessor``
+    with a PIL ``CLIPImageProcessor`` (32 px, 16 image tokens) and
+    ``LlavaForConditionalGeneration``, saved as safetensors. (vLLM needs torchvision to load
+    LLaVA, so on CPU-only machines it runs in transformers only.)
+    """
+    import torch
+    from transformers import (
+        CLIPImageProcessorPil,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tiny_tokenizer(["<unk>", "<s>", "</s>", "<image>"], vocab_size=vocab_size,
+                                chat_template=LLAVA_CHAT_TEMPLATE, bos="<s>", eos="</s>",
+                                pad="<unk>", extra_special_tokens={"image_token": "<image>"})
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                            crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=8, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1,
+                               chat_template=LLAVA_CHAT_TEMPLATE)
+    config = LlavaConfig(
+        vision_config={"model_type": "clip_vision_model", "hidden_size": 32,
+                       "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
+                       "projection_dim": 32},
+        text_config=_tiny_llama(tokenizer), image_token_index=tokenizer.get_vocab()["<image>"],
+        vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    return _save(LlavaForConditionalGeneration(config), processor, tokenizer, folder)
+
+
+def _tiny_tokenizer(specials: list[str], *, vocab_size: int, chat_template: str, bos: str,
+                    eos: str, pad: str, extra_special_tokens: dict[str, str],
+                    corpus: Iterable[str] = (_CORPUS,) * 4) -> Any:
+    """A byte-level BPE tokenizer trained in a moment on ``corpus``, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos,
+                                        pad_token=pad, unk_token=pad,
+                                        extra_special_tokens=extra_special_tokens)
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _tiny_llama(tokenizer: Any) -> dict[str, Any]:
+    """A 2-layer Llama text config; head_dim 32 (vLLM's CPU attention needs 32 or more)."""
+    return {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "vocab_size": len(tokenizer), "max_position_embeddings": 2048,
+            "tie_word_embeddings": False, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+
+
+def _save(model: Any, processor: Any, tokenizer: Any, folder: Path) -> Path:
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder
