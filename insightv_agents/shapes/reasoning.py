@@ -107,8 +107,6 @@ def _relevant(scene: Scene, query: Query) -> list[Shape]:
     if query.kind == "attribute":
         shape = scene.at(*(query.cell or (0, 0)))
         return [shape] if shape else []
-    if query.category == "spatial":
-        return [s for f in (query.a, query.b) if f for s in f.select(scene)]
     return [s for f in (query.a, query.b) if f for s in f.select(scene)]
 
 
