@@ -55,29 +55,14 @@ def build_tiny_idefics3(path: str | Path, *, seed: int = 0, vocab_size: int = 51
     Returns:
         The folder, ready for ``from_pretrained``, ``ChatTransformersVLM`` or a vLLM server.
     """
-    import torch
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessorPil,
-        Idefics3Processor,
-    )
-
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     tokenizer = _idefics3_tokenizer(vocab_size, (_CORPUS,) * 4)
-    image_processor = Idefics3ImageProcessorPil(
-        do_resize=True, size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
-        do_image_splitting=True)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                  image_seq_len=4, chat_template=IDEFICS3_CHAT_TEMPLATE)
-    config = Idefics3Config(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        text_config=_tiny_llama(tokenizer),
-        scale_factor=2, image_token_id=tokenizer.get_vocab()["<image>"])
-    torch.manual_seed(seed)
-    return _save(Idefics3ForConditionalGeneration(config), processor, tokenizer, folder)
+    return _idefics3(
+        path, tokenizer, seed=seed, image_seq_len=4,
+        images={"size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32},
+                "do_image_splitting": True},
+        vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        text=_tiny_llama(tokenizer))
 
 
 def build_idefics3(path: str | Path, *, corpus: Iterable[str], image_size: int = 64,
@@ -93,6 +78,22 @@ def build_idefics3(path: str | Path, *, corpus: Iterable[str], image_size: int =
     ``num_hidden_layers``, ``num_attention_heads``) and of the Llama text model (the same,
     plus ``num_key_value_heads``); keep head sizes at 32 or more for vLLM's CPU attention.
     """
+    tokenizer = _idefics3_tokenizer(vocab_size, corpus)
+    return _idefics3(
+        path, tokenizer, seed=seed, image_seq_len=(image_size // 16) ** 2,
+        images={"size": {"longest_edge": image_size},
+                "max_image_size": {"longest_edge": image_size}, "do_image_splitting": False},
+        vision={"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2,
+                "num_attention_heads": 3, **(vision or {}), "image_size": image_size,
+                "patch_size": 8},
+        text={**_tiny_llama(tokenizer), "hidden_size": 192, "intermediate_size": 512,
+              "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2,
+              **(text or {})})
+
+
+def _idefics3(path: str | Path, tokenizer: Any, *, seed: int, image_seq_len: int,
+              images: dict[str, Any], vision: dict[str, Any], text: dict[str, Any]) -> Path:
+    """An Idefics3 with these image-processor, vision and text settings, saved in ``path``."""
     import torch
     from transformers import (
         Idefics3Config,
@@ -103,21 +104,12 @@ def build_idefics3(path: str | Path, *, corpus: Iterable[str], image_size: int =
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = _idefics3_tokenizer(vocab_size, corpus)
-    image_processor = Idefics3ImageProcessorPil(
-        do_resize=True, size={"longest_edge": image_size},
-        max_image_size={"longest_edge": image_size}, do_image_splitting=False)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                  image_seq_len=(image_size // 16) ** 2,
+    processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil(do_resize=True,
+                                                                            **images),
+                                  tokenizer=tokenizer, image_seq_len=image_seq_len,
                                   chat_template=IDEFICS3_CHAT_TEMPLATE)
-    vision_config = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2,
-                     "num_attention_heads": 3, **(vision or {}), "image_size": image_size,
-                     "patch_size": 8}
-    text_config = {**_tiny_llama(tokenizer), "hidden_size": 192, "intermediate_size": 512,
-                   "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2,
-                   **(text or {})}
-    config = Idefics3Config(vision_config=vision_config, text_config=text_config,
-                            scale_factor=2, image_token_id=tokenizer.get_vocab()["<image>"])
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=2,
+                            image_token_id=tokenizer.get_vocab()["<image>"])
     torch.manual_seed(seed)
     return _save(Idefics3ForConditionalGeneration(config), processor, tokenizer, folder)
 

@@ -59,7 +59,7 @@ class SceneTeacher(BaseChatModel):
     n: int = 1
     _rng: random.Random = PrivateAttr()
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-    _paths: OrderedDict[tuple[str, str], list[Path]] = PrivateAttr(default_factory=OrderedDict)
+    _paths: OrderedDict[tuple[Scene, str], list[Path]] = PrivateAttr(default_factory=OrderedDict)
 
     def model_post_init(self, context: Any) -> None:
         self._rng = random.Random(self.seed)
@@ -114,7 +114,7 @@ class SceneTeacher(BaseChatModel):
 
     def _path(self, scene: Scene, query: Query, question: str,
               steps: Sequence[ReasoningStep]) -> Path:
-        key = (_scene_id(scene), question)
+        key = (scene, question)
         if steps:
             with self._lock:
                 known = [p for p in self._paths.get(key, []) if _starts(p, steps)]
@@ -145,10 +145,6 @@ def _starts(path: Path, steps: Sequence[ReasoningStep]) -> bool:
     return len(path.steps) >= len(steps) and all(
         (a["summary"], a["reasoning"]) == (b["summary"], b["reasoning"])
         for a, b in zip(path.steps, steps, strict=False))
-
-
-def _scene_id(scene: Scene) -> str:
-    return json.dumps(scene.to_dict(), sort_keys=True)
 
 
 def _strip_template(text: str, template: str) -> str:
