@@ -273,3 +273,29 @@ def test_teacher_chain_mode_final_answer_and_n(dataset: Path) -> None:
         teacher.invoke(reasoning_messages(prompts=DEFAULT_PROMPTS, mode="chain",
                                           question=row["question"],
                                           images=load_images(outside), steps=[]))
+
+
+def test_bad_dataset_settings_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="unknown categories"):
+        make_dataset(tmp_path / "a", categories=["colour"])  # type: ignore[list-item]
+    with pytest.raises(InvalidInputError, match="0 or more"):
+        make_dataset(tmp_path / "b", sizes={"train": -1})
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(InvalidInputError, match="not empty"):
+        make_dataset(tmp_path / "c", sizes={"test": 2})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["notes.txt"]
+    with pytest.raises(InvalidInputError, match="not a shapes dataset"):
+        SceneIndex.from_folder(tmp_path / "c")
+
+
+def test_scorer_gives_no_score_for_an_image_outside_its_index(dataset: Path) -> None:
+    from insightv_agents.images import load_images
+
+    scorer = SceneScorer(SceneIndex.from_folder(dataset))
+    outside = load_images(draw_scene(random_scene(random.Random(99))))
+    path = {"steps": [], "answer": "1", "check": None}
+    scores = scorer.score_paths({"question": "q", "truth": "1", "images": outside,
+                                 "paths": [path, path]})  # type: ignore[typeddict-item]
+    assert scores == [{"score": None, "comment": "the image is not a scene of the index"}] * 2
