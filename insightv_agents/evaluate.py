@@ -10,8 +10,9 @@ predictions at the end. Answers are checked by :func:`~insightv_agents.answers.m
 the same rules as the synthesis answer filter.
 
 Methods (a :class:`Predictor` each): ``insightv`` (the two-agent graph), ``stage-beam``
-(LLaVA-CoT's four stages with a search) and ``direct`` (one model, one call, its answer read
-from the reply by :func:`~insightv_agents.answers.extract_answer`).
+(LLaVA-CoT's four stages with a search), ``direct`` (one model, one call, its answer read
+from the reply by :func:`~insightv_agents.answers.extract_answer`) and ``chain`` (one model
+writes a whole reasoning chain, its answer read from the last step: a reasoning agent alone).
 """
 
 from __future__ import annotations
@@ -30,10 +31,17 @@ from langchain_core.language_models import LanguageModelLike
 from langchain_core.messages import HumanMessage
 
 from insightv_agents.answers import extract_answer, match_answer
-from insightv_agents.errors import InvalidInputError
+from insightv_agents.errors import InvalidInputError, ModelOutputError
 from insightv_agents.images import ImagePolicy, load_images
 from insightv_agents.nodes import reply_text
-from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, format_question, image_parts
+from insightv_agents.parsing import parse_steps
+from insightv_agents.prompts import (
+    DEFAULT_PROMPTS,
+    Prompts,
+    format_question,
+    image_parts,
+    reasoning_messages,
+)
 from insightv_agents.records import RecordLog, read_records
 from insightv_agents.synthesize import Item
 
@@ -68,6 +76,26 @@ def direct_predictor(model: LanguageModelLike, *, prompts: Prompts = DEFAULT_PRO
         reply = reply_text(await model.ainvoke([message]))
         answer = extract_answer(reply)
         return {"answer": answer, "status": "ok" if answer else "failed", "response": reply}
+    return predict
+
+
+def chain_predictor(model: LanguageModelLike, *, prompts: Prompts = DEFAULT_PROMPTS,
+                    image_policy: ImagePolicy | None = None) -> Predictor:
+    """One model writes a whole reasoning chain (the reasoning agent's chain-mode prompt) and
+    the answer is read from its last step: a reasoning agent with no summary agent."""
+    async def predict(item: Item) -> dict[str, Any]:
+        images = load_images(item.image, image_policy)
+        question = format_question(item.question, item.choices, prompts)
+        messages = reasoning_messages(prompts=prompts, mode="chain", question=question,
+                                      images=images, steps=[])
+        reply = reply_text(await model.ainvoke(messages))
+        try:
+            steps = parse_steps(reply)
+        except ModelOutputError:  # unreadable steps: the answer may still be stated
+            steps = []
+        answer = extract_answer(reply)
+        return {"answer": answer, "status": "ok" if answer else "failed", "steps": steps,
+                "response": reply}
     return predict
 
 

@@ -11,7 +11,12 @@ import pytest
 from langchain_core.messages import BaseMessage
 
 from insightv_agents import InvalidInputError, create_insightv_graph
-from insightv_agents.evaluate import direct_predictor, evaluate, graph_predictor
+from insightv_agents.evaluate import (
+    chain_predictor,
+    direct_predictor,
+    evaluate,
+    graph_predictor,
+)
 from insightv_agents.images import data_url_bytes
 from insightv_agents.parsing import format_chain, format_verdict
 from insightv_agents.prompts import DEFAULT_PROMPTS
@@ -125,6 +130,22 @@ def test_direct_reads_the_answer_from_free_text_and_a_failing_backend_is_one_ite
     failed = [json.loads(line) for line in (tmp_path / "o" / "predictions.jsonl").read_text()
               .splitlines() if json.loads(line)["status"] == "failed"]
     assert "backend went away" in failed[0]["failures"][0]["error"]
+
+
+def test_chain_reads_the_answer_from_the_reasoners_last_step(data: Path, tmp_path: Path) -> None:
+    model = agents(data)
+    report = run(chain_predictor(model), data, tmp_path / "o",
+                 reasoning_check=reasoning_check(SceneIndex.from_folder(data)))
+    # Sound chains everywhere but on compare questions, where the last step states no answer.
+    assert report["accuracy"]["all"]["correct"] == 24
+    assert report["accuracy"]["compare"]["correct"] == 0
+    assert report["flawed_reasoning"]["items"] == 6
+    assert report["flawed_reasoning"]["answer_right"] == 0
+    assert all(call[0].content == DEFAULT_PROMPTS.reasoning_chain_system
+               for call in model.calls)  # the reasoning agent's chain prompt, nothing else
+    rows = [json.loads(line) for line in (tmp_path / "o" / "predictions.jsonl").read_text()
+            .splitlines()]
+    assert all(row["steps"] and row["response"] for row in rows)
 
 
 def test_cli_eval_needs_a_model_and_checks_the_data_first(data: Path, tmp_path: Path) -> None:

@@ -13,13 +13,16 @@ from typer.testing import CliRunner
 
 from insightv_agents.cli import app
 from insightv_agents.graphs.synthesis import create_synthesis_graph
-from insightv_agents.parsing import parse_steps, parse_verdict
+from insightv_agents.parsing import parse_stages, parse_steps, parse_verdict
+from insightv_agents.prompts import StagePrompts
 from insightv_agents.synthesize import load_items, synthesize, write_run_file
 from insightv_agents.testing import ScriptedChatModel
 from insightv_agents.trainers.data import (
     SummaryMix,
+    build_direct_sft,
     build_dpo_pairs,
     build_reasoning_sft,
+    build_stage_sft,
     build_summary_sft,
     load_records,
 )
@@ -57,6 +60,30 @@ def test_reasoning_sft_takes_the_best_correct_path_in_the_node_format(records: A
     assert len(assistant) == (2 if mode == "step" else 1)
     assert messages[-1]["role"] == "assistant"
     assert row["images"][0].size == (16, 12)  # a real image, loaded by datasets
+
+
+def test_direct_sft_answers_every_question_with_the_ground_truth(records: Any) -> None:
+    dataset, report = build_direct_sft(records)
+    assert dataset["id"] == ["a", "b", "c", "d"] and report.rows == 4
+    messages = dataset[0]["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]  # no system prompt
+    assert messages[0]["content"][0]["type"] == "image"
+    assert messages[1]["content"][0]["text"] == records.questions["a"][0]["answer"]
+
+
+def test_stage_sft_writes_the_best_correct_path_as_four_stages(records: Any) -> None:
+    dataset, report = build_stage_sft(records, prompts=StagePrompts(system=""))
+    assert dataset["id"] == ["a", "c", "d"] and report.skipped == {"no correct path": 1}
+    messages = dataset[0]["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    stages = parse_stages(messages[1]["content"][0]["text"])  # what the stage graph reads
+    best = records.questions["a"][1]
+    assert stages["summary"] == "To answer, I will: a-1-0; a-1-1."
+    assert stages["caption"] == best["steps"][0]["reasoning"]
+    assert stages["reasoning"] == best["steps"][1]["reasoning"]
+    assert stages["conclusion"] == best["answer"]
+    with_system, _ = build_stage_sft(records)
+    assert with_system[0]["messages"][0]["role"] == "system"
 
 
 def test_reasoning_sft_min_score(records: Any) -> None:

@@ -7,6 +7,8 @@
   the proportions asked, with a report of what was available and used.
 - :func:`build_dpo_pairs`: chosen = best-scoring correct path, rejected = a wrong or
   lower-scoring path at least ``min_margin`` points below it.
+- :func:`build_direct_sft`: plain question answering (the direct-answer baseline).
+- :func:`build_stage_sft`: LLaVA-CoT's four tagged stages made from the best correct path.
 
 Rows are conversational with image placeholders (``{"type": "image"}``) and an ``images``
 column, TRL's format for vision-language SFT (``messages``) and DPO (``prompt``/``chosen``/
@@ -25,18 +27,21 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
 from insightv_agents.errors import ConfigError, InvalidInputError
-from insightv_agents.parsing import format_chain, format_verdict
+from insightv_agents.parsing import format_chain, format_stages, format_verdict
 from insightv_agents.prompts import (
     DEFAULT_PROMPTS,
+    DEFAULT_STAGE_PROMPTS,
     Prompts,
     ReasoningMode,
+    StagePrompts,
     format_question,
     image_parts,
     reasoning_messages,
+    stage_messages,
     summary_messages,
 )
 from insightv_agents.records import read_records
-from insightv_agents.schema import Verdict
+from insightv_agents.schema import Stages, Verdict
 from insightv_agents.synthesize import RECORDS_FILE, read_run_file
 
 Record = dict[str, Any]
@@ -339,6 +344,55 @@ def build_dpo_pairs(records: Records, *, min_margin: int = 20,
     report.rows = len(rows)
     report.kinds.update(Counter(row["kind"] for row in rows))
     return _dataset(rows, "prompt"), report
+
+
+# --- baselines: direct answers, LLaVA-CoT stages -------------------------------------------
+
+
+def build_direct_sft(records: Records, *, prompts: Prompts = DEFAULT_PROMPTS
+                     ) -> tuple[Any, BuildReport]:
+    """Direct answering: per question, the image and question, then the ground truth (no
+    reasoning), as :func:`qa_conversation` writes it. The baseline the paper compares the
+    multi-agent system with."""
+    rows = [_row(identifier, "qa", qa_conversation(paths[0], prompts), records.image(paths[0]))
+            for identifier, paths in records.questions.items()]
+    report = BuildReport(questions=len(records.questions), rows=len(rows))
+    report.kinds["qa"] = len(rows)
+    return _dataset(rows, "question"), report
+
+
+def path_stages(record: Record) -> Stages:
+    """A reasoning path as LLaVA-CoT's four stages: the plan (the steps' summaries), the
+    caption (what the first step saw), the reasoning (the other steps) and the conclusion
+    (the ground truth, which a correct path reached)."""
+    steps = record["steps"]
+    plan = "; ".join(step["summary"].rstrip(".") for step in steps if step["summary"])
+    rest = steps[1:] or steps
+    return {"summary": f"To answer, I will: {plan}." if plan else "",
+            "caption": steps[0]["reasoning"] if steps else "",
+            "reasoning": " ".join(step["reasoning"] for step in rest),
+            "conclusion": record["answer"]}
+
+
+def build_stage_sft(records: Records, *, min_score: int | None = None,
+                    prompts: StagePrompts = DEFAULT_STAGE_PROMPTS) -> tuple[Any, BuildReport]:
+    """LLaVA-CoT SFT: per question, its best correct path as one tagged four-stage response
+    (see :func:`path_stages`), in the conversation the stage-beam graph sends. With
+    ``prompts.system=""`` the rows carry no system prompt, as LLaVA-CoT's data."""
+    report = BuildReport(questions=len(records.questions))
+    rows: list[Row] = []
+    for identifier, paths in records.questions.items():
+        best = best_correct_path(paths, min_score)
+        if best is None:
+            report.skipped["no correct path"] += 1
+            continue
+        messages = stage_messages(prompts=prompts, question=_question(best, DEFAULT_PROMPTS),
+                                  images=[_PLACEHOLDER])
+        rows.append(_row(identifier, "stages", [
+            *messages, AIMessage(format_stages(path_stages(best)))], records.image(best)))
+    report.rows = len(rows)
+    report.kinds["stages"] = len(rows)
+    return _dataset(rows, "messages"), report
 
 
 # --- helpers ---------------------------------------------------------------------------------
