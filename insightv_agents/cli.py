@@ -26,6 +26,7 @@ def main() -> None:
     """Insight-V multi-agent visual reasoning."""
 
 
+DEMO_BACKEND = "the demo agents (shapes world, in-process; see insightv_agents.demo)"
 STAND_IN_NOTICE = (
     "No model given: using a scripted stand-in (insightv_agents.testing.ScriptedChatModel). "
     "Its replies are canned text, not a model's reading of the image; the run shows the "
@@ -78,6 +79,9 @@ Model = Annotated[str, typer.Option(help="Served model name of the reasoning age
 SummaryModel = Annotated[str | None, typer.Option(
     help="Served model name of the summary agent (default: the reasoner plays both roles).")]
 Mode = Annotated[str, typer.Option(help="step: one step per call; chain: a chain per call.")]
+RunMode = Annotated[str | None, typer.Option(
+    help="step: one step per call; chain: a chain per call (default: chain for the demo "
+         "agents, step otherwise).")]
 MaxSteps = Annotated[int, typer.Option(help="Cap on reasoning steps.")]
 MaxRevisions = Annotated[int, typer.Option(help="Times the summary agent may send reasoning back.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature.")]
@@ -103,10 +107,11 @@ def run(
     model: Model = "insightv-reason",
     summary_base_url: SummaryBaseUrl = None,
     summary_model: SummaryModel = None,
-    mode: Mode = "step",
+    mode: RunMode = None,
     max_steps: MaxSteps = 16,
     max_revisions: MaxRevisions = 0,
-    temperature: Temperature = 0.2,
+    temperature: Annotated[float | None, typer.Option(
+        help="Sampling temperature (default: 0 for the demo agents, 0.2 otherwise).")] = None,
     method: Method = "insightv",
     beam_size: BeamSize = 2,
     allow_urls: AllowUrls = False,
@@ -126,6 +131,7 @@ def run(
             console.print(Panel(STAND_IN_NOTICE, title="backend", style="yellow"))
         else:
             console.print(f"[dim]backend: {backend}[/dim]")
+        mode = mode or ("chain" if backend == DEMO_BACKEND else "step")
         graph = _graph(method, reasoner, summarizer, mode=mode, max_steps=max_steps,
                        max_revisions=max_revisions, beam_size=beam_size,
                        policy=ImagePolicy(allow_urls=allow_urls))
@@ -410,11 +416,11 @@ def eval_command(
             raise InsightVError(f"--method must be insightv, direct or one of "
                                 f"{', '.join(METHODS)}; not {method!r}.")
         items, root = load_items(data, out=out, limit=limit)
+        if base_url is None and local_model is None:
+            raise InsightVError("evaluation needs a model: pass --base-url or --local-model.")
         reasoner, summarizer, backend = _models(
             base_url, model, summary_base_url, summary_model, local_model, local_adapter,
             temperature, staged=method not in ("insightv", "direct"))
-        if backend is None:
-            raise InsightVError("evaluation needs a model: pass --base-url or --local-model.")
         predict = direct_predictor(reasoner) if method == "direct" else graph_predictor(
             _graph(method, reasoner, summarizer, mode=mode, max_steps=max_steps,
                    max_revisions=0, beam_size=beam_size))
@@ -462,30 +468,37 @@ def _adapter_spec(spec: str) -> tuple[str, str]:
 
 def _models(base_url: str | None, model: str, summary_base_url: str | None,
             summary_model: str | None, local_model: str | None, local_adapter: str | None,
-            temperature: float, staged: bool = False) -> tuple[Any, Any, str | None]:
+            temperature: float | None, staged: bool = False) -> tuple[Any, Any, str | None]:
     """The reasoner, the summarizer (``None``: the reasoner plays both) and a description of
-    the backend (``None`` for the scripted stand-in)."""
+    the backend (``None`` for the scripted stand-in). With no backend given: the demo agents
+    (greedy unless a temperature is given), or for the LLaVA-CoT methods the stand-in."""
     if local_model is not None and base_url is not None:
         raise InsightVError("pass either --base-url or --local-model, not both.")
+    sampling = 0.2 if temperature is None else temperature  # for a given backend
     if base_url is None and (summary_base_url or summary_model):
         raise InsightVError("--summary-base-url/--summary-model need --base-url as well.")
     if local_model is not None:
         from insightv_agents.integrations.transformers import ChatTransformersVLM
 
         local = ChatTransformersVLM(model_path=local_model, adapter_path=local_adapter,
-                                    temperature=temperature, max_new_tokens=512)
+                                    temperature=sampling, max_new_tokens=512)
         adapter = f" + adapter {local_adapter}" if local_adapter else ""
         return local, None, f"{local_model}{adapter} in-process (transformers)"
     if base_url is None:
-        return (stand_in_stage_model() if staged else stand_in_model()), None, None
+        from insightv_agents.demo import demo_agents, demo_available
+
+        if staged or not demo_available():
+            return (stand_in_stage_model() if staged else stand_in_model()), None, None
+        reasoner, summarizer = demo_agents(temperature=temperature or 0.0)
+        return reasoner, summarizer, DEMO_BACKEND
     from insightv_agents.integrations.vllm import vllm_chat_model
 
-    reasoner = vllm_chat_model(base_url, model, temperature=temperature)
+    reasoner = vllm_chat_model(base_url, model, temperature=sampling)
     description = f"{model} at {base_url}"
     if summary_model is None and summary_base_url is None:
         return reasoner, None, description
     summarizer = vllm_chat_model(summary_base_url or base_url, summary_model or model,
-                                 temperature=temperature)
+                                 temperature=sampling)
     return reasoner, summarizer, f"{description}, summary: {summary_model or model}"
 
 

@@ -16,6 +16,13 @@ from insightv_agents.cli import app
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def no_demo_agents(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests run the scripted stand-in (what ``run`` uses when the package has no demo
+    agents); the demo agents themselves are tested in test_demo.py."""
+    monkeypatch.setattr("insightv_agents.demo.demo_available", lambda: False)
+
+
 def test_run_with_the_stand_in_says_what_it_is(image_path: Path) -> None:
     result = runner.invoke(app, ["run", "--image", str(image_path), "--question", "What?"])
     assert result.exit_code == 0, result.output
