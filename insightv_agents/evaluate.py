@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -44,6 +42,7 @@ from insightv_agents.prompts import (
 )
 from insightv_agents.records import RecordLog, read_records
 from insightv_agents.synthesize import Item
+from insightv_agents.trainers.common import write_atomic
 
 PREDICTIONS_FILE = "predictions.jsonl"
 EVAL_FILE = "eval.json"
@@ -201,8 +200,8 @@ def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
 def write_reports(folder: str | Path, report: dict[str, Any]) -> None:
     """``report.json`` and ``report.md``, each written whole (atomically)."""
     folder = Path(folder)
-    _write_atomic(folder / "report.json", json.dumps(report, indent=2) + "\n")
-    _write_atomic(folder / "report.md", report_markdown(report))
+    write_atomic(folder / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(folder / "report.md", report_markdown(report))
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -236,11 +235,4 @@ def _check_settings(folder: Path, settings: dict[str, Any]) -> None:
                 f"{folder} holds an evaluation with other settings ({stored}); use another "
                 "--out or remove it.", field="out")
         return
-    _write_atomic(path, json.dumps(settings, indent=2) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as file:
-        file.write(text)
-    os.replace(name, path)
+    write_atomic(path, json.dumps(settings, indent=2) + "\n")

@@ -37,6 +37,8 @@ def demo_agents(*, temperature: float = 0.0, max_new_tokens: int = 384,
     reasoner writes whole chains: use ``mode="chain"`` in the graph."""
     from insightv_agents.integrations.transformers import ChatTransformersVLM
 
-    return tuple(ChatTransformersVLM(model_path=str(folder), temperature=temperature,  # type: ignore[return-value]
-                                     max_new_tokens=max_new_tokens, device=device)
-                 for folder in (REASONER_DIR, SUMMARY_DIR))
+    def agent(folder: Path) -> ChatTransformersVLM:
+        return ChatTransformersVLM(model_path=str(folder), temperature=temperature,
+                                   max_new_tokens=max_new_tokens, device=device)
+
+    return agent(REASONER_DIR), agent(SUMMARY_DIR)

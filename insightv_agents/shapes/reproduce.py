@@ -41,6 +41,7 @@ from insightv_agents.prompts import DEFAULT_PROMPTS, DEFAULT_STAGE_PROMPTS, Stag
 from insightv_agents.shapes.dataset import make_dataset
 from insightv_agents.shapes.questions import CATEGORIES
 from insightv_agents.shapes.scenes import GRID, Scene, SceneIndex
+from insightv_agents.trainers.common import write_atomic
 
 CAPTION_REQUEST = "List the shapes in the image."
 STAGE_PROMPTS = StagePrompts(system="")  # a model trained on four-stage data needs none
@@ -122,7 +123,7 @@ class Run:
         seconds = time.perf_counter() - started
         self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 1)
         self.out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.timings_file, json.dumps(self.timings, indent=2))
+        write_atomic(self.timings_file, json.dumps(self.timings, indent=2))
         self.log(f"[{name}] done in {seconds:.0f} s")
         return result
 
@@ -131,7 +132,7 @@ class Run:
     def run(self) -> dict[str, Any]:
         s = self.settings
         self.out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.out / "settings.json", s.model_dump_json(indent=2))
+        write_atomic(self.out / "settings.json", s.model_dump_json(indent=2))
         self.timed("dataset", lambda: make_dataset(
             self.data, sizes={"train": s.train, "dpo": s.dpo, "test": s.test}, seed=s.seed))
         self.index = SceneIndex.from_folder(self.data)
@@ -144,9 +145,9 @@ class Run:
         reports = {system: self.timed(f"eval {system}", partial(self.evaluate, system, rounds))
                    for system in SYSTEMS}
         results = self.results(reports, rounds)
-        _write_atomic(self.out / RESULTS_FILE, json.dumps(results, indent=2))
-        _write_atomic(self.out / "results.md", results_markdown(results))
-        _write_atomic(self.out / "results.svg", results_plot(results))
+        write_atomic(self.out / RESULTS_FILE, json.dumps(results, indent=2))
+        write_atomic(self.out / "results.md", results_markdown(results))
+        write_atomic(self.out / "results.svg", results_plot(results))
         return results
 
     def synthesize(self) -> Any:
@@ -451,11 +452,6 @@ def _dataset(rows: list[dict[str, Any]]) -> Any:
                                                         datasets.List(datasets.Image()))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text)
-    staging.replace(path)
-
 
 DEMO_SLICE = 60  # the demo agents' accuracy is measured (and tested) on these test items
 
@@ -516,7 +512,7 @@ def export_demo(out: str | Path, dest: str | Path, *, slice_size: int = DEMO_SLI
                     for name, system in systems.items()},
         "answered_right": [row["id"] for row in predictions if row["correct"]],
     }
-    _write_atomic(target / "demo.json", json.dumps(info, indent=2) + "\n")
+    write_atomic(target / "demo.json", json.dumps(info, indent=2) + "\n")
     return info
 
 
