@@ -38,9 +38,17 @@ def scripted_by_turn(messages: list[BaseMessage]) -> str:
 
 
 class AsyncOnlyModel(BaseChatModel):
-    """Replies only on the async path, after yielding to the event loop."""
+    """Replies only on the async path, after yielding to the event loop.
 
-    delay: float = 0.05
+    With `gate` set, a call waits until `gate` calls are in flight at once: runs that were
+    serialised would never get there, so the wait times out instead of passing by luck.
+    """
+
+    delay: float = 0.005
+    gate: int = 0
+    in_flight: int = 0
+    peak: int = 0
+    opened: Any = None
 
     @property
     def _llm_type(self) -> str:
@@ -51,30 +59,39 @@ class AsyncOnlyModel(BaseChatModel):
 
     async def _agenerate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any
                          ) -> ChatResult:
-        await asyncio.sleep(self.delay)
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            if self.gate:
+                if self.opened is None:
+                    self.opened = asyncio.Event()
+                if self.in_flight >= self.gate:
+                    self.opened.set()
+                await asyncio.wait_for(self.opened.wait(), timeout=30)
+            await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
         text = scripted_by_turn(messages)
         return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text))])
 
 
 async def test_async_path_is_truly_async_and_runs_concurrently(inputs: dict[str, Any]) -> None:
-    graph = create_insightv_graph(reasoner=AsyncOnlyModel()).compile()
+    model = AsyncOnlyModel(gate=8)
+    graph = create_insightv_graph(reasoner=model).compile()
     ticks = 0
 
     async def ticker() -> None:
         nonlocal ticks
         while True:
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0)
             ticks += 1
 
     task = asyncio.create_task(ticker())
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     results = await asyncio.gather(*(graph.ainvoke(inputs) for _ in range(8)))
-    elapsed = loop.time() - started
     task.cancel()
     assert [r["answer"] for r in results] == ["3"] * 8
-    assert elapsed < 8 * 3 * 0.05  # eight runs overlapped instead of running one after another
-    assert ticks > 10  # the event loop kept running while the model "worked"
+    assert model.peak == 8  # the eight runs' model calls were all in flight together
+    assert ticks > 8  # the event loop kept running while the model "worked"
 
 
 def test_stream_updates_and_step_events_in_order(inputs: dict[str, Any]) -> None:
