@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from insightv_agents.cli import app
 from insightv_agents.graphs.synthesis import create_synthesis_graph
-from insightv_agents.parsing import parse_stages, parse_steps, parse_verdict
+from insightv_agents.parsing import parse_choice, parse_stages, parse_steps, parse_verdict
 from insightv_agents.prompts import StagePrompts
 from insightv_agents.synthesize import load_items, synthesize, write_run_file
 from insightv_agents.testing import ScriptedChatModel
@@ -22,6 +22,7 @@ from insightv_agents.trainers.data import (
     build_direct_sft,
     build_dpo_pairs,
     build_reasoning_sft,
+    build_stage_judge_sft,
     build_stage_sft,
     build_summary_sft,
     load_records,
@@ -84,6 +85,25 @@ def test_stage_sft_writes_the_best_correct_path_as_four_stages(records: Any) -> 
     assert stages["conclusion"] == best["answer"]
     with_system, _ = build_stage_sft(records)
     assert with_system[0]["messages"][0]["role"] == "system"
+
+
+def test_stage_judge_rows_pick_the_correct_path_in_the_judge_conversation(records: Any
+                                                                        ) -> None:
+    dataset, report = build_stage_judge_sft(records, prompts=StagePrompts(system=""))
+    # a and d have a correct and a wrong path; their steps' texts are alike, so the stage
+    # that differs is the conclusion (7, the truth, against the wrong path's 9)
+    assert sorted(dataset["id"]) == ["a", "d"] and report.skipped == {
+        "no correct and wrong path": 2}
+    assert report.kinds == {"judge-conclusion": 2}
+    for row in dataset:
+        system, user, reply = row["messages"]
+        assert system["content"][0]["text"] == StagePrompts().judge_system
+        text = user["content"][1]["text"]
+        assert "<SUMMARY> To answer, I will:" in text and "<CONCLUSION>" not in text
+        choice, _ = parse_choice(reply["content"][0]["text"])  # what the knockout reads
+        assert f"Response {choice}:\n7" in text and f"Response {3 - choice}:\n9" in text
+    limited, report = build_stage_judge_sft(records, limit=1)
+    assert len(limited) == 1 and report.rows == 1
 
 
 def test_reasoning_sft_min_score(records: Any) -> None:

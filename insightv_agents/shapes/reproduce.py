@@ -12,7 +12,8 @@ Every model starts from the same randomly initialised tiny Idefics3 and the same
 - **(d) / (e)**: (c) with the reasoning agent after one / all rounds of iterative DPO, each
   round sampling from the current model through the synthesis graph, scored by the scene;
 - **(f) stages / stage-beam**: a LLaVA-CoT four-stage model, alone and with stage-level
-  beam search (the model judging its own candidates).
+  beam search, the model judging its own candidates (its training set also teaches it the
+  pairwise judgement: :func:`~insightv_agents.trainers.data.build_stage_judge_sft`).
 
 The data: the teacher (:class:`~insightv_agents.shapes.teacher.SceneTeacher`) writes several
 paths per question through the library's synthesis graph, some flawed, and the scene scorer
@@ -71,6 +72,8 @@ class ReproduceSettings(BaseModel):
         learning_rate, batch_size: of the pre-training and the SFT runs (full fine-tuning).
         rounds, dpo_paths, dpo_learning_rate, dpo_epochs, dpo_beta: iterative DPO.
         beam_size: candidates per stage in (f)'s stage-level beam search.
+        judge_rows: pairwise judge rows added to (f)'s training set (0: the model judges
+            untaught, as LLaVA-CoT's large model does).
         max_new_tokens: cap of every generated reply.
         concurrency: items evaluated (and DPO questions sampled) at once.
     """
@@ -95,6 +98,7 @@ class ReproduceSettings(BaseModel):
     dpo_epochs: float = Field(2, gt=0)
     dpo_beta: float = Field(0.1, gt=0)
     beam_size: int = Field(2, ge=2, le=8)
+    judge_rows: int = Field(1500, ge=0)
     max_new_tokens: int = Field(384, ge=16)
     concurrency: int = Field(4, ge=1)
 
@@ -214,7 +218,6 @@ class Run:
         from insightv_agents.trainers.data import (
             build_direct_sft,
             build_reasoning_sft,
-            build_stage_sft,
             build_summary_sft,
         )
 
@@ -222,7 +225,7 @@ class Run:
             "direct": lambda: build_direct_sft(records),
             "reasoner": lambda: build_reasoning_sft(records, mode="chain"),
             "summary": lambda: build_summary_sft(records),
-            "stages": lambda: build_stage_sft(records, prompts=STAGE_PROMPTS),
+            "stages": lambda: self.stage_set(records),
         }
         folders = {}
         for name, build in builders.items():
@@ -236,6 +239,22 @@ class Run:
                 staging.replace(folder)
             folders[name] = folder
         return folders
+
+    def stage_set(self, records: Any) -> tuple[Any, Any]:
+        """(f)'s training set: the four-stage responses, and judge rows mixed in."""
+        import datasets
+
+        from insightv_agents.trainers.data import build_stage_judge_sft, build_stage_sft
+
+        stages, report = build_stage_sft(records, prompts=STAGE_PROMPTS)
+        if not self.settings.judge_rows:
+            return stages, report
+        judge, judged = build_stage_judge_sft(records, limit=self.settings.judge_rows,
+                                              seed=self.settings.seed, prompts=STAGE_PROMPTS)
+        report.rows += judged.rows
+        report.kinds.update(judged.kinds)
+        mixed = datasets.concatenate_datasets([stages, judge]).shuffle(seed=self.settings.seed)
+        return mixed.flatten_indices(), report
 
     def sft(self, name: str, rows: Path) -> None:
         from insightv_agents.trainers.common import finished_run

@@ -9,6 +9,8 @@
   lower-scoring path at least ``min_margin`` points below it.
 - :func:`build_direct_sft`: plain question answering (the direct-answer baseline).
 - :func:`build_stage_sft`: LLaVA-CoT's four tagged stages made from the best correct path.
+- :func:`build_stage_judge_sft`: the stage-level beam search's pairwise judge, taught on a
+  correct and a wrong path of the same question.
 
 Rows are conversational with image placeholders (``{"type": "image"}``) and an ``images``
 column, TRL's format for vision-language SFT (``messages``) and DPO (``prompt``/``chosen``/
@@ -36,12 +38,13 @@ from insightv_agents.prompts import (
     StagePrompts,
     format_question,
     image_parts,
+    pairwise_messages,
     reasoning_messages,
     stage_messages,
     summary_messages,
 )
 from insightv_agents.records import read_records
-from insightv_agents.schema import Stages, Verdict
+from insightv_agents.schema import Stage, Stages, Verdict
 from insightv_agents.synthesize import RECORDS_FILE, read_run_file
 
 Record = dict[str, Any]
@@ -392,6 +395,60 @@ def build_stage_sft(records: Records, *, min_score: int | None = None,
             *messages, AIMessage(format_stages(path_stages(best)))], records.image(best)))
     report.rows = len(rows)
     report.kinds["stages"] = len(rows)
+    return _dataset(rows, "messages"), report
+
+
+_JUDGE_REASONS: dict[Stage, str] = {
+    "summary": "its plan fits the question",
+    "caption": "it describes the image correctly",
+    "reasoning": "its reasoning has no errors",
+    "conclusion": "it follows from correct reasoning",
+}
+
+
+def build_stage_judge_sft(records: Records, *, limit: int | None = None, seed: int = 0,
+                          prompts: StagePrompts = DEFAULT_STAGE_PROMPTS
+                          ) -> tuple[Any, BuildReport]:
+    """Teach the stage-level beam search's judge (LLaVA-CoT's pairwise comparison).
+
+    Per question with a correct path and a wrong one (wrong answer), one judgement: for a
+    stage where the two differ (drawn at random among caption, reasoning, conclusion — where
+    a wrong path goes wrong), the judge conversation of :func:`~insightv_agents.prompts.
+    pairwise_messages` with the correct path's earlier stages as the shared prefix, the two
+    candidates in random order, and the reply ``"Since <reason>, I choose response N."``
+    naming the correct path's. ``limit`` caps the rows (questions drawn at random)."""
+    rng = random.Random(seed)
+    report = BuildReport(questions=len(records.questions))
+    rows: list[Row] = []
+    for identifier, paths in records.questions.items():
+        best = best_correct_path(paths)
+        wrong = [path for path in paths if path.get("correct") is False and path["steps"]]
+        if best is None or not wrong:
+            report.skipped["no correct and wrong path"] += 1
+            continue
+        worse = rng.choice(wrong)
+        good = path_stages(best)
+        bad = path_stages(worse)
+        bad["conclusion"] = worse.get("final_answer") or ""  # what the wrong path concluded
+        differing: list[Stage] = [stage for stage in ("caption", "reasoning", "conclusion")
+                                  if bad[stage] and bad[stage] != good[stage]]
+        if not differing:
+            report.skipped["paths alike"] += 1
+            continue
+        stage = rng.choice(differing)
+        choice = rng.choice((1, 2))
+        first, second = (good[stage], bad[stage]) if choice == 1 else (bad[stage], good[stage])
+        messages = pairwise_messages(prompts=prompts, target=stage,
+                                     question=_question(best, DEFAULT_PROMPTS),
+                                     images=[_PLACEHOLDER], prefix=format_stages(good, upto=stage),
+                                     first=first, second=second)
+        reply = f"Since {_JUDGE_REASONS[stage]}, I choose response {choice}."
+        rows.append(_row(identifier, f"judge-{stage}", [*messages, AIMessage(reply)],
+                         records.image(best)))
+    if limit is not None and len(rows) > limit:
+        rows = rng.sample(rows, limit)
+    report.rows = len(rows)
+    report.kinds.update(Counter(row["kind"] for row in rows))
     return _dataset(rows, "messages"), report
 
 
