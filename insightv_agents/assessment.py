@@ -18,6 +18,7 @@ from langgraph.runtime import Runtime
 from langgraph.types import Overwrite
 from typing_extensions import TypedDict
 
+from insightv_agents.errors import check_int
 from insightv_agents.nodes import Exchange, Outcome, _ModelNode
 from insightv_agents.parsing import parse_judgement, parse_scores
 from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, judge_messages, score_messages
@@ -132,7 +133,9 @@ class ScoreNode(_ModelNode):
     Reads ``paths`` (each a :class:`~insightv_agents.schema.PathResult`), ``question``,
     ``answer`` (the ground truth) and ``images``; writes the paths back in order with
     ``score`` and ``comment`` filled in, and ``scoring_failures``. Paths that failed are not
-    shown to the scorer and keep ``score=None``.
+    shown to the scorer and keep ``score=None``. Each path's reasoning is shown up to
+    ``max_path_chars`` characters (``None``: whole), so that one request holding all paths
+    of a question fits the scorer's context.
     """
 
     def __init__(
@@ -140,12 +143,16 @@ class ScoreNode(_ModelNode):
         model: LanguageModelLike,
         *,
         max_retries: int = 2,
+        max_path_chars: int | None = 6000,
         prompts: Prompts = DEFAULT_PROMPTS,
         name: str = "score",
         context_keys: Sequence[str] = ("scorer",),
     ) -> None:
         super().__init__(model, name=name, context_keys=context_keys, prompts=prompts,
                          max_retries=max_retries)
+        if max_path_chars is not None:
+            check_int("max_path_chars", max_path_chars, 100, 10_000_000)
+        self.max_path_chars = max_path_chars
 
     def _json_schema(self, state: dict[str, Any]) -> dict[str, object]:
         return scores_json_schema(paths=max(1, len(_scorable(state))))
@@ -156,7 +163,8 @@ class ScoreNode(_ModelNode):
             return None
         messages = score_messages(prompts=self.prompts, question=state["question"],
                                   truth=state["answer"], images=state.get("images") or [],
-                                  paths=[(path["steps"], path["answer"]) for path in scored])
+                                  paths=[(path["steps"], path["answer"]) for path in scored],
+                                  max_path_chars=self.max_path_chars)
         return self._ask(messages, lambda text: parse_scores(text, len(scored)))
 
     def _update(self, state: dict[str, Any], outcome: Outcome[Any] | None,

@@ -255,11 +255,19 @@ def judge_messages(*, prompts: Prompts, question: str, truth: str, answer: str
 
 def score_messages(
     *, prompts: Prompts, question: str, truth: str, images: list[str],
-    paths: list[tuple[list[ReasoningStep], str]],
+    paths: list[tuple[list[ReasoningStep], str]], max_path_chars: int | None = None,
 ) -> list[BaseMessage]:
-    """The scoring agent's conversation: every path of one question, in a single request."""
+    """The scoring agent's conversation: every path of one question, in a single request.
+    With ``max_path_chars``, each path's reasoning is cut to that length (and says so), so
+    that the request of a question with many long paths stays within the model's context."""
+    def reasoning(steps: list[ReasoningStep]) -> str:
+        text = render_reasoning(steps, prompts)
+        if max_path_chars is None or len(text) <= max_path_chars:
+            return text
+        return f"{text[:max_path_chars]} [... {len(text) - max_path_chars} characters cut]"
+
     blocks = "\n\n".join(
-        prompts.score_path.format(index=index, reasoning=render_reasoning(steps, prompts),
+        prompts.score_path.format(index=index, reasoning=reasoning(steps),
                                   answer=answer or "(none)")
         for index, (steps, answer) in enumerate(paths, 1))
     text = prompts.score_user.format(question=question, truth=truth, paths=blocks)

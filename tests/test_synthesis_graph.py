@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from helpers import png_bytes, role_of, teacher
+from helpers import png_bytes, role_of, step, teacher
 
 from insightv_agents import InvalidInputError
 from insightv_agents.assessment import RuleScorer, ScoreRequest
@@ -120,6 +120,24 @@ def test_failed_paths_are_left_out_of_the_scoring_prompt() -> None:
     (scoring,) = calls(model, "score")
     assert str(scoring[-1].content).count("=== Path ") == 2
     assert sorted(p["score"] for p in out["paths"] if p["status"] == "ok") == [61, 62]
+
+
+def test_long_paths_are_cut_in_the_scoring_request() -> None:
+    base = teacher(steps=3)
+
+    def reply(messages: list[Any]) -> str:
+        if role_of(messages) == "reason":
+            done = sum(1 for m in messages if m.type == "ai")
+            return step(f"s{done + 1}", "x" * 5000, "summary" if done == 2 else "continue")
+        return base(messages)
+
+    model = ScriptedChatModel([reply], cycle=True)
+    out = create_synthesis_graph(teacher=model, paths=4).compile().invoke(ITEM)
+    assert [len(p["steps"]) for p in out["paths"]] == [3] * 4  # the paths keep every step
+    (scoring,) = calls(model, "score")
+    text = scoring[-1].content[-1]["text"]
+    assert text.count("characters cut]") == 4 and len(text) < 4 * 6200
+    assert [p["score"] for p in out["paths"]] == [50, 51, 52, 53]
 
 
 @pytest.mark.parametrize(("reply", "expected"), [
