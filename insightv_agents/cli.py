@@ -416,8 +416,10 @@ def eval_command(
             raise InsightVError(f"--method must be insightv, direct or one of "
                                 f"{', '.join(METHODS)}; not {method!r}.")
         items, root = load_items(data, out=out, limit=limit)
-        if base_url is None and local_model is None:
-            raise InsightVError("evaluation needs a model: pass --base-url or --local-model.")
+        if base_url is None and local_model is None and not (
+                method == "insightv" and _demo_available()):
+            raise InsightVError("evaluation needs a model: pass --base-url or --local-model "
+                                "(with neither, --method insightv runs the demo agents).")
         reasoner, summarizer, backend = _models(
             base_url, model, summary_base_url, summary_model, local_model, local_adapter,
             temperature, staged=method not in ("insightv", "direct"))
@@ -447,6 +449,12 @@ def eval_command(
 
     console.print(Markdown(report_markdown(report)))
     console.print(f"-> {out}/report.md, {out}/report.json, {out}/predictions.jsonl")
+
+
+def _demo_available() -> bool:
+    from insightv_agents.demo import demo_available
+
+    return demo_available()
 
 
 def _reasoning_check(scenes: str | None, root: Path) -> Any:

@@ -148,11 +148,13 @@ def test_chain_reads_the_answer_from_the_reasoners_last_step(data: Path, tmp_pat
     assert all(row["steps"] and row["response"] for row in rows)
 
 
-def test_cli_eval_needs_a_model_and_checks_the_data_first(data: Path, tmp_path: Path) -> None:
+def test_cli_eval_needs_a_model_and_checks_the_data_first(
+        data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
     from insightv_agents.cli import app
 
+    monkeypatch.setattr("insightv_agents.demo.demo_available", lambda: False)
     result = CliRunner().invoke(app, ["eval", "--data", str(data / "test.jsonl"), "--out",
                                       str(tmp_path / "o")])
     assert result.exit_code == 2 and "needs a model" in result.output
