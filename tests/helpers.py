@@ -170,3 +170,19 @@ def write_output(folder: Path, questions: dict[str, list[tuple[int | None, bool 
                 record = path_record(identifier, index, len(paths), score, correct, **extra)
                 handle.write(json.dumps(record) + "\n")
     return folder
+
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "shapes.png"
+
+
+def demo_example() -> tuple[Path, str, str]:
+    """The picture and question of ``make demo`` (read from the Makefile, so the two cannot
+    drift) and the true answer, computed from the scene described beside the picture."""
+    from insightv_agents.shapes import Scene, parse_question
+
+    text = (ROOT / "Makefile").read_text()
+    start = text.index('--question "', text.index("\ndemo: ")) + len('--question "')
+    question = text[start:text.index('"', start)]
+    scene = Scene.from_dict(json.loads(EXAMPLE.with_suffix(".json").read_text()))
+    return EXAMPLE, question, parse_question(question).answer(scene)

@@ -71,8 +71,13 @@ def test_n_samples(tiny_idefics3: Path, image_path: Path) -> None:
                                   temperature=1.0, n=3, seed=0)
     [generations] = sampler.generate([[image_message(image_path)]]).generations
     assert len(generations) == 3 and len({g.text for g in generations}) > 1
-    again = sampler.generate([[image_message(image_path)]]).generations[0]
-    assert [g.text for g in again] == [g.text for g in generations]  # seeded
+    second = sampler.generate([[image_message(image_path)]]).generations[0]
+    assert [g.text for g in second] != [g.text for g in generations]  # a new sample
+    fresh = ChatTransformersVLM(model_path=str(tiny_idefics3), max_new_tokens=8,
+                                temperature=1.0, n=3, seed=0)
+    replay = [fresh.generate([[image_message(image_path)]]).generations[0] for _ in range(2)]
+    assert [[g.text for g in r] for r in replay] == [
+        [g.text for g in generations], [g.text for g in second]]  # seeded: repeatable
 
 
 def test_stop_strings_cut_the_reply(model: ChatTransformersVLM, image_path: Path) -> None:

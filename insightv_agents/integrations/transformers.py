@@ -47,7 +47,9 @@ class ChatTransformersVLM(BaseChatModel):
             the first).
         stop: strings that end a generation; the reply is cut before them.
             A conversation that ends with an assistant message is continued from it.
-        seed: seeds torch before each call, for repeatable sampling.
+        seed: seeds torch before each call with ``seed`` plus the number of calls made
+            before it: a run that makes its calls in the same order samples the same, and
+            the same prompt asked twice gets two different samples.
         trust_remote_code: run code shipped with the checkpoint. Off by default.
 
     Example:
@@ -78,6 +80,7 @@ class ChatTransformersVLM(BaseChatModel):
 
     _model: Any = PrivateAttr(default=None)
     _processor: Any = PrivateAttr(default=None)
+    _calls: int = PrivateAttr(default=0)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     def __init__(self, **settings: Any) -> None:
@@ -138,7 +141,8 @@ class ChatTransformersVLM(BaseChatModel):
         stops = [*(self.stop or []), *(stop or [])]
         with self._lock, torch.inference_mode():
             if self.seed is not None:
-                torch.manual_seed(self.seed)
+                torch.manual_seed(self.seed + self._calls)
+            self._calls += 1
             output = model.generate(**inputs, **options, stop_strings=stops or None,
                                     tokenizer=processor.tokenizer)
         prompt_tokens = int(inputs["input_ids"].shape[1])
