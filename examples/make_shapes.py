@@ -1,17 +1,19 @@
-"""Draw the example scene used by ``make demo`` (examples/shapes.png) from its description
-(examples/shapes.json: a test-split scene of the shapes world, one the demo agents were not
-trained on)."""
+"""Draw the example scene used by ``make demo`` (examples/shapes.png)."""
 
-import json
 from pathlib import Path
 
-from insightv_agents.shapes import Scene, draw_scene
+from PIL import Image, ImageDraw
 
 
-def draw(description: Path, picture: Path) -> None:
-    draw_scene(Scene.from_dict(json.loads(description.read_text()))).save(picture)
+def draw(path: Path) -> None:
+    image = Image.new("RGB", (320, 240), "white")
+    pen = ImageDraw.Draw(image)
+    pen.rectangle((20, 30, 110, 120), fill="red")
+    pen.ellipse((150, 40, 200, 90), fill="red")
+    pen.polygon([(240, 150), (300, 220), (180, 220)], fill="blue")
+    pen.ellipse((40, 160, 90, 210), fill="green")
+    image.save(path, optimize=True)
 
 
 if __name__ == "__main__":
-    here = Path(__file__).parent
-    draw(here / "shapes.json", here / "shapes.png")
+    draw(Path(__file__).with_name("shapes.png"))

@@ -14,7 +14,7 @@ from rich.panel import Panel
 from insightv_agents.errors import InsightVError
 from insightv_agents.graphs import create_insightv_graph, create_stage_beam_graph
 from insightv_agents.images import ImagePolicy
-from insightv_agents.prompts import DEFAULT_STAGE_PROMPTS, ReasoningMode
+from insightv_agents.prompts import DEFAULT_PROMPTS, DEFAULT_STAGE_PROMPTS, Prompts, ReasoningMode
 from insightv_agents.testing import ScriptedChatModel
 
 app = typer.Typer(help="Insight-V multi-agent visual reasoning.", no_args_is_help=True,
@@ -134,7 +134,7 @@ def run(
         mode = mode or ("chain" if backend == DEMO_BACKEND else "step")
         graph = _graph(method, reasoner, summarizer, mode=mode, max_steps=max_steps,
                        max_revisions=max_revisions, beam_size=beam_size,
-                       policy=ImagePolicy(allow_urls=allow_urls))
+                       policy=ImagePolicy(allow_urls=allow_urls), prompts=_prompts(backend))
         result = _stream(graph, {"image": image if len(image) > 1 else image[0],
                                  "question": question}, console)
     except InsightVError as err:
@@ -363,12 +363,14 @@ def _summary_mix(text: str, bins: str, seed: int) -> Any:
 
 
 def _graph(method: str, reasoner: Any, summarizer: Any, *, mode: str, max_steps: int,
-           max_revisions: int, beam_size: int, policy: ImagePolicy | None = None) -> Any:
+           max_revisions: int, beam_size: int, policy: ImagePolicy | None = None,
+           prompts: Prompts = DEFAULT_PROMPTS) -> Any:
     """The compiled graph of ``method`` (``insightv`` or a LLaVA-CoT search)."""
     if method == "insightv":
         return create_insightv_graph(
             reasoner=reasoner, summarizer=summarizer, mode=_mode(mode), max_steps=max_steps,
-            max_revisions=max_revisions, image_policy=policy).compile(name="insightv")
+            max_revisions=max_revisions, image_policy=policy,
+            prompts=prompts).compile(name="insightv")
     return create_stage_beam_graph(
         reasoner, beam_size=beam_size, search=METHODS[method],  # type: ignore[arg-type]
         summarizer=summarizer, image_policy=policy).compile(name=method)
@@ -425,7 +427,7 @@ def eval_command(
             temperature, staged=method not in ("insightv", "direct"))
         predict = direct_predictor(reasoner) if method == "direct" else graph_predictor(
             _graph(method, reasoner, summarizer, mode=mode, max_steps=max_steps,
-                   max_revisions=0, beam_size=beam_size))
+                   max_revisions=0, beam_size=beam_size, prompts=_prompts(backend)))
         check = _reasoning_check(scenes, root)
         settings = {"method": method, "data": str(data), "backend": backend,
                     "reasoner": describe_model(reasoner),
@@ -449,6 +451,15 @@ def eval_command(
 
     console.print(Markdown(report_markdown(report)))
     console.print(f"-> {out}/report.md, {out}/report.json, {out}/predictions.jsonl")
+
+
+def _prompts(backend: str | None) -> Prompts:
+    """The prompts for ``backend``: the demo agents' own, else the library's."""
+    if backend != DEMO_BACKEND:
+        return DEFAULT_PROMPTS
+    from insightv_agents.demo import demo_prompts
+
+    return demo_prompts()
 
 
 def _demo_available() -> bool:

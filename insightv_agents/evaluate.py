@@ -37,8 +37,8 @@ from insightv_agents.prompts import (
     DEFAULT_PROMPTS,
     Prompts,
     format_question,
-    image_parts,
     reasoning_messages,
+    user_content,
 )
 from insightv_agents.records import RecordLog, read_records
 from insightv_agents.synthesize import Item
@@ -70,8 +70,7 @@ def direct_predictor(model: LanguageModelLike, *, prompts: Prompts = DEFAULT_PRO
     async def predict(item: Item) -> dict[str, Any]:
         images = load_images(item.image, image_policy)
         question = format_question(item.question, item.choices, prompts)
-        message = HumanMessage(content=[*image_parts(images),
-                                        {"type": "text", "text": question}])
+        message = HumanMessage(content=user_content(prompts, images, question))
         reply = reply_text(await model.ainvoke([message]))
         answer = extract_answer(reply)
         return {"answer": answer, "status": "ok" if answer else "failed", "response": reply}

@@ -28,7 +28,14 @@ _STEP_FORMAT = (
 
 @dataclass(frozen=True)
 class Prompts:
-    """The texts of every prompt. Placeholders in braces are filled with ``str.format``."""
+    """The texts of every prompt. Placeholders in braces are filled with ``str.format``.
+
+    ``images_after_text`` puts the image(s) after the text of a user turn instead of before
+    it (the usual order): a model trained that way needs it (the shapes world's demo agents,
+    whose first reasoning step, describing the picture, then directly follows it).
+    """
+
+    images_after_text: bool = False
 
     reasoning_step_system: str = (
         "You are the reasoning agent of a visual question answering system. Solve the question "
@@ -111,6 +118,7 @@ class StagePrompts:
     judge for each stage, for whole responses (best-of-N) and for sentences.
     """
 
+    images_after_text: bool = False
     system: str = (
         "Answer the question about the image(s) in four stages, each inside its tags, in this "
         "order: <SUMMARY> how you will approach the problem, without solving it yet "
@@ -168,6 +176,14 @@ class StagePrompts:
 DEFAULT_STAGE_PROMPTS = StagePrompts()
 
 
+def user_content(prompts: Prompts | StagePrompts, images: list[str], text: str
+                 ) -> list[str | dict[Any, Any]]:
+    """A user turn's content parts: the image(s) and the text, in the prompts' order."""
+    parts: list[str | dict[Any, Any]] = list(image_parts(images))
+    words: list[str | dict[Any, Any]] = [{"type": "text", "text": text}]
+    return [*words, *parts] if prompts.images_after_text else [*parts, *words]
+
+
 def image_parts(images: list[str]) -> list[dict[str, Any]]:
     """Message content parts for images given as data URLs (OpenAI ``image_url`` format)."""
     return [{"type": "image_url", "image_url": {"url": url}} for url in images]
@@ -205,7 +221,7 @@ def reasoning_messages(
     system = prompts.reasoning_step_system if mode == "step" else prompts.reasoning_chain_system
     messages: list[BaseMessage] = [
         SystemMessage(system),
-        HumanMessage(content=[*image_parts(images), {"type": "text", "text": text}]),
+        HumanMessage(content=user_content(prompts, images, text)),
     ]
     if mode == "step":
         for step in steps:
@@ -223,7 +239,7 @@ def summary_messages(
                                        reasoning=render_reasoning(steps, prompts))
     return [
         SystemMessage(prompts.summary_system),
-        HumanMessage(content=[*image_parts(images), {"type": "text", "text": text}]),
+        HumanMessage(content=user_content(prompts, images, text)),
     ]
 
 
@@ -273,7 +289,7 @@ def score_messages(
     text = prompts.score_user.format(question=question, truth=truth, paths=blocks)
     return [
         SystemMessage(prompts.score_system.format(paths=len(paths))),
-        HumanMessage(content=[*image_parts(images), {"type": "text", "text": text}]),
+        HumanMessage(content=user_content(prompts, images, text)),
     ]
 
 
@@ -284,7 +300,7 @@ def stage_messages(*, prompts: StagePrompts, question: str, images: list[str], p
     (vLLM, the in-process transformers model) continue rather than answer."""
     messages: list[BaseMessage] = [SystemMessage(prompts.system)] if prompts.system else []
     text = prompts.question.format(question=question)
-    messages.append(HumanMessage(content=[*image_parts(images), {"type": "text", "text": text}]))
+    messages.append(HumanMessage(content=user_content(prompts, images, text)))
     if prefix:
         messages.append(AIMessage(prefix))
     return messages
@@ -298,7 +314,7 @@ def pairwise_messages(*, prompts: StagePrompts, target: str, question: str, imag
                                      first=first or "(empty)", second=second or "(empty)",
                                      criterion=prompts.criterion(target))
     return [SystemMessage(prompts.judge_system),
-            HumanMessage(content=[*image_parts(images), {"type": "text", "text": text}])]
+            HumanMessage(content=user_content(prompts, images, text))]
 
 
 def check_messages(*, prompts: StagePrompts, question: str, images: list[str], caption: str,
@@ -307,7 +323,7 @@ def check_messages(*, prompts: StagePrompts, question: str, images: list[str], c
     text = prompts.check_user.format(question=question, caption=caption or "(none)",
                                      reasoning=reasoning or "(empty)")
     return [SystemMessage(prompts.check_system),
-            HumanMessage(content=[*image_parts(images), {"type": "text", "text": text}])]
+            HumanMessage(content=user_content(prompts, images, text))]
 
 
 def reask_messages(

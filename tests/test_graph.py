@@ -164,6 +164,13 @@ def test_prompts_are_overridable(inputs: dict[str, Any]) -> None:
     assert model.calls[1][0].text == "JUDGE"
 
 
+def test_images_can_follow_the_text_of_every_user_turn(inputs: dict[str, Any]) -> None:
+    model = ScriptedChatModel([step("s", "r", "summary"), verdict("2")])
+    run(model, inputs, prompts=Prompts(images_after_text=True))
+    for call in model.calls:  # the reasoning agent's turn, then the summary agent's
+        assert [p["type"] for p in call[1].content] == ["text", "image_url"]
+
+
 BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
     ("no question", {"image": png_bytes()}, "`question` is required"),
     ("None question", {"image": png_bytes(), "question": None}, "`question` is required"),

@@ -206,11 +206,27 @@ def test_reasoning_flaws_change_one_number_and_carry_on() -> None:
     assert plan_path(scene, query).answer == "3"
     miscount = plan_path(scene, query, strategy="focus", flaws=[Flaw("miscount", delta=1)])
     assert miscount.answer == "4" and miscount.used == ["miscount"]
-    assert "the number of red shapes is 3" in miscount.steps[0]["reasoning"]
+    assert "the number of red shapes is 3" in miscount.steps[1]["reasoning"]
     arithmetic = plan_path(scene, query, flaws=[Flaw("arithmetic", delta=-1)])
     assert arithmetic.steps[-1]["reasoning"].startswith("2 + 1 = 2.")
     omit = plan_path(scene, query, flaws=[Flaw("omit", scene.shapes[0])])
     assert omit.answer == "2" and "row 1, column 1" not in format_chain(omit.steps)
+
+
+def test_every_path_first_describes_the_grid_it_believes_and_the_scorer_checks_it() -> None:
+    scene = Scene((Shape(1, 2, "circle", "red", "small"), Shape(3, 4, "square", "blue", "large")))
+    query = Query("count", Filter(colour="red"))
+    first = plan_path(scene, query, strategy="rows").steps[0]
+    assert first["summary"] == "Describe the image" and first["reasoning"] == (
+        "Row 1: empty, small red circle, empty, empty. Row 2: empty, empty, empty, empty. "
+        "Row 3: empty, empty, empty, large blue square. Row 4: empty, empty, empty, empty.")
+    claims = check_claims(scene, [first])
+    assert len(claims) == 16 and all(claim.holds for claim in claims)
+    seen = Shape(1, 2, "circle", "green", "small")
+    flawed = plan_path(scene, query, flaws=[Flaw("misperceive", scene.shapes[0], seen)])
+    assert "Row 1: empty, small green circle, empty, empty." in flawed.steps[0]["reasoning"]
+    wrong = [claim.text for claim in check_claims(scene, flawed.steps[:1]) if not claim.holds]
+    assert wrong == ["row 1, column 2: small green circle"]
 
 
 def test_teacher_paths_through_the_synthesis_graph_reach_the_label(dataset: Path,
@@ -228,7 +244,7 @@ def test_teacher_paths_through_the_synthesis_graph_reach_the_label(dataset: Path
     for record in records:
         assert record["status"] == "ok" and record["correct"] is True and record["score"] == 100
         assert all(format_step(step) for step in record["steps"])
-        strategies.add(record["steps"][0]["summary"].split()[0])
+        strategies.add(record["steps"][1]["summary"].split()[0])
     assert len(strategies) >= 3  # several strategies per question
 
 

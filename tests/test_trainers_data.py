@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from insightv_agents.cli import app
 from insightv_agents.graphs.synthesis import create_synthesis_graph
 from insightv_agents.parsing import parse_choice, parse_stages, parse_steps, parse_verdict
-from insightv_agents.prompts import StagePrompts
+from insightv_agents.prompts import Prompts, StagePrompts
 from insightv_agents.synthesize import load_items, synthesize, write_run_file
 from insightv_agents.testing import ScriptedChatModel
 from insightv_agents.trainers.data import (
@@ -104,6 +104,15 @@ def test_stage_judge_rows_pick_the_correct_path_in_the_judge_conversation(record
         assert f"Response {choice}:\n7" in text and f"Response {3 - choice}:\n9" in text
     limited, report = build_stage_judge_sft(records, limit=1)
     assert len(limited) == 1 and report.rows == 1
+
+
+def test_builders_put_the_image_where_the_prompts_say(records: Any) -> None:
+    after = Prompts(images_after_text=True)
+    for dataset, _ in (build_reasoning_sft(records, mode="chain", prompts=after),
+                       build_direct_sft(records, prompts=after),
+                       build_summary_sft(records, prompts=after)):
+        user = next(m for m in dataset[0]["messages"] if m["role"] == "user")
+        assert [part["type"] for part in user["content"]] == ["text", "image"]
 
 
 def test_reasoning_sft_min_score(records: Any) -> None:

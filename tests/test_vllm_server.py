@@ -307,26 +307,3 @@ def test_stage_beam_through_vllm_samples_candidates_with_n(server: VLLMServer,
         checks = len(reasoning) if all(reasoning) else 0
         assert counted.judging == matches + checks
         assert out["status"] in ("ok", "failed")
-
-
-def test_the_shipped_demo_agents_serve_in_bfloat16_and_answer_the_demo_example(
-        tmp_path: Path) -> None:
-    """The production path for the demo agents: both served by vLLM as shipped (bfloat16
-    safetensors), the graph answering `make demo`'s question right."""
-    from helpers import demo_example
-
-    from insightv_agents.demo import REASONER_DIR, SUMMARY_DIR, demo_available
-
-    assert demo_available()
-    image, question, truth = demo_example()
-    engine = {**ENGINE, "dtype": "bfloat16"}
-    with VLLMServer(REASONER_DIR, served_model_name="reasoner", python=vllm_python(),
-                    log_path=tmp_path / "reasoner.log", **engine) as reasoner, \
-            VLLMServer(SUMMARY_DIR, served_model_name="summary", python=vllm_python(),
-                       log_path=tmp_path / "summary.log", **engine) as summary:
-        graph = create_insightv_graph(
-            reasoner=reasoner.chat_model(max_tokens=384, temperature=0),
-            summarizer=summary.chat_model(max_tokens=128, temperature=0), mode="chain")
-        out = graph.compile().invoke({"image": str(image), "question": question})
-    assert out["status"] == "ok" and out["answer"] == truth
-    assert len(out["steps"]) >= 2

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from insightv_agents.prompts import Prompts
+
 DEMO_DIR = Path(__file__).resolve().parent
 REASONER_DIR = DEMO_DIR / "reasoner"
 SUMMARY_DIR = DEMO_DIR / "summary"
@@ -31,10 +33,17 @@ def demo_info() -> dict[str, Any]:
     return info
 
 
+def demo_prompts() -> Prompts:
+    """The prompts the demo agents were trained with (``demo.json``'s ``prompts``): use them
+    in the graph (``create_insightv_graph(..., prompts=demo_prompts())``)."""
+    return Prompts(**demo_info().get("prompts", {}))
+
+
 def demo_agents(*, temperature: float = 0.0, max_new_tokens: int = 384,
                 device: str = "auto") -> tuple[Any, Any]:
     """The (reasoner, summarizer) chat models, run in-process with transformers. The
-    reasoner writes whole chains: use ``mode="chain"`` in the graph."""
+    reasoner writes whole chains: use ``mode="chain"`` and :func:`demo_prompts` in the
+    graph."""
     from insightv_agents.integrations.transformers import ChatTransformersVLM
 
     def agent(folder: Path) -> ChatTransformersVLM:

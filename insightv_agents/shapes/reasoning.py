@@ -1,12 +1,14 @@
 """Reasoning paths for questions of the shapes world, in the library's step format.
 
-:func:`plan_path` writes a path from the scene description with one of several strategies
-(``scan``: list every shape, then pick; ``focus``: look only for what the question names;
-``rows``: count row by row and add up). Flawed paths come from :class:`Flaw` s of controlled
-kinds: perception errors change what the path *believes* the scene is (``omit`` a shape,
-``misperceive`` its colour or kind, ``misplace`` it by a column) and the reasoning then
-follows that belief faithfully; reasoning errors (``miscount``, ``arithmetic``) put one
-wrong number in an otherwise right path, and the error carries on from there.
+:func:`plan_path` writes a path from the scene description. Every path first describes the
+image cell by cell (:func:`~insightv_agents.shapes.scenes.describe_grid`), then goes on with
+one of several strategies (``scan``: list every shape, then pick; ``focus``: look only for
+what the question names; ``rows``: count row by row and add up). Flawed paths come from
+:class:`Flaw` s of controlled kinds: perception errors change what the path *believes* the
+scene is (``omit`` a shape, ``misperceive`` its colour or kind, ``misplace`` it by a column)
+and the reasoning then follows that belief faithfully; reasoning errors (``miscount``,
+``arithmetic``) put one wrong number in an otherwise right path, and the error carries on
+from there.
 
 Every claim a path makes has one fixed wording, so :mod:`~insightv_agents.shapes.scorer`
 can check it against the scene.
@@ -22,7 +24,7 @@ from typing import Literal
 from insightv_agents.errors import InvalidInputError
 from insightv_agents.schema import ReasoningStep
 from insightv_agents.shapes.questions import Filter, Query, reference
-from insightv_agents.shapes.scenes import COLOURS, GRID, KINDS, Scene, Shape
+from insightv_agents.shapes.scenes import COLOURS, GRID, KINDS, Scene, Shape, describe_grid
 
 Strategy = Literal["scan", "focus", "rows"]
 STRATEGIES: tuple[Strategy, ...] = ("scan", "focus", "rows")
@@ -202,6 +204,7 @@ class _Writer:
     # --- the questions ---
 
     def solve(self, query: Query) -> str:
+        self.step("Describe the image", describe_grid(self.scene, separator=" "))
         a, b = query.a or Filter(), query.b or Filter()
         if query.kind == "attribute":
             row, column = query.cell or (0, 0)

@@ -38,14 +38,18 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from insightv_agents.prompts import DEFAULT_PROMPTS, DEFAULT_STAGE_PROMPTS, StagePrompts
+from insightv_agents.prompts import DEFAULT_STAGE_PROMPTS, Prompts, StagePrompts
 from insightv_agents.shapes.dataset import make_dataset
 from insightv_agents.shapes.questions import CATEGORIES
-from insightv_agents.shapes.scenes import GRID, Scene, SceneIndex
+from insightv_agents.shapes.scenes import SceneIndex, describe_grid
 from insightv_agents.trainers.common import write_atomic
 
 CAPTION_REQUEST = "List the shapes in the image."
-STAGE_PROMPTS = StagePrompts(system="")  # a model trained on four-stage data needs none
+# The picture goes after the text in every user turn: the tiny models read it by position,
+# so the first thing they write about it (the caption, a path's first step) must follow it.
+PROMPTS = Prompts(images_after_text=True)
+# A model trained on four-stage data needs no format instruction.
+STAGE_PROMPTS = StagePrompts(system="", images_after_text=True)
 SYSTEMS: dict[str, str] = {
     "a-direct": "(a) direct answers",
     "b-chain": "(b) long chains, one model",
@@ -89,7 +93,7 @@ class ReproduceSettings(BaseModel):
     flaw_rate: float = Field(0.5, ge=0, le=1)
     vocab_size: int = Field(1024, ge=300)
     caption_epochs: float = Field(10, gt=0)
-    sft_epochs: float = Field(1.5, gt=0)
+    sft_epochs: float = Field(3, gt=0)
     learning_rate: float = Field(2e-3, gt=0)
     batch_size: int = Field(16, ge=1)
     rounds: int = Field(3, ge=1, le=10)
@@ -202,7 +206,7 @@ class Run:
         from insightv_agents.parsing import format_chain, format_stages, format_verdict
         from insightv_agents.trainers.data import path_stages
 
-        p = DEFAULT_PROMPTS
+        p = PROMPTS
         texts = [p.reasoning_chain_system, p.summary_system, p.final_answer, CAPTION_REQUEST,
                  DEFAULT_STAGE_PROMPTS.judge_system, DEFAULT_STAGE_PROMPTS.judge_user]
         for paths in list(records.questions.values())[:1500]:
@@ -222,9 +226,9 @@ class Run:
         )
 
         builders = {
-            "direct": lambda: build_direct_sft(records),
-            "reasoner": lambda: build_reasoning_sft(records, mode="chain"),
-            "summary": lambda: build_summary_sft(records),
+            "direct": lambda: build_direct_sft(records, prompts=PROMPTS),
+            "reasoner": lambda: build_reasoning_sft(records, mode="chain", prompts=PROMPTS),
+            "summary": lambda: build_summary_sft(records, prompts=PROMPTS),
             "stages": lambda: self.stage_set(records),
         }
         folders = {}
@@ -290,6 +294,7 @@ class Run:
                      "num_train_epochs": s.dpo_epochs, "beta": s.dpo_beta,
                      "per_device_train_batch_size": 8, "seed": s.seed, "logging_steps": 5}),
             scorer=SceneScorer(index=self.index), summarizer=self.chat(self.models / "summary"),
+            prompts=PROMPTS,
             policy=InProcessPolicy(max_new_tokens=s.max_new_tokens, seed=s.seed),
             on_round=lambda metrics: self.log(f"  round {metrics['round']}: {metrics}"))
         return result.rounds
@@ -308,9 +313,9 @@ class Run:
 
         models = self.models
         if system == "a-direct":
-            return direct_predictor(self.chat(models / "direct"))
+            return direct_predictor(self.chat(models / "direct"), prompts=PROMPTS)
         if system == "b-chain":
-            return chain_predictor(self.chat(models / "reasoner"))
+            return chain_predictor(self.chat(models / "reasoner"), prompts=PROMPTS)
         if system.startswith("f-"):
             beam = system == "f-stage-beam"
             model = self.chat(models / "stages", temperature=0.7 if beam else 0.0)
@@ -322,7 +327,7 @@ class Run:
                     "e-dpo-3": rounds[-1]["model_out"]}[system]
         return graph_predictor(create_insightv_graph(
             reasoner=self.chat(reasoner), summarizer=self.chat(models / "summary"),
-            mode="chain").compile())
+            mode="chain", prompts=PROMPTS).compile())
 
     def evaluate(self, system: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
         from insightv_agents.evaluate import evaluate
@@ -361,17 +366,6 @@ class Run:
                 "training_seconds": round(sum(v for k, v in self.timings.items()
                                               if k.startswith(("base", "sft", "iterative"))), 1),
                 "total_seconds": round(sum(self.timings.values()), 1), "machine": machine()}
-
-
-def describe_grid(scene: Scene) -> str:
-    """The pre-training caption: the grid row by row, every cell in order ("empty" too), so
-    that the k-th phrase always describes the k-th cell."""
-    def cell(row: int, column: int) -> str:
-        shape = scene.at(row, column)
-        return f"{shape.size} {shape.colour} {shape.kind}" if shape else "empty"
-    return "\n".join(f"Row {row}: " + ", ".join(cell(row, column)
-                                                for column in range(1, GRID + 1)) + "."
-                     for row in range(1, GRID + 1))
 
 
 def machine() -> str:
@@ -510,7 +504,8 @@ def export_demo(out: str | Path, dest: str | Path, *, slice_size: int = DEMO_SLI
     items, _ = load_items(run_dir / "data" / "test.jsonl", limit=slice_size)
     agents = [ChatTransformersVLM(model_path=str(target / name), temperature=0.0,
                                   max_new_tokens=384) for name in sources]
-    graph = create_insightv_graph(reasoner=agents[0], summarizer=agents[1], mode="chain")
+    graph = create_insightv_graph(reasoner=agents[0], summarizer=agents[1], mode="chain",
+                                  prompts=PROMPTS)
     with tempfile.TemporaryDirectory() as scratch:
         report = asyncio.run(evaluate(graph_predictor(graph.compile()), items, scratch,
                                       concurrency=4))
@@ -520,6 +515,7 @@ def export_demo(out: str | Path, dest: str | Path, *, slice_size: int = DEMO_SLI
     info = {
         "made_by": "make reproduce (insightv_agents.shapes.reproduce), then export_demo",
         "reasoner": f"the reasoning agent of {SYSTEMS[chosen]}", "mode": "chain",
+        "prompts": {"images_after_text": PROMPTS.images_after_text},
         "settings": settings, "machine": machine(),
         "test_slice": {"split": "test", "first": slice_size, "accuracy": round(measured, 4),
                        "by_category": {key: round(value["accuracy"], 4) for key, value

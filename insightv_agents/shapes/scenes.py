@@ -107,6 +107,20 @@ def random_scene(rng: random.Random, *, min_shapes: int = MIN_SHAPES,
                              rng.choice(SIZES)) for row, column in cells))
 
 
+def describe_grid(scene: Scene, separator: str = "\n") -> str:
+    """The scene cell by cell, row by row ("empty" too), so that the k-th phrase of a row
+    always describes its k-th cell: ``"Row 1: empty, large red circle, empty, empty."``.
+    The caption of the base model's pre-training, and the first step of every teacher path.
+    """
+    def cell(row: int, column: int) -> str:
+        shape = scene.at(row, column)
+        return shape.name if shape else "empty"
+
+    return separator.join(f"Row {row}: " + ", ".join(cell(row, column)
+                                                     for column in range(1, GRID + 1)) + "."
+                          for row in range(1, GRID + 1))
+
+
 def draw_scene(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     """The scene's picture: an RGB image ``size`` pixels square, the same every time."""
     image = Image.new("RGB", (size, size), BACKGROUND)

@@ -3,7 +3,8 @@ scene description.
 
 Claims are read in the shapes world's fixed wording (see
 :mod:`~insightv_agents.shapes.reasoning`):
-a shape seen in a cell ("small red circle at row 1, column 2"), a count ("the number of red
+a shape seen in a cell ("small red circle at row 1, column 2"), a row of the grid
+("Row 1: empty, small red circle, empty, empty.": each of its cells), a count ("the number of red
 shapes is 3", "the number of shapes left of column 3 is 2"), a sum or difference
 ("2 + 1 = 3"), a comparison ("3 > 2", "column 1 < column 4").
 The score (1-100) weighs the share of claims that hold and whether the final answer is right,
@@ -22,10 +23,12 @@ from insightv_agents.assessment import ScoreRequest
 from insightv_agents.errors import InvalidInputError
 from insightv_agents.schema import PathResult, PathScore, ReasoningStep
 from insightv_agents.shapes.questions import PLURAL_PHRASE, parse_filter
-from insightv_agents.shapes.scenes import COLOURS, KINDS, SIZES, Scene, SceneIndex
+from insightv_agents.shapes.scenes import COLOURS, GRID, KINDS, SIZES, Scene, SceneIndex
 
 _MENTION = re.compile(rf"\b({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(KINDS)}) "
                       r"(?:is )?at row (\d+), column (\d+)", re.I)
+_CELL = rf"empty|(?:{'|'.join(SIZES)}) (?:{'|'.join(COLOURS)}) (?:{'|'.join(KINDS)})"
+_GRID_ROW = re.compile(rf"\bRow (\d+): ((?:{_CELL})(?:, (?:{_CELL}))*)\.", re.I)
 _LEFT = re.compile(r"\bthe number of shapes left of column (\d+) is (-?\d+)", re.I)
 _COUNT = re.compile(rf"\bthe number of {PLURAL_PHRASE} is (-?\d+)", re.I)
 _EQUATION = re.compile(r"(?<![\d\-+] )(?<!\d)(\d+(?: [+-] \d+)*) = (-?\d+)")
@@ -46,6 +49,14 @@ def check_claims(scene: Scene, steps: list[ReasoningStep]) -> list[Claim]:
     claims: list[Claim] = []
     for step in steps:
         text = step["reasoning"]
+        for match in _GRID_ROW.finditer(text):
+            grid_row = int(match.group(1))
+            cells = match.group(2).lower().split(", ")
+            for place, seen in enumerate(cells, 1):
+                shape = scene.at(grid_row, place) if len(cells) == GRID else None
+                holds = len(cells) == GRID and (seen == "empty" if shape is None
+                                                else seen == shape.name)
+                claims.append(Claim(f"row {grid_row}, column {place}: {seen}", holds))
         for match in _MENTION.finditer(text):
             size, colour, kind, row, column = match.groups()
             shape = scene.at(int(row), int(column))

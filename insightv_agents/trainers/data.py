@@ -37,11 +37,11 @@ from insightv_agents.prompts import (
     ReasoningMode,
     StagePrompts,
     format_question,
-    image_parts,
     pairwise_messages,
     reasoning_messages,
     stage_messages,
     summary_messages,
+    user_content,
 )
 from insightv_agents.records import read_records
 from insightv_agents.schema import Stage, Stages, Verdict
@@ -136,8 +136,8 @@ def summary_conversation(record: Record, verdict: Verdict, prompts: Prompts
 
 def qa_conversation(record: Record, prompts: Prompts) -> list[BaseMessage]:
     """Plain question answering: the image and question, then the ground truth."""
-    return [HumanMessage(content=[*image_parts([_PLACEHOLDER]),
-                                  {"type": "text", "text": _question(record, prompts)}]),
+    return [HumanMessage(content=user_content(prompts, [_PLACEHOLDER],
+                                              _question(record, prompts))),
             AIMessage(record["answer"])]
 
 
