@@ -116,6 +116,7 @@ class StagePrompts:
     ``system`` teaches an untrained model the tagged format; a model trained on LLaVA-CoT
     data needs none (set it to ``""``). ``judge_<target>`` is the criterion of the pairwise
     judge for each stage, for whole responses (best-of-N) and for sentences.
+    ``images_after_text``: as in :class:`Prompts`.
     """
 
     images_after_text: bool = False
