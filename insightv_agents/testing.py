@@ -25,7 +25,9 @@ class ScriptedChatModel(BaseChatModel):
     """A chat model that returns scripted replies in order and records what it was sent.
 
     Args:
-        replies: the replies, used in order. A reply may be a function of the messages.
+        replies: the replies, used in order. A reply may be a function of the messages;
+            such functions are called one at a time, even when requests arrive in parallel
+            (``batch``), so they may keep state.
         cycle: start again from the first reply when all are used (otherwise running out
             raises ``RuntimeError``, which makes a test that calls the model too often fail).
         n: replies per call (a call may also pass ``n``): like a backend that samples
@@ -69,20 +71,20 @@ class ScriptedChatModel(BaseChatModel):
     ) -> ChatResult:
         """The next reply, or the next ``n`` replies (``n`` samples in one call)."""
         count = int(kwargs.get("n", self.n))
+        generations = []
         with self._lock:
             first = self._used
             self._used += count
             self._calls.append(list(messages))
-        if not self.replies:
-            raise RuntimeError("ScriptedChatModel has no replies to give.")
-        if first + count > len(self.replies) and not self.cycle:
-            raise RuntimeError(f"ScriptedChatModel ran out of replies: reply {first + count}, "
-                               f"{len(self.replies)} scripted.")
-        generations = []
-        for index in range(first, first + count):
-            reply = self.replies[index % len(self.replies)]
-            text = reply(list(messages)) if callable(reply) else reply
-            generations.append(ChatGeneration(message=AIMessage(content=text)))
+            if not self.replies:
+                raise RuntimeError("ScriptedChatModel has no replies to give.")
+            if first + count > len(self.replies) and not self.cycle:
+                raise RuntimeError(f"ScriptedChatModel ran out of replies: reply "
+                                   f"{first + count}, {len(self.replies)} scripted.")
+            for index in range(first, first + count):
+                reply = self.replies[index % len(self.replies)]
+                text = reply(list(messages)) if callable(reply) else reply
+                generations.append(ChatGeneration(message=AIMessage(content=text)))
         return ChatResult(generations=generations)
 
 

@@ -328,3 +328,19 @@ def test_vllm_client_continues_a_final_assistant_message() -> None:
     assert payload["extra_body"]["add_generation_prompt"] is False
     plain = model._get_request_payload([HumanMessage("Q")])  # type: ignore[attr-defined]
     assert "continue_final_message" not in (plain.get("extra_body") or {})
+
+
+def test_a_stateful_scripted_reply_sees_parallel_requests_one_at_a_time() -> None:
+    import time
+
+    seen: list[int] = []
+
+    def numbered(messages: list[BaseMessage]) -> str:
+        number = len(seen)
+        time.sleep(0.01)  # without the model's lock, parallel calls would read the same length
+        seen.append(number)
+        return str(number)
+
+    model = ScriptedChatModel([numbered], cycle=True)
+    replies = model.batch([[HumanMessage("hi")]] * 8)
+    assert sorted(int(reply.text) for reply in replies) == list(range(8))
