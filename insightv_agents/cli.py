@@ -11,6 +11,7 @@ from langchain_core.messages import BaseMessage
 from rich.console import Console
 from rich.panel import Panel
 
+from insightv_agents import demo
 from insightv_agents.errors import InsightVError
 from insightv_agents.graphs import create_insightv_graph, create_stage_beam_graph
 from insightv_agents.images import ImagePolicy
@@ -419,7 +420,7 @@ def eval_command(
                                 f"{', '.join(METHODS)}; not {method!r}.")
         items, root = load_items(data, out=out, limit=limit)
         if base_url is None and local_model is None and not (
-                method == "insightv" and _demo_available()):
+                method == "insightv" and demo.demo_available()):
             raise InsightVError("evaluation needs a model: pass --base-url or --local-model "
                                 "(with neither, --method insightv runs the demo agents).")
         reasoner, summarizer, backend = _models(
@@ -455,17 +456,7 @@ def eval_command(
 
 def _prompts(backend: str | None) -> Prompts:
     """The prompts for ``backend``: the demo agents' own, else the library's."""
-    if backend != DEMO_BACKEND:
-        return DEFAULT_PROMPTS
-    from insightv_agents.demo import demo_prompts
-
-    return demo_prompts()
-
-
-def _demo_available() -> bool:
-    from insightv_agents.demo import demo_available
-
-    return demo_available()
+    return demo.demo_prompts() if backend == DEMO_BACKEND else DEFAULT_PROMPTS
 
 
 def _reasoning_check(scenes: str | None, root: Path) -> Any:
@@ -504,11 +495,9 @@ def _models(base_url: str | None, model: str, summary_base_url: str | None,
         adapter = f" + adapter {local_adapter}" if local_adapter else ""
         return local, None, f"{local_model}{adapter} in-process (transformers)"
     if base_url is None:
-        from insightv_agents.demo import demo_agents, demo_available
-
-        if staged or not demo_available():
+        if staged or not demo.demo_available():
             return (stand_in_stage_model() if staged else stand_in_model()), None, None
-        reasoner, summarizer = demo_agents(temperature=temperature or 0.0)
+        reasoner, summarizer = demo.demo_agents(temperature=temperature or 0.0)
         return reasoner, summarizer, DEMO_BACKEND
     from insightv_agents.integrations.vllm import vllm_chat_model
 

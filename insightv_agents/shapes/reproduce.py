@@ -38,15 +38,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from insightv_agents.prompts import DEFAULT_STAGE_PROMPTS, Prompts, StagePrompts
+from insightv_agents.prompts import Prompts, StagePrompts
 from insightv_agents.shapes.dataset import make_dataset
 from insightv_agents.shapes.questions import CATEGORIES
 from insightv_agents.shapes.scenes import SceneIndex, describe_grid
 from insightv_agents.trainers.common import write_atomic
 
 CAPTION_REQUEST = "List the shapes in the image."
-# The picture goes after the text in every user turn: the tiny models read it by position,
-# so the first thing they write about it (the caption, a path's first step) must follow it.
+# The tiny models read the picture by position: what they write about it must come right
+# after it. So the agents' user turns put it after the question, and a path's first step
+# (the grid description) follows it as the caption follows the picture in pre-training.
 PROMPTS = Prompts(images_after_text=True)
 # A model trained on four-stage data needs no format instruction.
 STAGE_PROMPTS = StagePrompts(system="", images_after_text=True)
@@ -63,7 +64,7 @@ RESULTS_FILE = "results.json"
 
 
 class ReproduceSettings(BaseModel):
-    """How big the comparison is. The defaults train in about half an hour on a 2-core CPU.
+    """How big the comparison is (``timings.json`` records what each stage took).
 
     Args:
         out: the run's folder.
@@ -208,7 +209,7 @@ class Run:
 
         p = PROMPTS
         texts = [p.reasoning_chain_system, p.summary_system, p.final_answer, CAPTION_REQUEST,
-                 DEFAULT_STAGE_PROMPTS.judge_system, DEFAULT_STAGE_PROMPTS.judge_user]
+                 STAGE_PROMPTS.judge_system, STAGE_PROMPTS.judge_user]
         for paths in list(records.questions.values())[:1500]:
             path = paths[0]
             texts += [p.question.format(question=path["question"]), format_chain(path["steps"]),
@@ -463,7 +464,6 @@ def _dataset(rows: list[dict[str, Any]]) -> Any:
 
     return datasets.Dataset.from_list(rows).cast_column("images",
                                                         datasets.List(datasets.Image()))
-
 
 
 DEMO_SLICE = 60  # the demo agents' accuracy is measured (and tested) on these test items

@@ -399,7 +399,6 @@ def build_stage_sft(records: Records, *, min_score: int | None = None,
 
 
 _JUDGE_REASONS: dict[Stage, str] = {
-    "summary": "its plan fits the question",
     "caption": "it describes the image correctly",
     "reasoning": "its reasoning has no errors",
     "conclusion": "it follows from correct reasoning",
