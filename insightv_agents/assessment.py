@@ -14,12 +14,20 @@ from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from langchain_core.language_models import LanguageModelLike
+from langchain_core.runnables import RunnableConfig
 from langgraph.runtime import Runtime
 from langgraph.types import Overwrite
 from typing_extensions import TypedDict
 
 from insightv_agents.errors import check_int
-from insightv_agents.nodes import Exchange, Outcome, _ModelNode
+from insightv_agents.nodes import (
+    Exchange,
+    Outcome,
+    _ModelNode,
+    current_runtime,
+    emit_event,
+    rejected_request,
+)
 from insightv_agents.parsing import parse_judgement, parse_scores
 from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, judge_messages, score_messages
 from insightv_agents.schema import (
@@ -135,7 +143,10 @@ class ScoreNode(_ModelNode):
     ``score`` and ``comment`` filled in, and ``scoring_failures``. Paths that failed are not
     shown to the scorer and keep ``score=None``. Each path's reasoning is shown up to
     ``max_path_chars`` characters (``None``: whole), so that one request holding all paths
-    of a question fits the scorer's context.
+    of a question fits the scorer's context. A request the server refuses anyway (an HTTP
+    4xx, such as a prompt over the model's context) leaves the paths unscored with a
+    ``rejected`` scoring failure, so the item is still written rather than failing on
+    every rerun; other errors (a server down) propagate, for the run to retry.
     """
 
     def __init__(
@@ -153,6 +164,28 @@ class ScoreNode(_ModelNode):
         if max_path_chars is not None:
             check_int("max_path_chars", max_path_chars, 100, 10_000_000)
         self.max_path_chars = max_path_chars
+
+    def _run(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        try:
+            return super()._run(state, config)
+        except Exception as err:
+            if not rejected_request(err):
+                raise
+            return self._rejected(state, err)
+
+    async def _arun(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        try:
+            return await super()._arun(state, config)
+        except Exception as err:
+            if not rejected_request(err):
+                raise
+            return self._rejected(state, err)
+
+    def _rejected(self, state: dict[str, Any], err: Exception) -> dict[str, Any]:
+        failure = self._failure(state, "rejected", f"{type(err).__name__}: {err}"[:2000], 1, "")
+        emit_event(current_runtime(), {"event": "failure", "node": self.name,
+                                       "failure": failure})
+        return {**with_scores(state, []), "scoring_failures": [failure]}
 
     def _json_schema(self, state: dict[str, Any]) -> dict[str, object]:
         return scores_json_schema(paths=max(1, len(_scorable(state))))

@@ -435,6 +435,16 @@ def reply_text(reply: Any) -> str:
     return reply if isinstance(reply, str) else str(reply)
 
 
+def rejected_request(err: BaseException) -> bool:
+    """Whether ``err`` is a server refusing the request itself (HTTP 400, 413 or 422: too
+    long a prompt, say), which resending cannot fix; a 5xx, a timeout or a refused
+    connection is not."""
+    status = getattr(err, "status_code", None)
+    if status is None:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+    return status in (400, 413, 422)
+
+
 def current_runtime() -> Runtime[Any] | None:
     """The LangGraph runtime of the current run, or ``None`` when called outside a graph."""
     try:

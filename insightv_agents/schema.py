@@ -35,7 +35,10 @@ class Failure(TypedDict):
 
     node: str
     revision: int
-    kind: Literal["unparsable", "step_cap", "no_answer"]
+    kind: Literal["unparsable", "step_cap", "no_answer", "rejected"]
+    """``unparsable``: no readable reply within the retries; ``step_cap``: the reasoning hit
+    its step cap; ``no_answer``: no answer could be read; ``rejected``: the server refused
+    the request itself (an HTTP 4xx such as a prompt longer than the model's context)."""
     error: str
     attempts: int
     raw: str

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -78,14 +79,23 @@ def teacher(answer: str = "3", steps: int = 2, scores: list[int] | None = None,
     return reply
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A reply function's way to make FakeOpenAIServer answer with an HTTP error."""
+
+    status: int
+    message: str
+
+
 class FakeOpenAIServer(http.server.ThreadingHTTPServer):
-    """A loopback OpenAI-compatible chat endpoint replying ``reply(request_body)`` after
-    ``delay`` seconds; records every request. For CLI tests of the HTTP client path (the
-    real vLLM server is tested in test_vllm_server.py)."""
+    """A loopback OpenAI-compatible chat endpoint replying ``reply(request_body)`` (a text,
+    or a :class:`Refusal`) after ``delay`` seconds; records every request. For CLI tests of
+    the HTTP client path (the real vLLM server is tested in test_vllm_server.py)."""
 
     daemon_threads = True
 
-    def __init__(self, reply: Callable[[dict[str, Any]], str], delay: float = 0.0) -> None:
+    def __init__(self, reply: Callable[[dict[str, Any]], str | Refusal],
+                 delay: float = 0.0) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.reply = reply
         self.delay = delay
@@ -112,12 +122,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.server.requests.append(body)
         time.sleep(self.server.delay)
         text = self.server.reply(body)
+        if isinstance(text, Refusal):
+            self._send(text.status, {"error": {"message": text.message, "type": "invalid",
+                                               "code": text.status}})
+            return
         reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                  "choices": [{"index": 0, "finish_reason": "stop",
                               "message": {"role": "assistant", "content": text}}],
                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        self._send(200, reply)
+
+    def _send(self, status: int, reply: dict[str, Any]) -> None:
         data = json.dumps(reply).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import FakeOpenAIServer, png_bytes, teacher, wire_teacher
+from helpers import FakeOpenAIServer, Refusal, png_bytes, teacher, wire_teacher
 from typer.testing import CliRunner
 
 from insightv_agents import InvalidInputError
@@ -162,6 +162,31 @@ def test_cli_synthesize_writes_records_and_run_file(tmp_path: Path) -> None:
     other = runner.invoke(app, [*synthesize_args(data, tmp_path / "out", "http://x/v1"),
                                 "-n", "2"])
     assert other.exit_code == 2 and "3 paths per item" in other.output
+
+
+def test_a_scoring_request_the_server_refuses_leaves_paths_unscored_not_lost(
+        tmp_path: Path) -> None:
+    """vLLM answers HTTP 400 to a prompt over the model's context: the item is still
+    written (paths unscored, a typed ``rejected`` failure), not retried forever."""
+    data = make_data(tmp_path / "data", 2)
+    teach = wire_teacher(steps=2)
+
+    def reply(body: dict[str, Any]) -> str | Refusal:
+        if "scoring agent" in str(body["messages"][0]["content"]):
+            return Refusal(400, "This model's maximum context length is 2048 tokens.")
+        return teach(body)
+
+    with FakeOpenAIServer(reply) as server:
+        result = runner.invoke(app, synthesize_args(data, tmp_path / "out", server.url))
+    assert result.exit_code == 0, result.output
+    assert "2 item(s) written" in result.output
+    assert not (tmp_path / "out" / "errors.jsonl").exists()
+    records = list(read_records(tmp_path / "out" / "records.jsonl"))
+    assert len(records) == 6 and all(r["score"] is None for r in records)
+    assert all(r["status"] == "ok" and r["answer"] == "3" for r in records)
+    failures = [r["scoring_failures"] for r in records]
+    assert all(len(f) == 1 and f[0]["kind"] == "rejected" and f[0]["node"] == "score"
+               and "maximum context length" in f[0]["error"] for f in failures)
 
 
 def test_cli_refuses_bad_input_before_calling_a_model(tmp_path: Path) -> None:

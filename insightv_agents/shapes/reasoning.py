@@ -1,14 +1,16 @@
 """Reasoning paths for questions of the shapes world, in the library's step format.
 
 :func:`plan_path` writes a path from the scene description. Every path first describes the
-image cell by cell (:func:`~insightv_agents.shapes.scenes.describe_grid`), then goes on with
-one of several strategies (``scan``: list every shape, then pick; ``focus``: look only for
-what the question names; ``rows``: count row by row and add up). Flawed paths come from
-:class:`Flaw` s of controlled kinds: perception errors change what the path *believes* the
-scene is (``omit`` a shape, ``misperceive`` its colour or kind, ``misplace`` it by a column)
-and the reasoning then follows that belief faithfully; reasoning errors (``miscount``,
-``arithmetic``) put one wrong number in an otherwise right path, and the error carries on
-from there.
+image cell by cell (:func:`~insightv_agents.shapes.scenes.describe_grid`); every later step
+works on that description cell by cell, in a fixed order, marking each cell, so that each word
+it writes depends on one cell and the words just before it. Three strategies count: ``cells``
+(each matching cell gets the running count: "Row 1: no, 1, no, 2."), ``rows`` (``yes``/``no``
+and a count per row, then the sum) and ``columns`` (the same, column by column). Flawed paths
+come from :class:`Flaw` s of controlled kinds: perception errors change what the path
+*believes* the scene is (``omit`` a shape, ``misperceive`` its colour or kind, ``misplace``
+it by a column) and the reasoning then follows that belief faithfully; reasoning errors
+(``miscount``, ``arithmetic``) put one wrong number in an otherwise right path, and the error
+carries on from there.
 
 Every claim a path makes has one fixed wording, so :mod:`~insightv_agents.shapes.scorer`
 can check it against the scene.
@@ -17,7 +19,7 @@ can check it against the scene.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -26,8 +28,8 @@ from insightv_agents.schema import ReasoningStep
 from insightv_agents.shapes.questions import Filter, Query, reference
 from insightv_agents.shapes.scenes import COLOURS, GRID, KINDS, Scene, Shape, describe_grid
 
-Strategy = Literal["scan", "focus", "rows"]
-STRATEGIES: tuple[Strategy, ...] = ("scan", "focus", "rows")
+Strategy = Literal["cells", "rows", "columns"]
+STRATEGIES: tuple[Strategy, ...] = ("cells", "rows", "columns")
 FlawKind = Literal["omit", "misperceive", "misplace", "miscount", "arithmetic"]
 FLAW_KINDS: tuple[FlawKind, ...] = ("omit", "misperceive", "misplace", "miscount", "arithmetic")
 _PERCEPTION_FLAWS = ("omit", "misperceive", "misplace")
@@ -57,7 +59,7 @@ class Path:
     """The reasoning flaws that found a number to change (perception flaws always apply)."""
 
 
-def plan_path(scene: Scene, query: Query, *, strategy: Strategy = "scan",
+def plan_path(scene: Scene, query: Query, *, strategy: Strategy = "cells",
               flaws: Sequence[Flaw] = ()) -> Path:
     """The reasoning path for ``query`` about ``scene``.
 
@@ -125,12 +127,22 @@ def _seen_as(scene: Scene, shape: Shape, kind: FlawKind, rng: random.Random) -> 
     return replace(shape, kind=rng.choice([k for k in KINDS if k != shape.kind]))
 
 
-def _listing(shapes: Sequence[Shape]) -> str:
-    return "; ".join(shape.mention() for shape in shapes) if shapes else "none"
+Style = Literal["running", "tally", "find"]
+
+
+def _units(by_column: bool) -> list[list[tuple[int, int]]]:
+    """The cells a check walks through, row by row or column by column."""
+    if by_column:
+        return [[(row, column) for row in range(1, GRID + 1)] for column in range(1, GRID + 1)]
+    return [[(row, column) for column in range(1, GRID + 1)] for row in range(1, GRID + 1)]
 
 
 class _Writer:
-    """Writes the steps of one path over the scene it believes, applying reasoning flaws."""
+    """Writes the steps of one path over the scene it believes, applying reasoning flaws.
+
+    Every step after the description works on it cell by cell, in the same order as it was
+    written, so each word a step writes depends on one cell (and on the words just before):
+    the kind of step a small model learns to do, unlike re-listing shapes from memory."""
 
     def __init__(self, scene: Scene, strategy: Strategy, flaws: list[Flaw]) -> None:
         self.scene = scene
@@ -138,7 +150,6 @@ class _Writer:
         self.pending = list(flaws)
         self.used: list[FlawKind] = []
         self.steps: list[ReasoningStep] = []
-        self.listed = False
 
     def step(self, summary: str, reasoning: str) -> None:
         self.steps.append({"summary": summary, "reasoning": reasoning, "action": "continue"})
@@ -157,48 +168,54 @@ class _Writer:
                 return value + flaw.delta
         return value
 
-    # --- counting ---
+    # --- checking the cells ---
 
-    def list_all(self) -> None:
-        if not self.listed:
-            self.listed = True
-            self.step("List the shapes in the image",
-                      f"Row by row, the image shows: {_listing(self.scene.shapes)}. "
-                      f"So the number of shapes is {len(self.scene.shapes)}.")
+    def check(self, what: str, matches: Callable[[Shape], bool], style: Style) -> tuple[str, int]:
+        """``"Checking each cell for <what>: Row 1: no, 1, no, no. ..."``: each cell marked
+        ``no``, or when its shape ``matches``: with the running count (``running``), ``yes``
+        and a count per row or column (``tally``), or ``yes`` (``find``). Walks column by
+        column for the ``columns`` strategy, else row by row. The text and the count."""
+        by_column = self.strategy == "columns"
+        unit = "Column" if by_column else "Row"
+        label = unit.lower() if style == "tally" else "cell"
+        parts: list[str] = []
+        counts: list[int] = []
+        for number, cells in enumerate(_units(by_column), 1):
+            marks = []
+            for cell in cells:
+                shape = self.scene.at(*cell)
+                if shape is None or not matches(shape):
+                    marks.append("no")
+                else:
+                    marks.append(str(sum(counts) + len(marks) - marks.count("no") + 1)
+                                 if style == "running" else "yes")
+            counts.append(len(marks) - marks.count("no"))
+            tail = f", so {counts[-1]}" if style == "tally" else ""
+            parts.append(f"{unit} {number}: {', '.join(marks)}{tail}.")
+        text = f"Checking each {label} for {what}: {' '.join(parts)}"
+        if style == "tally":
+            text += f" That is {' + '.join(map(str, counts))}"
+        return text, sum(counts)
 
     def count(self, condition: Filter) -> int:
-        """Steps that count the shapes matching ``condition``; the number they state."""
-        found = condition.select(self.scene)
+        """The step counting the shapes matching ``condition``; the number it states."""
         name = condition.plural()
-        if condition == Filter() and self.strategy != "rows":
-            self.list_all()
-            return len(self.scene.shapes)
-        if self.strategy == "rows":
-            per_row = [[s for s in found if s.row == row] for row in range(1, GRID + 1)]
-            rows = " ".join(f"Row {row}: {_listing(shapes)}." for row, shapes
-                            in enumerate(per_row, 1))
-            counts = [len(shapes) for shapes in per_row]
-            total = self.flawed("arithmetic", self.flawed("miscount", sum(counts)))
-            self.step(f"Count the {name} row by row",
-                      f"{rows} That is {' + '.join(map(str, counts))} = {total}, so the "
-                      f"number of {name} is {total}.")
-            return total
-        if self.strategy == "scan":
-            self.list_all()
-            number = self.flawed("miscount", len(found))
-            self.step(f"Pick out the {name}",
-                      f"Of these, the {name} are: {_listing(found)}. So the number of {name} "
-                      f"is {number}.")
-            return number
-        number = self.flawed("miscount", len(found))
-        self.step(f"Find the {name}",
-                  f"Looking for {name}: {_listing(found)}. So the number of {name} is {number}.")
+        style: Style = "running" if self.strategy == "cells" else "tally"
+        text, found = self.check(name, condition.matches, style)
+        number = self.flawed("miscount", found)
+        if style == "tally":  # the step adds up the rows (or columns): a sum to get wrong
+            number = self.flawed("arithmetic", number)
+        text += f" = {number}, so" if style == "tally" else " So"
+        self.step(f"Count the {name}" + ("" if style == "running" else
+                                         f" {self.strategy[:-1]} by {self.strategy[:-1]}"),
+                  f"{text} the number of {name} is {number}.")
         return number
 
     def locate(self, ref: Filter) -> Shape:
         shape = reference(self.scene, ref)
+        text, _ = self.check(f"the {ref.singular()}", ref.matches, "find")
         self.step(f"Locate the {ref.singular()}",
-                  f"The {shape.name} is at row {shape.row}, column {shape.column}.")
+                  f"{text} So the {shape.name} is at row {shape.row}, column {shape.column}.")
         return shape
 
     # --- the questions ---
@@ -243,15 +260,13 @@ class _Writer:
             result = self.flawed("arithmetic", everything - removed)
             return self.finish("Take the removed shapes away",
                                f"{everything} - {removed} = {result}.", str(result))
-        if self.strategy == "scan":
-            self.list_all()
         ref = self.locate(a)
         if query.kind == "left_count":
-            left = [s for s in self.scene.shapes if s.column < ref.column]
-            number = self.flawed("miscount", len(left))
+            what = f"shapes left of column {ref.column}"
+            text, found = self.check(what, lambda s: s.column < ref.column, "running")
+            number = self.flawed("miscount", found)
             self.step("Find the shapes to its left",
-                      f"The shapes in columns left of column {ref.column}: {_listing(left)}. "
-                      f"So the number of shapes left of column {ref.column} is {number}.")
+                      f"{text} So the number of {what} is {number}.")
             return self.finish("Give the count", f"{number} shapes are to its left.", str(number))
         if query.kind == "below":
             below = self.scene.at(ref.row + 1, ref.column) if ref.row < GRID else None

@@ -77,6 +77,8 @@ class ReproduceSettings(BaseModel):
         learning_rate, batch_size: of the pre-training and the SFT runs (full fine-tuning).
         rounds, dpo_paths, dpo_learning_rate, dpo_epochs, dpo_beta: iterative DPO.
         beam_size: candidates per stage in (f)'s stage-level beam search.
+        summary_rows: rows of the summary agent's SFT mix (its share of optimal and flawed
+            paths as :class:`~insightv_agents.trainers.data.SummaryMix` says).
         judge_rows: pairwise judge rows added to (f)'s training set (0: the model judges
             untaught, as LLaVA-CoT's large model does).
         max_new_tokens: cap of every generated reply.
@@ -103,6 +105,7 @@ class ReproduceSettings(BaseModel):
     dpo_epochs: float = Field(2, gt=0)
     dpo_beta: float = Field(0.1, gt=0)
     beam_size: int = Field(2, ge=2, le=8)
+    summary_rows: int = Field(3000, ge=10)
     judge_rows: int = Field(1500, ge=0)
     max_new_tokens: int = Field(384, ge=16)
     concurrency: int = Field(4, ge=1)
@@ -229,7 +232,8 @@ class Run:
         builders = {
             "direct": lambda: build_direct_sft(records, prompts=PROMPTS),
             "reasoner": lambda: build_reasoning_sft(records, mode="chain", prompts=PROMPTS),
-            "summary": lambda: build_summary_sft(records, prompts=PROMPTS),
+            "summary": lambda: build_summary_sft(records, total=self.settings.summary_rows,
+                                                 prompts=PROMPTS),
             "stages": lambda: self.stage_set(records),
         }
         folders = {}
