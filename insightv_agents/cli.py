@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -88,6 +89,8 @@ MaxRevisions = Annotated[int, typer.Option(help="Times the summary agent may sen
 Temperature = Annotated[float, typer.Option(help="Sampling temperature.")]
 AllowUrls = Annotated[bool, typer.Option(help="Allow http(s) image URLs.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")]
+Strict = Annotated[bool, typer.Option(
+    help="Stop at a bad input row (default: report each bad row and skip it).")]
 Method = Annotated[str, typer.Option(
     help="insightv (reasoning + summary agents), or LLaVA-CoT's four stages with stage-beam "
          "(stage-level beam search), best-of-n, sentence-beam or single (one pass).")]
@@ -222,6 +225,7 @@ def synthesize(
     top_p: Annotated[float, typer.Option(help="Teacher nucleus sampling.")] = 0.95,
     max_tokens: Annotated[int, typer.Option(help="Longest reply per request.")] = 1024,
     limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
+    strict: Strict = False,
 ) -> None:
     """Synthesize reasoning paths for a dataset: N teacher paths per item, answer-checked and
     scored together; append-only and resumable."""
@@ -244,7 +248,8 @@ def synthesize(
 
     console = Console()
     try:
-        items, root = load_items(input, out=out, limit=limit)
+        items, root = load_items(input, out=out, limit=limit,
+                                 on_bad_row=None if strict else _skipped(console))
         teacher_model = vllm_chat_model(teacher_url, teacher, temperature=temperature,
                                         top_p=top_p, max_tokens=max_tokens)
         scorer_model: Any = None
@@ -401,6 +406,7 @@ def eval_command(
         help="A shapes dataset folder whose scenes judge the reasoning (default: the data's "
              "folder when it has scenes.jsonl).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
+    strict: Strict = False,
     concurrency: Annotated[int, typer.Option(help="Items in flight at once.")] = 8,
 ) -> None:
     """Evaluate a method on a dataset: accuracy overall and per category, every prediction
@@ -418,7 +424,8 @@ def eval_command(
         if method not in ("insightv", "direct", *METHODS):
             raise InsightVError(f"--method must be insightv, direct or one of "
                                 f"{', '.join(METHODS)}; not {method!r}.")
-        items, root = load_items(data, out=out, limit=limit)
+        items, root = load_items(data, out=out, limit=limit,
+                                 on_bad_row=None if strict else _skipped(console))
         if base_url is None and local_model is None and not (
                 method == "insightv" and demo.demo_available()):
             raise InsightVError("evaluation needs a model: pass --base-url or --local-model "
@@ -452,6 +459,13 @@ def eval_command(
 
     console.print(Markdown(report_markdown(report)))
     console.print(f"-> {out}/report.md, {out}/report.json, {out}/predictions.jsonl")
+
+
+def _skipped(console: Console) -> Callable[[str], None]:
+    """Reports a skipped input row."""
+    def report(problem: str) -> None:
+        console.print(f"[yellow]skipped bad row: {problem}[/yellow]")
+    return report
 
 
 def _prompts(backend: str | None) -> Prompts:

@@ -76,7 +76,8 @@ class SynthesisReport:
 
 
 def load_items(source: str | Path, *, out: str | Path | None = None,
-               limit: int | None = None) -> tuple[list[Item], Path]:
+               limit: int | None = None, on_bad_row: Callable[[str], None] | None = None
+               ) -> tuple[list[Item], Path]:
     """Read and validate every item of ``source`` before anything runs.
 
     ``source`` is a JSONL file (one object per line) or a folder saved with
@@ -85,12 +86,17 @@ def load_items(source: str | Path, *, out: str | Path | None = None,
     ``answer`` and optionally ``id``, ``choices``, ``category``. Embedded images are written
     to ``<out>/images/`` so that records can point at them.
 
+    A bad row (a missing field, an image missing or outside the data folder, a duplicate id,
+    a line that is not a JSON object) stops the load, unless ``on_bad_row`` is given: then
+    each bad row is reported to it (``"line 3: ..."``) and skipped, and the good rows are
+    returned.
+
     Returns:
         The items and the data folder.
 
     Raises:
-        InvalidInputError: listing the bad lines (missing fields, images missing or outside
-            the data folder, duplicate ids), before any model is called.
+        InvalidInputError: listing the bad lines, before any model is called; or when no
+            good row is left.
     """
     path = Path(source)
     if not path.exists():
@@ -105,6 +111,9 @@ def load_items(source: str | Path, *, out: str | Path | None = None,
     for line, row in rows:
         if limit is not None and len(items) >= limit:
             break
+        if isinstance(row, str):
+            problems.append(f"line {line}: {row}")
+            continue
         try:
             item = _item(row, line, root, Path(out) if out is not None else None)
         except InvalidInputError as err:
@@ -115,12 +124,15 @@ def load_items(source: str | Path, *, out: str | Path | None = None,
             continue
         seen[item.id] = line
         items.append(item)
-    if problems:
+    if problems and (on_bad_row is None or not items):
         shown = "\n  ".join(problems[:_MAX_ERRORS_SHOWN])
         more = f"\n  ... and {len(problems) - _MAX_ERRORS_SHOWN} more" \
             if len(problems) > _MAX_ERRORS_SHOWN else ""
         raise InvalidInputError(f"{path}: {len(problems)} bad item(s):\n  {shown}{more}",
                                 field="input")
+    if on_bad_row is not None:
+        for problem in problems:
+            on_bad_row(problem)
     if not items:
         raise InvalidInputError(f"{path} holds no items.", field="input")
     return items, root
@@ -254,25 +266,23 @@ def _log_error(out: Path, item: Item, error: BaseException) -> None:
         handle.write(line + "\n")
 
 
-def _jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
+def _jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any] | str]]:
+    """Each non-blank line's number and object (or what is wrong with the line)."""
+    rows: list[tuple[int, dict[str, Any] | str]] = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
         for number, text in enumerate(handle, 1):
             if not text.strip():
                 continue
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as err:
-                raise InvalidInputError(f"{path}, line {number}: not JSON ({err.msg}).",
-                                        field="input") from None
-            if not isinstance(row, dict):
-                raise InvalidInputError(f"{path}, line {number}: not a JSON object.",
-                                        field="input")
-            rows.append((number, row))
+                rows.append((number, f"not JSON ({err.msg})"))
+                continue
+            rows.append((number, row if isinstance(row, dict) else "not a JSON object"))
     return rows
 
 
-def _dataset_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def _dataset_rows(path: Path) -> list[tuple[int, dict[str, Any] | str]]:
     try:
         import datasets
     except ImportError:  # pragma: no cover - depends on the environment

@@ -189,14 +189,31 @@ def test_a_scoring_request_the_server_refuses_leaves_paths_unscored_not_lost(
                and "maximum context length" in f[0]["error"] for f in failures)
 
 
-def test_cli_refuses_bad_input_before_calling_a_model(tmp_path: Path) -> None:
+def test_cli_strict_refuses_bad_rows_before_calling_a_model(tmp_path: Path) -> None:
     data = make_data(tmp_path / "data", 1)
     data.write_text(data.read_text() + json.dumps({"image": "../x.png", "question": "q",
                                                    "answer": "a"}) + "\n")
     with FakeOpenAIServer(wire_teacher()) as server:
-        result = runner.invoke(app, synthesize_args(data, tmp_path / "out", server.url))
+        result = runner.invoke(app, [*synthesize_args(data, tmp_path / "out", server.url),
+                                     "--strict"])
         assert result.exit_code == 2 and "outside the data folder" in result.output
         assert server.requests == []
+
+
+def test_cli_reports_and_skips_bad_rows_and_keeps_the_good_ones(tmp_path: Path) -> None:
+    data = make_data(tmp_path / "data", 2)
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[0], "{not json", json.dumps(["a", "list"]),
+                               json.dumps({"image": "../x.png", "question": "q", "answer": "a"}),
+                               lines[1]]) + "\n")
+    with FakeOpenAIServer(wire_teacher(steps=2)) as server:
+        result = runner.invoke(app, synthesize_args(data, tmp_path / "out", server.url))
+    assert result.exit_code == 0, result.output
+    for problem in ("line 2: not JSON", "line 3: not a JSON object",
+                    "line 4: image '../x.png' is outside the data folder"):
+        assert f"skipped bad row: {problem}" in " ".join(result.output.split())
+    assert "2 item(s) written" in result.output
+    assert len(list(read_records(tmp_path / "out" / "records.jsonl"))) == 6
 
 
 @pytest.mark.slow
