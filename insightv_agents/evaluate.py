@@ -29,7 +29,7 @@ from langchain_core.language_models import LanguageModelLike
 from langchain_core.messages import HumanMessage
 
 from insightv_agents.answers import extract_answer, match_answer
-from insightv_agents.errors import InvalidInputError, ModelOutputError
+from insightv_agents.errors import InvalidInputError, ModelOutputError, check_int
 from insightv_agents.images import ImagePolicy, load_images
 from insightv_agents.nodes import reply_text
 from insightv_agents.parsing import parse_steps
@@ -116,7 +116,9 @@ async def evaluate(predict: Predictor, items: Sequence[Item], out: str | Path, *
 
     Raises:
         InvalidInputError: for a folder holding a run with other settings.
+        ConfigError: for a ``concurrency`` below 1.
     """
+    check_int("concurrency", concurrency, 1, 4096)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     _check_settings(folder, settings or {})
@@ -134,7 +136,7 @@ async def evaluate(predict: Predictor, items: Sequence[Item], out: str | Path, *
                 if on_item is not None:
                     on_item(row)
 
-        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
     wanted = {item.id for item in items}
     rows = [row for row in read_records(folder / PREDICTIONS_FILE) if row["id"] in wanted]
     report = summarize(rows)

@@ -26,8 +26,11 @@ def resolve_model(path: str | Path) -> tuple[str, str | None]:
     """``(base model, adapter or None)`` for a model folder, a hub id, or an adapter folder.
 
     Raises:
-        InvalidInputError: for an adapter whose base model cannot be found.
+        InvalidInputError: for a local path (``/``, ``.`` or ``~`` first) that is not a
+            folder, or an adapter whose base model cannot be found.
     """
+    if str(path).startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
+        raise InvalidInputError(f"no model folder at {str(path)[:300]}.", field="model")
     if not is_adapter(path):
         return str(path), None
     adapter = Path(path).resolve()
