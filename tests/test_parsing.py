@@ -10,13 +10,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from insightv_agents.errors import ModelOutputError
+from insightv_agents.answers import extract_answer, match_answer
 from insightv_agents.parsing import (
     format_chain,
     format_step,
     format_verdict,
     iter_json_objects,
+    parse_answer,
+    parse_check,
+    parse_choice,
+    parse_judgement,
+    parse_scores,
+    parse_stages,
     parse_steps,
     parse_verdict,
+    stage_text,
 )
 from insightv_agents.schema import ReasoningStep
 
@@ -141,9 +149,33 @@ json_values = st.recursive(
                  st.tuples(st.text(max_size=50), json_values.map(json.dumps),
                            st.text(max_size=50)).map("".join)))
 def test_fuzz_parsers_raise_only_model_output_error(text: str) -> None:
-    for parse in (parse_steps, parse_verdict):
+    strict = (parse_steps, parse_verdict, parse_answer, parse_judgement, parse_choice,
+              parse_check, lambda reply: parse_scores(reply, 3))
+    for parse in strict:
         try:
             result = parse(text)
         except ModelOutputError:
             continue
-        assert result
+        assert result is not None
+    # The tolerant readers never raise: they read what they can.
+    stages = parse_stages(text)
+    assert set(stages) == {"summary", "caption", "reasoning", "conclusion"}
+    assert isinstance(stage_text(text, "reasoning"), str)
+    assert isinstance(extract_answer(text), str)
+    assert match_answer(text, "3")["correct"] in (True, False, None)
+
+
+@pytest.mark.parametrize("text", ["{" * 100_000, "<reasoning>" * 20_000, "1 " * 200_000,
+                                  "response " * 50_000, '{"scores": [' + "1," * 100_000,
+                                  "\x00\x1b[31m" * 20_000])
+def test_every_parser_is_fast_on_huge_text(text: str) -> None:
+    started = time.perf_counter()
+    for parse in (parse_answer, parse_judgement, parse_choice, parse_check,
+                  lambda reply: parse_scores(reply, 3)):
+        try:
+            parse(text)
+        except ModelOutputError:
+            pass
+    parse_stages(text), stage_text(text, "conclusion"), extract_answer(text)
+    match_answer(text, "3")
+    assert time.perf_counter() - started < 10
