@@ -1,4 +1,5 @@
-"""Whole graph runs on adversarial model text: always end within the caps, typed outcome."""
+"""Whole graph runs (Insight-V, stage-level beam search, synthesis) on adversarial model
+text: they always end within their caps, with a typed outcome."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from helpers import png_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from insightv_agents import create_insightv_graph
+from insightv_agents import (
+    create_insightv_graph,
+    create_stage_beam_graph,
+    create_synthesis_graph,
+)
 from insightv_agents.testing import ScriptedChatModel
 
 MAX_STEPS, MAX_RETRIES, MAX_REVISIONS = 4, 1, 1
@@ -58,3 +63,42 @@ def test_endless_continue_is_stopped_by_the_step_cap() -> None:
     assert len(out["steps"]) == 16 and out["failures"][0]["kind"] == "step_cap"
     assert out["status"] == "failed"  # the endless model cannot give a verdict either
     assert len(model.calls) == 16 + 3
+
+
+stage_like = st.tuples(*(st.sampled_from([f"<{tag}>", f"</{tag}>", f"<{tag.lower()}>", ""])
+                         for tag in ("SUMMARY", "CAPTION", "REASONING", "CONCLUSION")),
+                       st.text(max_size=40)).map(lambda parts: f" {parts[-1]} ".join(parts[:-1]))
+stage_adversarial = st.one_of(
+    adversarial, stage_like,
+    st.sampled_from(["Since it is better, I choose response 3.", "I choose response 1.",
+                     "Response 2 is better", "Correct", "Incorrect", "<CONCLUSION>" * 1000]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(replies=st.lists(stage_adversarial, min_size=1, max_size=12),
+       search=st.sampled_from(["stage", "best_of_n", "sentence", "single"]))
+def test_stage_beam_search_on_any_model_text_ends_with_a_typed_outcome(
+        replies: list[str], search: Any) -> None:
+    model = ScriptedChatModel(replies, cycle=True)
+    graph = create_stage_beam_graph(model, search=search, beam_size=2, max_sentences=6,
+                                    max_retries=1).compile()
+    out = graph.invoke({"image": png_bytes((4, 4)), "question": "q?"})
+    assert out["status"] in ("ok", "failed")
+    assert set(out["stages"]) == {"summary", "caption", "reasoning", "conclusion"}
+    assert isinstance(out["answer"], str) and len(model.calls) <= 120
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(replies=st.lists(adversarial, min_size=1, max_size=12))
+def test_synthesis_on_any_model_text_keeps_every_path_with_a_typed_outcome(
+        replies: list[str]) -> None:
+    model = ScriptedChatModel(replies, cycle=True)
+    graph = create_synthesis_graph(teacher=model, paths=3, max_steps=MAX_STEPS,
+                                   max_retries=MAX_RETRIES).compile()
+    out = graph.invoke({"image": png_bytes((4, 4)), "question": "q?", "answer": "3"})
+    assert [path["index"] for path in out["paths"]] == [0, 1, 2]
+    for path in out["paths"]:
+        assert path["status"] in ("ok", "failed") and len(path["steps"]) <= MAX_STEPS
+        assert path["score"] is None or 1 <= path["score"] <= 100
+    assert all(f["kind"] in ("unparsable", "rejected") for f in out["scoring_failures"])
+    assert len(model.calls) <= 3 * CALLS_PER_PASS + (MAX_RETRIES + 1) * 4
