@@ -8,6 +8,7 @@ from insightv_agents.errors import (
     ConfigError,
     InsightVError,
     InvalidInputError,
+    ModelCallError,
     ModelOutputError,
 )
 from insightv_agents.graphs import (
@@ -64,6 +65,7 @@ __all__ = [
     "InsightVOutput",
     "InsightVState",
     "InvalidInputError",
+    "ModelCallError",
     "ModelOutputError",
     "PathResult",
     "PathScore",

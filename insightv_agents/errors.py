@@ -6,6 +6,8 @@ Every error the library raises on purpose derives from :class:`InsightVError`, s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -33,6 +35,32 @@ class ModelOutputError(InsightVError):
     def __init__(self, message: str, *, raw: str = "") -> None:
         super().__init__(message)
         self.raw = raw[:2000]
+
+
+class ModelCallError(InsightVError):
+    """A model call failed for good: the server answered an error, timed out or dropped the
+    connection, after the client's own retries with backoff (``vllm_chat_model(timeout=...,
+    max_retries=...)``). ``node`` names the graph node; the original exception is the
+    ``__cause__``."""
+
+    def __init__(self, message: str, *, node: str = "") -> None:
+        super().__init__(message)
+        self.node = node
+
+
+@contextmanager
+def model_call(node: str) -> Iterator[None]:
+    """Raise :class:`ModelCallError` (naming ``node``) for whatever a model call raises, but
+    the library's own errors and LangGraph's control flow (interrupts), which pass through."""
+    from langgraph.errors import GraphBubbleUp
+
+    try:
+        yield
+    except (InsightVError, GraphBubbleUp):
+        raise
+    except Exception as err:
+        raise ModelCallError(f"the model call of node {node!r} failed: "
+                             f"{type(err).__name__}: {err}"[:2000], node=node) from err
 
 
 class ConfigError(InsightVError, ValueError):

@@ -24,7 +24,13 @@ from langgraph.runtime import Runtime, get_runtime
 from langgraph.types import Overwrite
 from langgraph.utils.runnable import RunnableCallable
 
-from insightv_agents.errors import ConfigError, InvalidInputError, ModelOutputError, check_int
+from insightv_agents.errors import (
+    ConfigError,
+    InvalidInputError,
+    ModelOutputError,
+    check_int,
+    model_call,
+)
 from insightv_agents.images import ImagePolicy, load_images
 from insightv_agents.parsing import parse_answer, parse_steps, parse_verdict
 from insightv_agents.prompts import (
@@ -145,8 +151,9 @@ class _ModelNode(RunnableCallable):
         conversation = self._conversation(state)
         outcome = None
         if conversation is not None:
-            outcome = _finish(conversation,
-                              lambda messages: reply_text(model.invoke(messages, config)))
+            with model_call(self.name or ""):
+                outcome = _finish(conversation,
+                                  lambda messages: reply_text(model.invoke(messages, config)))
         return self._update(state, outcome, runtime)
 
     async def _arun(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
@@ -155,7 +162,8 @@ class _ModelNode(RunnableCallable):
         conversation = self._conversation(state)
         outcome = None
         if conversation is not None:
-            outcome = await _afinish(conversation, model, config)
+            with model_call(self.name or ""):
+                outcome = await _afinish(conversation, model, config)
         return self._update(state, outcome, runtime)
 
     def _json_schema(self, state: dict[str, Any]) -> dict[str, object]:
@@ -439,10 +447,13 @@ def rejected_request(err: BaseException) -> bool:
     """Whether ``err`` is a server refusing the request itself (HTTP 400, 413 or 422: too
     long a prompt, say), which resending cannot fix; a 5xx, a timeout or a refused
     connection is not."""
-    status = getattr(err, "status_code", None)
-    if status is None:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-    return status in (400, 413, 422)
+    for cause in (err, err.__cause__):  # the client's error, or the one ModelCallError wraps
+        status = getattr(cause, "status_code", None)
+        if status is None:
+            status = getattr(getattr(cause, "response", None), "status_code", None)
+        if status in (400, 413, 422):
+            return True
+    return False
 
 
 def current_runtime() -> Runtime[Any] | None:

@@ -87,14 +87,19 @@ class Refusal:
     message: str
 
 
+class Drop:
+    """A reply function's way to make FakeOpenAIServer close the connection unanswered."""
+
+
 class FakeOpenAIServer(http.server.ThreadingHTTPServer):
     """A loopback OpenAI-compatible chat endpoint replying ``reply(request_body)`` (a text,
-    or a :class:`Refusal`) after ``delay`` seconds; records every request. For CLI tests of
-    the HTTP client path (the real vLLM server is tested in test_vllm_server.py)."""
+    a :class:`Refusal` or a :class:`Drop`) after ``delay`` seconds; records every request.
+    For tests of the HTTP client path and of faults (the real vLLM server is tested in
+    test_vllm_server.py)."""
 
     daemon_threads = True
 
-    def __init__(self, reply: Callable[[dict[str, Any]], str | Refusal],
+    def __init__(self, reply: Callable[[dict[str, Any]], str | Refusal | Drop],
                  delay: float = 0.0) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.reply = reply
@@ -122,6 +127,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.server.requests.append(body)
         time.sleep(self.server.delay)
         text = self.server.reply(body)
+        if isinstance(text, Drop):
+            self.close_connection = True
+            self.connection.shutdown(2)  # socket.SHUT_RDWR: no status line, no body
+            return
         if isinstance(text, Refusal):
             self._send(text.status, {"error": {"message": text.message, "type": "invalid",
                                                "code": text.status}})

@@ -12,6 +12,7 @@ from insightv_agents import (
     ConfigError,
     InsightVContext,
     InvalidInputError,
+    ModelCallError,
     Prompts,
     ReasoningNode,
     SummaryNode,
@@ -215,12 +216,14 @@ def test_a_model_is_required() -> None:
         create_insightv_graph(reasoner=None)  # type: ignore[arg-type]
 
 
-def test_model_errors_propagate_unchanged(inputs: dict[str, Any]) -> None:
+def test_a_failed_model_call_is_a_typed_error_naming_the_node(inputs: dict[str, Any]) -> None:
     def boom(_: Any) -> str:
         raise ConnectionError("server down")
 
-    with pytest.raises(ConnectionError, match="server down"):
+    with pytest.raises(ModelCallError, match="node 'reason' failed: ConnectionError: server "
+                       "down") as caught:
         run(ScriptedChatModel([boom]), inputs)
+    assert caught.value.node == "reason" and isinstance(caught.value.__cause__, ConnectionError)
 
 
 def test_nodes_run_alone_outside_any_graph() -> None:

@@ -18,7 +18,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph import END, START, StateGraph
 
-from insightv_agents import ReasoningNode, SummaryNode, create_insightv_graph
+from insightv_agents import ModelCallError, ReasoningNode, SummaryNode, create_insightv_graph
 from insightv_agents.testing import ScriptedChatModel
 
 SCRIPT = [step("look"), step("count", "3", "summary"), verdict("3")]
@@ -141,7 +141,7 @@ def test_sqlite_thread_resumes_in_a_new_process_after_a_crash(
     first = ScriptedChatModel([step("look"), step("count", "3", "summary"), crash])
     with SqliteSaver.from_conn_string(database) as saver:
         graph = create_insightv_graph(reasoner=first).compile(checkpointer=saver)
-        with pytest.raises(ConnectionError):
+        with pytest.raises(ModelCallError):
             graph.invoke(inputs, config)
     # A fresh saver and graph, as after a restart: the finished steps are not redone.
     second = ScriptedChatModel([verdict("3")])

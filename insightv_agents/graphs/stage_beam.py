@@ -24,7 +24,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Overwrite
 from langgraph.utils.runnable import RunnableCallable
 
-from insightv_agents.errors import ConfigError, check_int
+from insightv_agents.errors import ConfigError, check_int, model_call
 from insightv_agents.graphs.insightv import REDACT_IMAGES
 from insightv_agents.images import ImagePolicy
 from insightv_agents.nodes import (
@@ -133,14 +133,16 @@ class _SearchNode(RunnableCallable):
 
     def _run(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         model, judge = self._models()
-        result = run_search(self._search(state, self._settings(state)), model, judge, config,
-                            use_n=self.use_n)
+        with model_call(self.name or ""):
+            result = run_search(self._search(state, self._settings(state)), model, judge,
+                                config, use_n=self.use_n)
         return self._update(state, result)
 
     async def _arun(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         model, judge = self._models()
-        result = await arun_search(self._search(state, self._settings(state)), model, judge,
-                                   config, use_n=self.use_n)
+        with model_call(self.name or ""):
+            result = await arun_search(self._search(state, self._settings(state)), model,
+                                       judge, config, use_n=self.use_n)
         return self._update(state, result)
 
     def _judge_failures(self, state: dict[str, Any], records: list[SearchRecord]

@@ -1,0 +1,110 @@
+"""Faults injected for real on loopback: a server that answers 500, hangs past the client's
+timeout, or drops the connection. The client retries with backoff, then the graph raises a
+typed ModelCallError, never hanging past the configured timeouts; synthesis logs the failed
+items and a rerun, once the server is back, writes exactly one group of records per item."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import Drop, FakeOpenAIServer, Refusal, png_bytes, verdict, wire_teacher
+
+from insightv_agents import ModelCallError, create_insightv_graph, create_synthesis_graph
+from insightv_agents.integrations.vllm import vllm_chat_model
+from insightv_agents.records import read_records
+from insightv_agents.synthesize import load_items, synthesize, write_run_file
+
+TIMEOUT, RETRIES = 1.0, 2
+
+
+def client(server: FakeOpenAIServer) -> Any:
+    return vllm_chat_model(server.url, "m", temperature=0.0, timeout=TIMEOUT,
+                           max_retries=RETRIES)
+
+
+@pytest.mark.parametrize(("fault", "cause"), [
+    (Refusal(500, "internal error"), "Error code: 500"),
+    (Refusal(503, "overloaded"), "Error code: 503"),
+    (Drop(), "Connection error"),
+    ("hang", "timed out"),
+])
+def test_a_failing_server_gives_a_typed_error_after_bounded_retries(fault: Any,
+                                                                   cause: str) -> None:
+    delay = 30.0 if fault == "hang" else 0.0
+    with FakeOpenAIServer(lambda body: "never sent" if fault == "hang" else fault,
+                          delay=delay) as server:
+        graph = create_insightv_graph(reasoner=client(server)).compile()
+        started = time.perf_counter()
+        with pytest.raises(ModelCallError, match=cause) as caught:
+            graph.invoke({"image": png_bytes(), "question": "How many?"})
+        seconds = time.perf_counter() - started
+        assert caught.value.node == "reason"
+        assert len(server.requests) == 1 + RETRIES  # retried, then gave up
+    # Each attempt waits at most TIMEOUT, plus the client's backoff (under 2 s each).
+    assert seconds < (1 + RETRIES) * TIMEOUT + RETRIES * 2 + 3
+
+
+def test_a_server_that_recovers_within_the_retries_is_not_an_error() -> None:
+    failures = itertools.count()
+    teach = wire_teacher(steps=2)
+
+    def flaky(body: dict[str, Any]) -> str | Refusal:
+        if next(failures) < RETRIES:
+            return Refusal(500, "warming up")
+        summary = "summary agent" in str(body["messages"][0]["content"])
+        return verdict("3") if summary else teach(body)
+
+    with FakeOpenAIServer(flaky) as server:
+        graph = create_insightv_graph(reasoner=client(server)).compile()
+        out = graph.invoke({"image": png_bytes(), "question": "How many?"})
+    assert out["status"] == "ok" and out["answer"] == "3"
+
+
+def make_data(folder: Path, count: int) -> Path:
+    (folder / "images").mkdir(parents=True)
+    lines = []
+    for index in range(count):
+        colour = ("red", "blue", "green", "white")[index % 4]
+        (folder / "images" / f"{index}.png").write_bytes(png_bytes((8 + index, 8), colour))
+        lines.append(f'{{"id": "q{index}", "image": "images/{index}.png", '
+                     f'"question": "How many?", "answer": "3"}}')
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "data.jsonl"
+
+
+def test_synthesis_survives_a_server_outage_and_the_rerun_completes_every_item_once(
+        tmp_path: Path) -> None:
+    """The server dies partway (connections dropped), comes back, and the rerun finishes:
+    exactly one group of records per item, no half record."""
+    items, root = load_items(make_data(tmp_path / "data", 8))
+    out = tmp_path / "out"
+    write_run_file(out, {"data_root": str(root), "paths": 2})
+    teach = wire_teacher(steps=2)
+    up = threading.Event()
+    up.set()
+    served = itertools.count()
+
+    def reply(body: dict[str, Any]) -> str | Drop:
+        if next(served) == 20:
+            up.clear()  # the server goes down after 20 answers
+        return teach(body) if up.is_set() else Drop()
+
+    with FakeOpenAIServer(reply) as server:
+        graph = create_synthesis_graph(teacher=client(server), paths=2, max_steps=4).compile()
+        first = asyncio.run(synthesize(graph, items, out, concurrency=3, fsync=False))
+        assert first.errors and first.written + len(first.errors) == len(items)
+        assert all("ModelCallError" in message for _, message in first.errors)
+        up.set()  # the server is back
+        second = asyncio.run(synthesize(graph, items, out, concurrency=3, fsync=False))
+    assert not second.errors and second.skipped == first.written
+    assert second.written == len(first.errors)
+    records = list(read_records(out / "records.jsonl"))
+    assert Counter(record["id"] for record in records) == {item.id: 2 for item in items}
+    assert len({(record["id"], record["path_index"]) for record in records}) == 2 * len(items)
