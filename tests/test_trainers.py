@@ -421,32 +421,46 @@ def test_train_iterate_cli_refuses_bad_input_before_any_model(tmp_path: Path) ->
 @pytest.mark.slow
 def test_sft_killed_mid_run_resumes_from_its_last_checkpoint(base: Path, records: Any,
                                                             tmp_path: Path) -> None:
-    """SIGKILL the `insightv train sft` process once a checkpoint is saved; the same command
-    again continues from that checkpoint (its logged history carries over) to the end."""
+    """SIGKILL the `insightv train sft` process as soon as a checkpoint is complete; the
+    same command again continues from the newest complete checkpoint (its logged history
+    carries over) to the end."""
     build_reasoning_sft(records, mode="chain")[0].save_to_disk(str(tmp_path / "data"))
     (tmp_path / "settings.json").write_text(json.dumps(
-        {"max_steps": 30, "save_steps": 2, "logging_steps": 1, "finetune": "full"}))
+        {"max_steps": 60, "save_steps": 5, "logging_steps": 1, "finetune": "full"}))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "insightv_agents.cli", "train", "sft", "--model",
                str(base), "--data", str(tmp_path / "data"), "--out", str(out), "--config",
                str(tmp_path / "settings.json")]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
-    state = out / "checkpoint-2" / "trainer_state.json"
+    state = out / "checkpoint-5" / "trainer_state.json"
     deadline = time.monotonic() + 240
     while not state.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # let the checkpoint finish writing
+        time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert state.exists() and not (out / "model.safetensors").exists(), "not killed mid-run"
-    # Mark the checkpoint's history: only a resumed run carries the mark to its end.
-    saved = json.loads(state.read_text())
+    assert process.returncode == -signal.SIGKILL and not (out / "model.safetensors").exists()
+    time.sleep(0.1)
+    # Mark the newest complete checkpoint's history: only a resumed run carries it to its end.
+    newest = max((p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists()),
+                 key=lambda p: int(p.name.split("-")[1]))
+    saved = json.loads((newest / "trainer_state.json").read_text())
     saved["log_history"][0]["loss"] = 123.0
-    state.write_text(json.dumps(saved))
+    (newest / "trainer_state.json").write_text(json.dumps(saved))
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-2000:]
-    last = max((p for p in out.glob("checkpoint-*")), key=lambda p: int(p.name.split("-")[1]))
-    history = json.loads((last / "trainer_state.json").read_text())
-    assert history["global_step"] == 30 and history["log_history"][0]["loss"] == 123.0
+    history = json.loads((out / "checkpoint-60" / "trainer_state.json").read_text())
+    assert history["global_step"] == 60 and history["log_history"][0]["loss"] == 123.0
     assert (out / "model.safetensors").exists()
+
+
+def test_resume_passes_over_a_checkpoint_cut_short(tmp_path: Path) -> None:
+    from insightv_agents.trainers.common import TrainSettings, checkpoint_to_resume
+
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-6").mkdir()  # killed while saving: no trainer state yet
+    (tmp_path / "checkpoint-6" / "model.safetensors").write_bytes(b"partial")
+    assert checkpoint_to_resume(TrainSettings(output_dir=tmp_path)) == str(
+        tmp_path / "checkpoint-4")
+    assert checkpoint_to_resume(TrainSettings(output_dir=tmp_path, resume=False)) is None

@@ -176,6 +176,7 @@ def test_stops_cleanly_even_on_error(tiny: dict[str, Path], tmp_path: Path) -> N
 
 
 def test_a_server_that_dies_gives_its_log(tmp_path: Path) -> None:
+    (tmp_path / "no-such-model").mkdir()  # a folder, but no model in it
     server = VLLMServer(tmp_path / "no-such-model", python=vllm_python(),
                         log_path=tmp_path / "v.log", startup_timeout=300, **ENGINE)
     with pytest.raises(BackendError, match="exited with status") as info:

@@ -228,11 +228,14 @@ def language_model_targets(model: Any) -> str:
 
 
 def checkpoint_to_resume(settings: TrainSettings) -> str | None:
-    """The newest ``checkpoint-N`` folder in the output folder (if resuming is on)."""
+    """The newest complete ``checkpoint-N`` folder in the output folder (if resuming is on).
+    A checkpoint is complete once its ``trainer_state.json`` is written, the Trainer's last
+    write: one cut short by a kill is passed over."""
     if not settings.resume or not settings.output_dir.is_dir():
         return None
     found = [(int(match.group(1)), path) for path in settings.output_dir.iterdir()
-             if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and path.is_dir()]
+             if (match := re.fullmatch(r"checkpoint-(\d+)", path.name))
+             and (path / "trainer_state.json").is_file()]
     return str(max(found)[1]) if found else None
 
 
