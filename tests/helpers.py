@@ -123,7 +123,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: FakeOpenAIServer
 
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            body = json.loads(raw)
+        except ValueError:  # not JSON (a multipart upload, say): kept as text
+            body = {"raw": raw.decode("utf-8", "replace")}
         self.server.requests.append(body)
         time.sleep(self.server.delay)
         text = self.server.reply(body)
@@ -135,7 +139,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(text.status, {"error": {"message": text.message, "type": "invalid",
                                                "code": text.status}})
             return
-        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+        reply = {"id": "x", "object": "chat.completion", "created": 0,
+                 "model": body.get("model", ""),
                  "choices": [{"index": 0, "finish_reason": "stop",
                               "message": {"role": "assistant", "content": text}}],
                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
@@ -148,6 +153,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    do_PATCH = do_POST  # LangSmith's run updates, captured like the rest
 
     def log_message(self, *args: Any) -> None:
         pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import operator
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
@@ -239,3 +240,32 @@ def test_graph_traces_hold_no_image_payloads(image_path: Path) -> None:
                if "base64," in repr(run.inputs) + repr(run.outputs)]
     assert leaking == []
     assert any("<image: " in repr(run.inputs) for run in chain_runs)
+
+
+@pytest.mark.parametrize("redacted", [True, False])
+def test_langsmith_tracer_sends_no_image_payloads(image_path: Path, redacted: bool) -> None:
+    """What a LangSmith tracer posts for a synthesis run (root, subgraph and model runs
+    included), captured by a loopback stand-in of the LangSmith API."""
+    from helpers import FakeOpenAIServer, teacher
+    from langchain_core.tracers.langchain import LangChainTracer
+    from langsmith import Client
+
+    from insightv_agents import create_synthesis_graph
+    from insightv_agents.tracing import langsmith_client
+
+    with FakeOpenAIServer(lambda body: "{}") as server:
+        options = {"api_url": server.url.removesuffix("/v1"), "api_key": "test-key",
+                   "auto_batch_tracing": False}
+        client = langsmith_client(**options) if redacted else Client(**options)
+        tracer = LangChainTracer(project_name="t", client=client)
+        graph = create_synthesis_graph(
+            teacher=ScriptedChatModel([teacher(steps=1)], cycle=True), paths=2).compile()
+        graph.invoke({"image": str(image_path), "question": "q", "answer": "3"},
+                     {"callbacks": [tracer]})
+        tracer.wait_for_futures()
+    sent = json.dumps(server.requests)
+    assert len(server.requests) > 5  # the runs were posted
+    assert ("base64," in sent) is not redacted  # the plain client leaks the pictures
+    assert "test-key" not in sent
+    if redacted:
+        assert "<image: " in sent
