@@ -62,7 +62,7 @@ bench: $(STAMP)
 reliability: $(STAMP)
 	$(BIN)/python scripts/reliability.py
 
-bench-load: $(STAMP)
+bench-load: $(STAMP) $(VLLM_STAMP)
 	INSIGHTV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python benchmarks/load.py \
 	  --out docs/load.json
 
