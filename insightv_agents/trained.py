@@ -31,6 +31,7 @@ def resolve_model(path: str | Path) -> tuple[str, str | None]:
     """
     if str(path).startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
         raise InvalidInputError(f"no model folder at {str(path)[:300]}.", field="model")
+    _check_safetensors(Path(path).expanduser())
     if not is_adapter(path):
         return str(path), None
     adapter = Path(path).resolve()
@@ -47,7 +48,26 @@ def resolve_model(path: str | Path) -> tuple[str, str | None]:
         raise InvalidInputError(f"the adapter in {adapter} was trained on {base}, which is "
                                 "not there any more; pass the base model explicitly.",
                                 field="model")
+    _check_safetensors(Path(base))
     return base, str(adapter)
+
+
+_PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Refuse a local model folder whose weights are only pickles (they can run code when
+    loaded); a hub id or a folder with safetensors passes."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in _PICKLES for p in folder.glob(pattern)
+                     if p.name != "training_args.bin")
+    if pickles:
+        raise InvalidInputError(
+            f"{folder} holds weights only as pickles ({', '.join(pickles[:3])}), which can "
+            "run code when loaded; this library loads safetensors only. Convert them once "
+            "with transformers: from_pretrained(...).save_pretrained(folder, "
+            "safe_serialization=True).", field="model")
 
 
 def adapter_rank(path: str | Path) -> int:

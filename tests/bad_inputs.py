@@ -71,6 +71,12 @@ class Ctx:
         lines += [row if isinstance(row, str) else json.dumps(row) for row in rows]
         return self.file(f"d/{name}", "\n".join(lines) + "\n")
 
+    def pickled(self) -> str:
+        """A model folder whose weights are a pickle (``pytorch_model.bin``) only."""
+        self.file("pickled/config.json", '{"model_type": "idefics3"}')
+        weights = self.file("pickled/pytorch_model.bin", b"\x80\x04not really a pickle")
+        return str(Path(weights).parent)
+
     def records(self) -> str:
         """A synthesis output folder (two questions, three scored paths each)."""
         return str(write_output(self.tmp / "synthesis", {"q1": [(90, True), (20, False),
@@ -245,6 +251,11 @@ CASES: list[Case] = [
                          "--mode", "sideways")),
     Case("insightv serve", "a model folder that does not exist", CommandRefused, "model",
          lambda c: c.cli("serve", "--model", str(c.tmp / "no-model"))),
+    Case("insightv serve", "a model folder holding only pickle weights", CommandRefused,
+         "safetensors only", lambda c: c.cli("serve", "--model", c.pickled())),
+    Case("insightv run", "--local-model holding only pickle weights", CommandRefused,
+         "safetensors only", lambda c: c.cli("run", "--local-model", c.pickled(), "-i",
+                                             c.file("a.png", png()), "-q", "q")),
     Case("insightv serve", "a malformed --adapter", CommandRefused, "NAME=FOLDER",
          lambda c: c.cli("serve", "--model", str(c.tmp), "--adapter", "just-a-name")),
     Case("insightv synthesize", "--paths 0", CommandRefused, "paths",

@@ -132,6 +132,7 @@ class VLLMServer:
         runtime_lora: allow loading and unloading adapters while running
             (:meth:`load_adapter`, :meth:`unload_adapter`).
         dtype, max_model_len, enforce_eager: engine settings (``enforce_eager`` starts faster).
+        load_format: how vLLM reads the weights: ``safetensors`` (default: never a pickle).
         extra_args: more command-line arguments for the server.
         env: more environment variables for the server.
         startup_timeout: seconds to wait for ``/health`` before giving up.
@@ -156,6 +157,7 @@ class VLLMServer:
         dtype: str = "auto",
         max_model_len: int = 4096,
         enforce_eager: bool = False,
+        load_format: str = "safetensors",
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 600.0,
@@ -189,7 +191,7 @@ class VLLMServer:
             self.python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model, "--served-model-name", self.served_model_name,
             "--host", self.host, "--port", str(self.port), "--dtype", dtype,
-            "--max-model-len", str(max_model_len),
+            "--max-model-len", str(max_model_len), "--load-format", load_format,
             # Stops whitespace runaways of constrained decoding (the per-request field is ignored).
             "--structured-outputs-config",
             json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
