@@ -100,8 +100,8 @@ class FakeOpenAIServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, reply: Callable[[dict[str, Any]], str | Refusal | Drop],
-                 delay: float = 0.0) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+                 delay: float = 0.0, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _Handler)
         self.reply = reply
         self.delay = delay
         self.requests: list[dict[str, Any]] = []

@@ -1,7 +1,8 @@
 """Faults injected for real on loopback: a server that answers 500, hangs past the client's
 timeout, or drops the connection. The client retries with backoff, then the graph raises a
-typed ModelCallError, never hanging past the configured timeouts; synthesis logs the failed
-items and a rerun, once the server is back, writes exactly one group of records per item."""
+typed ModelCallError, never hanging past the configured timeouts; when the server is killed
+during synthesis, the failed items are logged and a rerun on a restarted server writes
+exactly one group of records per item."""
 
 from __future__ import annotations
 
@@ -79,29 +80,34 @@ def make_data(folder: Path, count: int) -> Path:
     return folder / "data.jsonl"
 
 
-def test_synthesis_survives_a_server_outage_and_the_rerun_completes_every_item_once(
-        tmp_path: Path) -> None:
-    """The server dies partway (connections dropped), comes back, and the rerun finishes:
+def test_synthesis_survives_a_server_killed_mid_run_and_restarted(tmp_path: Path) -> None:
+    """The server is killed partway (its socket closed: connections refused), the run logs
+    the items it could not finish; a new server on the same port, the same command again:
     exactly one group of records per item, no half record."""
     items, root = load_items(make_data(tmp_path / "data", 8))
     out = tmp_path / "out"
     write_run_file(out, {"data_root": str(root), "paths": 2})
     teach = wire_teacher(steps=2)
-    up = threading.Event()
-    up.set()
     served = itertools.count()
+    servers: list[FakeOpenAIServer] = []
+
+    def kill() -> None:
+        servers[0].shutdown()
+        servers[0].server_close()
 
     def reply(body: dict[str, Any]) -> str | Drop:
-        if next(served) == 20:
-            up.clear()  # the server goes down after 20 answers
-        return teach(body) if up.is_set() else Drop()
+        if next(served) == 20:  # the server dies after 20 answers
+            threading.Thread(target=kill, daemon=True).start()
+            return Drop()
+        return teach(body)
 
-    with FakeOpenAIServer(reply) as server:
-        graph = create_synthesis_graph(teacher=client(server), paths=2, max_steps=4).compile()
-        first = asyncio.run(synthesize(graph, items, out, concurrency=3, fsync=False))
-        assert first.errors and first.written + len(first.errors) == len(items)
-        assert all("ModelCallError" in message for _, message in first.errors)
-        up.set()  # the server is back
+    servers.append(FakeOpenAIServer(reply).__enter__())
+    port = servers[0].server_address[1]
+    graph = create_synthesis_graph(teacher=client(servers[0]), paths=2, max_steps=4).compile()
+    first = asyncio.run(synthesize(graph, items, out, concurrency=3, fsync=False))
+    assert first.errors and first.written + len(first.errors) == len(items)
+    assert all("ModelCallError" in message for _, message in first.errors)
+    with FakeOpenAIServer(teach, port=port):  # restarted, same address
         second = asyncio.run(synthesize(graph, items, out, concurrency=3, fsync=False))
     assert not second.errors and second.skipped == first.written
     assert second.written == len(first.errors)
