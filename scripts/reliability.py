@@ -55,8 +55,8 @@ def faults() -> list[str]:
              f"A loopback stand-in server misbehaves during a graph run; the client is "
              f"`vllm_chat_model(timeout={TIMEOUT}, max_retries={RETRIES})`. Expected: retries "
              "with backoff, then a typed `ModelCallError` naming the node, within the timeouts. "
-             "`tests/test_faults.py` also kills the server during synthesis, restarts it, and checks that the "
-             "rerun writes exactly one group of records per item.", "",
+             "`tests/test_faults.py` also kills the server during synthesis, restarts it, "
+             "and checks that the rerun writes exactly one group of records per item.", "",
              "| Fault | Raised | Requests sent | Seconds to the error |", "|---|---|---|---|"]
     for name, fault, delay in [("HTTP 500", Refusal(500, "internal error"), 0.0),
                                ("HTTP 503", Refusal(503, "overloaded"), 0.0),
