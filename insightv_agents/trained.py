@@ -52,6 +52,23 @@ def resolve_model(path: str | Path) -> tuple[str, str | None]:
     return base, str(adapter)
 
 
+def check_remote_code(base: str | Path, trust_remote_code: bool) -> None:
+    """Refuse a local model whose architecture is code shipped in its folder (``auto_map``
+    in ``config.json``) unless ``trust_remote_code`` is on."""
+    config = Path(base) / "config.json"
+    if trust_remote_code or not config.is_file():
+        return
+    try:
+        auto_map = json.loads(config.read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable: the loader says what is wrong
+    if auto_map:
+        raise InvalidInputError(
+            f"the model at {base} ships its own code ({', '.join(sorted(auto_map))} in "
+            "config.json), which runs only with trust_remote_code=True; read it first.",
+            field="model")
+
+
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 

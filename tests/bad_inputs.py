@@ -77,6 +77,15 @@ class Ctx:
         weights = self.file("pickled/pytorch_model.bin", b"\x80\x04not really a pickle")
         return str(Path(weights).parent)
 
+    def remote_code(self) -> str:
+        """A model folder whose architecture is code shipped in the folder (``auto_map``)."""
+        self.file("remote/config.json", json.dumps({
+            "model_type": "sneaky", "auto_map": {"AutoConfig": "configuration_sneaky.Config",
+                                                 "AutoModel": "modeling_sneaky.Model"}}))
+        self.file("remote/configuration_sneaky.py", "raise SystemExit('remote code ran')\n")
+        self.file("remote/model.safetensors", b"")
+        return str(self.tmp / "remote")
+
     def records(self) -> str:
         """A synthesis output folder (two questions, three scored paths each)."""
         return str(write_output(self.tmp / "synthesis", {"q1": [(90, True), (20, False),
@@ -256,6 +265,9 @@ CASES: list[Case] = [
     Case("insightv run", "--local-model holding only pickle weights", CommandRefused,
          "safetensors only", lambda c: c.cli("run", "--local-model", c.pickled(), "-i",
                                              c.file("a.png", png()), "-q", "q")),
+    Case("insightv run", "--local-model whose code ships with it (trust_remote_code off)",
+         CommandRefused, "trust_remote_code", lambda c: c.cli(
+             "run", "--local-model", c.remote_code(), "-i", c.file("a.png", png()), "-q", "q")),
     Case("insightv serve", "a malformed --adapter", CommandRefused, "NAME=FOLDER",
          lambda c: c.cli("serve", "--model", str(c.tmp), "--adapter", "just-a-name")),
     Case("insightv synthesize", "--paths 0", CommandRefused, "paths",

@@ -26,7 +26,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from insightv_agents.errors import ConfigError, InvalidInputError
 from insightv_agents.images import ImagePolicy, open_image
-from insightv_agents.trained import resolve_model
+from insightv_agents.trained import check_remote_code, resolve_model
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "user"}
 
@@ -103,11 +103,16 @@ class ChatTransformersVLM(BaseChatModel):
             raise ConfigError(f"adapter_path {adapter!r} is not a folder.")
         device = _device(torch, self.device)
         dtype = _dtype(torch, self.dtype, device)
-        self._processor = AutoProcessor.from_pretrained(
-            base, trust_remote_code=self.trust_remote_code)
-        model: Any = AutoModelForImageTextToText.from_pretrained(
-            base, dtype=dtype, use_safetensors=True,
-            trust_remote_code=self.trust_remote_code)
+        check_remote_code(base, self.trust_remote_code)
+        try:
+            self._processor = AutoProcessor.from_pretrained(
+                base, trust_remote_code=self.trust_remote_code)
+            model: Any = AutoModelForImageTextToText.from_pretrained(
+                base, dtype=dtype, use_safetensors=True,
+                trust_remote_code=self.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise InvalidInputError(f"cannot load the model at {base}: {err}",
+                                    field="model") from err
         if adapter is not None:
             from peft import PeftModel
 

@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from insightv_agents.errors import ConfigError, InvalidInputError
-from insightv_agents.trained import TRAINING_FILE, resolve_model
+from insightv_agents.trained import TRAINING_FILE, check_remote_code, resolve_model
 
 FineTune = Literal["lora", "full"]
 Settings = TypeVar("Settings", bound=BaseModel)
@@ -190,6 +190,7 @@ def load_for_training(model: str | Path, settings: TrainSettings, *,
         raise ConfigError("full fine-tuning starts from a full model, not an adapter; "
                           "merge the adapter first or use finetune='lora'.")
     dtype, bf16 = precision(settings.dtype)
+    check_remote_code(base, settings.trust_remote_code)
     processor = AutoProcessor.from_pretrained(base, trust_remote_code=settings.trust_remote_code)
     network: Any = AutoModelForImageTextToText.from_pretrained(
         base, dtype=dtype, use_safetensors=True, trust_remote_code=settings.trust_remote_code)
