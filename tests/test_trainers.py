@@ -7,6 +7,7 @@ greedy output moves towards its target, the DPO margin rises, rounds run and res
 from __future__ import annotations
 
 import base64
+import contextlib
 import difflib
 import json
 import os
@@ -52,6 +53,19 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def records(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return load_records(write_output(tmp_path_factory.mktemp("records") / "out", QUESTIONS))
+
+
+def kill_once_written(command: list[str], written: Path, within: float = 240) -> int:
+    """Run ``command`` and SIGKILL its process group as soon as ``written`` exists (or it
+    ends, or ``within`` seconds pass); its return code."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + within
+    while not written.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError):  # it may have ended by itself
+        os.killpg(process.pid, signal.SIGKILL)
+    return process.wait()
 
 
 def with_image(messages: list[Any]) -> list[Any]:
@@ -324,14 +338,8 @@ def test_iterative_dpo_killed_resumes_after_the_finished_round(
                       summarizer=alternating_summarizer(),
                       policy=InProcessPolicy(temperature=0.5, max_new_tokens=160))
     """))
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
     finished = run / "round-1" / "round.json"
-    deadline = time.monotonic() + 240
-    while not finished.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_once_written([sys.executable, str(script)], finished)
     assert finished.exists(), "round 1 did not finish before the kill"
     assert not (run / "round-2" / "round.json").exists()
     first = finished.read_text()
@@ -431,15 +439,8 @@ def test_sft_killed_mid_run_resumes_from_its_last_checkpoint(base: Path, records
     command = [sys.executable, "-m", "insightv_agents.cli", "train", "sft", "--model",
                str(base), "--data", str(tmp_path / "data"), "--out", str(out), "--config",
                str(tmp_path / "settings.json")]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    state = out / "checkpoint-5" / "trainer_state.json"
-    deadline = time.monotonic() + 240
-    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL and not (out / "model.safetensors").exists()
+    code = kill_once_written(command, out / "checkpoint-5" / "trainer_state.json")
+    assert code == -signal.SIGKILL and not (out / "model.safetensors").exists()
     time.sleep(0.1)
     # Mark the newest complete checkpoint's history: only a resumed run carries it to its end.
     newest = max((p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists()),
