@@ -19,7 +19,7 @@ from langgraph.runtime import Runtime
 from langgraph.types import Overwrite
 from typing_extensions import TypedDict
 
-from insightv_agents.errors import check_int
+from insightv_agents.errors import ModelCallError, check_int
 from insightv_agents.nodes import (
     Exchange,
     Outcome,
@@ -168,20 +168,20 @@ class ScoreNode(_ModelNode):
     def _run(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         try:
             return super()._run(state, config)
-        except Exception as err:
-            if not rejected_request(err):
+        except ModelCallError as err:
+            if not rejected_request(err.__cause__):
                 raise
-            return self._rejected(state, err)
+            return self._rejected(state, err.__cause__)
 
     async def _arun(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         try:
             return await super()._arun(state, config)
-        except Exception as err:
-            if not rejected_request(err):
+        except ModelCallError as err:
+            if not rejected_request(err.__cause__):
                 raise
-            return self._rejected(state, err)
+            return self._rejected(state, err.__cause__)
 
-    def _rejected(self, state: dict[str, Any], err: Exception) -> dict[str, Any]:
+    def _rejected(self, state: dict[str, Any], err: BaseException | None) -> dict[str, Any]:
         failure = self._failure(state, "rejected", f"{type(err).__name__}: {err}"[:2000], 1, "")
         emit_event(current_runtime(), {"event": "failure", "node": self.name,
                                        "failure": failure})

@@ -443,17 +443,14 @@ def reply_text(reply: Any) -> str:
     return reply if isinstance(reply, str) else str(reply)
 
 
-def rejected_request(err: BaseException) -> bool:
+def rejected_request(err: BaseException | None) -> bool:
     """Whether ``err`` is a server refusing the request itself (HTTP 400, 413 or 422: too
     long a prompt, say), which resending cannot fix; a 5xx, a timeout or a refused
     connection is not."""
-    for cause in (err, err.__cause__):  # the client's error, or the one ModelCallError wraps
-        status = getattr(cause, "status_code", None)
-        if status is None:
-            status = getattr(getattr(cause, "response", None), "status_code", None)
-        if status in (400, 413, 422):
-            return True
-    return False
+    status = getattr(err, "status_code", None)
+    if status is None:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+    return status in (400, 413, 422)
 
 
 def current_runtime() -> Runtime[Any] | None:
