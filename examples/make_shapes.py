@@ -1,19 +1,38 @@
-"""Draw the example scene used by ``make demo`` (examples/shapes.png)."""
+"""The example scene of ``make demo``: ``shapes.json`` (its description) and ``shapes.png``
+(its picture, drawn from the description by the shapes world).
 
+    python examples/make_shapes.py                       # redraw shapes.png from shapes.json
+    python examples/make_shapes.py --data DIR --item ID  # take a dataset item's scene
+
+``--data``/``--item`` copy the scene of one item of a shapes dataset (``make reproduce``
+writes one to ``runs/reproduce/data``) and print its question and answer, for the Makefile.
+"""
+
+from __future__ import annotations
+
+import json
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+import typer
+
+from insightv_agents.shapes import SceneIndex, draw_scene
+from insightv_agents.shapes.scenes import Scene
+
+HERE = Path(__file__).resolve().parent
 
 
-def draw(path: Path) -> None:
-    image = Image.new("RGB", (320, 240), "white")
-    pen = ImageDraw.Draw(image)
-    pen.rectangle((20, 30, 110, 120), fill="red")
-    pen.ellipse((150, 40, 200, 90), fill="red")
-    pen.polygon([(240, 150), (300, 220), (180, 220)], fill="blue")
-    pen.ellipse((40, 160, 90, 210), fill="green")
-    image.save(path, optimize=True)
+def main(data: Path | None = None, item: str | None = None) -> None:
+    scene_file = HERE / "shapes.json"
+    if data is not None and item is not None:
+        rows = [json.loads(line) for split in data.glob("*.jsonl") if split.name != "scenes.jsonl"
+                for line in split.read_text().splitlines() if line.strip()]
+        row = next(r for r in rows if r["id"] == item)
+        scene = SceneIndex.from_folder(data).lookup(data / row["image"])
+        scene_file.write_text(json.dumps(scene.to_dict(), indent=1) + "\n")
+        print(f"question: {row['question']}\nanswer: {row['answer']}")
+    scene = Scene.from_dict(json.loads(scene_file.read_text()))
+    draw_scene(scene).save(HERE / "shapes.png", optimize=True)
 
 
 if __name__ == "__main__":
-    draw(Path(__file__).with_name("shapes.png"))
+    typer.run(main)

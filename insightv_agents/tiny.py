@@ -67,18 +67,21 @@ def build_tiny_idefics3(path: str | Path, *, seed: int = 0, vocab_size: int = 51
 
 def build_idefics3(path: str | Path, *, corpus: Iterable[str], image_size: int = 64,
                    vision: dict[str, int] | None = None, text: dict[str, int] | None = None,
-                   vocab_size: int = 2048, seed: int = 0) -> Path:
+                   vocab_size: int = 2048, words: Iterable[str] = (), seed: int = 0) -> Path:
     """Build a randomly initialised Idefics3 of a chosen size in ``path``, offline, for
     training from scratch.
 
     The tokenizer is a byte-level BPE trained on ``corpus`` (the texts the model will read
-    and write). Images are one ``image_size`` px view (no splitting) cut into 8 px patches,
-    with a 2 x 2 pixel shuffle: ``(image_size / 16) ** 2`` image tokens. ``vision`` and
-    ``text`` override the sizes of the vision tower (``hidden_size``, ``intermediate_size``,
-    ``num_hidden_layers``, ``num_attention_heads``) and of the Llama text model (the same,
-    plus ``num_key_value_heads``); keep head sizes at 32 or more for vLLM's CPU attention.
+    and write); each of ``words`` is one token of its own (byte-level BPE splits letters
+    from digits: ``"r1c2"`` would be four). Images are one ``image_size`` px view (no
+    splitting) cut into 8 px patches, with a 2 x 2 pixel shuffle: ``(image_size / 16) ** 2``
+    image tokens. ``vision`` and ``text`` override the sizes of the vision tower
+    (``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``)
+    and of the Llama text model (the same, plus ``num_key_value_heads``); keep head sizes at
+    32 or more for vLLM's CPU attention.
     """
     tokenizer = _idefics3_tokenizer(vocab_size, corpus)
+    tokenizer.add_tokens(list(words))
     return _idefics3(
         path, tokenizer, seed=seed, image_seq_len=(image_size // 16) ** 2,
         images={"size": {"longest_edge": image_size},

@@ -218,15 +218,43 @@ def test_every_path_first_describes_the_grid_it_believes_and_the_scorer_checks_i
     query = Query("count", Filter(colour="red"))
     first = plan_path(scene, query, strategy="rows").steps[0]
     assert first["summary"] == "Describe the image" and first["reasoning"] == (
-        "Row 1: empty, small red circle, empty, empty. Row 2: empty, empty, empty, empty. "
-        "Row 3: empty, empty, empty, large blue square. Row 4: empty, empty, empty, empty.")
+        "r1c1 empty, r1c2 small red circle, r1c3 empty, r1c4 empty. "
+        "r2c1 empty, r2c2 empty, r2c3 empty, r2c4 empty. "
+        "r3c1 empty, r3c2 empty, r3c3 empty, r3c4 large blue square. "
+        "r4c1 empty, r4c2 empty, r4c3 empty, r4c4 empty.")
     claims = check_claims(scene, [first])
     assert len(claims) == 16 and all(claim.holds for claim in claims)
     seen = Shape(1, 2, "circle", "green", "small")
     flawed = plan_path(scene, query, flaws=[Flaw("misperceive", scene.shapes[0], seen)])
-    assert "Row 1: empty, small green circle, empty, empty." in flawed.steps[0]["reasoning"]
+    assert "r1c2 small green circle, r1c3 empty" in flawed.steps[0]["reasoning"]
     wrong = [claim.text for claim in check_claims(scene, flawed.steps[:1]) if not claim.holds]
     assert wrong == ["row 1, column 2: small green circle"]
+
+
+def test_checks_name_each_cell_by_its_tag_and_the_scorer_checks_copy_mark_and_tally() -> None:
+    scene = Scene((Shape(1, 2, "circle", "red", "small"), Shape(3, 4, "square", "red", "large")))
+    step = plan_path(scene, Query("count", Filter(colour="red")), strategy="cells").steps[1]
+    text = step["reasoning"]
+    assert text.startswith("Checking each cell for red shapes: Row 1: r1c1 empty no, "
+                           "r1c2 small red circle 1, r1c3 empty no, r1c4 empty no.")
+    assert "r3c4 large red square 2." in text
+
+    def wrong(reasoning: str) -> list[str]:
+        step_ = {"summary": "", "reasoning": reasoning, "action": "continue"}
+        return [claim.text for claim in check_claims(scene, [step_]) if not claim.holds]
+
+    assert wrong(text) == []
+    assert wrong(text.replace("r1c2 small red circle 1", "r1c2 small red circle no")) == [
+        "row 1, column 2 for red shapes: no"]
+    assert wrong(text.replace("r1c2 small red circle", "r1c2 small blue circle")) == [
+        "row 1, column 2: small blue circle"]
+    assert wrong(text.replace("r3c4 large red square 2", "r3c4 large red square 3")) == [
+        "row 3, column 4 for red shapes: 3"]
+    rows = plan_path(scene, Query("count", Filter(colour="red")), strategy="rows").steps[1]
+    assert "Row 1: r1c1 empty no, r1c2 small red circle yes, r1c3 empty no, r1c4 empty no, " \
+           "so 1." in rows["reasoning"]
+    skipped = rows["reasoning"].replace("r1c3 empty no, ", "")
+    assert wrong(skipped) == ["Row 1 has 1 red shapes"]  # a tally must walk the whole row
 
 
 def test_teacher_paths_through_the_synthesis_graph_reach_the_label(dataset: Path,

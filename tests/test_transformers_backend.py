@@ -179,3 +179,19 @@ def test_stage_beam_runs_in_process(tiny_idefics3: Path, image_path: Path) -> No
     assert all(len(r["judgements"]) == 1 for r in out["search"])
     assert out["status"] in ("ok", "failed")
     assert out["status"] == "ok" or out["failures"][-1]["kind"] == "no_answer"
+
+
+def test_built_idefics3_keeps_each_word_one_token_and_writes_it_back(tmp_path: Path) -> None:
+    from transformers import AutoProcessor
+
+    from insightv_agents.shapes.scenes import CELL_TAGS
+    from insightv_agents.tiny import build_idefics3
+
+    folder = build_idefics3(tmp_path / "m", corpus=["r1c2 small red circle, r1c3 empty."] * 4,
+                            vocab_size=300, words=CELL_TAGS)
+    tokenizer = AutoProcessor.from_pretrained(folder).tokenizer
+    text = "r1c2 small red circle, r4c4 empty."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids)[0] == "r1c2" and "r4c4" in \
+        tokenizer.convert_ids_to_tokens(ids)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text

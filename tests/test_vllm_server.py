@@ -308,3 +308,27 @@ def test_stage_beam_through_vllm_samples_candidates_with_n(server: VLLMServer,
         checks = len(reasoning) if all(reasoning) else 0
         assert counted.judging == matches + checks
         assert out["status"] in ("ok", "failed")
+
+
+def test_the_demo_agents_served_by_vllm_answer_the_demo_example(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The production path with the shipped agents: both served by vLLM (bfloat16, as shipped),
+    the graph with their prompts answers ``make demo``'s question right."""
+    from helpers import demo_example
+
+    from insightv_agents.demo import REASONER_DIR, SUMMARY_DIR, demo_prompts
+
+    image, question, truth = demo_example()
+    engine = {**ENGINE, "dtype": "bfloat16"}
+    logs = tmp_path_factory.mktemp("demo-logs")
+    with VLLMServer(REASONER_DIR, served_model_name="reasoner", python=vllm_python(),
+                    log_path=logs / "reasoner.log", **engine) as reasoner, \
+            VLLMServer(SUMMARY_DIR, served_model_name="summary", python=vllm_python(),
+                       log_path=logs / "summary.log", **engine) as summary:
+        graph = create_insightv_graph(
+            reasoner=reasoner.chat_model(max_tokens=512, temperature=0),
+            summarizer=summary.chat_model(max_tokens=128, temperature=0),
+            mode="chain", prompts=demo_prompts()).compile()
+        out = graph.invoke({"image": str(image), "question": question})
+    assert out["status"] == "ok" and out["steps"][0]["summary"] == "Describe the image"
+    assert out["answer"].strip().lower() == truth

@@ -39,7 +39,7 @@ def demo_prompts() -> Prompts:
     return Prompts(**demo_info().get("prompts", {}))
 
 
-def demo_agents(*, temperature: float = 0.0, max_new_tokens: int = 384,
+def demo_agents(*, temperature: float = 0.0, max_new_tokens: int = 512,
                 device: str = "auto") -> tuple[Any, Any]:
     """The (reasoner, summarizer) chat models, run in-process with transformers. The
     reasoner writes whole chains: use ``mode="chain"`` and :func:`demo_prompts` in the

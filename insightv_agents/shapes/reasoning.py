@@ -1,11 +1,14 @@
 """Reasoning paths for questions of the shapes world, in the library's step format.
 
 :func:`plan_path` writes a path from the scene description. Every path first describes the
-image cell by cell (:func:`~insightv_agents.shapes.scenes.describe_grid`); every later step
-works on that description cell by cell, in a fixed order, marking each cell, so that each word
-it writes depends on one cell and the words just before it. Three strategies count: ``cells``
-(each matching cell gets the running count: "Row 1: no, 1, no, 2."), ``rows`` (``yes``/``no``
-and a count per row, then the sum) and ``columns`` (the same, column by column). Flawed paths
+image cell by cell, each cell named by its tag (``r1c2``:
+:func:`~insightv_agents.shapes.scenes.describe_grid`); every later step works on that
+description cell by cell, in a fixed order, naming each cell by its tag, repeating what the
+description says of it and marking it, so that each word it writes is a copy of what follows
+the same tag earlier, or depends on the words just before it. Three strategies count:
+``cells`` (each matching cell gets the running count: "Row 1: r1c1 empty no, r1c2 small red
+circle 1, ..."), ``rows`` (``yes``/``no`` and a count per row, then the sum) and ``columns``
+(the same, column by column). Flawed paths
 come from :class:`Flaw` s of controlled kinds: perception errors change what the path
 *believes* the scene is (``omit`` a shape, ``misperceive`` its colour or kind, ``misplace``
 it by a column) and the reasoning then follows that belief faithfully; reasoning errors
@@ -26,7 +29,15 @@ from typing import Literal
 from insightv_agents.errors import InvalidInputError
 from insightv_agents.schema import ReasoningStep
 from insightv_agents.shapes.questions import Filter, Query, reference
-from insightv_agents.shapes.scenes import COLOURS, GRID, KINDS, Scene, Shape, describe_grid
+from insightv_agents.shapes.scenes import (
+    COLOURS,
+    GRID,
+    KINDS,
+    Scene,
+    Shape,
+    cell_tag,
+    describe_grid,
+)
 
 Strategy = Literal["cells", "rows", "columns"]
 STRATEGIES: tuple[Strategy, ...] = ("cells", "rows", "columns")
@@ -171,17 +182,18 @@ class _Writer:
     # --- checking the cells ---
 
     def check(self, what: str, matches: Callable[[Shape], bool], style: Style) -> tuple[str, int]:
-        """``"Checking each cell for <what>: Row 1: no, 1, no, no. ..."``: each cell marked
-        ``no``, or when its shape ``matches``: with the running count (``running``), ``yes``
-        and a count per row or column (``tally``), or ``yes`` (``find``). Walks column by
-        column for the ``columns`` strategy, else row by row. The text and the count."""
+        """``"Checking each cell for <what>: Row 1: r1c1 empty no, r1c2 small red circle 1,
+        ..."``: each cell by its tag and what the description says of it, then marked ``no``,
+        or when its shape ``matches``: with the running count (``running``), ``yes`` and a
+        count per row or column (``tally``), or ``yes`` (``find``). Walks column by column for
+        the ``columns`` strategy, else row by row. The text and the count."""
         by_column = self.strategy == "columns"
         unit = "Column" if by_column else "Row"
         label = unit.lower() if style == "tally" else "cell"
         parts: list[str] = []
         counts: list[int] = []
         for number, cells in enumerate(_units(by_column), 1):
-            marks = []
+            marks, entries = [], []
             for cell in cells:
                 shape = self.scene.at(*cell)
                 if shape is None or not matches(shape):
@@ -189,9 +201,11 @@ class _Writer:
                 else:
                     marks.append(str(sum(counts) + len(marks) - marks.count("no") + 1)
                                  if style == "running" else "yes")
+                seen = shape.name if shape else "empty"
+                entries.append(f"{cell_tag(*cell)} {seen} {marks[-1]}")
             counts.append(len(marks) - marks.count("no"))
             tail = f", so {counts[-1]}" if style == "tally" else ""
-            parts.append(f"{unit} {number}: {', '.join(marks)}{tail}.")
+            parts.append(f"{unit} {number}: {', '.join(entries)}{tail}.")
         text = f"Checking each {label} for {what}: {' '.join(parts)}"
         if style == "tally":
             text += f" That is {' + '.join(map(str, counts))}"
@@ -231,7 +245,9 @@ class _Writer:
             value = str(getattr(shape, query.attribute or "kind"))
             word = {"colour": "colour", "kind": "kind", "size": "size"}[query.attribute or "kind"]
             return self.finish(f"Look at row {row}, column {column}",
-                               f"There is a {shape.mention()}, so its {word} is {value}.", value)
+                               f"The shape at row {row}, column {column} is "
+                               f"{cell_tag(row, column)} {shape.name}, so its {word} is {value}.",
+                               value)
         if query.kind == "count":
             number = self.count(a)
             return self.finish("Give the count", f"The number of {a.plural()} is {number}.",
@@ -273,7 +289,8 @@ class _Writer:
             if below is None:
                 raise InvalidInputError("nothing is directly below the reference",
                                         field="question")
-            self.step("Look directly below it", f"Directly below it is the {below.mention()}.")
+            self.step("Look directly below it", f"Directly below it is "
+                      f"{cell_tag(below.row, below.column)} {below.name}.")
             return self.finish("Give its colour", f"Its colour is {below.colour}.", below.colour)
         other = self.locate(b)
         is_left = ref.column < other.column

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from insightv_agents.prompts import Prompts, StagePrompts
 from insightv_agents.shapes.dataset import make_dataset
 from insightv_agents.shapes.questions import CATEGORIES
-from insightv_agents.shapes.scenes import SceneIndex, describe_grid
+from insightv_agents.shapes.scenes import CELL_TAGS, SceneIndex, describe_grid
 from insightv_agents.trainers.common import write_atomic
 
 CAPTION_REQUEST = "List the shapes in the image."
@@ -89,13 +89,13 @@ class ReproduceSettings(BaseModel):
 
     out: Path
     seed: int = 0
-    train: int = Field(3000, ge=10)
+    train: int = Field(2000, ge=10)
     dpo: int = Field(48, ge=2)
-    test: int = Field(100, ge=5)
+    test: int = Field(60, ge=5)
     paths: int = Field(4, ge=2, le=16)
     flaw_rate: float = Field(0.5, ge=0, le=1)
     vocab_size: int = Field(1024, ge=300)
-    caption_epochs: float = Field(10, gt=0)
+    caption_epochs: float = Field(12, gt=0)
     sft_epochs: float = Field(3, gt=0)
     learning_rate: float = Field(2e-3, gt=0)
     batch_size: int = Field(16, ge=1)
@@ -105,9 +105,9 @@ class ReproduceSettings(BaseModel):
     dpo_epochs: float = Field(2, gt=0)
     dpo_beta: float = Field(0.1, gt=0)
     beam_size: int = Field(2, ge=2, le=8)
-    summary_rows: int = Field(3000, ge=10)
-    judge_rows: int = Field(1500, ge=0)
-    max_new_tokens: int = Field(384, ge=16)
+    summary_rows: int = Field(1200, ge=10)
+    judge_rows: int = Field(600, ge=0)
+    max_new_tokens: int = Field(512, ge=16)
     concurrency: int = Field(4, ge=1)
 
 
@@ -195,7 +195,7 @@ class Run:
         init = self.models / "init"
         if not (init / "config.json").exists():
             build_idefics3(init, corpus=self.corpus(records), vocab_size=s.vocab_size,
-                           seed=s.seed)
+                           words=CELL_TAGS, seed=s.seed)
         rows = []  # the training split's images only: nothing of the test split is seen
         for line in (self.data / "train.jsonl").read_text().splitlines():
             image = self.data / json.loads(line)["image"]
@@ -507,7 +507,8 @@ def export_demo(out: str | Path, dest: str | Path, *, slice_size: int = DEMO_SLI
         AutoProcessor.from_pretrained(source).save_pretrained(folder)
     items, _ = load_items(run_dir / "data" / "test.jsonl", limit=slice_size)
     agents = [ChatTransformersVLM(model_path=str(target / name), temperature=0.0,
-                                  max_new_tokens=384) for name in sources]
+                                  max_new_tokens=settings["max_new_tokens"])
+              for name in sources]
     graph = create_insightv_graph(reasoner=agents[0], summarizer=agents[1], mode="chain",
                                   prompts=PROMPTS)
     with tempfile.TemporaryDirectory() as scratch:

@@ -107,17 +107,28 @@ def random_scene(rng: random.Random, *, min_shapes: int = MIN_SHAPES,
                              rng.choice(SIZES)) for row, column in cells))
 
 
+def cell_tag(row: int, column: int) -> str:
+    """A cell's name in reasoning: ``"r2c3"`` (row 2, column 3)."""
+    return f"r{row}c{column}"
+
+
+CELL_TAGS = tuple(cell_tag(row, column) for row in range(1, GRID + 1)
+                  for column in range(1, GRID + 1))
+"""Every cell's tag, in reading order (one token each in the demo agents' tokenizer)."""
+
+
 def describe_grid(scene: Scene, separator: str = "\n") -> str:
-    """The scene cell by cell, row by row ("empty" too), so that the k-th phrase of a row
-    always describes its k-th cell: ``"Row 1: empty, large red circle, empty, empty."``.
-    The caption of the base model's pre-training, and the first step of every teacher path.
+    """The scene cell by cell, row by row ("empty" too), each cell named by its tag
+    (:func:`cell_tag`): ``"r1c1 empty, r1c2 large red circle, r1c3 empty, r1c4 empty."``.
+    The caption of the base model's pre-training, and the first step of every teacher path:
+    later steps name a cell by its tag and copy what follows it here, a lookup by content
+    that small models learn (unlike finding the k-th phrase of a row).
     """
     def cell(row: int, column: int) -> str:
         shape = scene.at(row, column)
-        return shape.name if shape else "empty"
+        return f"{cell_tag(row, column)} {shape.name if shape else 'empty'}"
 
-    return separator.join(f"Row {row}: " + ", ".join(cell(row, column)
-                                                     for column in range(1, GRID + 1)) + "."
+    return separator.join(", ".join(cell(row, column) for column in range(1, GRID + 1)) + "."
                           for row in range(1, GRID + 1))
 
 

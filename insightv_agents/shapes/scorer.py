@@ -3,9 +3,10 @@ scene description.
 
 Claims are read in the shapes world's fixed wording (see
 :mod:`~insightv_agents.shapes.reasoning`): a shape seen in a cell ("small red circle at row 1,
-column 2"), a row of the grid ("Row 1: empty, small red circle, empty, empty.": each of its
-cells), a cell-by-cell check ("Checking each cell for red shapes: Row 1: no, 1, no, no. ...":
-each mark, running count and count per row or column), a count ("the number of red shapes is
+column 2"), a cell named by its tag ("r1c2 small red circle", "r1c3 empty": in the grid's
+description and wherever a step repeats it), a cell-by-cell check ("Checking each cell for red
+shapes: Row 1: r1c1 empty no, r1c2 small red circle 1, ...": each mark, running count and
+count per row or column), a count ("the number of red shapes is
 3", "the number of shapes left of column 3 is 2"), a sum or difference ("2 + 1 = 3"), a
 comparison ("3 > 2", "column 1 < column 4").
 The score (1-100) weighs the share of claims that hold and whether the final answer is right,
@@ -29,11 +30,13 @@ from insightv_agents.shapes.scenes import COLOURS, GRID, KINDS, SIZES, Scene, Sc
 _MENTION = re.compile(rf"\b({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(KINDS)}) "
                       r"(?:is )?at row (\d+), column (\d+)", re.I)
 _CELL = rf"empty|(?:{'|'.join(SIZES)}) (?:{'|'.join(COLOURS)}) (?:{'|'.join(KINDS)})"
-_GRID_ROW = re.compile(rf"\bRow (\d+): ((?:{_CELL})(?:, (?:{_CELL}))*)\.", re.I)
+_TAGGED = re.compile(rf"\br(\d+)c(\d+) ({_CELL})\b", re.I)
 _CHECK = re.compile(r"\bChecking each (?:cell|row|column) for ([a-z ]+?)"
                     r"(?: left of column (\d+))?: ((?:(?:Row|Column) \d+: [^.]*\.\s*)+)", re.I)
 _MARK = r"(?:no|yes|\d+)"
-_UNIT = re.compile(rf"\b(Row|Column) (\d+): ({_MARK}(?:, {_MARK})*)(?:, so (\d+))?\.", re.I)
+_ENTRY = rf"r\d+c\d+ (?:{_CELL}) {_MARK}"
+_UNIT = re.compile(rf"\b(Row|Column) (\d+): ({_ENTRY}(?:, {_ENTRY})*)(?:, so (\d+))?\.", re.I)
+_MARKED = re.compile(rf"r(\d+)c(\d+) (?:{_CELL}) ({_MARK})", re.I)
 _LEFT = re.compile(r"\bthe number of shapes left of column (\d+) is (-?\d+)", re.I)
 _COUNT = re.compile(rf"\bthe number of {PLURAL_PHRASE} is (-?\d+)", re.I)
 _EQUATION = re.compile(r"(?<![\d\-+] )(?<!\d)(\d+(?: [+-] \d+)*) = (-?\d+)")
@@ -54,14 +57,12 @@ def check_claims(scene: Scene, steps: list[ReasoningStep]) -> list[Claim]:
     claims: list[Claim] = []
     for step in steps:
         text = step["reasoning"]
-        for match in _GRID_ROW.finditer(text):
-            grid_row = int(match.group(1))
-            cells = match.group(2).lower().split(", ")
-            for place, seen in enumerate(cells, 1):
-                shape = scene.at(grid_row, place) if len(cells) == GRID else None
-                holds = len(cells) == GRID and (seen == "empty" if shape is None
-                                                else seen == shape.name)
-                claims.append(Claim(f"row {grid_row}, column {place}: {seen}", holds))
+        for match in _TAGGED.finditer(text):
+            row, column, seen = int(match.group(1)), int(match.group(2)), match.group(3).lower()
+            on_grid = 1 <= row <= GRID and 1 <= column <= GRID
+            shape = scene.at(row, column) if on_grid else None
+            holds = on_grid and (seen == "empty" if shape is None else seen == shape.name)
+            claims.append(Claim(f"row {row}, column {column}: {seen}", holds))
         for match in _CHECK.finditer(text):
             claims += _check_marks(scene, match)
         for match in _MENTION.finditer(text):
@@ -95,7 +96,8 @@ def check_claims(scene: Scene, steps: list[ReasoningStep]) -> list[Claim]:
 
 def _check_marks(scene: Scene, match: re.Match[str]) -> list[Claim]:
     """The claims of one cell-by-cell check: each cell's mark (``no``, ``yes`` or the running
-    count of matching cells), and each ``so N`` count of a row or column."""
+    count of matching cells, in the order written), and each ``so N`` count of a row or column
+    (which must walk all the cells of that row or column)."""
     condition = parse_filter(match.group(1))
     limit = int(match.group(2)) if match.group(2) else GRID + 1
     what = match.group(1) + (f" left of column {limit}" if match.group(2) else "")
@@ -104,20 +106,23 @@ def _check_marks(scene: Scene, match: re.Match[str]) -> list[Claim]:
     for unit in _UNIT.finditer(match.group(3)):
         by_column = unit.group(1).lower() == "column"
         number = int(unit.group(2))
-        marks = unit.group(3).lower().split(", ")
-        found = 0
-        for place, mark in enumerate(marks, 1):
-            row, column = (place, number) if by_column else (number, place)
-            shape = scene.at(row, column) if len(marks) == GRID else None
+        found, cells = 0, set()
+        for entry in _MARKED.finditer(unit.group(3)):
+            row, column, mark = int(entry.group(1)), int(entry.group(2)), entry.group(3).lower()
+            cells.add((row, column))
+            on_grid = 1 <= row <= GRID and 1 <= column <= GRID
+            shape = scene.at(row, column) if on_grid else None
             truth = shape is not None and condition.matches(shape) and column < limit
             found += truth
             running += truth
-            holds = len(marks) == GRID and (not truth if mark == "no" else truth and (
+            holds = on_grid and (not truth if mark == "no" else truth and (
                 mark == "yes" or int(mark) == running))
             claims.append(Claim(f"row {row}, column {column} for {what}: {mark}", holds))
         if unit.group(4) is not None:
+            whole = {(place, number) if by_column else (number, place)
+                     for place in range(1, GRID + 1)}
             claims.append(Claim(f"{unit.group(1)} {number} has {unit.group(4)} {what}",
-                                len(marks) == GRID and int(unit.group(4)) == found))
+                                cells == whole and int(unit.group(4)) == found))
     return claims
 
 
