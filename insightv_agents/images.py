@@ -151,11 +151,19 @@ def _source_bytes(item: Any, policy: ImagePolicy) -> bytes:
                                 "and only with ImagePolicy(allow_urls=True)).")
     if len(text) < 4096 and "\n" not in text:
         path = Path(text).expanduser()
-        if path.exists():
+        try:
+            exists = path.exists()
+        except OSError:  # a name too long for the file system: not a path
+            exists = False
+        if exists:
             return _read_path(path, policy)
     if len(text) >= 64 and _BASE64_RE.match(text):
         return _b64decode(text)
-    raise InvalidInputError(f"no such file {text[:200]!r} (and it is not base64 image data).")
+    if len(text) <= 256 and "\n" not in text:  # a path: worth quoting
+        raise InvalidInputError(f"no such file {text!r} (and it is not base64 image data).")
+    # Long text is most likely broken image data: never echoed into errors or logs.
+    raise InvalidInputError(f"{len(text)} characters of text that are neither a file path "
+                            "nor base64 image data.")
 
 
 def _read_path(path: Path, policy: ImagePolicy) -> bytes:

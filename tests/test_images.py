@@ -83,6 +83,7 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
     ("dict", {"path": "x"}, "unsupported type dict"),
     ("empty string", "   ", "empty string"),
     ("missing path", "/no/such/image.png", "no such file"),
+    ("long broken image text, not echoed", "iVBOR" + "!" * 300, "305 characters of text"),
     ("empty bytes", b"", "empty"),
     ("not an image", b"hello world, not an image", "not an image"),
     ("corrupt png", png_bytes()[:20] + b"\x00" * 50, "corrupt"),
