@@ -39,7 +39,7 @@ $(VLLM_STAMP):
 
 demo: $(STAMP)
 	$(BIN)/insightv run --image examples/shapes.png \
-	  --question "How many red shapes are there, and which is the largest?"
+	  --question "How many blue shapes are there?"
 
 test: lint typecheck pytest
 

@@ -1,0 +1,93 @@
+"""Where a ``make reproduce`` run's chains go wrong: seeing or reasoning.
+
+    python scripts/reproduce_analysis.py runs/reproduce
+
+For every system whose predictions hold reasoning steps, on the held-out test split:
+
+- ``cells``: the share of grid cells the chain's first step ("Describe the image") gets right;
+- ``pictures``: the share of chains whose description is right in all 16 cells;
+- ``faithful``: the share of chains whose every later claim holds *in the scene the chain
+  itself described* (reasoning right from what it saw, whether or not it saw right);
+- ``right | seen right``: accuracy on the items whose description was all right.
+
+Prints a Markdown table (and writes ``analysis.json`` beside the results).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from insightv_agents.errors import InvalidInputError
+from insightv_agents.shapes.scenes import GRID, Scene, SceneIndex, Shape
+from insightv_agents.shapes.scorer import check_claims
+
+_ENTRY = re.compile(r"\br(\d)c(\d) (empty|(small|large) (\w+) (circle|square|triangle))\b")
+
+
+def described_scene(text: str) -> Scene | None:
+    """The scene a grid description states (``None`` when it is not a whole, valid grid)."""
+    cells: dict[tuple[int, int], Shape | None] = {}
+    for match in _ENTRY.finditer(text):
+        row, column = int(match.group(1)), int(match.group(2))
+        try:
+            cells[(row, column)] = None if match.group(3) == "empty" else Shape(
+                row, column, match.group(6), match.group(5), match.group(4))
+        except InvalidInputError:
+            return None
+    if len(cells) != GRID * GRID:
+        return None
+    return Scene(tuple(shape for shape in cells.values() if shape is not None))
+
+
+def analyse(run: Path) -> dict[str, Any]:
+    index = SceneIndex.from_folder(run / "data")
+    items = {json.loads(line)["id"]: json.loads(line)
+             for line in (run / "data" / "test.jsonl").read_text().splitlines()}
+    table: dict[str, Any] = {}
+    for folder in sorted((run / "eval").iterdir()):
+        rows = [json.loads(line) for line in
+                (folder / "predictions.jsonl").read_text().splitlines() if line.strip()]
+        rows = [row for row in rows if row.get("steps")]
+        if not rows or rows[0]["steps"][0].get("summary") != "Describe the image":
+            continue
+        cells = cells_right = pictures = faithful = seen_right = seen_right_correct = 0
+        for row in rows:
+            truth = index.lookup(run / "data" / items[row["id"]]["image"])
+            claims = check_claims(truth, row["steps"][:1])
+            cells += GRID * GRID
+            cells_right += sum(claim.holds for claim in claims[:GRID * GRID])
+            whole = len(claims) == GRID * GRID and all(claim.holds for claim in claims)
+            pictures += whole
+            seen = described_scene(row["steps"][0]["reasoning"])
+            later = check_claims(seen, row["steps"][1:]) if seen is not None else []
+            faithful += seen is not None and all(claim.holds for claim in later)
+            if whole:
+                seen_right += 1
+                seen_right_correct += bool(row.get("correct"))
+        table[folder.name] = {
+            "n": len(rows), "cells": cells_right / cells, "pictures": pictures / len(rows),
+            "faithful": faithful / len(rows),
+            "right_if_seen_right": seen_right_correct / seen_right if seen_right else None,
+            "seen_right": seen_right}
+    return table
+
+
+def main(run: Path = Path("runs/reproduce")) -> None:
+    table = analyse(run)
+    (run / "analysis.json").write_text(json.dumps(table, indent=2) + "\n")
+    print("| System | Cells seen right | Pictures seen right | Faithful chains "
+          "| Right when seen right |\n|---|---|---|---|---|")
+    for name, row in table.items():
+        given = row["right_if_seen_right"]
+        print(f"| {name} | {100 * row['cells']:.1f} | {100 * row['pictures']:.1f} "
+              f"| {100 * row['faithful']:.1f} | "
+              + ("–" if given is None else f"{100 * given:.1f} (n={row['seen_right']})") + " |")
+
+
+if __name__ == "__main__":
+    typer.run(main)
