@@ -58,11 +58,12 @@ def check_claims(scene: Scene, steps: list[ReasoningStep]) -> list[Claim]:
     for step in steps:
         text = step["reasoning"]
         for match in _TAGGED.finditer(text):
-            row, column, seen = int(match.group(1)), int(match.group(2)), match.group(3).lower()
-            on_grid = 1 <= row <= GRID and 1 <= column <= GRID
-            shape = scene.at(row, column) if on_grid else None
+            tag_row, tag_column = int(match.group(1)), int(match.group(2))
+            seen = match.group(3).lower()
+            on_grid = 1 <= tag_row <= GRID and 1 <= tag_column <= GRID
+            shape = scene.at(tag_row, tag_column) if on_grid else None
             holds = on_grid and (seen == "empty" if shape is None else seen == shape.name)
-            claims.append(Claim(f"row {row}, column {column}: {seen}", holds))
+            claims.append(Claim(f"row {tag_row}, column {tag_column}: {seen}", holds))
         for match in _CHECK.finditer(text):
             claims += _check_marks(scene, match)
         for match in _MENTION.finditer(text):
