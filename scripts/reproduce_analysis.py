@@ -16,32 +16,13 @@ Prints a Markdown table (and writes ``analysis.json`` beside the results).
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from insightv_agents.errors import InvalidInputError
-from insightv_agents.shapes.scenes import GRID, Scene, SceneIndex, Shape
-from insightv_agents.shapes.scorer import check_claims
-
-_ENTRY = re.compile(r"\br(\d)c(\d) (empty|(small|large) (\w+) (circle|square|triangle))\b")
-
-
-def described_scene(text: str) -> Scene | None:
-    """The scene a grid description states (``None`` when it is not a whole, valid grid)."""
-    cells: dict[tuple[int, int], Shape | None] = {}
-    for match in _ENTRY.finditer(text):
-        row, column = int(match.group(1)), int(match.group(2))
-        try:
-            cells[(row, column)] = None if match.group(3) == "empty" else Shape(
-                row, column, match.group(6), match.group(5), match.group(4))
-        except InvalidInputError:
-            return None
-    if len(cells) != GRID * GRID:
-        return None
-    return Scene(tuple(shape for shape in cells.values() if shape is not None))
+from insightv_agents.shapes.scenes import GRID, SceneIndex
+from insightv_agents.shapes.scorer import check_claims, described_scene
 
 
 def analyse(run: Path) -> dict[str, Any]:

@@ -344,3 +344,12 @@ def test_scorer_gives_no_score_for_an_image_outside_its_index(dataset: Path) -> 
     scores = scorer.score_paths({"question": "q", "truth": "1", "images": outside,
                                  "paths": [path, path]})  # type: ignore[typeddict-item]
     assert scores == [{"score": None, "comment": "the image is not a scene of the index"}] * 2
+
+
+def test_described_scene_reads_a_whole_grid_description_back() -> None:
+    from insightv_agents.shapes.scenes import describe_grid
+    from insightv_agents.shapes.scorer import described_scene
+
+    scene = Scene((Shape(1, 2, "circle", "red", "small"), Shape(3, 4, "square", "blue", "large")))
+    assert described_scene(describe_grid(scene)) == scene
+    assert described_scene(describe_grid(scene).replace("r4c4 empty", "")) is None

@@ -25,7 +25,7 @@ from insightv_agents.assessment import ScoreRequest
 from insightv_agents.errors import InvalidInputError
 from insightv_agents.schema import PathResult, PathScore, ReasoningStep
 from insightv_agents.shapes.questions import PLURAL_PHRASE, parse_filter
-from insightv_agents.shapes.scenes import COLOURS, GRID, KINDS, SIZES, Scene, SceneIndex
+from insightv_agents.shapes.scenes import COLOURS, GRID, KINDS, SIZES, Scene, SceneIndex, Shape
 
 _MENTION = re.compile(rf"\b({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(KINDS)}) "
                       r"(?:is )?at row (\d+), column (\d+)", re.I)
@@ -93,6 +93,26 @@ def check_claims(scene: Scene, steps: list[ReasoningStep]) -> list[Claim]:
                 holds = {"<": left < right, ">": left > right, "=": left == right}[sign]
                 claims.append(Claim(match.group(0), holds))
     return claims
+
+
+def described_scene(text: str) -> Scene | None:
+    """The scene a grid description (tagged cells, as :func:`~insightv_agents.shapes.scenes.
+    describe_grid` writes it) states; ``None`` unless it names every cell once, validly."""
+    cells: dict[tuple[int, int], Shape | None] = {}
+    for match in _TAGGED.finditer(text):
+        row, column, seen = int(match.group(1)), int(match.group(2)), match.group(3).lower()
+        if seen == "empty":
+            cells[(row, column)] = None
+            continue
+        size, colour, kind = seen.split()
+        try:
+            cells[(row, column)] = Shape(row, column, kind, colour, size)
+        except InvalidInputError:
+            return None
+    if len(cells) != GRID * GRID or any(not (1 <= r <= GRID and 1 <= c <= GRID)
+                                        for r, c in cells):
+        return None
+    return Scene(tuple(shape for shape in cells.values() if shape is not None))
 
 
 def _check_marks(scene: Scene, match: re.Match[str]) -> list[Claim]:
