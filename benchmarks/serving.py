@@ -42,8 +42,10 @@ from openai import AsyncOpenAI
 from insightv_agents import create_insightv_graph
 from insightv_agents.integrations.transformers import ChatTransformersVLM
 from insightv_agents.integrations.vllm import ChatVLLM, VLLMServer
+from insightv_agents.parsing import format_step, format_verdict
 from insightv_agents.schema import (
     answer_json_schema,
+    json_text_regex,
     scores_json_schema,
     step_json_schema,
     verdict_json_schema,
@@ -53,6 +55,9 @@ from insightv_agents.testing import build_tiny_idefics3
 STEPS = 6
 ROUNDS = 5
 MAX_TOKENS = 120
+# Texts that tell which node a constraint comes from (each node pins its own format).
+SAMPLE_STEP = format_step({"summary": "s", "reasoning": "r", "action": "summary"})
+SAMPLE_VERDICT = format_verdict({"reasoning_correct": True, "critique": "c", "answer": "a"})
 # In-process replies as long as a real reasoning step: with very short replies the graph's
 # fixed cost per call (a few ms of LangGraph and LangChain bookkeeping) would be measured
 # against an unrealistically cheap generation.
@@ -182,20 +187,24 @@ def continuing_model(server: VLLMServer) -> ChatVLLM:
     """A client whose reasoning schema only allows ``continue``: every run takes STEPS steps."""
 
     class Continuing(ChatVLLM):
-        def bind_json_schema(self, schema: Any) -> Any:
-            # Short strings, so that every reply is complete JSON within MAX_TOKENS.
+        def bind_structured_outputs(self, constraint: Any) -> Any:
+            # Short strings, so that every reply is complete within MAX_TOKENS.
+            pattern = constraint.get("regex")
+            if pattern and re.fullmatch(pattern, SAMPLE_STEP):
+                step: Any = step_json_schema(max_summary_chars=16, max_reasoning_chars=48)
+                step["properties"]["action"]["enum"] = ["continue"]
+                return super().bind_structured_outputs({"regex": json_text_regex(step)})
+            if pattern and re.fullmatch(pattern, SAMPLE_VERDICT):
+                verdict = verdict_json_schema(max_critique_chars=48, max_answer_chars=16)
+                return super().bind_structured_outputs({"regex": json_text_regex(verdict)})
+            schema = constraint["json"]
             properties = schema["properties"]
-            if "action" in properties:
-                schema = step_json_schema(max_summary_chars=16, max_reasoning_chars=48)
-                schema["properties"]["action"]["enum"] = ["continue"]
-            elif "reasoning_correct" in properties:
-                schema = verdict_json_schema(max_critique_chars=48, max_answer_chars=16)
-            elif "scores" in properties:
+            if "scores" in properties:
                 schema = scores_json_schema(paths=properties["scores"]["maxItems"],
                                             max_comment_chars=16)
             elif "answer" in properties:
                 schema = answer_json_schema(max_answer_chars=16)
-            return super().bind_json_schema(schema)
+            return super().bind_structured_outputs({"json": schema})
 
     return Continuing(base_url=server.base_url, model=server.served_model_name,
                       api_key="EMPTY", temperature=0, max_completion_tokens=MAX_TOKENS)

@@ -49,7 +49,8 @@ from insightv_agents.schema import (
     ReasoningStep,
     Verdict,
     answer_json_schema,
-    chain_json_schema,
+    chain_regex,
+    json_text_regex,
     step_json_schema,
     verdict_json_schema,
 )
@@ -169,14 +170,20 @@ class _ModelNode(RunnableCallable):
     def _json_schema(self, state: dict[str, Any]) -> dict[str, object]:
         raise NotImplementedError
 
+    def _structured_output(self, state: dict[str, Any]) -> dict[str, object]:
+        """What every reply must match, as vLLM's ``structured_outputs`` field. Nodes whose
+        replies our trainers teach (steps, chains, verdicts) pin the exact trained text with
+        a pattern; the teacher-facing ones give a bounded JSON schema."""
+        return {"json": self._json_schema(state)}
+
     def _model(self, runtime: Runtime[Any] | None, state: dict[str, Any]) -> LanguageModelLike:
         """The model for this call: from the run's context, else the node's own; constrained
-        to the node's bounded JSON schema where the model supports it (vLLM)."""
+        to the node's reply format where the model supports it (vLLM)."""
         context = getattr(runtime, "context", None)
         chosen = next((getattr(context, key) for key in self.context_keys
                        if getattr(context, key, None) is not None), self.model)
-        bind_json_schema = getattr(chosen, "bind_json_schema", None)
-        return bind_json_schema(self._json_schema(state)) if bind_json_schema else chosen
+        bind = getattr(chosen, "bind_structured_outputs", None)
+        return bind(self._structured_output(state)) if bind else chosen
 
     def _ask(self, messages: list[BaseMessage], parse: Callable[[str], T]) -> Exchange[T]:
         """Send ``messages``; re-ask with the error after an unreadable reply, a bounded
@@ -251,10 +258,11 @@ class ReasoningNode(_ModelNode):
         self.mode: ReasoningMode = mode
         self.max_steps = max_steps
 
-    def _json_schema(self, state: dict[str, Any]) -> dict[str, object]:
+    def _structured_output(self, state: dict[str, Any]) -> dict[str, object]:
+        # Exactly the text the agents are trained on (a chain: one JSON step per line).
         if self.mode == "chain":
-            return chain_json_schema(max_steps=self.max_steps)
-        return step_json_schema()
+            return {"regex": chain_regex(max_steps=self.max_steps)}
+        return {"regex": json_text_regex(step_json_schema())}
 
     def is_done(self, state: Mapping[str, Any]) -> bool:
         """Whether this reasoning pass is over: ``summary`` chosen, step cap, or a failure."""
@@ -328,8 +336,9 @@ class SummaryNode(_ModelNode):
         super().__init__(model, name=name, context_keys=context_keys, prompts=prompts,
                          max_retries=max_retries)
 
-    def _json_schema(self, state: dict[str, Any]) -> dict[str, object]:
-        return verdict_json_schema()
+    def _structured_output(self, state: dict[str, Any]) -> dict[str, object]:
+        # Exactly the text the summary agent is trained on (format_verdict).
+        return {"regex": json_text_regex(verdict_json_schema())}
 
     def _conversation(self, state: dict[str, Any]) -> Exchange[Verdict] | None:
         messages = summary_messages(prompts=self.prompts, question=state["question"],

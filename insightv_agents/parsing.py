@@ -361,7 +361,9 @@ def format_chain(steps: list[ReasoningStep]) -> str:
 
 def format_verdict(verdict: Verdict) -> str:
     """The canonical text of a verdict, as the summary agent writes it."""
-    return json.dumps(dict(verdict), ensure_ascii=False)
+    return json.dumps({"reasoning_correct": verdict["reasoning_correct"],
+                       "critique": verdict["critique"], "answer": verdict["answer"]},
+                      ensure_ascii=False)
 
 
 def _flatten(value: Any) -> Iterator[Mapping[str, Any]]:

@@ -6,9 +6,14 @@ custom types). Model output becomes one of these only through :mod:`insightv_age
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from typing_extensions import TypedDict
+
+from insightv_agents.errors import ConfigError, check_int
 
 Action = Literal["continue", "summary"]
 """What the reasoning agent wants next: another step, or to hand over to the summary agent."""
@@ -155,15 +160,58 @@ def step_json_schema(*, max_summary_chars: int = 300, max_reasoning_chars: int =
     }
 
 
-def chain_json_schema(*, max_steps: int, **step_limits: int) -> dict[str, object]:
-    """A bounded JSON schema of a whole chain: ``{"steps": [step, ...]}``."""
-    return {
-        "type": "object",
-        "properties": {"steps": {"type": "array", "items": step_json_schema(**step_limits),
-                                 "minItems": 1, "maxItems": max_steps}},
-        "required": ["steps"],
-        "additionalProperties": False,
-    }
+_JSON_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
+"""One character of a JSON string's body, escapes included."""
+
+
+def json_text_regex(schema: Mapping[str, Any]) -> str:
+    """A regular expression of exactly the text ``json.dumps`` writes for an object of the
+    flat, bounded JSON ``schema``: its properties in the schema's order, ``", "`` and
+    ``": "`` between them. That is the text our agents are trained on
+    (:func:`~insightv_agents.parsing.format_step`, ``format_verdict``), so a server
+    constrained by it never pushes a trained agent off its own format, as a JSON-schema
+    constraint with other separators (vLLM: ``","`` and ``":"``) does.
+
+    Properties may be strings (``enum``, or ``minLength``/``maxLength``; a string without
+    ``maxLength`` raises: the pattern must be bounded), booleans or integers; all required.
+    """
+    parts = []
+    for key, spec in schema["properties"].items():
+        if "enum" in spec:
+            value = "(?:" + "|".join(re.escape(json.dumps(v, ensure_ascii=False))
+                                     for v in spec["enum"]) + ")"
+        elif spec.get("type") == "string":
+            if "maxLength" not in spec:
+                raise ConfigError(f"string property {key!r} needs a maxLength.")
+            value = f'"{_JSON_CHAR}{{{spec.get("minLength", 0)},{spec["maxLength"]}}}"'
+        elif spec.get("type") == "boolean":
+            value = "(?:true|false)"
+        elif spec.get("type") == "integer":
+            value = "-?(?:0|[1-9][0-9]{0,17})"
+        else:
+            raise ConfigError(f"property {key!r}: only strings, booleans and integers, "
+                              f"not {spec!r}.")
+        parts.append(re.escape(json.dumps(key) + ": ") + value)
+    return r"\{" + re.escape(", ").join(parts) + r"\}"
+
+
+def chain_regex(*, max_steps: int, max_summary_chars: int = 300,
+                max_reasoning_chars: int = 3000) -> str:
+    """A bounded regular expression of a whole chain in its canonical text
+    (:func:`~insightv_agents.parsing.format_chain`, what chain-mode agents are trained on):
+    one JSON step per line, every step but the last with action ``continue``, the last with
+    ``summary``, at most ``max_steps`` steps. (A JSON schema cannot describe this text: it is
+    not one JSON document.)
+    """
+    check_int("max_steps", max_steps, 1, 100_000)
+
+    def step(action: str) -> str:
+        schema: Any = step_json_schema(max_summary_chars=max_summary_chars,
+                                       max_reasoning_chars=max_reasoning_chars)
+        schema["properties"]["action"]["enum"] = [action]
+        return json_text_regex(schema)
+
+    return "(?:" + step("continue") + r"\n)" + f"{{0,{max_steps - 1}}}" + step("summary")
 
 
 def verdict_json_schema(*, max_critique_chars: int = 500, max_answer_chars: int = 300

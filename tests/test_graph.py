@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import pytest
 from helpers import png_bytes, step, verdict
 from langchain_core.messages import AIMessage, HumanMessage
+from pydantic import Field
 
 from insightv_agents import (
     ConfigError,
@@ -18,6 +21,8 @@ from insightv_agents import (
     SummaryNode,
     create_insightv_graph,
 )
+from insightv_agents.parsing import format_chain, format_step, format_verdict
+from insightv_agents.schema import ReasoningStep
 from insightv_agents.testing import ScriptedChatModel
 
 
@@ -97,6 +102,38 @@ def test_chain_mode_parses_a_whole_chain_from_one_generation(inputs: dict[str, A
     out = run(model, inputs, mode="chain")
     assert [s["summary"] for s in out["steps"]] == ["a", "b", "c"] and len(model.calls) == 2
     assert "one JSON object per line" in model.calls[0][0].text
+
+
+class ConstrainedModel(ScriptedChatModel):
+    """A scripted model that, like vLLM's client, can be constrained; it records how."""
+
+    constraints: list[dict[str, Any]] = Field(default_factory=list)
+
+    def bind_structured_outputs(self, constraint: dict[str, Any]) -> ConstrainedModel:
+        self.constraints.append(constraint)
+        return self
+
+
+@pytest.mark.parametrize("mode", ["step", "chain"])
+def test_replies_are_constrained_to_the_text_the_agents_are_trained_on(
+        inputs: dict[str, Any], mode: str) -> None:
+    """Each reply's constraint is a pattern of exactly the canonical text the trainers teach
+    (format_step / format_chain / format_verdict): a chain is one JSON step per line (not one
+    JSON document), and the separators are json.dumps' own (vLLM's JSON-schema mode writes
+    compact ones, which a trained agent has never seen)."""
+    chain: list[ReasoningStep] = [
+        {"summary": "a", "reasoning": 'r1c1 "x"\nü', "action": "continue"},
+        {"summary": "b", "reasoning": "it is 3", "action": "summary"}]
+    replies = [format_chain(chain)] if mode == "chain" else [format_step(s) for s in chain]
+    judged = format_verdict({"reasoning_correct": True, "critique": "fine", "answer": "3"})
+    model = ConstrainedModel([*replies, judged])
+    out = run(model, inputs, mode=mode)
+    assert out["steps"] == chain and out["answer"] == "3"
+    assert len(model.constraints) == len(replies) + 1
+    for constraint, reply in zip(model.constraints, [*replies, judged], strict=True):
+        assert re.fullmatch(constraint["regex"], reply)
+        assert not re.fullmatch(constraint["regex"],
+                                json.dumps(json.loads(reply.split("\n")[0]), separators=(",", ":")))
 
 
 def test_chain_mode_continues_a_chain_that_stopped_early(inputs: dict[str, Any]) -> None:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from insightv_agents.answers import extract_answer, match_answer
-from insightv_agents.errors import ModelOutputError
+from insightv_agents.errors import ConfigError, ModelOutputError
 from insightv_agents.parsing import (
     format_chain,
     format_step,
@@ -27,7 +29,7 @@ from insightv_agents.parsing import (
     parse_verdict,
     stage_text,
 )
-from insightv_agents.schema import ReasoningStep
+from insightv_agents.schema import ReasoningStep, chain_regex, json_text_regex
 
 
 def test_our_key_set() -> None:
@@ -64,6 +66,46 @@ def test_chain_as_lines_array_and_steps_key() -> None:
     assert parse_steps(format_chain(chain)) == chain
     assert parse_steps(json.dumps(chain)) == chain
     assert parse_steps(json.dumps({"steps": chain})) == chain
+
+
+_step_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
+
+
+@given(st.lists(st.tuples(_step_text, _step_text), min_size=1, max_size=6))
+@settings(max_examples=200, deadline=None)
+def test_chain_regex_matches_every_canonical_chain(texts: list[tuple[str, str]]) -> None:
+    """vLLM constrains chain-mode replies to this pattern: any chain as the agents are trained
+    to write it (format_chain) must match, quotes, escapes and control characters included."""
+    chain: list[ReasoningStep] = [
+        {"summary": summary, "reasoning": reasoning,
+         "action": "summary" if i == len(texts) - 1 else "continue"}
+        for i, (summary, reasoning) in enumerate(texts)]
+    assert re.fullmatch(chain_regex(max_steps=6), format_chain(chain))
+
+
+def test_chain_regex_rejects_other_shapes_and_overlong_chains() -> None:
+    def chain(*actions: str) -> list[ReasoningStep]:
+        return [{"summary": "s", "reasoning": "r", "action": a} for a in actions]  # type: ignore[misc]
+
+    pattern = chain_regex(max_steps=3, max_summary_chars=5)
+    assert re.fullmatch(pattern, format_chain(chain("continue", "continue", "summary")))
+    for text in (format_chain(chain("continue", "continue", "continue", "summary")),
+                 format_chain(chain("summary", "summary")),
+                 format_chain(chain("continue")),
+                 json.dumps({"steps": chain("summary")}),
+                 json.dumps(chain("summary")),
+                 format_chain([{"summary": "sixsix", "reasoning": "", "action": "summary"}])):
+        assert not re.fullmatch(pattern, text), text
+
+
+@pytest.mark.parametrize(("schema", "message"), [
+    ({"properties": {"text": {"type": "string"}}}, "needs a maxLength"),
+    ({"properties": {"items": {"type": "array"}}}, "only strings, booleans and integers"),
+])
+def test_json_text_regex_refuses_unbounded_or_nested_schemas(schema: dict[str, Any],
+                                                             message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        json_text_regex(schema)
 
 
 def test_format_round_trips() -> None:

@@ -310,9 +310,6 @@ def test_stage_beam_through_vllm_samples_candidates_with_n(server: VLLMServer,
         assert out["status"] in ("ok", "failed")
 
 
-@pytest.mark.xfail(strict=True, reason="open: served by vLLM (bf16, CPU) the demo agents reply "
-                   "with degenerate steps (every field ':'), while in transformers they answer "
-                   "this example right; the prompt rendering or the added tag tokens differ")
 def test_the_demo_agents_served_by_vllm_answer_the_demo_example(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     """The production path with the shipped agents: both served by vLLM (bfloat16, as shipped),

@@ -44,16 +44,24 @@ VLLM_PYTHON_ENV = "INSIGHTV_VLLM_PYTHON"
 if ChatOpenAI is not None:
 
     class ChatVLLM(ChatOpenAI):
-        """``ChatOpenAI`` for a vLLM server, able to constrain replies to a JSON schema."""
+        """``ChatOpenAI`` for a vLLM server, able to constrain replies (structured outputs)."""
+
+        def bind_structured_outputs(self, constraint: Mapping[str, Any]
+                                    ) -> Runnable[LanguageModelInput, BaseMessage]:
+            """This model with vLLM structured outputs: every reply follows ``constraint``,
+            vLLM's ``structured_outputs`` field (``{"json": schema}``, ``{"regex": pattern}``,
+            ``{"choice": [...]}``, ``{"grammar": ebnf}``).
+
+            Keep it bounded (``maxLength`` on strings, ``maxItems`` on arrays, ``{0,n}`` in
+            patterns): unbounded, a weak model can write one string until ``max_tokens``.
+            """
+            extra = {**(self.extra_body or {}), "structured_outputs": dict(constraint)}
+            return self.bind(extra_body=extra)
 
         def bind_json_schema(self, schema: Mapping[str, Any]
                              ) -> Runnable[LanguageModelInput, BaseMessage]:
-            """This model with vLLM structured outputs: every reply follows ``schema``.
-
-            Keep the schema bounded (``maxLength`` on strings, ``maxItems`` on arrays).
-            """
-            extra = {**(self.extra_body or {}), "structured_outputs": {"json": dict(schema)}}
-            return self.bind(extra_body=extra)
+            """This model with every reply following the JSON ``schema`` (keep it bounded)."""
+            return self.bind_structured_outputs({"json": dict(schema)})
 
         def _get_request_payload(self, input_: LanguageModelInput, *,
                                  stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -95,7 +103,7 @@ def vllm_chat_model(
 
     Images reach the server as data URLs in ``image_url`` parts, as the nodes write them.
     A conversation ending with an assistant message is continued from that message.
-    The nodes constrain replies to bounded JSON schemas through ``bind_json_schema``.
+    The nodes constrain replies to their bounded formats through ``bind_structured_outputs``.
     """
     if ChatOpenAI is None:  # pragma: no cover - depends on the environment
         raise ConfigError("the vLLM client needs langchain-openai: "
