@@ -221,9 +221,7 @@ def reasoning_messages(
             previous=render_reasoning(previous or [], prompts))
     system = prompts.reasoning_step_system if mode == "step" else prompts.reasoning_chain_system
     messages: list[BaseMessage] = [
-        SystemMessage(system),
-        HumanMessage(content=user_content(prompts, images, text)),
-    ]
+        *_system(system), HumanMessage(content=user_content(prompts, images, text))]
     if mode == "step":
         for step in steps:
             messages += [AIMessage(format_step(step)), HumanMessage(prompts.next_step)]
@@ -238,10 +236,13 @@ def summary_messages(
     """The conversation for the summary agent: question, image(s) and the rendered reasoning."""
     text = prompts.summary_user.format(question=question,
                                        reasoning=render_reasoning(steps, prompts))
-    return [
-        SystemMessage(prompts.summary_system),
-        HumanMessage(content=user_content(prompts, images, text)),
-    ]
+    return [*_system(prompts.summary_system),
+            HumanMessage(content=user_content(prompts, images, text))]
+
+
+def _system(text: str) -> list[BaseMessage]:
+    """The system turn, none when the prompt is empty (a model trained without one)."""
+    return [SystemMessage(text)] if text else []
 
 
 def format_question(question: str, choices: list[str] | None, prompts: Prompts) -> str:
@@ -299,7 +300,7 @@ def stage_messages(*, prompts: StagePrompts, question: str, images: list[str], p
     """The conversation that asks for a LLaVA-CoT response, or (``prefix`` given) for the
     continuation of one: the prefix is the final assistant turn, which backends that can
     (vLLM, the in-process transformers model) continue rather than answer."""
-    messages: list[BaseMessage] = [SystemMessage(prompts.system)] if prompts.system else []
+    messages = _system(prompts.system)
     text = prompts.question.format(question=question)
     messages.append(HumanMessage(content=user_content(prompts, images, text)))
     if prefix:

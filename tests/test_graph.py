@@ -202,6 +202,18 @@ def test_prompts_are_overridable(inputs: dict[str, Any]) -> None:
     assert model.calls[1][0].text == "JUDGE"
 
 
+@pytest.mark.parametrize("mode", ["step", "chain"])
+def test_an_empty_system_prompt_sends_no_system_turn(inputs: dict[str, Any], mode: str) -> None:
+    """Agents trained without a system prompt (the shapes world's) are asked without one."""
+    model = ScriptedChatModel([step("s", "r", "summary"), verdict("2")])
+    prompts = Prompts(reasoning_step_system="", reasoning_chain_system="", summary_system="")
+    out = run(model, inputs, prompts=prompts, mode=mode)
+    assert out["answer"] == "2"
+    for call in model.calls:
+        assert [m.type for m in call] == ["human"]
+        assert "Question: How many red squares?" in call[0].content[-1]["text"]
+
+
 def test_images_can_follow_the_text_of_every_user_turn(inputs: dict[str, Any]) -> None:
     model = ScriptedChatModel([step("s", "r", "summary"), verdict("2")])
     run(model, inputs, prompts=Prompts(images_after_text=True))

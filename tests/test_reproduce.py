@@ -16,7 +16,8 @@ from insightv_agents.shapes.reproduce import SYSTEMS, ReproduceSettings, reprodu
 @pytest.mark.timeout(1200)  # every stage of the comparison, at toy size
 def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
     settings = ReproduceSettings(out=tmp_path / "run", train=20, dpo=4, test=5,
-                                 caption_epochs=1, sft_epochs=1, rounds=2, dpo_paths=2,
+                                 text_steps=10, caption_epochs=1, sft_epochs=1, rounds=2,
+                                 dpo_paths=2,
                                  max_new_tokens=16, concurrency=2)
     log: list[str] = []
     results = reproduce(settings, log=log.append)
@@ -37,8 +38,10 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
               .read_text().splitlines()}
     assert not trained & tested
     stamps = {path: path.stat().st_mtime_ns for path in out.rglob("insightv_training.json")}
-    # base, 4 SFT runs, and each DPO round that had pairs to train on
-    assert len(stamps) == 5 + sum(r["trained"] for r in results["dpo_rounds"])
+    # text, base, 4 SFT runs, and each DPO round that had pairs to train on
+    assert len(stamps) == 6 + sum(r["trained"] for r in results["dpo_rounds"])
+    assert json.loads((out / "models" / "text" / "insightv_training.json").read_text()
+                      )["metrics"]["step"] == 10
 
     again = reproduce(settings, log=[].append)
     assert again["systems"] == results["systems"]

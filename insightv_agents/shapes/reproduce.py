@@ -1,7 +1,9 @@
 """The paper's comparison at small scale, from nothing, in the shapes world (``make reproduce``).
 
-Every model starts from the same randomly initialised tiny Idefics3 and the same pre-training
-(``base``: each image described row by row, LLaVA's alignment stage), then:
+Every model starts from the same randomly initialised tiny Idefics3 and the same pre-training:
+text only first (``text``: the run's texts and span copies, so that the model can copy what
+it read, :mod:`~insightv_agents.trainers.text`), then each training image described row by
+row (``base``, LLaVA's alignment stage). Then:
 
 - **(a) direct**: trained on direct answers
   (:func:`~insightv_agents.trainers.data.build_direct_sft`);
@@ -32,6 +34,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,7 +51,10 @@ CAPTION_REQUEST = "List the shapes in the image."
 # The tiny models read the picture by position: what they write about it must come right
 # after it. So the agents' user turns put it after the question, and a path's first step
 # (the grid description) follows it as the caption follows the picture in pre-training.
-PROMPTS = Prompts(images_after_text=True)
+# No system prompts: they teach an untrained model the format, which the agents learn from
+# their training rows, and the default ones were a third of every row (~290 tokens) and
+# stood between the question and the reasoning that has to read it.
+PROMPTS = Prompts(images_after_text=True, reasoning_chain_system="", summary_system="")
 # A model trained on four-stage data needs no format instruction.
 STAGE_PROMPTS = StagePrompts(system="", images_after_text=True)
 SYSTEMS: dict[str, str] = {
@@ -73,7 +79,10 @@ class ReproduceSettings(BaseModel):
             DPO round samples, and in the held-out test split.
         paths, flaw_rate: paths the teacher writes per question, and the share with flaws.
         vocab_size: the tokenizer's size (trained on the run's texts).
-        caption_epochs, sft_epochs: epochs of the pre-training and of each SFT.
+        text_steps: steps of text-only pre-training before the images (the run's texts and
+            span-copy sequences: :func:`~insightv_agents.trainers.text.pretrain_text`);
+            0 skips it.
+        caption_epochs, sft_epochs: epochs of the caption pre-training and of each SFT.
         learning_rate, batch_size: of the pre-training and the SFT runs (full fine-tuning).
         rounds, dpo_paths, dpo_learning_rate, dpo_epochs, dpo_beta: iterative DPO.
         beam_size: candidates per stage in (f)'s stage-level beam search.
@@ -95,7 +104,8 @@ class ReproduceSettings(BaseModel):
     paths: int = Field(4, ge=2, le=16)
     flaw_rate: float = Field(0.5, ge=0, le=1)
     vocab_size: int = Field(1024, ge=300)
-    caption_epochs: float = Field(12, gt=0)
+    text_steps: int = Field(3000, ge=0)
+    caption_epochs: float = Field(15, gt=0)
     sft_epochs: float = Field(3, gt=0)
     learning_rate: float = Field(2e-3, gt=0)
     batch_size: int = Field(16, ge=1)
@@ -149,7 +159,8 @@ class Run:
             self.data, sizes={"train": s.train, "dpo": s.dpo, "test": s.test}, seed=s.seed))
         self.index = SceneIndex.from_folder(self.data)
         records = self.timed("synthesis", self.synthesize)
-        self.timed("base model", lambda: self.pretrain(records))
+        reader = self.timed("text pre-training", lambda: self.read(records))
+        self.timed("base model", lambda: self.pretrain(reader))
         rows = self.timed("training sets", lambda: self.build(records))
         for name in ("direct", "reasoner", "summary", "stages"):
             self.timed(f"sft {name}", partial(self.sft, name, rows[name]))
@@ -183,19 +194,29 @@ class Run:
             raise RuntimeError(f"synthesis failed for {len(report.errors)} items; rerun.")
         return load_records(folder)
 
-    def pretrain(self, records: Any) -> None:
-        """The shared base: a fresh model, its tokenizer trained on every text the run
-        uses, then taught to describe the images."""
+    def read(self, records: Any) -> Path:
+        """A fresh model, its tokenizer trained on every text the run uses, then (with
+        ``text_steps``) taught to read those texts and to copy spans, text only. Returns the
+        model the caption pre-training starts from."""
         from insightv_agents.tiny import build_idefics3
-        from insightv_agents.trainers.common import finished_run
+        from insightv_agents.trainers.text import TextPretrainSettings, pretrain_text
 
-        if finished_run(self.models / "base"):
-            return
         s = self.settings
         init = self.models / "init"
         if not (init / "config.json").exists():
             build_idefics3(init, corpus=self.corpus(records), vocab_size=s.vocab_size,
                            words=CELL_TAGS, seed=s.seed)
+        if not s.text_steps:
+            return init
+        return pretrain_text(init, self.corpus(records), TextPretrainSettings(
+            output_dir=self.models / "text", steps=s.text_steps, seed=s.seed), log=self.log)
+
+    def pretrain(self, start: Path) -> None:
+        """The shared base: ``start`` taught to describe the images, row by row."""
+        from insightv_agents.trainers.common import finished_run
+
+        if finished_run(self.models / "base"):
+            return
         rows = []  # the training split's images only: nothing of the test split is seen
         for line in (self.data / "train.jsonl").read_text().splitlines():
             image = self.data / json.loads(line)["image"]
@@ -204,15 +225,16 @@ class Run:
                                              {"type": "text", "text": CAPTION_REQUEST}]),
                                       _assistant(describe_grid(self.index.lookup(image)))],
                          "images": [str(image)]})
-        self.train(init, _dataset(rows), self.models / "base", s.caption_epochs)
+        self.train(start, _dataset(rows), self.models / "base", self.settings.caption_epochs)
 
     def corpus(self, records: Any) -> list[str]:
         from insightv_agents.parsing import format_chain, format_stages, format_verdict
         from insightv_agents.trainers.data import path_stages
 
         p = PROMPTS
-        texts = [p.reasoning_chain_system, p.summary_system, p.final_answer, CAPTION_REQUEST,
-                 STAGE_PROMPTS.judge_system, STAGE_PROMPTS.judge_user]
+        texts = [text for text in (p.reasoning_chain_system, p.summary_system, p.final_answer,
+                                   CAPTION_REQUEST, STAGE_PROMPTS.judge_system,
+                                   STAGE_PROMPTS.judge_user) if text]
         for paths in list(records.questions.values())[:1500]:
             path = paths[0]
             texts += [p.question.format(question=path["question"]), format_chain(path["steps"]),
@@ -520,7 +542,8 @@ def export_demo(out: str | Path, dest: str | Path, *, slice_size: int = DEMO_SLI
     info = {
         "made_by": "make reproduce (insightv_agents.shapes.reproduce), then export_demo",
         "reasoner": f"the reasoning agent of {SYSTEMS[chosen]}", "mode": "chain",
-        "prompts": {"images_after_text": PROMPTS.images_after_text},
+        "prompts": {field.name: getattr(PROMPTS, field.name) for field in fields(Prompts)
+                    if getattr(PROMPTS, field.name) != field.default},
         "settings": settings, "machine": machine(),
         "test_slice": {"split": "test", "first": slice_size, "accuracy": round(measured, 4),
                        "by_category": {key: round(value["accuracy"], 4) for key, value

@@ -1,0 +1,216 @@
+"""Text-only pre-training of a model trained from scratch: span-copy sequences, the spans
+separated by windows of the texts the model will read and write (and, optionally, plain
+windows of those texts).
+
+A small transformer trained from scratch only on a few hundred SFT steps does not learn to
+copy a span it saw earlier by its content (an induction circuit): it cannot restate the
+question it was asked, nor fetch what its own description said of a cell. Large models bring
+that from pre-training; this stage gives it to a tiny one on short text-only sequences,
+before any image is seen. A copy sequence repeats each span (random tokens, or windows of the
+texts) after a stretch of text, so only a copy of the first occurrence predicts the second.
+The run file's ``copy_accuracy`` measures exactly that on held-out random spans, and
+``far_copy_accuracy`` on spans copied from up to ~400 tokens back.
+
+Measured on the shapes world's 4-layer text model (hidden 192; 2 CPU cores, ~0.4 s a step
+at the defaults): copying appears abruptly, late: held-out copy accuracy 0.00 at 1000 steps,
+0.09 at 2000, 0.79 at 2300 and 0.95 at 2600 (that run decayed its rate over the first 2000
+steps, then restarted it: the constant rate now used should not be slower).
+
+The output is a full model with its processor, like the other trainers' full fine-tunes,
+marked finished by its run file (``insightv_training.json``), written last.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from insightv_agents.errors import InvalidInputError
+from insightv_agents.trained import TRAINING_FILE, check_remote_code
+from insightv_agents.trainers.common import finished_run, write_atomic
+
+FAR_SEQ_LEN = 512
+"""Length of the held-out sequences whose spans are copied from far back (up to ~400 tokens)."""
+
+
+class TextPretrainSettings(BaseModel):
+    """How long and on what the text pre-training runs.
+
+    Args:
+        output_dir: where the model goes (skipped when a finished run is already there).
+        steps, batch_size, seq_len: optimiser steps, sequences per step, tokens per sequence.
+        learning_rate, warmup_steps: AdamW: linear warm-up, constant, then a linear decay to
+            10% over the last tenth of the steps.
+        copy_share: the share of sequences that are span-copy sequences (the rest are
+            windows of the texts).
+        random_share: the share of copied spans that are random tokens (the rest are
+            windows of the texts).
+        min_span, max_span: length of a copied span, in tokens.
+        max_gap: the most text tokens between a span and its copy.
+        log_every: steps between log lines (training loss and held-out copy accuracy).
+        seed: seeds the sequences and the run.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    output_dir: Path
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seq_len: int = Field(64, ge=32)
+    learning_rate: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    copy_share: float = Field(1.0, ge=0, le=1)
+    random_share: float = Field(1.0, ge=0, le=1)
+    min_span: int = Field(4, ge=2)
+    max_span: int = Field(12, ge=2)
+    max_gap: int = Field(8, ge=0)
+    log_every: int = Field(100, ge=1)
+    seed: int = 0
+
+
+class _Sequences:
+    """Draws training sequences: windows of the texts, or span-copy sequences."""
+
+    def __init__(self, texts: list[list[int]], vocab: Sequence[int], settings: TextPretrainSettings,
+                 seed: int) -> None:
+        self.texts = [ids for ids in texts if ids]
+        self.vocab = list(vocab)
+        self.s = settings
+        self.rng = random.Random(seed)
+
+    def window(self, length: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < length:
+            ids = self.rng.choice(self.texts)
+            start = self.rng.randrange(max(1, len(ids) - (length - len(out)) + 1))
+            out += ids[start:start + length - len(out)]
+        return out
+
+    def text(self) -> tuple[list[int], list[bool]]:
+        return self.window(self.s.seq_len), [False] * self.s.seq_len
+
+    def copy(self, random_share: float = 0.5) -> tuple[list[int], list[bool]]:
+        """Spans (random tokens with probability ``random_share``, else windows of the
+        texts), each followed by other text and then by itself; ``copied`` marks the tokens
+        of each repeat after its first (a random span's are predictable only by copying)."""
+        s = self.s
+        ids: list[int] = []
+        copied: list[bool] = []
+        while len(ids) < s.seq_len:
+            k = self.rng.randint(s.min_span, s.max_span)
+            span = ([self.rng.choice(self.vocab) for _ in range(k)]
+                    if self.rng.random() < random_share else self.window(k))
+            gap = self.window(self.rng.randint(0, s.max_gap)) if s.max_gap else []
+            ids += span + gap + span
+            copied += [False] * (k + len(gap)) + [False] + [True] * (k - 1)
+        return ids[:s.seq_len], copied[:s.seq_len]
+
+    def batch(self, size: int) -> tuple[list[list[int]], list[list[bool]]]:
+        rows = [self.copy(self.s.random_share) if self.rng.random() < self.s.copy_share
+                else self.text()
+                for _ in range(size)]
+        return [ids for ids, _ in rows], [mask for _, mask in rows]
+
+
+def pretrain_text(model: str | Path, texts: Sequence[str], settings: TextPretrainSettings, *,
+                  log: Callable[[str], None] = print, trust_remote_code: bool = False
+                  ) -> Path:
+    """Pre-train ``model``'s language part on ``texts`` and span-copy sequences; save the
+    whole model (vision tower unchanged) with its processor in ``settings.output_dir``.
+
+    Returns the output folder. Runs on the GPU when there is one. A finished run in the
+    folder is kept as it is (the stage is skipped).
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out = Path(settings.output_dir)
+    if finished_run(out):
+        return out
+    if not texts:
+        raise InvalidInputError("pretrain_text needs at least one text.")
+    check_remote_code(model, trust_remote_code)
+    processor = AutoProcessor.from_pretrained(str(model), trust_remote_code=trust_remote_code)
+    tokenizer = processor.tokenizer
+    net: Any = AutoModelForImageTextToText.from_pretrained(str(model), dtype=torch.float32,
+                                                      trust_remote_code=trust_remote_code)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net.to(device).train()
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    sequences = _Sequences(encoded, vocab, settings, settings.seed)
+    # Held out: random spans at the training length, and far apart in long sequences (the
+    # agents copy across hundreds of tokens: from the question, from their own description).
+    far = settings.model_copy(update={"seq_len": FAR_SEQ_LEN, "max_gap": FAR_SEQ_LEN - 96})
+    probes = {"copy_accuracy": _Sequences(encoded, vocab, settings, settings.seed + 1),
+              "far_copy_accuracy": _Sequences(encoded, vocab, far, settings.seed + 2)}
+    probe_rows = {name: [held.copy(random_share=1.0) for _ in range(16)]
+                  for name, held in probes.items()}
+
+    torch.manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate,
+                                  weight_decay=0.01, betas=(0.9, 0.98))
+
+    def factor(step: int) -> float:
+        """Warm-up, then constant (copying appears abruptly, late: a decaying rate delays
+        it), then a linear decay to 10% over the last tenth."""
+        if step < settings.warmup_steps:
+            return (step + 1) / settings.warmup_steps
+        left = (settings.steps - step) / max(1, settings.steps // 10)
+        return 0.1 + 0.9 * min(1.0, left)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def copy_accuracy(rows: list[tuple[list[int], list[bool]]]) -> float:
+        net.eval()
+        with torch.no_grad():
+            ids = torch.tensor([r[0] for r in rows], device=device)
+            mask = torch.tensor([r[1] for r in rows], device=device)[:, 1:]
+            guess = net(input_ids=ids).logits[:, :-1].argmax(-1)
+            right = (guess == ids[:, 1:]) & mask
+        net.train()
+        return float(right.sum() / mask.sum())
+
+    started, history, losses = time.perf_counter(), [], []
+    for step in range(settings.steps):
+        ids, _ = sequences.batch(settings.batch_size)
+        batch = torch.tensor(ids, device=device)
+        loss = net(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
+            entry = {"step": step + 1, "loss": round(sum(losses) / len(losses), 4),
+                     **{name: round(copy_accuracy(rows), 4)
+                        for name, rows in probe_rows.items()},
+                     "seconds": round(time.perf_counter() - started, 1)}
+            history.append(entry)
+            losses = []
+            log(f"  text step {entry['step']}: loss {entry['loss']}, copy accuracy "
+                f"{entry['copy_accuracy']} (far apart: {entry['far_copy_accuracy']})")
+
+    staging = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    net.eval().to("cpu").save_pretrained(str(staging), safe_serialization=True)
+    processor.save_pretrained(str(staging))
+    shutil.rmtree(out, ignore_errors=True)
+    staging.replace(out)
+    write_atomic(out / TRAINING_FILE, json.dumps({
+        "kind": "text-pretrain", "base_model": str(model),
+        "settings": json.loads(settings.model_dump_json()), "texts": len(texts),
+        "metrics": history[-1] if history else {}, "log_history": history}, indent=2))
+    return out
+
+
+__all__ = ["TextPretrainSettings", "pretrain_text"]

@@ -1,0 +1,77 @@
+"""Text-only pre-training (span copies + the run's texts) of a model trained from scratch."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from helpers import png_bytes
+from langchain_core.messages import HumanMessage
+
+from insightv_agents.errors import InvalidInputError
+from insightv_agents.testing import build_tiny_idefics3
+from insightv_agents.trainers.text import TextPretrainSettings, _Sequences, pretrain_text
+
+TEXTS = ['{"summary": "Describe the image", "reasoning": "r1c1 empty, r1c2 small red circle."}',
+         "How many blue shapes are there?", "Are there more squares than circles?"]
+
+
+def test_copy_sequences_mark_only_what_a_copy_of_the_earlier_span_predicts() -> None:
+    settings = TextPretrainSettings(output_dir=Path("unused"), seq_len=96, max_gap=20)
+    texts = [list(range(10, 60)), list(range(60, 75))]
+    sequences = _Sequences(texts, vocab=range(10, 200), settings=settings, seed=3)
+    marked = 0
+    for _ in range(50):
+        ids, copied = sequences.copy()
+        assert len(ids) == len(copied) == 96
+        for i in (i for i, flag in enumerate(copied) if flag):
+            # an induction step: the same (previous, this) pair occurs earlier
+            assert any(ids[j - 1] == ids[i - 1] and ids[j] == ids[i] for j in range(1, i - 1))
+            marked += 1
+        ids, copied = sequences.text()
+        assert len(ids) == 96 and not any(copied)
+        assert all(10 <= token < 75 for token in ids)
+    assert marked > 50 * 10
+
+
+@pytest.mark.slow
+def test_pretrain_text_trains_the_language_part_only_and_resumes(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from insightv_agents.integrations.transformers import ChatTransformersVLM
+    from insightv_agents.trained import TRAINING_FILE
+
+    base = build_tiny_idefics3(tmp_path / "base")
+    settings = TextPretrainSettings(output_dir=tmp_path / "text", steps=30, batch_size=4,
+                                    seq_len=48, max_gap=8, log_every=10, learning_rate=3e-3)
+    lines: list[str] = []
+    out = pretrain_text(base, TEXTS * 5, settings, log=lines.append)
+    run = json.loads((out / TRAINING_FILE).read_text())
+    history = run["log_history"]
+    assert [h["step"] for h in history] == [10, 20, 30] and len(lines) == 3
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert 0 <= run["metrics"]["copy_accuracy"] <= 1
+    before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    vision = [k for k in before if "vision" in k or "connector" in k]
+    text = [k for k in before if "text_model" in k]
+    assert vision and text
+    assert all(torch.equal(before[k], after[k]) for k in vision)  # no image was seen
+    assert not all(torch.equal(before[k], after[k]) for k in text)
+    # A whole model with its processor, loaded as it is.
+    url = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    reply = ChatTransformersVLM(model_path=str(out), max_new_tokens=4).invoke(
+        [HumanMessage([{"type": "image_url", "image_url": {"url": url}},
+                       {"type": "text", "text": "How many?"}])])
+    assert isinstance(reply.text, str)
+    # Finished: a rerun keeps it as it is.
+    stamp = (out / TRAINING_FILE).stat().st_mtime_ns
+    assert pretrain_text(base, TEXTS, settings, log=lines.append) == out
+    assert (out / TRAINING_FILE).stat().st_mtime_ns == stamp and len(lines) == 3
+
+
+def test_pretrain_text_needs_texts(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="at least one text"):
+        pretrain_text(tmp_path / "nowhere", [], TextPretrainSettings(output_dir=tmp_path / "o"))
