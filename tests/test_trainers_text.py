@@ -45,8 +45,9 @@ def test_pretrain_text_trains_the_language_part_only_and_resumes(tmp_path: Path)
     from insightv_agents.trained import TRAINING_FILE
 
     base = build_tiny_idefics3(tmp_path / "base")
-    settings = TextPretrainSettings(output_dir=tmp_path / "text", steps=30, batch_size=4,
-                                    seq_len=48, max_gap=8, log_every=10, learning_rate=3e-3)
+    settings = TextPretrainSettings(output_dir=tmp_path / "text", steps=30, long_steps=10,
+                                    batch_size=4, seq_len=48, max_gap=8, log_every=10,
+                                    learning_rate=3e-3)
     lines: list[str] = []
     out = pretrain_text(base, TEXTS * 5, settings, log=lines.append)
     run = json.loads((out / TRAINING_FILE).read_text())
