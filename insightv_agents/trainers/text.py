@@ -65,7 +65,7 @@ class TextPretrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     output_dir: Path
-    steps: int = Field(3300, ge=1)
+    steps: int = Field(3000, ge=1)
     long_steps: int = Field(400, ge=0)
     batch_size: int = Field(32, ge=1)
     seq_len: int = Field(64, ge=32)
