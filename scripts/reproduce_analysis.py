@@ -8,7 +8,9 @@ For every system whose predictions hold reasoning steps, on the held-out test sp
 - ``pictures``: the share of chains whose description is right in all 16 cells;
 - ``faithful``: the share of chains whose every later claim holds *in the scene the chain
   itself described* (reasoning right from what it saw, whether or not it saw right);
-- ``right | seen right``: accuracy on the items whose description was all right.
+- ``right | seen right``: accuracy on the items whose description was all right;
+- ``plan``: the share of chains whose step summaries are those of the teacher's plan for the
+  question (any strategy): whether the chain is about the question at all.
 
 Prints a Markdown table (and writes ``analysis.json`` beside the results).
 """
@@ -17,12 +19,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
-from insightv_agents.shapes.scenes import GRID, SceneIndex
+from insightv_agents.errors import InvalidInputError
+from insightv_agents.shapes.questions import parse_question
+from insightv_agents.shapes.reasoning import STRATEGIES, plan_path
+from insightv_agents.shapes.scenes import GRID, Scene, SceneIndex
 from insightv_agents.shapes.scorer import check_claims, described_scene
+
+
+def follows_plan(scene: Scene, question: str, steps: list[dict[str, Any]]) -> bool:
+    """Whether the chain's step summaries are the teacher's for ``question`` (any strategy)."""
+    summaries = [step.get("summary") for step in steps]
+    query = parse_question(question)
+    for strategy in STRATEGIES:
+        try:
+            path = plan_path(scene, query, strategy=strategy)
+        except InvalidInputError:
+            continue
+        if summaries == [step["summary"] for step in path.steps]:
+            return True
+    return False
 
 
 def analyse(run: Path) -> dict[str, Any]:
@@ -36,9 +55,11 @@ def analyse(run: Path) -> dict[str, Any]:
         rows = [row for row in rows if row.get("steps")]
         if not rows or rows[0]["steps"][0].get("summary") != "Describe the image":
             continue
-        cells = cells_right = pictures = faithful = seen_right = seen_right_correct = 0
+        cells = cells_right = pictures = faithful = seen_right = seen_right_correct = plans = 0
         for row in rows:
-            truth = index.lookup(run / "data" / items[row["id"]]["image"])
+            item = items[row["id"]]
+            truth = index.lookup(run / "data" / item["image"])
+            plans += follows_plan(truth, item["question"], row["steps"])
             claims = check_claims(truth, row["steps"][:1])
             cells += GRID * GRID
             cells_right += sum(claim.holds for claim in claims[:GRID * GRID])
@@ -52,20 +73,22 @@ def analyse(run: Path) -> dict[str, Any]:
                 seen_right_correct += bool(row.get("correct"))
         table[folder.name] = {
             "n": len(rows), "cells": cells_right / cells, "pictures": pictures / len(rows),
-            "faithful": faithful / len(rows),
+            "faithful": faithful / len(rows), "plan": plans / len(rows),
             "right_if_seen_right": seen_right_correct / seen_right if seen_right else None,
             "seen_right": seen_right}
     return table
 
 
-def main(run: Path = Path("runs/reproduce")) -> None:
+def main(run: Annotated[Path, typer.Argument(help="the run's folder")] = Path("runs/reproduce")
+         ) -> None:
     table = analyse(run)
     (run / "analysis.json").write_text(json.dumps(table, indent=2) + "\n")
-    print("| System | Cells seen right | Pictures seen right | Faithful chains "
-          "| Right when seen right |\n|---|---|---|---|---|")
+    print("| System | Plan followed | Cells seen right | Pictures seen right | Faithful chains "
+          "| Right when seen right |\n|---|---|---|---|---|---|")
     for name, row in table.items():
         given = row["right_if_seen_right"]
-        print(f"| {name} | {100 * row['cells']:.1f} | {100 * row['pictures']:.1f} "
+        print(f"| {name} | {100 * row['plan']:.1f} | {100 * row['cells']:.1f} "
+              f"| {100 * row['pictures']:.1f} "
               f"| {100 * row['faithful']:.1f} | "
               + ("–" if given is None else f"{100 * given:.1f} (n={row['seen_right']})") + " |")
 
