@@ -203,12 +203,13 @@ class Run:
 
         s = self.settings
         init = self.models / "init"
+        corpus = self.corpus(records)  # the tokenizer's texts and the text stage's, built once
         if not (init / "config.json").exists():
-            build_idefics3(init, corpus=self.corpus(records), vocab_size=s.vocab_size,
-                           words=CELL_TAGS, seed=s.seed)
+            build_idefics3(init, corpus=corpus, vocab_size=s.vocab_size, words=CELL_TAGS,
+                           seed=s.seed)
         if not s.text_steps:
             return init
-        return pretrain_text(init, self.corpus(records), TextPretrainSettings(
+        return pretrain_text(init, corpus, TextPretrainSettings(
             output_dir=self.models / "text", steps=s.text_steps, seed=s.seed), log=self.log)
 
     def pretrain(self, start: Path) -> None:

@@ -117,11 +117,10 @@ class _Sequences:
             copied += [False] * (k + len(gap)) + [False] + [True] * (k - 1)
         return ids[:s.seq_len], copied[:s.seq_len]
 
-    def batch(self, size: int) -> tuple[list[list[int]], list[list[bool]]]:
-        rows = [self.copy(self.s.random_share) if self.rng.random() < self.s.copy_share
-                else self.text()
-                for _ in range(size)]
-        return [ids for ids, _ in rows], [mask for _, mask in rows]
+    def batch(self, size: int) -> list[list[int]]:
+        """``size`` training sequences: copy sequences with probability ``copy_share``."""
+        return [(self.copy(self.s.random_share) if self.rng.random() < self.s.copy_share
+                 else self.text())[0] for _ in range(size)]
 
 
 def pretrain_text(model: str | Path, texts: Sequence[str], settings: TextPretrainSettings, *,
@@ -190,8 +189,8 @@ def pretrain_text(model: str | Path, texts: Sequence[str], settings: TextPretrai
 
     started, history, losses = time.perf_counter(), [], []
     for step in range(settings.steps):
-        ids, _ = (long.batch(far.batch_size) if step >= settings.steps - settings.long_steps
-                  else short.batch(settings.batch_size))
+        ids = (long.batch(far.batch_size) if step >= settings.steps - settings.long_steps
+               else short.batch(settings.batch_size))
         batch = torch.tensor(ids, device=device)
         loss = net(input_ids=batch, labels=batch).loss
         loss.backward()
