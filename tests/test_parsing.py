@@ -108,6 +108,11 @@ def test_json_text_regex_refuses_unbounded_or_nested_schemas(schema: dict[str, A
         json_text_regex(schema)
 
 
+def test_chain_regex_refuses_a_chain_of_no_steps() -> None:
+    with pytest.raises(ConfigError, match="max_steps must be"):
+        chain_regex(max_steps=0)
+
+
 def test_format_round_trips() -> None:
     step: ReasoningStep = {"summary": "ü \"q\"", "reasoning": "a\nb {x}", "action": "continue"}
     assert parse_steps(format_step(step)) == [step]
