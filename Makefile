@@ -39,7 +39,7 @@ $(VLLM_STAMP):
 
 demo: $(STAMP)
 	$(BIN)/insightv run --image examples/shapes.png \
-	  --question "How many blue shapes are there?"
+	  --question "Is the shape at row 4, column 4 small or large?"
 
 test: lint typecheck pytest
 

@@ -10,7 +10,10 @@ For every system whose predictions hold reasoning steps, on the held-out test sp
   itself described* (reasoning right from what it saw, whether or not it saw right);
 - ``right | seen right``: accuracy on the items whose description was all right;
 - ``plan``: the share of chains whose step summaries are those of the teacher's plan for the
-  question (any strategy): whether the chain is about the question at all.
+  question (any strategy): whether the chain is about the question at all;
+- ``repeated``: of the later steps' mentions of a cell the description said holds a shape
+  (``r1c4 large blue circle``), the share that repeat the description's words for that cell:
+  whether a step can look a cell up by its tag in what the chain itself wrote.
 
 Prints a Markdown table (and writes ``analysis.json`` beside the results).
 """
@@ -18,6 +21,7 @@ Prints a Markdown table (and writes ``analysis.json`` beside the results).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,8 +30,24 @@ import typer
 from insightv_agents.errors import InvalidInputError
 from insightv_agents.shapes.questions import parse_question
 from insightv_agents.shapes.reasoning import STRATEGIES, plan_path
-from insightv_agents.shapes.scenes import GRID, Scene, SceneIndex
+from insightv_agents.shapes.scenes import COLOURS, GRID, KINDS, SIZES, Scene, SceneIndex
 from insightv_agents.shapes.scorer import check_claims, described_scene
+
+_TAGGED = re.compile(rf"\b(r\d+c\d+) (empty|(?:{'|'.join(SIZES)}) (?:{'|'.join(COLOURS)}) "
+                     rf"(?:{'|'.join(KINDS)}))\b")
+
+
+def repeated_mentions(steps: list[dict[str, Any]]) -> tuple[int, int]:
+    """(mentions that repeat the description, mentions) over the later steps' mentions of the
+    cells the first step described as holding a shape."""
+    described = dict(_TAGGED.findall(steps[0].get("reasoning", "")))
+    same = total = 0
+    for step in steps[1:]:
+        for tag, content in _TAGGED.findall(step.get("reasoning", "")):
+            if described.get(tag, "empty") != "empty":
+                total += 1
+                same += content == described[tag]
+    return same, total
 
 
 def follows_plan(scene: Scene, question: str, steps: list[dict[str, Any]]) -> bool:
@@ -56,10 +76,13 @@ def analyse(run: Path) -> dict[str, Any]:
         if not rows or rows[0]["steps"][0].get("summary") != "Describe the image":
             continue
         cells = cells_right = pictures = faithful = seen_right = seen_right_correct = plans = 0
+        repeats = mentions = 0
         for row in rows:
             item = items[row["id"]]
             truth = index.lookup(run / "data" / item["image"])
             plans += follows_plan(truth, item["question"], row["steps"])
+            same, total = repeated_mentions(row["steps"])
+            repeats, mentions = repeats + same, mentions + total
             claims = check_claims(truth, row["steps"][:1])
             cells += GRID * GRID
             cells_right += sum(claim.holds for claim in claims[:GRID * GRID])
@@ -75,7 +98,8 @@ def analyse(run: Path) -> dict[str, Any]:
             "n": len(rows), "cells": cells_right / cells, "pictures": pictures / len(rows),
             "faithful": faithful / len(rows), "plan": plans / len(rows),
             "right_if_seen_right": seen_right_correct / seen_right if seen_right else None,
-            "seen_right": seen_right}
+            "seen_right": seen_right,
+            "repeated": repeats / mentions if mentions else None, "mentions": mentions}
     return table
 
 
@@ -84,13 +108,15 @@ def main(run: Annotated[Path, typer.Argument(help="the run's folder")] = Path("r
     table = analyse(run)
     (run / "analysis.json").write_text(json.dumps(table, indent=2) + "\n")
     print("| System | Plan followed | Cells seen right | Pictures seen right | Faithful chains "
-          "| Right when seen right |\n|---|---|---|---|---|---|")
+          "| Right when seen right | Shapes repeated |\n|---|---|---|---|---|---|---|")
     for name, row in table.items():
         given = row["right_if_seen_right"]
         print(f"| {name} | {100 * row['plan']:.1f} | {100 * row['cells']:.1f} "
               f"| {100 * row['pictures']:.1f} "
               f"| {100 * row['faithful']:.1f} | "
-              + ("–" if given is None else f"{100 * given:.1f} (n={row['seen_right']})") + " |")
+              + ("–" if given is None else f"{100 * given:.1f} (n={row['seen_right']})")
+              + " | " + ("–" if row["repeated"] is None
+                         else f"{100 * row['repeated']:.1f} (n={row['mentions']})") + " |")
 
 
 if __name__ == "__main__":
