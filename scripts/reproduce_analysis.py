@@ -15,7 +15,12 @@ For every system whose predictions hold reasoning steps, on the held-out test sp
   (``r1c4 large blue circle``), the share that repeat the description's words for that cell:
   whether a step can look a cell up by its tag in what the chain itself wrote.
 
-Prints a Markdown table (and writes ``analysis.json`` beside the results).
+Then, for every model the run trained, the text pre-training's held-out copy accuracy
+(``trainers.text.measure_copying``: near and far random spans, the gaps filled with the run's
+questions and descriptions): how much of the copying the text stage taught each later stage
+kept.
+
+Prints two Markdown tables (and writes ``analysis.json`` beside the results).
 """
 
 from __future__ import annotations
@@ -30,8 +35,17 @@ import typer
 from insightv_agents.errors import InvalidInputError
 from insightv_agents.shapes.questions import parse_question
 from insightv_agents.shapes.reasoning import STRATEGIES, plan_path
-from insightv_agents.shapes.scenes import COLOURS, GRID, KINDS, SIZES, Scene, SceneIndex
+from insightv_agents.shapes.scenes import (
+    COLOURS,
+    GRID,
+    KINDS,
+    SIZES,
+    Scene,
+    SceneIndex,
+    describe_grid,
+)
 from insightv_agents.shapes.scorer import check_claims, described_scene
+from insightv_agents.trainers.text import TextPretrainSettings, measure_copying
 
 _TAGGED = re.compile(rf"\b(r\d+c\d+) (empty|(?:{'|'.join(SIZES)}) (?:{'|'.join(COLOURS)}) "
                      rf"(?:{'|'.join(KINDS)}))\b")
@@ -103,10 +117,27 @@ def analyse(run: Path) -> dict[str, Any]:
     return table
 
 
+def copying(run: Path) -> dict[str, dict[str, float]]:
+    """measure_copying for every finished model of the run, in training order."""
+    seed = json.loads((run / "settings.json").read_text())["seed"]
+    index = SceneIndex.from_folder(run / "data")
+    texts = [json.loads(line)["question"] for line in
+             (run / "data" / "train.jsonl").read_text().splitlines()[:500]]
+    texts += [describe_grid(scene) for scene in list(index.values())[:500]]
+    models = run / "models"
+    names = ["text", "base", "direct", "reasoner", "summary", "stages"]
+    names += sorted(str(path.relative_to(models)) for path in models.glob("dpo/round-*/model"))
+    settings = TextPretrainSettings(output_dir=models / "text", seed=seed)
+    return {name: measure_copying(models / name, texts, settings) for name in names
+            if (models / name / "model.safetensors").exists()}
+
+
 def main(run: Annotated[Path, typer.Argument(help="the run's folder")] = Path("runs/reproduce")
          ) -> None:
     table = analyse(run)
-    (run / "analysis.json").write_text(json.dumps(table, indent=2) + "\n")
+    kept = copying(run)
+    (run / "analysis.json").write_text(json.dumps({"chains": table, "copying": kept},
+                                                  indent=2) + "\n")
     print("| System | Plan followed | Cells seen right | Pictures seen right | Faithful chains "
           "| Right when seen right | Shapes repeated |\n|---|---|---|---|---|---|---|")
     for name, row in table.items():
@@ -117,6 +148,11 @@ def main(run: Annotated[Path, typer.Argument(help="the run's folder")] = Path("r
               + ("–" if given is None else f"{100 * given:.1f} (n={row['seen_right']})")
               + " | " + ("–" if row["repeated"] is None
                          else f"{100 * row['repeated']:.1f} (n={row['mentions']})") + " |")
+
+    print("\n| Model | Copy accuracy (near) | Copy accuracy (far) |\n|---|---|---|")
+    for name, accuracy in kept.items():
+        print(f"| {name} | {100 * accuracy['copy_accuracy']:.1f} "
+              f"| {100 * accuracy['far_copy_accuracy']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,12 @@ from langchain_core.messages import HumanMessage
 
 from insightv_agents.errors import InvalidInputError
 from insightv_agents.testing import build_tiny_idefics3
-from insightv_agents.trainers.text import TextPretrainSettings, _Sequences, pretrain_text
+from insightv_agents.trainers.text import (
+    TextPretrainSettings,
+    _Sequences,
+    measure_copying,
+    pretrain_text,
+)
 
 TEXTS = ['{"summary": "Describe the image", "reasoning": "r1c1 empty, r1c2 small red circle."}',
          "How many blue shapes are there?", "Are there more squares than circles?"]
@@ -55,6 +60,10 @@ def test_pretrain_text_trains_the_language_part_only_and_resumes(tmp_path: Path)
     assert [h["step"] for h in history] == [10, 20, 30] and len(lines) == 3
     assert history[-1]["loss"] < history[0]["loss"]
     assert 0 <= run["metrics"]["copy_accuracy"] <= 1
+    # The same probe, on the saved model: the run's last measurement, again.
+    measured = measure_copying(out, TEXTS * 5, settings)
+    assert measured == {key: run["metrics"][key]
+                        for key in ("copy_accuracy", "far_copy_accuracy")}
     before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
     vision = [k for k in before if "vision" in k or "connector" in k]
     text = [k for k in before if "text_model" in k]
@@ -76,3 +85,5 @@ def test_pretrain_text_trains_the_language_part_only_and_resumes(tmp_path: Path)
 def test_pretrain_text_needs_texts(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="at least one text"):
         pretrain_text(tmp_path / "nowhere", [], TextPretrainSettings(output_dir=tmp_path / "o"))
+    with pytest.raises(InvalidInputError, match="at least one text"):
+        measure_copying(tmp_path / "nowhere", [])
