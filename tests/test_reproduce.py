@@ -42,6 +42,11 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
     assert len(stamps) == 6 + sum(r["trained"] for r in results["dpo_rounds"])
     assert json.loads((out / "models" / "text" / "insightv_training.json").read_text()
                       )["metrics"]["step"] == 10
+    # the caption pre-training at its own learning rate, the SFT runs at theirs
+    rates = {name: json.loads((out / "models" / name / "insightv_training.json").read_text()
+                              )["settings"]["learning_rate"] for name in ("base", "reasoner")}
+    assert rates == {"base": settings.caption_learning_rate, "reasoner": settings.learning_rate}
+    assert settings.caption_learning_rate != settings.learning_rate
 
     again = reproduce(settings, log=[].append)
     assert again["systems"] == results["systems"]
