@@ -78,8 +78,7 @@ def follows_plan(scene: Scene, question: str, steps: list[dict[str, Any]]) -> bo
     return False
 
 
-def analyse(run: Path) -> dict[str, Any]:
-    index = SceneIndex.from_folder(run / "data")
+def analyse(run: Path, index: SceneIndex) -> dict[str, Any]:
     items = {json.loads(line)["id"]: json.loads(line)
              for line in (run / "data" / "test.jsonl").read_text().splitlines()}
     table: dict[str, Any] = {}
@@ -117,10 +116,9 @@ def analyse(run: Path) -> dict[str, Any]:
     return table
 
 
-def copying(run: Path) -> dict[str, dict[str, float]]:
+def copying(run: Path, index: SceneIndex) -> dict[str, dict[str, float]]:
     """measure_copying for every finished model of the run, in training order."""
     seed = json.loads((run / "settings.json").read_text())["seed"]
-    index = SceneIndex.from_folder(run / "data")
     texts = [json.loads(line)["question"] for line in
              (run / "data" / "train.jsonl").read_text().splitlines()[:500]]
     texts += [describe_grid(scene) for scene in list(index.values())[:500]]
@@ -134,8 +132,9 @@ def copying(run: Path) -> dict[str, dict[str, float]]:
 
 def main(run: Annotated[Path, typer.Argument(help="the run's folder")] = Path("runs/reproduce")
          ) -> None:
-    table = analyse(run)
-    kept = copying(run)
+    index = SceneIndex.from_folder(run / "data")  # read once, for both tables
+    table = analyse(run, index)
+    kept = copying(run, index)
     (run / "analysis.json").write_text(json.dumps({"chains": table, "copying": kept},
                                                   indent=2) + "\n")
     print("| System | Plan followed | Cells seen right | Pictures seen right | Faithful chains "
