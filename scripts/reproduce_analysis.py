@@ -26,7 +26,6 @@ Prints two Markdown tables (and writes ``analysis.json`` beside the results).
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,31 +35,26 @@ from insightv_agents.errors import InvalidInputError
 from insightv_agents.shapes.questions import parse_question
 from insightv_agents.shapes.reasoning import STRATEGIES, plan_path
 from insightv_agents.shapes.scenes import (
-    COLOURS,
     GRID,
-    KINDS,
-    SIZES,
     Scene,
     SceneIndex,
     describe_grid,
 )
-from insightv_agents.shapes.scorer import check_claims, described_scene
+from insightv_agents.shapes.scorer import check_claims, described_scene, tagged_cells
 from insightv_agents.trainers.text import TextPretrainSettings, measure_copying
-
-_TAGGED = re.compile(rf"\b(r\d+c\d+) (empty|(?:{'|'.join(SIZES)}) (?:{'|'.join(COLOURS)}) "
-                     rf"(?:{'|'.join(KINDS)}))\b")
 
 
 def repeated_mentions(steps: list[dict[str, Any]]) -> tuple[int, int]:
     """(mentions that repeat the description, mentions) over the later steps' mentions of the
     cells the first step described as holding a shape."""
-    described = dict(_TAGGED.findall(steps[0].get("reasoning", "")))
+    described = {(row, column): seen
+                 for row, column, seen in tagged_cells(steps[0].get("reasoning", ""))}
     same = total = 0
     for step in steps[1:]:
-        for tag, content in _TAGGED.findall(step.get("reasoning", "")):
-            if described.get(tag, "empty") != "empty":
+        for row, column, content in tagged_cells(step.get("reasoning", "")):
+            if described.get((row, column), "empty") != "empty":
                 total += 1
-                same += content == described[tag]
+                same += content == described[(row, column)]
     return same, total
 
 

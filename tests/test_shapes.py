@@ -353,3 +353,12 @@ def test_described_scene_reads_a_whole_grid_description_back() -> None:
     scene = Scene((Shape(1, 2, "circle", "red", "small"), Shape(3, 4, "square", "blue", "large")))
     assert described_scene(describe_grid(scene)) == scene
     assert described_scene(describe_grid(scene).replace("r4c4 empty", "")) is None
+
+
+def test_tagged_cells_reads_every_tag_in_order_off_grid_ones_too() -> None:
+    from insightv_agents.shapes.scorer import tagged_cells
+
+    text = "So R1C2 Small Red Circle, then r1c3 empty; r9c9 large blue square and r2c2 nothing."
+    assert tagged_cells(text) == [(1, 2, "small red circle"), (1, 3, "empty"),
+                                  (9, 9, "large blue square")]
+    assert tagged_cells("") == []

@@ -57,9 +57,7 @@ def check_claims(scene: Scene, steps: list[ReasoningStep]) -> list[Claim]:
     claims: list[Claim] = []
     for step in steps:
         text = step["reasoning"]
-        for match in _TAGGED.finditer(text):
-            tag_row, tag_column = int(match.group(1)), int(match.group(2))
-            seen = match.group(3).lower()
+        for tag_row, tag_column, seen in tagged_cells(text):
             on_grid = 1 <= tag_row <= GRID and 1 <= tag_column <= GRID
             shape = scene.at(tag_row, tag_column) if on_grid else None
             holds = on_grid and (seen == "empty" if shape is None else seen == shape.name)
@@ -95,12 +93,18 @@ def check_claims(scene: Scene, steps: list[ReasoningStep]) -> list[Claim]:
     return claims
 
 
+def tagged_cells(text: str) -> list[tuple[int, int, str]]:
+    """Every cell ``text`` names by its tag ("r1c2 small red circle", "r1c3 empty"), in order:
+    (row, column, what it says is there, lower case). Tags off the grid are kept as written."""
+    return [(int(match.group(1)), int(match.group(2)), match.group(3).lower())
+            for match in _TAGGED.finditer(text)]
+
+
 def described_scene(text: str) -> Scene | None:
     """The scene a grid description (tagged cells, as :func:`~insightv_agents.shapes.scenes.
     describe_grid` writes it) states; ``None`` unless it names every cell once, validly."""
     cells: dict[tuple[int, int], Shape | None] = {}
-    for match in _TAGGED.finditer(text):
-        row, column, seen = int(match.group(1)), int(match.group(2)), match.group(3).lower()
+    for row, column, seen in tagged_cells(text):
         if seen == "empty":
             cells[(row, column)] = None
             continue
