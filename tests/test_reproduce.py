@@ -17,7 +17,7 @@ from insightv_agents.shapes.reproduce import SYSTEMS, ReproduceSettings, reprodu
 def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
     settings = ReproduceSettings(out=tmp_path / "run", train=20, dpo=4, test=5,
                                  text_steps=10, caption_epochs=1, sft_epochs=1, rounds=2,
-                                 dpo_paths=2,
+                                 dpo_paths=2, self_questions=3, self_paths=2,
                                  max_new_tokens=16, concurrency=2)
     log: list[str] = []
     results = reproduce(settings, log=log.append)
@@ -47,6 +47,14 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
                               )["settings"]["learning_rate"] for name in ("base", "reasoner")}
     assert rates == {"base": settings.caption_learning_rate, "reasoner": settings.learning_rate}
     assert settings.caption_learning_rate != settings.learning_rate
+    # the summary agent's set was built from the trained reasoner's own sampled paths
+    from insightv_agents.trainers.data import load_records
+
+    own = load_records(out / "reasoner-samples")
+    assert len(own.questions) == 3 and all(len(p) == 2 for p in own.questions.values())
+    built = (out / "training-sets" / "summary" / "build_report.txt").stat().st_mtime_ns
+    assert (out / "models" / "reasoner" / "model.safetensors").stat().st_mtime_ns \
+        < (out / "reasoner-samples" / "records.jsonl").stat().st_mtime_ns < built
 
     again = reproduce(settings, log=[].append)
     assert again["systems"] == results["systems"]

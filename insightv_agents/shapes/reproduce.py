@@ -33,7 +33,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from functools import partial
 from pathlib import Path
@@ -67,6 +67,7 @@ SYSTEMS: dict[str, str] = {
     "f-stage-beam": "(f) + stage-level beam search",
 }
 RESULTS_FILE = "results.json"
+TRAINED = ("direct", "reasoner", "summary", "stages")  # the SFT runs, in order
 
 
 class ReproduceSettings(BaseModel):
@@ -93,6 +94,12 @@ class ReproduceSettings(BaseModel):
         beam_size: candidates per stage in (f)'s stage-level beam search.
         summary_rows: rows of the summary agent's SFT mix (its share of optimal and flawed
             paths as :class:`~insightv_agents.trainers.data.SummaryMix` says).
+        self_questions, self_paths: the first ``self_questions`` training questions, each
+            answered ``self_paths`` times by the trained reasoning agent (sampled through the
+            synthesis graph, scored by the scene) before the summary agent is trained: its
+            ``self_made`` share of rows (Insight-V's paths "from the reasoning agent itself"),
+            judged by the chain's own final answer. 0: the summary agent sees only the
+            teacher's paths.
         judge_rows: pairwise judge rows added to (f)'s training set (0: the model judges
             untaught, as LLaVA-CoT's large model does).
         max_new_tokens: cap of every generated reply.
@@ -122,6 +129,8 @@ class ReproduceSettings(BaseModel):
     dpo_beta: float = Field(0.1, gt=0)
     beam_size: int = Field(2, ge=2, le=8)
     summary_rows: int = Field(1200, ge=10)
+    self_questions: int = Field(60, ge=0)
+    self_paths: int = Field(2, ge=1, le=16)
     judge_rows: int = Field(600, ge=0)
     max_new_tokens: int = Field(512, ge=16)
     concurrency: int = Field(4, ge=1)
@@ -167,8 +176,13 @@ class Run:
         records = self.timed("synthesis", self.synthesize)
         reader = self.timed("text pre-training", lambda: self.read(records))
         self.timed("base model", lambda: self.pretrain(reader))
-        rows = self.timed("training sets", lambda: self.build(records))
-        for name in ("direct", "reasoner", "summary", "stages"):
+        later = ("summary",) if s.self_questions else ()  # it needs the reasoner's paths
+        rows = self.timed("training sets", lambda: self.build(
+            records, [name for name in TRAINED if name not in later]))
+        for name in TRAINED:
+            if name in later:
+                own = self.timed("reasoner samples", self.sample_reasoner)
+                rows |= self.timed("training sets", partial(self.build, records, later, own))
             self.timed(f"sft {name}", partial(self.sft, name, rows[name]))
         rounds = self.timed("iterative dpo", self.iterate)
         reports = {system: self.timed(f"eval {system}", partial(self.evaluate, system, rounds))
@@ -252,7 +266,9 @@ class Run:
         texts += [describe_grid(scene) for scene in list(self.index.values())[:1500]]
         return texts
 
-    def build(self, records: Any) -> dict[str, Path]:
+    def build(self, records: Any, names: Sequence[str], own: Any = None) -> dict[str, Path]:
+        """The training sets ``names`` (each built once); ``own``: the reasoner's sampled
+        paths for the summary agent's mix."""
         from insightv_agents.trainers.data import (
             build_direct_sft,
             build_reasoning_sft,
@@ -262,12 +278,14 @@ class Run:
         builders = {
             "direct": lambda: build_direct_sft(records, prompts=PROMPTS),
             "reasoner": lambda: build_reasoning_sft(records, mode="chain", prompts=PROMPTS),
-            "summary": lambda: build_summary_sft(records, total=self.settings.summary_rows,
+            "summary": lambda: build_summary_sft(records, self_records=own,
+                                                 total=self.settings.summary_rows,
                                                  prompts=PROMPTS),
             "stages": lambda: self.stage_set(records),
         }
         folders = {}
-        for name, build in builders.items():
+        for name in names:
+            build = builders[name]
             folder = self.out / "training-sets" / name
             if not folder.exists():
                 dataset, report = build()
@@ -278,6 +296,33 @@ class Run:
                 staging.replace(folder)
             folders[name] = folder
         return folders
+
+    def sample_reasoner(self) -> Any:
+        """The reasoning agent's own paths on the first ``self_questions`` training
+        questions: the synthesis graph with the agent as its teacher (sampled), the scene
+        scoring, no summary agent (each path's answer is the chain's own)."""
+        from insightv_agents.graphs.synthesis import create_synthesis_graph
+        from insightv_agents.shapes.scorer import SceneScorer
+        from insightv_agents.synthesize import load_items, synthesize, write_run_file
+        from insightv_agents.trainers.data import load_records
+        from insightv_agents.trainers.iterative import InProcessPolicy
+
+        s = self.settings
+        folder = self.out / "reasoner-samples"
+        items, root = load_items(self.data / "train.jsonl", out=folder, limit=s.self_questions)
+        policy = InProcessPolicy(max_new_tokens=s.max_new_tokens, seed=s.seed)
+        graph = create_synthesis_graph(
+            teacher=policy.chat_model(str(self.models / "reasoner"), 0),
+            scorer=SceneScorer(index=self.index), mode="chain", paths=s.self_paths,
+            prompts=PROMPTS).compile()
+        write_run_file(folder, {"input": str(self.data / "train.jsonl"), "data_root": str(root),
+                                "paths": s.self_paths, "teacher": "the reasoning agent",
+                                "temperature": policy.temperature, "seed": s.seed})
+        report = asyncio.run(synthesize(graph, items, folder, concurrency=s.concurrency))
+        if report.errors:
+            raise RuntimeError(f"sampling the reasoner failed for {len(report.errors)} items; "
+                               "rerun.")
+        return load_records(folder)
 
     def stage_set(self, records: Any) -> tuple[Any, Any]:
         """(f)'s training set: the four-stage responses, and judge rows mixed in."""
