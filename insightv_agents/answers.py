@@ -42,10 +42,15 @@ class AnswerRules:
     Args:
         rel_tol: relative tolerance between two numbers (0.01: within 1%).
         abs_tol: absolute tolerance between two numbers (for answers near zero).
+        labels: a closed answer set (e.g. ``{"yes", "no", "red", "blue"}``): when the
+            truth and the answer are each a label or a number, and not the same, the answer
+            is wrong (without it, "red" for "3" is undecided: the rules cannot tell that an
+            open-ended answer means something else).
     """
 
     rel_tol: float = 0.01
     abs_tol: float = 1e-6
+    labels: frozenset[str] = frozenset()
 
 
 DEFAULT_RULES = AnswerRules()
@@ -133,6 +138,11 @@ def match_answer(prediction: str, truth: str, *, choices: Sequence[str] | None =
         if first in _YES | _NO:
             return _check((first in _YES) == (want_text in _YES), "yes_no",
                           f"said {first!r}, expected {want_text!r}")
+    if rules.labels:
+        labels = {normalize_answer(label) for label in rules.labels}
+        if all(text in labels or parse_number(text) is not None
+               for text in (want_text, got_text)):
+            return _check(False, "labels", f"said {got_text!r}, expected {want_text!r}")
     return _check(None, "undecided", "no rule applies")
 
 
@@ -164,6 +174,11 @@ def extract_answer(reply: str) -> str:
             pass
         with contextlib.suppress(ModelOutputError, IndexError):  # a chain: its last step
             text = parse_steps(reply)[-1]["reasoning"]
+    return stated_answer(text) or text.strip().rstrip(".").strip()
+
+
+def stated_answer(text: str) -> str:
+    """The answer ``text`` states in words: its last "the answer is X" / "Answer: X", without
+    a final full stop; ``""`` when it states none."""
     stated = _STATED.findall(text)
-    text = stated[-1] if stated else text
-    return text.strip().rstrip(".").strip()
+    return stated[-1].strip().rstrip(".").strip() if stated else ""

@@ -50,3 +50,21 @@ def test_numbers_in_prose_are_not_numbers() -> None:
     assert parse_number("there are 3 of them") is None
     assert parse_number("1/0") is None
     assert parse_number("2 cm") == 2
+
+
+def test_stated_answer_is_the_last_one_stated_or_empty() -> None:
+    from insightv_agents.answers import extract_answer, stated_answer
+
+    assert stated_answer("The answer is 2. Wait: the answer is 3.") == "3"
+    assert stated_answer("Answer: large") == "large"
+    assert stated_answer("So two.") == ""
+    assert extract_answer("So two.") == "So two"  # a bare reply is its own answer
+
+
+def test_labels_decide_what_the_rules_leave_open() -> None:
+    rules = AnswerRules(labels=frozenset({"Yes", "no", "red", "large"}))
+    assert match_answer("red", "3")["correct"] is None  # open-ended: no rule applies
+    assert match_answer("red", "3", rules=rules)["correct"] is False
+    assert match_answer("3", "large", rules=rules)["method"] == "labels"
+    assert match_answer("Red.", "red", rules=rules)["correct"] is True
+    assert match_answer("a red one", "large", rules=rules)["correct"] is None  # not a label

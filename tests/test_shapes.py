@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 
 from insightv_agents import InvalidInputError
+from insightv_agents.answers import match_answer
 from insightv_agents.graphs.synthesis import create_synthesis_graph
 from insightv_agents.parsing import format_chain, format_step, parse_steps
 from insightv_agents.shapes import (
+    ANSWER_RULES,
     CATEGORIES,
     STRATEGIES,
     Flaw,
@@ -102,6 +104,10 @@ def test_labels_agree_with_the_scene_description(dataset: Path) -> None:
             query = parse_question(row["question"])
             assert query.text() == row["question"] and query.category == row["category"]
             assert independent_answer(scene, query) == row["answer"]
+            # the shapes world's rule check decides every answer against every label
+            for other in ("yes", "7", "red", "small", "circle"):
+                decided = match_answer(other, row["answer"], rules=ANSWER_RULES)["correct"]
+                assert decided is (other == row["answer"])
 
 
 def independent_answer(scene: Scene, query: Query) -> str:

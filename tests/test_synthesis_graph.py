@@ -265,3 +265,24 @@ def test_parallel_paths_stream_their_steps() -> None:
     events = [chunk for chunk in graph.stream(ITEM, stream_mode="custom", subgraphs=True)]
     steps = [event for _, event in events if event.get("event") == "step"]
     assert len(steps) == 6
+
+
+def test_stated_final_answer_is_read_from_the_last_step_without_a_model_call() -> None:
+    from insightv_agents.errors import ConfigError
+
+    chains = [step("Count the dots", "One, two, three.") + "\n"
+              + step("Give the count", "The answer is 3.", "summary"),
+              step("Count the dots", "One, two.") + "\n"
+              + step("Give the count", "So two.", "summary")]  # states no answer
+    model = ScriptedChatModel(chains)
+    graph = create_synthesis_graph(teacher=model, scorer=RuleScorer(), mode="chain", paths=2,
+                                   final_answer="stated").compile()
+    out = graph.invoke(ITEM, {"max_concurrency": 1})
+    by_answer = sorted(out["paths"], key=lambda path: path["answer"])
+    assert [(p["status"], p["answer"]) for p in by_answer] == [("failed", ""), ("ok", "3")]
+    assert by_answer[1]["check"]["correct"] is True
+    assert [role_of(messages) for messages in model.calls] == ["reason", "reason"]
+    with pytest.raises(ConfigError, match="summarizer"):
+        create_synthesis_graph(teacher=model, summarizer=model, final_answer="stated")
+    with pytest.raises(ConfigError, match="final_answer"):
+        create_synthesis_graph(teacher=model, final_answer="verdict")  # type: ignore[arg-type]

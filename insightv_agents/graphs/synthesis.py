@@ -8,8 +8,9 @@ One run handles one (image, question, ground-truth answer):
 
 Each path is the Insight-V progressive generation: the teacher writes one step at a time
 (the same :class:`~insightv_agents.nodes.ReasoningNode` as inference) until it chooses
-``summary`` or reaches the cap, then gives its final answer. Paths differ by sampling, so
-give the teacher a temperature above zero.
+``summary`` or reaches the cap, then gives its final answer: asked for it, from a summary
+agent's verdict, or (``final_answer="stated"``) as its last step states it. Paths differ by
+sampling, so give the teacher a temperature above zero.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from langgraph.types import Overwrite, Send
 from langgraph.utils.runnable import RunnableCallable
 from typing_extensions import TypedDict
 
-from insightv_agents.answers import DEFAULT_RULES, AnswerRules, match_answer
+from insightv_agents.answers import DEFAULT_RULES, AnswerRules, match_answer, stated_answer
 from insightv_agents.assessment import JudgeNode, PathScorer, ScoreNode, score_with
 from insightv_agents.errors import ConfigError, InvalidInputError, check_int
 from insightv_agents.graphs.insightv import REDACT_IMAGES
@@ -48,6 +49,7 @@ from insightv_agents.nodes import (
 from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, ReasoningMode, format_question
 from insightv_agents.schema import AnswerCheck, Failure, PathResult, ReasoningStep, Verdict
 
+FinalAnswer = Literal["ask", "stated"]
 MAX_CHOICES = 26
 MAX_ANSWER_CHARS = 10_000
 
@@ -120,15 +122,23 @@ def create_path_graph(
     max_retries: int = 2,
     prompts: Prompts = DEFAULT_PROMPTS,
     rules: AnswerRules = DEFAULT_RULES,
+    final_answer: FinalAnswer = "ask",
 ) -> StateGraph[PathState, Any, PathState, PathOutput]:
-    """One reasoning path: steps until ``summary`` or the cap, the final answer (from the
-    teacher, or from ``summarizer``'s verdict), and the answer check (rules, then ``judge``
-    when they cannot decide). Its output is ``{"paths": [PathResult]}``, so runs fanned out
-    with ``Send`` collect in a parent's ``paths`` list."""
+    """One reasoning path: steps until ``summary`` or the cap, the final answer (asked of the
+    teacher, from ``summarizer``'s verdict, or as the last step states it), and the answer
+    check (rules, then ``judge`` when they cannot decide). Its output is
+    ``{"paths": [PathResult]}``, so runs fanned out with ``Send`` collect in a parent's
+    ``paths`` list."""
+    if final_answer not in ("ask", "stated"):
+        raise ConfigError(f"final_answer must be 'ask' or 'stated', not {final_answer!r}.")
+    if final_answer == "stated" and summarizer is not None:
+        raise ConfigError("final_answer='stated' reads the teacher's last step; it cannot be "
+                          "combined with a summarizer.")
     reason = ReasoningNode(teacher, mode=mode, max_steps=max_steps, max_retries=max_retries,
                            prompts=prompts, context_keys=("teacher",))
-    final: Any = (FinalAnswerNode(teacher, max_retries=max_retries, prompts=prompts,
-                                  context_keys=("teacher",)) if summarizer is None
+    final: Any = (RunnableCallable(_stated, trace=False) if final_answer == "stated"
+                  else FinalAnswerNode(teacher, max_retries=max_retries, prompts=prompts,
+                                       context_keys=("teacher",)) if summarizer is None
                   else VerdictAnswerNode(summarizer, max_retries=max_retries, prompts=prompts))
 
     def after_reason(state: PathState) -> Literal["continue", "answer"]:
@@ -179,6 +189,7 @@ def create_synthesis_graph(
     rules: AnswerRules = DEFAULT_RULES,
     image_policy: ImagePolicy | None = None,
     max_question_chars: int = MAX_QUESTION_CHARS,
+    final_answer: FinalAnswer = "ask",
 ) -> StateGraph[SynthesisState, Any, SynthesisInput, SynthesisOutput]:
     """Build the Insight-V data-synthesis graph for one item (see the module docstring).
 
@@ -199,6 +210,10 @@ def create_synthesis_graph(
         max_steps: step cap per path; max_retries: re-asks after an unreadable reply.
         prompts: every prompt text; rules: tolerance of the rule-based answer check.
         image_policy: what images are accepted; max_question_chars: longest question.
+        final_answer: ``"ask"`` (the teacher is asked after its last step, or ``summarizer``
+            answers) or ``"stated"`` (the answer the last step states, "The answer is X", no
+            model call: a trained reasoning agent's own answer, as its chains end; a path
+            whose last step states none fails).
 
     Returns:
         A ``StateGraph``: input :class:`SynthesisInput`, output :class:`SynthesisOutput`.
@@ -213,7 +228,8 @@ def create_synthesis_graph(
         raise ConfigError("create_synthesis_graph needs a teacher model.")
     path_graph = create_path_graph(teacher=teacher, judge=judge, summarizer=summarizer,
                                    mode=mode, max_steps=max_steps, max_retries=max_retries,
-                                   prompts=prompts, rules=rules).compile()
+                                   prompts=prompts, rules=rules,
+                                   final_answer=final_answer).compile()
     chosen_scorer = teacher if scorer is None else scorer
     if isinstance(chosen_scorer, PathScorer):
         custom = partial(score_with, chosen_scorer)
@@ -304,6 +320,14 @@ class VerdictAnswerNode(SummaryNode):
         answer = outcome.value["answer"]
         emit_event(runtime, {"event": "answer", "node": self.name, "answer": answer})
         return {"answer": answer}
+
+
+def _stated(state: PathState) -> dict[str, Any]:
+    """A path's final answer as its last step states it ("The answer is 3."): no model call;
+    empty (a failed path) when the reasoning is unusable or states none."""
+    if not reasoning_usable(state):
+        return {"answer": ""}
+    return {"answer": stated_answer(state["steps"][-1]["reasoning"])}
 
 
 def _finish_path(state: PathState) -> dict[str, Any]:

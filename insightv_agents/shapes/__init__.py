@@ -15,13 +15,20 @@ trained and measured offline.
 """
 
 from insightv_agents.shapes.dataset import make_dataset
-from insightv_agents.shapes.questions import CATEGORIES, Query, parse_question, sample_query
+from insightv_agents.shapes.questions import (
+    ANSWER_RULES,
+    CATEGORIES,
+    Query,
+    parse_question,
+    sample_query,
+)
 from insightv_agents.shapes.reasoning import FLAW_KINDS, STRATEGIES, Flaw, plan_path
 from insightv_agents.shapes.scenes import Scene, SceneIndex, Shape, draw_scene, random_scene
 from insightv_agents.shapes.scorer import SceneScorer, check_claims
 from insightv_agents.shapes.teacher import SceneTeacher
 
 __all__ = [
+    "ANSWER_RULES",
     "CATEGORIES",
     "FLAW_KINDS",
     "STRATEGIES",

@@ -20,10 +20,14 @@ import re
 from dataclasses import dataclass
 from typing import Literal, cast
 
+from insightv_agents.answers import AnswerRules
 from insightv_agents.errors import InvalidInputError
 from insightv_agents.shapes.scenes import COLOURS, GRID, KINDS, SIZES, Scene, Shape
 
 Category = Literal["perception", "count", "compare", "arithmetic", "spatial"]
+# Every answer is a number or one of these words: a rule check with them as labels decides
+# every answer (``AnswerRules(labels=...)``: "red" for "3" is wrong, not undecided).
+ANSWER_RULES = AnswerRules(labels=frozenset({"yes", "no", *COLOURS, *SIZES, *KINDS}))
 CATEGORIES: tuple[Category, ...] = ("perception", "count", "compare", "arithmetic", "spatial")
 QueryKind = Literal["attribute", "count", "more", "total", "difference", "remove", "left_count",
                     "below", "left_of"]

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from insightv_agents.prompts import Prompts, StagePrompts
 from insightv_agents.shapes.dataset import make_dataset
-from insightv_agents.shapes.questions import CATEGORIES
+from insightv_agents.shapes.questions import ANSWER_RULES, CATEGORIES
 from insightv_agents.shapes.scenes import CELL_TAGS, SceneIndex, describe_grid
 from insightv_agents.trainers.common import write_atomic
 
@@ -300,7 +300,7 @@ class Run:
     def sample_reasoner(self) -> Any:
         """The reasoning agent's own paths on the first ``self_questions`` training
         questions: the synthesis graph with the agent as its teacher (sampled), the scene
-        scoring, no summary agent (each path's answer is the chain's own)."""
+        scoring, each path's answer the one its last step states."""
         from insightv_agents.graphs.synthesis import create_synthesis_graph
         from insightv_agents.shapes.scorer import SceneScorer
         from insightv_agents.synthesize import load_items, synthesize, write_run_file
@@ -314,7 +314,7 @@ class Run:
         graph = create_synthesis_graph(
             teacher=policy.chat_model(str(self.models / "reasoner"), 0),
             scorer=SceneScorer(index=self.index), mode="chain", paths=s.self_paths,
-            prompts=PROMPTS).compile()
+            prompts=PROMPTS, rules=ANSWER_RULES, final_answer="stated").compile()
         write_run_file(folder, {"input": str(self.data / "train.jsonl"), "data_root": str(root),
                                 "paths": s.self_paths, "teacher": "the reasoning agent",
                                 "temperature": policy.temperature, "seed": s.seed})
