@@ -226,6 +226,10 @@ def synthesize(
     max_tokens: Annotated[int, typer.Option(help="Longest reply per request.")] = 1024,
     limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
     strict: Strict = False,
+    mode: Mode = "step",
+    final_answer: Annotated[str, typer.Option(
+        help="ask: the teacher is asked after its last step; stated: the answer its last step "
+             "states (a trained reasoning agent's own paths, for build-data --self).")] = "ask",
 ) -> None:
     """Synthesize reasoning paths for a dataset: N teacher paths per item, answer-checked and
     scored together; append-only and resumable."""
@@ -261,12 +265,18 @@ def synthesize(
                                            temperature=0.0, max_tokens=max_tokens)
         judge_model = None if judge is None else vllm_chat_model(
             judge_url or teacher_url, judge, temperature=0.0, max_tokens=256)
-        graph = create_synthesis_graph(teacher=teacher_model, scorer=scorer_model,
-                                       judge=judge_model, paths=paths,
-                                       max_steps=max_steps).compile(name="synthesis")
+        if final_answer not in ("ask", "stated"):
+            raise InsightVError(f"--final-answer must be 'ask' or 'stated', not "
+                                f"{final_answer!r}.")
+        graph = create_synthesis_graph(
+            teacher=teacher_model, scorer=scorer_model, judge=judge_model, paths=paths,
+            mode=_mode(mode), max_steps=max_steps,
+            final_answer="stated" if final_answer == "stated" else "ask").compile(
+                name="synthesis")
         provenance = {"teacher": describe_model(teacher_model),
                       "scorer": describe_model(scorer_model or teacher_model),
-                      "judge": describe_model(judge_model), "max_steps": max_steps}
+                      "judge": describe_model(judge_model), "max_steps": max_steps,
+                      "mode": mode, "final_answer": final_answer}
         write_run_file(out, {"input": str(input), "data_root": str(root), "paths": paths,
                              **provenance})
     except InsightVError as err:

@@ -262,3 +262,29 @@ def test_module_runs_as_a_script() -> None:
                             capture_output=True, text=True, timeout=60,
                             env={**os.environ, "COLUMNS": "120"})
     assert result.returncode == 0 and "synthesize" in result.stdout
+
+
+def test_cli_synthesize_a_trained_agents_own_chains_with_their_stated_answers(
+        tmp_path: Path) -> None:
+    """--mode chain --final-answer stated: one request per path, the answer read from the
+    chain's last step (how `build-data sft-summary --self` input is made)."""
+    data = make_data(tmp_path / "data", 2)
+    chain = (json.dumps({"summary": "Count", "reasoning": "One, two, three.",
+                         "action": "continue"}) + "\n"
+             + json.dumps({"summary": "Answer", "reasoning": "The answer is 3.",
+                           "action": "summary"}))
+    with FakeOpenAIServer(lambda body: chain) as server:
+        result = runner.invoke(app, synthesize_args(
+            data, tmp_path / "out", server.url, "--scorer", "rule", "--mode", "chain",
+            "--final-answer", "stated"))
+        assert result.exit_code == 0, result.output
+        assert len(server.requests) == 2 * 3  # one chain per path, nothing else asked
+    records = list(read_records(tmp_path / "out" / "records.jsonl"))
+    assert len(records) == 6 and all(r["status"] == "ok" and len(r["steps"]) == 2
+                                     for r in records)
+    assert {r["final_answer"] for r in records} == {"3"}
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert (run["mode"], run["final_answer"]) == ("chain", "stated")
+    bad = runner.invoke(app, [*synthesize_args(data, tmp_path / "bad", "http://x/v1"),
+                              "--final-answer", "verdict"])
+    assert bad.exit_code == 2 and "--final-answer must be" in bad.output
