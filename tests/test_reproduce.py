@@ -26,6 +26,13 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
         assert 0 <= system["accuracy"] <= 1 and set(system["categories"]) == {
             "perception", "count", "compare", "arithmetic", "spatial"}
     assert [r["round"] for r in results["dpo_rounds"]] == [1, 2]
+    # training time: every stage but the data, the training sets and the evaluation
+    timings = results["timings_seconds"]
+    assert {"text pre-training", "reasoner samples", "iterative dpo"} <= set(timings)
+    assert results["training_seconds"] == round(sum(
+        seconds for stage, seconds in timings.items()
+        if stage not in ("dataset", "synthesis", "training sets")
+        and not stage.startswith("eval")), 1)
     out = settings.out
     assert json.loads((out / "results.json").read_text()) == results
     table = (out / "results.md").read_text()

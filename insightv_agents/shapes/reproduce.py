@@ -68,6 +68,8 @@ SYSTEMS: dict[str, str] = {
 }
 RESULTS_FILE = "results.json"
 TRAINED = ("direct", "reasoner", "summary", "stages")  # the SFT runs, in order
+# The stages that make models (``timings.json`` keys): everything but the data and the eval.
+TRAINING_STAGES = ("text", "base", "sft", "reasoner samples", "iterative")
 
 
 class ReproduceSettings(BaseModel):
@@ -445,7 +447,7 @@ class Run:
         return {"settings": json.loads(self.settings.model_dump_json()), "systems": systems,
                 "dpo_rounds": rounds, "timings_seconds": self.timings,
                 "training_seconds": round(sum(v for k, v in self.timings.items()
-                                              if k.startswith(("base", "sft", "iterative"))), 1),
+                                              if k.startswith(TRAINING_STAGES)), 1),
                 "total_seconds": round(sum(self.timings.values()), 1), "machine": machine()}
 
 
