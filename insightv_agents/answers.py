@@ -52,6 +52,10 @@ class AnswerRules:
     abs_tol: float = 1e-6
     labels: frozenset[str] = frozenset()
 
+    def __post_init__(self) -> None:  # normalised once, not on every check
+        object.__setattr__(self, "labels",
+                           frozenset(normalize_answer(label) for label in self.labels))
+
 
 DEFAULT_RULES = AnswerRules()
 
@@ -138,11 +142,9 @@ def match_answer(prediction: str, truth: str, *, choices: Sequence[str] | None =
         if first in _YES | _NO:
             return _check((first in _YES) == (want_text in _YES), "yes_no",
                           f"said {first!r}, expected {want_text!r}")
-    if rules.labels:
-        labels = {normalize_answer(label) for label in rules.labels}
-        if all(text in labels or parse_number(text) is not None
-               for text in (want_text, got_text)):
-            return _check(False, "labels", f"said {got_text!r}, expected {want_text!r}")
+    if rules.labels and all(text in rules.labels or parse_number(text) is not None
+                            for text in (want_text, got_text)):
+        return _check(False, "labels", f"said {got_text!r}, expected {want_text!r}")
     return _check(None, "undecided", "no rule applies")
 
 
