@@ -53,8 +53,12 @@ CAPTION_REQUEST = "List the shapes in the image."
 # (the grid description) follows it as the caption follows the picture in pre-training.
 # No system prompts: they teach an untrained model the format, which the agents learn from
 # their training rows, and the default ones were a third of every row (~290 tokens) and
-# stood between the question and the reasoning that has to read it.
-PROMPTS = Prompts(images_after_text=True, reasoning_chain_system="", summary_system="")
+# stood between the question and the reasoning that has to read it. The summary agent's
+# turn puts the question after the chain, right before the picture and its verdict: a
+# question hundreds of tokens back is one the tiny model cannot reach (runs/reproduce-v3:
+# it answered "no" to 47 of 60 test questions, and (c) scored 15.0% against 33.3%).
+PROMPTS = Prompts(images_after_text=True, reasoning_chain_system="", summary_system="",
+                  summary_user="Reasoning process:\n{reasoning}\n\nQuestion: {question}")
 # A model trained on four-stage data needs no format instruction.
 STAGE_PROMPTS = StagePrompts(system="", images_after_text=True)
 SYSTEMS: dict[str, str] = {
@@ -196,24 +200,34 @@ class Run:
         return results
 
     def synthesize(self) -> Any:
+        """The teacher's paths on every training question, scored against the scenes."""
         from insightv_agents.graphs.synthesis import create_synthesis_graph
         from insightv_agents.shapes.scorer import SceneScorer
         from insightv_agents.shapes.teacher import SceneTeacher
-        from insightv_agents.synthesize import load_items, synthesize, write_run_file
-        from insightv_agents.trainers.data import load_records
 
         s = self.settings
-        folder = self.out / "synthesis"
-        items, root = load_items(self.data / "train.jsonl", out=folder)
         teacher = SceneTeacher(index=self.index, flaw_rate=s.flaw_rate, seed=s.seed)
         graph = create_synthesis_graph(teacher=teacher, scorer=SceneScorer(index=self.index),
                                        mode="chain", paths=s.paths).compile()
-        write_run_file(folder, {"input": str(self.data / "train.jsonl"), "data_root": str(root),
-                                "paths": s.paths, "teacher": "SceneTeacher",
-                                "flaw_rate": s.flaw_rate, "seed": s.seed})
-        report = asyncio.run(synthesize(graph, items, folder, concurrency=16))
+        return self.run_graph(graph, "synthesis", concurrency=16, paths=s.paths,
+                              teacher="SceneTeacher", flaw_rate=s.flaw_rate)
+
+    def run_graph(self, graph: Any, folder_name: str, *, concurrency: int,
+                  limit: int | None = None, **info: Any) -> Any:
+        """A synthesis graph over the training questions (the first ``limit``), its paths
+        appended to ``out/<folder_name>`` (resumable), ``info`` recorded in its run file."""
+        from insightv_agents.synthesize import load_items, synthesize, write_run_file
+        from insightv_agents.trainers.data import load_records
+
+        folder = self.out / folder_name
+        source = self.data / "train.jsonl"
+        items, root = load_items(source, out=folder, limit=limit)
+        write_run_file(folder, {"input": str(source), "data_root": str(root), **info,
+                                "seed": self.settings.seed})
+        report = asyncio.run(synthesize(graph, items, folder, concurrency=concurrency))
         if report.errors:
-            raise RuntimeError(f"synthesis failed for {len(report.errors)} items; rerun.")
+            raise RuntimeError(f"{folder_name}: {len(report.errors)} items failed "
+                               f"(see {folder / 'errors.jsonl'}); rerun to resume.")
         return load_records(folder)
 
     def read(self, records: Any) -> Path:
@@ -305,26 +319,17 @@ class Run:
         scoring, each path's answer the one its last step states."""
         from insightv_agents.graphs.synthesis import create_synthesis_graph
         from insightv_agents.shapes.scorer import SceneScorer
-        from insightv_agents.synthesize import load_items, synthesize, write_run_file
-        from insightv_agents.trainers.data import load_records
         from insightv_agents.trainers.iterative import InProcessPolicy
 
         s = self.settings
-        folder = self.out / "reasoner-samples"
-        items, root = load_items(self.data / "train.jsonl", out=folder, limit=s.self_questions)
         policy = InProcessPolicy(max_new_tokens=s.max_new_tokens, seed=s.seed)
         graph = create_synthesis_graph(
             teacher=policy.chat_model(str(self.models / "reasoner"), 0),
             scorer=SceneScorer(index=self.index), mode="chain", paths=s.self_paths,
             prompts=PROMPTS, rules=ANSWER_RULES, final_answer="stated").compile()
-        write_run_file(folder, {"input": str(self.data / "train.jsonl"), "data_root": str(root),
-                                "paths": s.self_paths, "teacher": "the reasoning agent",
-                                "temperature": policy.temperature, "seed": s.seed})
-        report = asyncio.run(synthesize(graph, items, folder, concurrency=s.concurrency))
-        if report.errors:
-            raise RuntimeError(f"sampling the reasoner failed for {len(report.errors)} items; "
-                               "rerun.")
-        return load_records(folder)
+        return self.run_graph(graph, "reasoner-samples", concurrency=s.concurrency,
+                              limit=s.self_questions, paths=s.self_paths,
+                              teacher="the reasoning agent", temperature=policy.temperature)
 
     def stage_set(self, records: Any) -> tuple[Any, Any]:
         """(f)'s training set: the four-stage responses, and judge rows mixed in."""
