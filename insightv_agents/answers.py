@@ -15,8 +15,13 @@ import string
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from insightv_agents.schema import AnswerCheck
+
+# Where a reasoning path's final answer comes from: asked of the model after its reasoning,
+# or read from what its last step states (:func:`stated_answer`).
+FinalAnswer = Literal["ask", "stated"]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans({c: " " for c in string.punctuation if c not in "%"})

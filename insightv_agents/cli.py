@@ -679,9 +679,12 @@ def train_iterate_command(
     scorer_url: Annotated[str | None, typer.Option(help="API root of the scorer.")] = None,
     summarizer: Annotated[str | None, typer.Option(
         help="Served name of the summary agent that answers each path (at --summarizer-url); "
-             "default: the policy is asked for its answer.")] = None,
+             "default: see --final-answer.")] = None,
     summarizer_url: Annotated[str | None, typer.Option(help="API root of the summarizer.")]
     = None,
+    final_answer: Annotated[str, typer.Option(
+        help="Without --summarizer, each path's answer: ask (the policy is asked after its "
+             "reasoning) or stated (the answer its last step states).")] = "ask",
     sampler: Annotated[str, typer.Option(
         help="local (transformers in-process) or vllm (a vLLM server on the base model, "
              "loading each round's adapter live).")] = "local",
@@ -709,7 +712,8 @@ def train_iterate_command(
         "gradient_accumulation_steps": grad_accum, "dtype": dtype, "report_to": report_to,
         "seed": seed}.items() if value is not None}
     settings = {"output_dir": out, "rounds": rounds, "paths": paths, "mode": mode,
-                "concurrency": concurrency, "min_margin": min_margin, "dpo": dpo}
+                "final_answer": final_answer, "concurrency": concurrency,
+                "min_margin": min_margin, "dpo": dpo}
 
     def show(metrics: dict[str, Any]) -> None:
         console.print(f"round {metrics['round']}: accuracy {metrics['accuracy']}, mean score "

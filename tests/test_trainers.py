@@ -357,6 +357,37 @@ def test_iterative_dpo_killed_resumes_after_the_finished_round(
     assert len(records) == 6  # one record per (question, path), none twice
 
 
+class ScriptedPolicy:
+    """A policy whose chains state 7 (right) and 9 (wrong) in turn, each ending with a
+    summary step; how a chain-trained reasoning agent writes."""
+
+    def chat_model(self, model: str, round_number: int) -> ScriptedChatModel:
+        def chain(answer: str) -> str:
+            return format_chain([
+                {"summary": "Look", "reasoning": "I look at the square.", "action": "continue"},
+                {"summary": "Answer", "reasoning": f"It has {answer} dots. The answer is "
+                                                   f"{answer}.", "action": "summary"}])
+        return ScriptedChatModel([chain("7"), chain("9")], cycle=True)
+
+
+@pytest.mark.slow
+def test_iterative_dpo_with_stated_answers_needs_no_summarizer(
+        base: Path, tmp_path: Path) -> None:
+    """final_answer='stated': each path's answer is the one its last step states; nothing
+    is asked after the reasoning, and the right and wrong paths make the pairs."""
+    result = iterative_dpo(
+        base, write_items(tmp_path / "data"),
+        {**ROUNDS, "rounds": 1, "final_answer": "stated", "output_dir": tmp_path / "run"},
+        scorer=RuleScorer(), policy=ScriptedPolicy())
+    (metrics,) = result.rounds
+    assert metrics["accuracy"] == 0.5 and metrics["failed_paths"] == 0
+    assert metrics["pairs"] == 3 and metrics["trained"]
+    records = [json.loads(line) for line in
+               (tmp_path / "run" / "round-1" / "samples" / "records.jsonl").open()]
+    assert {r["provenance"]["final_answer"] for r in records} == {"stated"}
+    assert sorted(r["final_answer"] for r in records) == ["7"] * 3 + ["9"] * 3
+
+
 def test_iterative_settings_are_checked_before_any_round(tmp_path: Path) -> None:
     items = write_items(tmp_path / "data")
     with pytest.raises(ConfigError, match="rounds"):
@@ -367,6 +398,12 @@ def test_iterative_settings_are_checked_before_any_round(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="beta"):
         iterative_dpo("m", items, {"output_dir": tmp_path, "dpo": {"beta": -1}},
                       scorer=RuleScorer())
+    with pytest.raises(ConfigError, match="final_answer"):
+        iterative_dpo("m", items, {"output_dir": tmp_path, "final_answer": "guess"},
+                      scorer=RuleScorer())
+    with pytest.raises(ConfigError, match="summarizer"):
+        iterative_dpo("m", items, {"output_dir": tmp_path, "final_answer": "stated"},
+                      scorer=RuleScorer(), summarizer=alternating_summarizer())
     (tmp_path / "bad.jsonl").write_text('{"question": "q?"}\n')
     with pytest.raises(InvalidInputError, match="bad item"):
         iterative_dpo("m", tmp_path / "bad.jsonl", {"output_dir": tmp_path},

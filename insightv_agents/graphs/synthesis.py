@@ -30,7 +30,13 @@ from langgraph.types import Overwrite, Send
 from langgraph.utils.runnable import RunnableCallable
 from typing_extensions import TypedDict
 
-from insightv_agents.answers import DEFAULT_RULES, AnswerRules, match_answer, stated_answer
+from insightv_agents.answers import (
+    DEFAULT_RULES,
+    AnswerRules,
+    FinalAnswer,
+    match_answer,
+    stated_answer,
+)
 from insightv_agents.assessment import JudgeNode, PathScorer, ScoreNode, score_with
 from insightv_agents.errors import ConfigError, InvalidInputError, check_int
 from insightv_agents.graphs.insightv import REDACT_IMAGES
@@ -49,7 +55,6 @@ from insightv_agents.nodes import (
 from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, ReasoningMode, format_question
 from insightv_agents.schema import AnswerCheck, Failure, PathResult, ReasoningStep, Verdict
 
-FinalAnswer = Literal["ask", "stated"]
 MAX_CHOICES = 26
 MAX_ANSWER_CHARS = 10_000
 

@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 from langchain_core.language_models import BaseChatModel, LanguageModelLike
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from insightv_agents.answers import DEFAULT_RULES, AnswerRules, FinalAnswer
 from insightv_agents.assessment import PathScorer
 from insightv_agents.errors import BackendError, ConfigError, InvalidInputError
 from insightv_agents.prompts import DEFAULT_PROMPTS, PROMPTS_VERSION, Prompts, ReasoningMode
@@ -48,6 +49,10 @@ class IterativeDPOSettings(BaseModel):
         mode: how the policy writes its reasoning: ``"chain"`` (one call, as trained by
             ``build-data sft-reason --mode chain``) or ``"step"``.
         max_steps, max_retries: caps of each sampled path.
+        final_answer: how a sampled path without a summarizer gets its answer: ``"ask"``
+            (the policy is asked after its reasoning) or ``"stated"`` (the answer its last
+            step states, "The answer is X": a chain-trained reasoning agent was never taught
+            the final-answer request).
         concurrency: questions sampled at once.
         min_margin, min_chosen_score, pairs_per_question: how pairs are picked
             (see :func:`~insightv_agents.trainers.data.build_dpo_pairs`).
@@ -63,6 +68,7 @@ class IterativeDPOSettings(BaseModel):
     mode: ReasoningMode = "chain"
     max_steps: int = Field(16, ge=1, le=256)
     max_retries: int = Field(2, ge=0, le=10)
+    final_answer: FinalAnswer = "ask"
     concurrency: int = Field(8, ge=1, le=1024)
     min_margin: int = Field(20, ge=0, le=99)
     min_chosen_score: int | None = Field(None, ge=1, le=100)
@@ -163,6 +169,7 @@ def iterative_dpo(
     summarizer: LanguageModelLike | None = None,
     policy: Policy | None = None,
     prompts: Prompts = DEFAULT_PROMPTS,
+    rules: AnswerRules = DEFAULT_RULES,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> IterativeResult:
     """Run T rounds of iterative DPO from ``model`` (M_1: a model folder or an adapter
@@ -175,6 +182,7 @@ def iterative_dpo(
         judge: decides answers the rules cannot; summarizer: gives each path's final answer
             (the summary agent; default: the policy is asked after its reasoning).
         policy: where M_t samples (default: :class:`InProcessPolicy`).
+        rules: how each path's answer is checked against the ground truth.
         on_round: called with each round's metrics when the round finishes.
 
     Raises:
@@ -187,6 +195,9 @@ def iterative_dpo(
     if scorer is None:
         raise ConfigError("iterative_dpo needs a scorer (an MLLM or a PathScorer such as "
                           "RuleScorer): the policy must not score its own paths.")
+    if config.final_answer == "stated" and summarizer is not None:
+        raise ConfigError("final_answer='stated' reads each path's last step; with a "
+                          "summarizer, the summarizer answers. Pass one or the other.")
     load_items(items)  # every item is checked before any round
     policy = policy or InProcessPolicy()
     current = _start_model(model)
@@ -198,7 +209,7 @@ def iterative_dpo(
             if finished is None:
                 finished = _run_round(number, current, items, config, loop=loop,
                                       policy=policy, scorer=scorer, judge=judge,
-                                      summarizer=summarizer, prompts=prompts)
+                                      summarizer=summarizer, prompts=prompts, rules=rules)
                 if on_round is not None:
                     on_round(finished)
             rounds.append(finished)
@@ -209,7 +220,7 @@ def iterative_dpo(
 
 def _run_round(number: int, current: str, items: str | Path, config: IterativeDPOSettings, *,
                loop: asyncio.Runner, policy: Policy, scorer: Any, judge: Any, summarizer: Any,
-               prompts: Prompts) -> dict[str, Any]:
+               prompts: Prompts, rules: AnswerRules) -> dict[str, Any]:
     from accelerate import PartialState
 
     from insightv_agents.trainers.data import build_dpo_pairs, load_records
@@ -220,7 +231,7 @@ def _run_round(number: int, current: str, items: str | Path, config: IterativeDP
     started = time.perf_counter()
     if state.is_main_process:  # under accelerate launch, one process samples
         _sample(number, current, items, samples, config, loop=loop, policy=policy, scorer=scorer,
-                judge=judge, summarizer=summarizer, prompts=prompts)
+                judge=judge, summarizer=summarizer, prompts=prompts, rules=rules)
     state.wait_for_everyone()
     sampled_seconds = time.perf_counter() - started
     records = load_records(samples)
@@ -257,7 +268,7 @@ def _run_round(number: int, current: str, items: str | Path, config: IterativeDP
 
 def _sample(number: int, current: str, items: str | Path, samples: Path,
             config: IterativeDPOSettings, *, loop: asyncio.Runner, policy: Policy, scorer: Any,
-            judge: Any, summarizer: Any, prompts: Prompts) -> None:
+            judge: Any, summarizer: Any, prompts: Prompts, rules: AnswerRules) -> None:
     from insightv_agents.graphs.synthesis import create_synthesis_graph
     from insightv_agents.synthesize import describe_model, load_items, synthesize, write_run_file
 
@@ -266,11 +277,13 @@ def _sample(number: int, current: str, items: str | Path, samples: Path,
     graph = create_synthesis_graph(teacher=sampler, scorer=scorer, judge=judge,
                                    summarizer=summarizer, mode=config.mode, paths=config.paths,
                                    max_steps=config.max_steps, max_retries=config.max_retries,
-                                   prompts=prompts).compile(name=f"iterative-dpo-round-{number}")
+                                   prompts=prompts, rules=rules,
+                                   final_answer=config.final_answer).compile(name=f"iterative-dpo-round-{number}")
     provenance = {"teacher": {**describe_model(sampler), "policy_model": current},
                   "scorer": describe_model(scorer), "judge": describe_model(judge),
                   "summarizer": describe_model(summarizer), "max_steps": config.max_steps,
-                  "mode": config.mode, "prompts_version": PROMPTS_VERSION, "round": number}
+                  "mode": config.mode, "final_answer": config.final_answer,
+                  "prompts_version": PROMPTS_VERSION, "round": number}
     write_run_file(samples, {"input": str(items), "data_root": str(root),
                              "paths": config.paths, **provenance})
     report = loop.run(synthesize(graph, loaded, samples, concurrency=config.concurrency,
