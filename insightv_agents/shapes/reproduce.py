@@ -382,7 +382,7 @@ class Run:
                      "num_train_epochs": s.dpo_epochs, "beta": s.dpo_beta,
                      "per_device_train_batch_size": 8, "seed": s.seed, "logging_steps": 5}),
             scorer=SceneScorer(index=self.index), summarizer=self.chat(self.models / "summary"),
-            prompts=PROMPTS,
+            prompts=PROMPTS, rules=ANSWER_RULES,
             policy=InProcessPolicy(max_new_tokens=s.max_new_tokens, seed=s.seed),
             on_round=lambda metrics: self.log(f"  round {metrics['round']}: {metrics}"))
         return result.rounds
