@@ -55,8 +55,8 @@ CAPTION_REQUEST = "List the shapes in the image."
 # their training rows, and the default ones were a third of every row (~290 tokens) and
 # stood between the question and the reasoning that has to read it. The summary agent's
 # turn puts the question after the chain, right before the picture and its verdict: a
-# question hundreds of tokens back is one the tiny model cannot reach (runs/reproduce-v3:
-# it answered "no" to 47 of 60 test questions, and (c) scored 15.0% against 33.3%).
+# question hundreds of tokens back is one the tiny model cannot reach (with the question
+# first it answered "no" to 47 of 60 test questions and (c) scored 15.0%; after: 23, 33.3%).
 PROMPTS = Prompts(images_after_text=True, reasoning_chain_system="", summary_system="",
                   summary_user="Reasoning process:\n{reasoning}\n\nQuestion: {question}")
 # A model trained on four-stage data needs no format instruction.
