@@ -33,7 +33,7 @@ import typer
 
 from insightv_agents.errors import InvalidInputError
 from insightv_agents.shapes.questions import parse_question
-from insightv_agents.shapes.reasoning import STRATEGIES, plan_path
+from insightv_agents.shapes.reasoning import PLAN_SUMMARY, STRATEGIES, plan_path
 from insightv_agents.shapes.scenes import (
     GRID,
     Scene,
@@ -59,8 +59,9 @@ def repeated_mentions(steps: list[dict[str, Any]]) -> tuple[int, int]:
 
 
 def follows_plan(scene: Scene, question: str, steps: list[dict[str, Any]]) -> bool:
-    """Whether the chain's step summaries are the teacher's for ``question`` (any strategy)."""
-    summaries = [step.get("summary") for step in steps]
+    """Whether the chain's step summaries are the teacher's for ``question`` (any strategy;
+    a plan step, if the chain writes one, left out)."""
+    summaries = [step.get("summary") for step in steps if step.get("summary") != PLAN_SUMMARY]
     query = parse_question(question)
     for strategy in STRATEGIES:
         try:

@@ -34,7 +34,7 @@ from insightv_agents.shapes import (
     sample_query,
 )
 from insightv_agents.shapes.questions import Filter
-from insightv_agents.shapes.reasoning import draw_flaws
+from insightv_agents.shapes.reasoning import PLAN_SUMMARY, draw_flaws
 from insightv_agents.shapes.scenes import BACKGROUND, COLOURS, GRID
 from insightv_agents.synthesize import load_items, synthesize, write_run_file
 from insightv_agents.trainers.data import load_records
@@ -281,6 +281,34 @@ def test_teacher_paths_through_the_synthesis_graph_reach_the_label(dataset: Path
         check = record["steps"][1]["reasoning"]
         strategies.add((check.split(":")[0], "Column 1:" in check))
     assert len(strategies) >= 3  # several strategies per question
+
+
+def test_plan_step_states_the_later_steps_and_changes_nothing_else(dataset: Path,
+                                                                    tmp_path: Path) -> None:
+    index = SceneIndex.from_folder(dataset)
+    for row in rows(dataset, "train")[:20]:
+        scene, query = index.lookup(dataset / row["image"]), parse_question(row["question"])
+        plain = plan_path(scene, query, strategy="rows")
+        planned = plan_path(scene, query, strategy="rows", plan_step=True)
+        assert planned.answer == plain.answer == row["answer"]
+        assert planned.steps[:1] + planned.steps[2:] == plain.steps
+        plan = planned.steps[1]
+        assert plan["summary"] == PLAN_SUMMARY and plan["action"] == "continue"
+        assert plan["reasoning"].lower() == ", then ".join(
+            step["summary"].lower() for step in plain.steps[1:]) + "."
+        assert check_claims(scene, planned.steps) == check_claims(scene, plain.steps)
+    # Through the synthesis graph, step by step: the plan is a step of its own.
+    teacher = SceneTeacher(index=index, flaw_rate=0.0, plan_step=True, seed=0)
+    graph = create_synthesis_graph(teacher=teacher, scorer=SceneScorer(index), paths=2,
+                                   mode="step").compile()
+    items, root = load_items(dataset / "test.jsonl", limit=5)
+    write_run_file(tmp_path / "out", {"data_root": str(root), "paths": 2})
+    asyncio.run(synthesize(graph, items, tmp_path / "out", concurrency=2, fsync=False))
+    records = [r for paths in load_records(tmp_path / "out").questions.values() for r in paths]
+    assert len(records) == 10
+    for record in records:
+        assert record["correct"] is True and record["score"] == 100
+        assert record["steps"][1]["summary"] == PLAN_SUMMARY
 
 
 def test_flawed_teacher_paths_score_below_clean_ones(dataset: Path, tmp_path: Path) -> None:

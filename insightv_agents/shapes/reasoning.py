@@ -15,6 +15,12 @@ it by a column) and the reasoning then follows that belief faithfully; reasoning
 (``miscount``, ``arithmetic``) put one wrong number in an otherwise right path, and the error
 carries on from there.
 
+With ``plan_step=True`` a path's second step is its plan: the summaries of the steps still
+to come, in one sentence ("Count the triangles row by row, then count the squares row by row,
+then compare the counts."), written right after the description, while the question is still
+near; each later step then finds what it does in the plan rather than in a question hundreds
+of tokens back.
+
 Every claim a path makes has one fixed wording, so :mod:`~insightv_agents.shapes.scorer`
 can check it against the scene.
 """
@@ -44,6 +50,7 @@ STRATEGIES: tuple[Strategy, ...] = ("cells", "rows", "columns")
 FlawKind = Literal["omit", "misperceive", "misplace", "miscount", "arithmetic"]
 FLAW_KINDS: tuple[FlawKind, ...] = ("omit", "misperceive", "misplace", "miscount", "arithmetic")
 _PERCEPTION_FLAWS = ("omit", "misperceive", "misplace")
+PLAN_SUMMARY = "Plan"
 
 
 @dataclass(frozen=True)
@@ -71,8 +78,9 @@ class Path:
 
 
 def plan_path(scene: Scene, query: Query, *, strategy: Strategy = "cells",
-              flaws: Sequence[Flaw] = ()) -> Path:
-    """The reasoning path for ``query`` about ``scene``.
+              flaws: Sequence[Flaw] = (), plan_step: bool = False) -> Path:
+    """The reasoning path for ``query`` about ``scene`` (with ``plan_step``, its plan as its
+    second step).
 
     Raises:
         InvalidInputError: when the question does not fit the scene as the path believes it
@@ -85,7 +93,19 @@ def plan_path(scene: Scene, query: Query, *, strategy: Strategy = "cells",
             believed = Scene(rest if flaw.into is None else (*rest, flaw.into))
     writer = _Writer(believed, strategy, [f for f in flaws if f.kind not in _PERCEPTION_FLAWS])
     answer = writer.solve(query)
-    return Path(writer.steps, answer, strategy, tuple(flaws), writer.used)
+    steps = with_plan_step(writer.steps) if plan_step else writer.steps
+    return Path(steps, answer, strategy, tuple(flaws), writer.used)
+
+
+def with_plan_step(steps: list[ReasoningStep]) -> list[ReasoningStep]:
+    """``steps`` with the plan after the first (the description): the later steps'
+    summaries, joined ("Count the red shapes row by row, then give the count.")."""
+    later = [step["summary"] for step in steps[1:]]
+    if not later:
+        return steps
+    plan = ", then ".join([later[0], *(text[:1].lower() + text[1:] for text in later[1:])])
+    return [steps[0], {"summary": PLAN_SUMMARY, "reasoning": f"{plan}.", "action": "continue"},
+            *steps[1:]]
 
 
 def draw_flaws(scene: Scene, query: Query, rng: random.Random, amount: int = 1) -> list[Flaw]:

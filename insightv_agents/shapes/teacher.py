@@ -42,6 +42,8 @@ class SceneTeacher(BaseChatModel):
         flaw_rate: share of paths with flaws.
         max_flaws: most flaws in one path.
         strategies: the strategies drawn from.
+        plan_step: write each path's plan as its second step (see
+            :mod:`~insightv_agents.shapes.reasoning`).
         seed: seeds the draws (``None``: a fresh seed).
         prompts: the prompts the conversations are built with (to read them back).
         max_questions: paths are remembered for this many (image, question) pairs.
@@ -53,6 +55,7 @@ class SceneTeacher(BaseChatModel):
     flaw_rate: float = Field(0.25, ge=0, le=1)
     max_flaws: int = Field(2, ge=1, le=4)
     strategies: tuple[Strategy, ...] = STRATEGIES
+    plan_step: bool = False
     seed: int | None = None
     prompts: Prompts = DEFAULT_PROMPTS
     max_questions: int = Field(10_000, ge=1)
@@ -71,7 +74,8 @@ class SceneTeacher(BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {"flaw_rate": self.flaw_rate, "max_flaws": self.max_flaws,
-                "strategies": list(self.strategies), "seed": self.seed}
+                "strategies": list(self.strategies), "plan_step": self.plan_step,
+                "seed": self.seed}
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any
@@ -107,10 +111,11 @@ class SceneTeacher(BaseChatModel):
                 if flawed else []
         for flaws in attempts:
             try:
-                return plan_path(scene, query, strategy=strategy, flaws=flaws)
+                return plan_path(scene, query, strategy=strategy, flaws=flaws,
+                                 plan_step=self.plan_step)
             except InvalidInputError:
                 continue  # the flaws hid what the question names: draw others
-        return plan_path(scene, query, strategy=strategy)
+        return plan_path(scene, query, strategy=strategy, plan_step=self.plan_step)
 
     def _path(self, scene: Scene, query: Query, question: str,
               steps: Sequence[ReasoningStep]) -> Path:
