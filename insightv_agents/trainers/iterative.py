@@ -180,7 +180,7 @@ def iterative_dpo(
         scorer: scores each question's paths (an MLLM, or a
             :class:`~insightv_agents.assessment.PathScorer` such as ``RuleScorer``).
         judge: decides answers the rules cannot; summarizer: gives each path's final answer
-            (the summary agent; default: the policy is asked after its reasoning).
+            (the summary agent; without one, as ``settings.final_answer`` says).
         policy: where M_t samples (default: :class:`InProcessPolicy`).
         rules: how each path's answer is checked against the ground truth.
         on_round: called with each round's metrics when the round finishes.
