@@ -311,6 +311,30 @@ def test_plan_step_states_the_later_steps_and_changes_nothing_else(dataset: Path
         assert record["steps"][1]["summary"] == PLAN_SUMMARY
 
 
+def test_seeded_teacher_draws_the_same_paths_in_any_request_order(dataset: Path) -> None:
+    from insightv_agents.images import load_images
+    from insightv_agents.prompts import DEFAULT_PROMPTS, reasoning_messages
+
+    index = SceneIndex.from_folder(dataset)
+    conversations = [reasoning_messages(prompts=DEFAULT_PROMPTS, mode="chain", steps=[],
+                                        question=row["question"],
+                                        images=load_images(dataset / row["image"]))
+                     for row in rows(dataset, "train")[:6]]
+
+    def paths(order: list[int], seed: int = 3) -> dict[int, list[str]]:
+        teacher = SceneTeacher(index=index, flaw_rate=0.5, seed=seed)
+        drawn: dict[int, list[str]] = {}
+        for number in order:  # each question asked 3 times, questions interleaved
+            drawn.setdefault(number, []).append(
+                str(teacher.invoke(conversations[number]).content))
+        return drawn
+
+    forward = paths([0, 1, 2, 3, 4, 5] * 3)
+    assert paths([5, 4, 3, 2, 1, 0] * 3) == forward
+    assert paths([0] * 3 + [3, 1] * 3 + [5, 2, 4] * 3) == forward
+    assert paths([0, 1, 2, 3, 4, 5] * 3, seed=4) != forward
+
+
 def test_flawed_teacher_paths_score_below_clean_ones(dataset: Path, tmp_path: Path) -> None:
     index = SceneIndex.from_folder(dataset)
     teacher = SceneTeacher(index=index, flaw_rate=0.5, max_flaws=2, seed=1)

@@ -7,6 +7,9 @@ step per call in step mode, the whole chain in chain mode, and ``{"answer": ...}
 for the final answer. At a path's first step it draws a strategy and, with probability
 ``flaw_rate``, one to ``max_flaws`` flaws (:mod:`~insightv_agents.shapes.reasoning`); later
 calls continue a path drawn earlier whose steps so far are the ones in the conversation.
+With a ``seed``, the k-th path drawn for an (image, question) comes from a generator seeded
+by the seed, the scene, the question and k: the same paths whatever order concurrent
+requests arrive in (the synthesis graph samples paths and questions in parallel threads).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class SceneTeacher(BaseChatModel):
         strategies: the strategies drawn from.
         plan_step: write each path's plan as its second step (see
             :mod:`~insightv_agents.shapes.reasoning`).
-        seed: seeds the draws (``None``: a fresh seed).
+        seed: seeds the draws (``None``: fresh ones), per (scene, question, k-th path).
         prompts: the prompts the conversations are built with (to read them back).
         max_questions: paths are remembered for this many (image, question) pairs.
     """
@@ -63,6 +66,7 @@ class SceneTeacher(BaseChatModel):
     _rng: random.Random = PrivateAttr()
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _paths: OrderedDict[tuple[Scene, str], list[Path]] = PrivateAttr(default_factory=OrderedDict)
+    _draws: OrderedDict[tuple[Scene, str], int] = PrivateAttr(default_factory=OrderedDict)
 
     def model_post_init(self, context: Any) -> None:
         self._rng = random.Random(self.seed)
@@ -101,13 +105,15 @@ class SceneTeacher(BaseChatModel):
         return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text))
                                        for text in replies])
 
-    def draw_path(self, scene: Scene, query: Query) -> Path:
-        """A new path for ``query``: a drawn strategy, and flaws at ``flaw_rate``."""
+    def draw_path(self, scene: Scene, query: Query, rng: random.Random | None = None) -> Path:
+        """A new path for ``query``: a drawn strategy, and flaws at ``flaw_rate`` (drawn
+        from ``rng``; default: the teacher's own generator)."""
         with self._lock:
-            strategy = self._rng.choice(self.strategies)
-            flawed = self._rng.random() < self.flaw_rate
-            amount = self._rng.randint(1, self.max_flaws)
-            attempts = [draw_flaws(scene, query, self._rng, amount) for _ in range(4)] \
+            rng = rng or self._rng
+            strategy = rng.choice(self.strategies)
+            flawed = rng.random() < self.flaw_rate
+            amount = rng.randint(1, self.max_flaws)
+            attempts = [draw_flaws(scene, query, rng, amount) for _ in range(4)] \
                 if flawed else []
         for flaws in attempts:
             try:
@@ -125,7 +131,14 @@ class SceneTeacher(BaseChatModel):
                 known = [p for p in self._paths.get(key, []) if _starts(p, steps)]
                 if known:
                     return self._rng.choice(known)
-        path = self.draw_path(scene, query)
+        with self._lock:  # which path of this question it is, reserved before drawing
+            drawn = self._draws.pop(key, 0)
+            self._draws[key] = drawn + 1
+            while len(self._draws) > self.max_questions:
+                self._draws.popitem(last=False)
+        rng = None if self.seed is None else random.Random(
+            f"{self.seed}|{json.dumps(scene.to_dict(), sort_keys=True)}|{question}|{drawn}")
+        path = self.draw_path(scene, query, rng)
         with self._lock:
             self._paths.setdefault(key, []).append(path)
             self._paths.move_to_end(key)
