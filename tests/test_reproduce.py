@@ -4,6 +4,7 @@ writes its results, and a rerun resumes without redoing anything."""
 from __future__ import annotations
 
 import json
+import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from insightv_agents.shapes.reproduce import SYSTEMS, ReproduceSettings, reprodu
 @pytest.mark.timeout(1200)  # every stage of the comparison, at toy size
 def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
     settings = ReproduceSettings(out=tmp_path / "run", train=20, dpo=4, test=5,
-                                 text_steps=10, caption_epochs=1, sft_epochs=1, rounds=2,
-                                 dpo_paths=2, self_questions=3, self_paths=2,
+                                 text_steps=10, text_far_copy_target=None, caption_epochs=1,
+                                 sft_epochs=1, rounds=2, dpo_paths=2,
+                                 self_questions=3, self_paths=2,
                                  max_new_tokens=16, concurrency=2)
     log: list[str] = []
     results = reproduce(settings, log=log.append)
@@ -67,3 +69,19 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
     assert again["systems"] == results["systems"]
     assert {path: path.stat().st_mtime_ns for path in out.rglob("insightv_training.json")} \
         == stamps  # nothing trained twice
+
+    # The DPO rounds judged by the chains' own answers: the same run, DPO and (d)/(e) redone.
+    stated = settings.model_copy(update={"out": tmp_path / "stated", "dpo_answer": "stated"})
+    shutil.copytree(out, stated.out, ignore=shutil.ignore_patterns("dpo", "d-*", "e-*"))
+    redone = reproduce(stated, log=[].append)
+    assert {path.relative_to(stated.out): path.stat().st_mtime_ns
+            for path in stated.out.rglob("insightv_training.json") if "dpo" not in path.parts} \
+        == {path.relative_to(out): stamp for path, stamp in stamps.items()
+            if "dpo" not in path.parts}  # only the DPO rounds trained again
+    run_files = [json.loads((run / "models" / "dpo" / "round-1" / "samples" / "run.json")
+                            .read_text()) for run in (out, stated.out)]
+    assert [(f["final_answer"], bool(f["summarizer"])) for f in run_files] == [
+        ("ask", True), ("stated", False)]  # the summary agent answered, then the chains
+    assert [r["round"] for r in redone["dpo_rounds"]] == [1, 2]
+    assert all(redone["systems"][name] == results["systems"][name] for name in SYSTEMS
+               if name[0] not in "de")

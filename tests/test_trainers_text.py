@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import png_bytes
 from langchain_core.messages import HumanMessage
+from pydantic import ValidationError
 
 from insightv_agents.errors import InvalidInputError
 from insightv_agents.testing import build_tiny_idefics3
@@ -80,6 +81,38 @@ def test_pretrain_text_trains_the_language_part_only_and_resumes(tmp_path: Path)
     stamp = (out / TRAINING_FILE).stat().st_mtime_ns
     assert pretrain_text(base, TEXTS, settings, log=lines.append) == out
     assert (out / TRAINING_FILE).stat().st_mtime_ns == stamp and len(lines) == 3
+
+
+@pytest.mark.slow
+def test_pretrain_text_extends_the_long_phase_until_far_copying_up_to_the_cap(
+        tmp_path: Path) -> None:
+    from insightv_agents.trained import TRAINING_FILE
+
+    base = build_tiny_idefics3(tmp_path / "base")
+    # 30 steps: the last 10 long, the decay over the last 3. A target no tiny model reaches:
+    # at step 27 and 32 the long phase goes on 5 more steps; at 37 a third extension would
+    # bring the long phase to 25 steps, over the cap of 20.
+    settings = TextPretrainSettings(output_dir=tmp_path / "text", steps=30, long_steps=10,
+                                    batch_size=4, seq_len=48, max_gap=8, log_every=5,
+                                    far_copy_target=1.0, max_long_steps=20)
+    lines: list[str] = []
+    out = pretrain_text(base, TEXTS * 5, settings, log=lines.append)
+    run = json.loads((out / TRAINING_FILE).read_text())
+    assert run["steps"] == 40 and run["extra_long_steps"] == 10
+    assert [h["step"] for h in run["log_history"]] == list(range(5, 45, 5))
+    extended = [line for line in lines if "more long steps" in line]
+    assert len(extended) == 2 and extended[0].startswith("  text step 27: far copy accuracy")
+
+
+def test_text_settings_check_the_long_phase() -> None:
+    with pytest.raises(ValidationError, match="last tenth"):
+        TextPretrainSettings(output_dir=Path("o"), steps=3000, long_steps=200,
+                             far_copy_target=0.5)
+    with pytest.raises(ValidationError, match="less than long_steps"):
+        TextPretrainSettings(output_dir=Path("o"), far_copy_target=0.5, max_long_steps=300)
+    # more long steps than steps: all of them are long
+    TextPretrainSettings(output_dir=Path("o"), steps=10, far_copy_target=0.5, max_long_steps=10)
+    assert TextPretrainSettings(output_dir=Path("o"), far_copy_target=0.5).max_long_steps == 1200
 
 
 def test_pretrain_text_needs_texts(tmp_path: Path) -> None:

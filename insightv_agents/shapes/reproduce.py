@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -94,6 +94,9 @@ class ReproduceSettings(BaseModel):
         text_steps: steps of text-only pre-training before the images (the run's texts and
             span-copy sequences: :func:`~insightv_agents.trainers.text.pretrain_text`);
             0 skips it.
+        text_far_copy_target: the text stage's long phase goes on (up to 1200 long steps)
+            until its held-out far copy accuracy reaches this (None: 400 long steps, however
+            far it got). A run whose corpus had the plan steps ended the 400 at 0.03.
         caption_epochs, sft_epochs: epochs of the caption pre-training and of each SFT.
         caption_learning_rate: of the caption pre-training. At 2e-3 it erased the text
             stage's copying (held-out copy accuracy 0.72 -> 0.00) and left the base seeing
@@ -102,6 +105,10 @@ class ReproduceSettings(BaseModel):
         learning_rate, batch_size: of the SFT runs (full fine-tuning); batch_size of the
             caption pre-training too.
         rounds, dpo_paths, dpo_learning_rate, dpo_epochs, dpo_beta: iterative DPO.
+        dpo_answer: how a DPO round finds each sampled chain's answer: ``"summary"``, the
+            run's summary agent answers from the chain (as Insight-V's system does);
+            ``"stated"``, the chain's own last step (the reasoning agent judged on its own:
+            the pairs then reward chains that reach the answer themselves).
         beam_size: candidates per stage in (f)'s stage-level beam search.
         summary_rows: rows of the summary agent's SFT mix (its share of optimal and flawed
             paths as :class:`~insightv_agents.trainers.data.SummaryMix` says).
@@ -129,6 +136,7 @@ class ReproduceSettings(BaseModel):
     plan_step: bool = False
     vocab_size: int = Field(1024, ge=300)
     text_steps: int = Field(3000, ge=0)
+    text_far_copy_target: float | None = Field(0.5, gt=0, le=1)
     caption_epochs: float = Field(15, gt=0)
     caption_learning_rate: float = Field(5e-4, gt=0)
     sft_epochs: float = Field(3, gt=0)
@@ -139,6 +147,7 @@ class ReproduceSettings(BaseModel):
     dpo_learning_rate: float = Field(1e-4, gt=0)
     dpo_epochs: float = Field(2, gt=0)
     dpo_beta: float = Field(0.1, gt=0)
+    dpo_answer: Literal["summary", "stated"] = "summary"
     beam_size: int = Field(2, ge=2, le=8)
     summary_rows: int = Field(1200, ge=10)
     self_questions: int = Field(60, ge=0)
@@ -254,7 +263,8 @@ class Run:
         if not s.text_steps:
             return init
         return pretrain_text(init, corpus, TextPretrainSettings(
-            output_dir=self.models / "text", steps=s.text_steps, seed=s.seed), log=self.log)
+            output_dir=self.models / "text", steps=s.text_steps,
+            far_copy_target=s.text_far_copy_target, seed=s.seed), log=self.log)
 
     def pretrain(self, start: Path) -> None:
         """The shared base: ``start`` taught to describe the images, row by row."""
@@ -388,8 +398,10 @@ class Run:
                 mode="chain", concurrency=s.concurrency,
                 dpo={"finetune": "full", "learning_rate": s.dpo_learning_rate,
                      "num_train_epochs": s.dpo_epochs, "beta": s.dpo_beta,
-                     "per_device_train_batch_size": 8, "seed": s.seed, "logging_steps": 5}),
-            scorer=SceneScorer(index=self.index), summarizer=self.chat(self.models / "summary"),
+                     "per_device_train_batch_size": 8, "seed": s.seed, "logging_steps": 5},
+                final_answer="stated" if s.dpo_answer == "stated" else "ask"),
+            scorer=SceneScorer(index=self.index),
+            summarizer=self.chat(self.models / "summary") if s.dpo_answer == "summary" else None,
             prompts=PROMPTS, rules=ANSWER_RULES,
             policy=InProcessPolicy(max_new_tokens=s.max_new_tokens, seed=s.seed),
             on_round=lambda metrics: self.log(f"  round {metrics['round']}: {metrics}"))
@@ -498,8 +510,9 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines += ["", "| DPO round | Pairs | Sampled accuracy | Mean score | Train loss |",
               "|---|---|---|---|---|"]
     for r in results["dpo_rounds"]:
+        loss = r.get("train_loss")
         lines.append(f"| {r['round']} | {r['pairs']} | {pct(r.get('accuracy'))} "
-                     f"| {r.get('mean_score')} | {r.get('train_loss')} |")
+                     f"| {r.get('mean_score')} | {'–' if loss is None else f'{loss:.3f}'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,10 @@ Measured on the shapes world's 4-layer text model (hidden 192; 2 CPU cores, ~0.4
 on 64-token sequences copying appears abruptly, late: held-out copy accuracy 0.00 at 1000
 steps, 0.09 at 2000, 0.96 at 2500, 0.997 at 3000. But it does not reach far: spans ~400
 tokens back in 512-token sequences were copied 1% of the time. A further 150 steps on such
-sequences brought that to 0.58, and 300 to 0.84, hence ``long_steps``.
+sequences brought that to 0.58, and 300 to 0.84, hence ``long_steps``. That, too, comes
+abruptly and not always in time: a run on another corpus (the same settings) ended its 400
+long steps at far copy accuracy 0.03; 400 more long steps on its model brought 0.38, 0.72,
+0.83, 0.92 after each 100. Hence ``far_copy_target``, which runs the long phase until then.
 
 What a later stage keeps of it, :func:`measure_copying` says. In the shapes world's
 ``make reproduce``, none: the caption pre-training (full fine-tune, learning rate 2e-3, 1875
@@ -35,7 +38,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from insightv_agents.errors import InvalidInputError
 from insightv_agents.trained import TRAINING_FILE, check_remote_code
@@ -51,9 +54,19 @@ class TextPretrainSettings(BaseModel):
     Args:
         output_dir: where the model goes (skipped when a finished run is already there).
         steps, batch_size, seq_len: optimiser steps, sequences per step, tokens per sequence.
-        long_steps: the last steps train on 512-token sequences instead (as many tokens per
-            step; spans twice as long, copied from up to ~400 tokens back): copying learnt on
-            short sequences does not reach that far.
+        long_steps: the last steps (all, when more) train on 512-token sequences (as many
+            tokens per step; spans twice as long, copied from up to ~400 tokens back):
+            copying learnt on short sequences does not reach that far.
+        far_copy_target: when set, the long phase goes on until far copying is learnt: where
+            the learning rate would start to decay, the held-out ``far_copy_accuracy`` is
+            measured, and while it is below the target the long phase runs ``log_every``
+            more steps at the full rate (measured again after each), up to
+            ``max_long_steps`` long steps in all; then the decay. Far copying, like near
+            copying, appears abruptly and at an unpredictable step; a fixed ``long_steps``
+            can end before it does.
+        max_long_steps: the cap on the whole long phase (decay included) with
+            ``far_copy_target`` (at least ``long_steps``). The run file records the steps
+            run and the extra long steps.
         learning_rate, warmup_steps: AdamW: linear warm-up, constant, then a linear decay to
             10% over the last tenth of the steps.
         copy_share: the share of sequences that are span-copy sequences (the rest are
@@ -71,6 +84,8 @@ class TextPretrainSettings(BaseModel):
     output_dir: Path
     steps: int = Field(3000, ge=1)
     long_steps: int = Field(400, ge=0)
+    far_copy_target: float | None = Field(None, gt=0, le=1)
+    max_long_steps: int = Field(1200, ge=1)
     batch_size: int = Field(32, ge=1)
     seq_len: int = Field(64, ge=32)
     learning_rate: float = Field(3e-3, gt=0)
@@ -82,6 +97,18 @@ class TextPretrainSettings(BaseModel):
     max_gap: int = Field(8, ge=0)
     log_every: int = Field(100, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_long_phase(self) -> TextPretrainSettings:
+        long = min(self.long_steps, self.steps)
+        if self.far_copy_target is not None and long < max(1, self.steps // 10):
+            raise ValueError("far_copy_target extends the long phase where the learning rate "
+                             "would start to decay: long_steps must cover the last tenth of "
+                             f"the steps ({max(1, self.steps // 10)}), not {self.long_steps}.")
+        if self.far_copy_target is not None and self.max_long_steps < long:
+            raise ValueError(f"max_long_steps ({self.max_long_steps}) is less than long_steps "
+                             f"({long}).")
+        return self
 
 
 class _Sequences:
@@ -163,19 +190,33 @@ def pretrain_text(model: str | Path, texts: Sequence[str], settings: TextPretrai
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate,
                                   weight_decay=0.01, betas=(0.9, 0.98))
 
+    decay_len = max(1, settings.steps // 10)
+    long_start = max(0, settings.steps - settings.long_steps)
+    decay_start = [settings.steps - decay_len]  # moved on while far copying is not there yet
+
     def factor(step: int) -> float:
         """Warm-up, then constant (copying appears abruptly, late: a decaying rate delays
         it), then a linear decay to 10% over the last tenth."""
         if step < settings.warmup_steps:
             return (step + 1) / settings.warmup_steps
-        left = (settings.steps - step) / max(1, settings.steps // 10)
+        left = (decay_start[0] + decay_len - step) / decay_len
         return 0.1 + 0.9 * min(1.0, left)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     started, history, losses = time.perf_counter(), [], []
-    for step in range(settings.steps):
-        ids = (long.batch(far.batch_size) if step >= settings.steps - settings.long_steps
+    step, extended, target = 0, 0, settings.far_copy_target
+    while step < decay_start[0] + decay_len:
+        if (target is not None and step == decay_start[0]
+                and step - long_start + settings.log_every + decay_len
+                <= settings.max_long_steps):
+            far_now = _copy_accuracy(net, probe_rows["far_copy_accuracy"])
+            if far_now < target:
+                decay_start[0] += settings.log_every
+                extended += settings.log_every
+                log(f"  text step {step}: far copy accuracy {far_now:.4f} is below {target}: "
+                    f"{settings.log_every} more long steps")
+        ids = (long.batch(far.batch_size) if step >= long_start
                else short.batch(settings.batch_size))
         batch = torch.tensor(ids, device=device)
         loss = net(input_ids=batch, labels=batch).loss
@@ -185,8 +226,9 @@ def pretrain_text(model: str | Path, texts: Sequence[str], settings: TextPretrai
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
-            entry = {"step": step + 1, "loss": round(sum(losses) / len(losses), 4),
+        step += 1
+        if step % settings.log_every == 0 or step == decay_start[0] + decay_len:
+            entry = {"step": step, "loss": round(sum(losses) / len(losses), 4),
                      **{name: round(_copy_accuracy(net, rows), 4)
                         for name, rows in probe_rows.items()},
                      "seconds": round(time.perf_counter() - started, 1)}
@@ -204,6 +246,7 @@ def pretrain_text(model: str | Path, texts: Sequence[str], settings: TextPretrai
     write_atomic(out / TRAINING_FILE, json.dumps({
         "kind": "text-pretrain", "base_model": str(model),
         "settings": json.loads(settings.model_dump_json()), "texts": len(texts),
+        "steps": step, "extra_long_steps": extended,
         "metrics": history[-1] if history else {}, "log_history": history}, indent=2))
     return out
 
