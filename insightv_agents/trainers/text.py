@@ -192,28 +192,29 @@ def pretrain_text(model: str | Path, texts: Sequence[str], settings: TextPretrai
 
     decay_len = max(1, settings.steps // 10)
     long_start = max(0, settings.steps - settings.long_steps)
-    decay_start = [settings.steps - decay_len]  # moved on while far copying is not there yet
+    decay_start = settings.steps - decay_len  # moved on while far copying is not there yet
 
     def factor(step: int) -> float:
         """Warm-up, then constant (copying appears abruptly, late: a decaying rate delays
         it), then a linear decay to 10% over the last tenth."""
         if step < settings.warmup_steps:
             return (step + 1) / settings.warmup_steps
-        left = (decay_start[0] + decay_len - step) / decay_len
+        left = (decay_start + decay_len - step) / decay_len
         return 0.1 + 0.9 * min(1.0, left)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-    started, history, losses = time.perf_counter(), [], []
-    step, extended, target = 0, 0, settings.far_copy_target
-    while step < decay_start[0] + decay_len:
-        if (target is not None and step == decay_start[0]
+    started, losses = time.perf_counter(), []
+    history: list[dict[str, Any]] = []
+    step, target = 0, settings.far_copy_target
+    while step < decay_start + decay_len:
+        if (target is not None and step == decay_start
                 and step - long_start + settings.log_every + decay_len
                 <= settings.max_long_steps):
-            far_now = _copy_accuracy(net, probe_rows["far_copy_accuracy"])
+            far_now = (history[-1]["far_copy_accuracy"] if history and history[-1]["step"] == step
+                       else _copy_accuracy(net, probe_rows["far_copy_accuracy"]))
             if far_now < target:
-                decay_start[0] += settings.log_every
-                extended += settings.log_every
+                decay_start += settings.log_every
                 log(f"  text step {step}: far copy accuracy {far_now:.4f} is below {target}: "
                     f"{settings.log_every} more long steps")
         ids = (long.batch(far.batch_size) if step >= long_start
@@ -227,7 +228,7 @@ def pretrain_text(model: str | Path, texts: Sequence[str], settings: TextPretrai
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         step += 1
-        if step % settings.log_every == 0 or step == decay_start[0] + decay_len:
+        if step % settings.log_every == 0 or step == decay_start + decay_len:
             entry = {"step": step, "loss": round(sum(losses) / len(losses), 4),
                      **{name: round(_copy_accuracy(net, rows), 4)
                         for name, rows in probe_rows.items()},
@@ -246,7 +247,7 @@ def pretrain_text(model: str | Path, texts: Sequence[str], settings: TextPretrai
     write_atomic(out / TRAINING_FILE, json.dumps({
         "kind": "text-pretrain", "base_model": str(model),
         "settings": json.loads(settings.model_dump_json()), "texts": len(texts),
-        "steps": step, "extra_long_steps": extended,
+        "steps": step, "extra_long_steps": step - settings.steps,
         "metrics": history[-1] if history else {}, "log_history": history}, indent=2))
     return out
 
