@@ -104,9 +104,12 @@ class ReproduceSettings(BaseModel):
             held-out pictures after 1100 steps (trainers.text.measure_copying; README).
         learning_rate, batch_size: of the SFT runs (full fine-tuning); batch_size of the
             caption pre-training too.
-        group_by_length: the SFT runs batch rows of similar length together
-            (:class:`~insightv_agents.trainers.sft.SFTSettings`): the chains' and stages'
-            rows vary 3-5x in length, so shuffled batches are a third to half padding.
+        group_by_length: the reasoning agent's SFT batches rows of similar length together
+            (:class:`~insightv_agents.trainers.sft.SFTSettings`): its chains vary 3x in
+            length, so shuffled batches are a quarter padding. Not the summary agent's or the
+            four-stage SFT: their sets mix kinds of rows (answer-only or judge rows beside
+            whole chains) that grouping would put in batches of their own, reweighing the
+            mix.
         rounds, dpo_paths, dpo_learning_rate, dpo_epochs, dpo_beta: iterative DPO.
         dpo_answer: how a DPO round finds each sampled chain's answer: ``"summary"``, the
             run's summary agent answers from the chain (as Insight-V's system does);
@@ -374,10 +377,11 @@ class Run:
 
         if not finished_run(self.models / name):
             self.train(self.models / "base", str(rows), self.models / name,
-                       self.settings.sft_epochs)
+                       self.settings.sft_epochs,
+                       group_by_length=self.settings.group_by_length and name == "reasoner")
 
     def train(self, model: Path, rows: Any, out: Path, epochs: float, *,
-              learning_rate: float | None = None) -> None:
+              learning_rate: float | None = None, group_by_length: bool = False) -> None:
         from insightv_agents.trainers.sft import SFTSettings, train_sft
 
         s = self.settings
@@ -385,7 +389,7 @@ class Run:
             output_dir=out, finetune="full", learning_rate=learning_rate or s.learning_rate,
             num_train_epochs=epochs, per_device_train_batch_size=s.batch_size,
             warmup_ratio=0.05, logging_steps=20, save_steps=200, seed=s.seed,
-            group_by_length=s.group_by_length))
+            group_by_length=group_by_length))
 
     def iterate(self) -> list[dict[str, Any]]:
         from insightv_agents.shapes.scorer import SceneScorer

@@ -64,7 +64,11 @@ class SFTSettings(TrainSettings):
             four-stage rows, batches of 16 were 55% real text shuffled and 90% grouped, and
             trained 2.0x faster (``benchmarks/length_grouping.py``). Within a mega-batch the
             batches run longest first; with fewer than eight batches of rows a mega-batch is one
-            batch (no grouping).
+            batch (no grouping). The loss is still each batch's mean over its supervised
+            tokens, so where kinds of rows differ in length and in supervised tokens (short
+            answer-only rows beside long chains), grouping them apart gives the tokens of the
+            kind with fewer per batch more weight than shuffled batches would: use it where the
+            rows are of one kind.
     """
 
     agent: Agent = "reasoning"
