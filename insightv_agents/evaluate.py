@@ -28,7 +28,7 @@ from typing import Any
 from langchain_core.language_models import LanguageModelLike
 from langchain_core.messages import HumanMessage
 
-from insightv_agents.answers import extract_answer, match_answer
+from insightv_agents.answers import extract_answer, match_answer, stated_answer
 from insightv_agents.errors import InvalidInputError, ModelOutputError, check_int
 from insightv_agents.images import ImagePolicy, load_images
 from insightv_agents.nodes import reply_text
@@ -165,11 +165,24 @@ async def _predict_one(predict: Predictor, item: Item,
            **{key: value for key, value in result.items() if key not in ("answer", "status")}}
     if reasoning_check is not None and result.get("steps"):
         row["reasoning_sound"] = reasoning_check(item, result)
+    if result.get("verdict") and result.get("steps"):
+        stated = stated_answer(str(result["steps"][-1].get("reasoning", "")))
+        if stated:  # what the summary agent did with the answer the reasoning reached
+            row["stated"] = {
+                "answer": stated,
+                "correct": match_answer(stated, item.answer, choices=item.choices)["correct"]
+                is True,
+                "kept": match_answer(row["answer"], stated, choices=item.choices)["correct"]
+                is True}
     return row
 
 
 def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy overall and per category, failures, and the recovery of wrong reasoning."""
+    """Accuracy overall and per category, failures, the recovery of wrong reasoning, and
+    (for the two-agent system) what the summary agent did with the answers the reasoning
+    stated: ``summary_agent`` counts the chains whose last step states an answer, those
+    right, how often the final answer kept the stated one, and the right answers it lost
+    and the wrong ones it fixed."""
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     failed = undecided = flawed = recovered = rejected = 0
     seconds = 0.0
@@ -191,6 +204,13 @@ def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     report: dict[str, Any] = {
         "items": len(rows), "accuracy": accuracy, "failed": failed, "undecided": undecided,
         "mean_seconds": seconds / len(rows) if rows else 0.0}
+    stated = [(row["stated"], bool(row["correct"])) for row in rows if row.get("stated")]
+    if stated:
+        report["summary_agent"] = {
+            "chains": len(stated), "chain_right": sum(s["correct"] for s, _ in stated),
+            "kept": sum(s["kept"] for s, _ in stated),
+            "lost": sum(s["correct"] and not right for s, right in stated),
+            "fixed": sum(right and not s["correct"] for s, right in stated)}
     if any("reasoning_sound" in row for row in rows):
         report["flawed_reasoning"] = {
             "items": flawed, "answer_right": recovered, "flagged": rejected,
@@ -224,6 +244,12 @@ def report_markdown(report: dict[str, Any]) -> str:
                      f"{flawed['answer_right']}" + (f" ({100 * rate:.1f}%)" if rate is not None
                                                    else "")
                      + f"; flagged by the summary agent: {flawed['flagged']}.")
+    summary = report.get("summary_agent")
+    if summary:
+        lines.append(f"Chains stating an answer: {summary['chains']}, {summary['chain_right']} "
+                     f"of them right; the summary agent kept the stated answer "
+                     f"{summary['kept']} times, lost {summary['lost']} right ones and fixed "
+                     f"{summary['fixed']} wrong ones.")
     return "\n".join(lines) + "\n"
 
 

@@ -82,11 +82,16 @@ def test_insightv_known_numbers_recovery_and_reports(data: Path, tmp_path: Path)
                                       "accuracy": expected}
     assert report["flawed_reasoning"] == {"items": 6, "answer_right": 6, "flagged": 6,
                                           "recovery_rate": 1.0}
+    # the compare chains state no answer; the others are right, kept on perception and count
+    # questions and replaced by "purple" on arithmetic and spatial ones
+    assert report["summary_agent"] == {"chains": 24, "chain_right": 24, "kept": 12, "lost": 12,
+                                       "fixed": 0}
     assert report["failed"] == 0 and report["undecided"] == 12  # "purple": no rule decides
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["accuracy"] == accuracy and saved["settings"] == {"method": "insightv"}
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "| all | 30 | 18 | 60.0% |" in markdown and "| compare | 6 | 6 | 100.0% |" in markdown
+    assert "kept the stated answer 12 times, lost 12 right ones and fixed 0" in markdown
     rows = [json.loads(line) for line in
             (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 30 and all({"reasoning", "verdict", "answer", "truth", "check", "steps"}

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from insightv_agents.shapes.reproduce import SYSTEMS, ReproduceSettings, reproduce
+from insightv_agents.shapes.reproduce import (
+    SYSTEMS,
+    ReproduceSettings,
+    reproduce,
+    results_markdown,
+)
 
 
 @pytest.mark.slow
@@ -39,6 +44,10 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
     assert json.loads((out / "results.json").read_text()) == results
     table = (out / "results.md").read_text()
     assert all(label in table for label in SYSTEMS.values()) and results["machine"] in table
+    # what the summary agent did with the chains' answers: for (c)-(e) only, where it ran
+    # (here the 16-token chains state no answer: test_results_table_says_what_the_summary...)
+    assert not any(system["summary_agent"] for name, system in results["systems"].items()
+                   if name[0] not in "cde")
     ET.fromstring((out / "results.svg").read_text())  # well-formed SVG
     # The caption pre-training saw only training images: the test split stays held out.
     trained = {json.loads(line)["image"] for line in (out / "data" / "train.jsonl")
@@ -85,3 +94,19 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
     assert [r["round"] for r in redone["dpo_rounds"]] == [1, 2]
     assert all(redone["systems"][name] == results["systems"][name] for name in SYSTEMS
                if name[0] not in "de")
+
+
+def test_results_table_says_what_the_summary_agent_did_with_the_chains_answers() -> None:
+    def system(label: str, summary: dict[str, int] | None) -> dict[str, object]:
+        return {"label": label, "accuracy": 0.5, "multi_step": 0.5, "perception": 0.5,
+                "categories": {}, "recovery": None, "summary_agent": summary}
+
+    results = {"systems": {"b-chain": system("(b)", None), "c-insightv": system(
+        "(c)", {"chains": 50, "chain_right": 19, "kept": 14, "lost": 17, "fixed": 8})},
+        "settings": {"test": 60, "seed": 0}, "total_seconds": 60.0,
+        "training_seconds": 30.0, "machine": "2 CPU cores", "dpo_rounds": []}
+    table = results_markdown(results)
+    assert "| (c) | 50 | 19 | 14 | 17 | 8 |" in table
+    below = table.split("Summary agent kept it")[1].split("\n\n")[0]
+    assert [line.split(" | ")[0] for line in below.splitlines() if line.startswith("| (")] \
+        == ["| (c)"]  # a system without a summary agent has no row there

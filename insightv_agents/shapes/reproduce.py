@@ -476,6 +476,7 @@ class Run:
                                if c != "all"},
                 "failed": report["failed"], "recovery": flawed.get("recovery_rate"),
                 "flawed_reasoning": flawed or None,
+                "summary_agent": report.get("summary_agent"),
                 "mean_seconds": round(report.get("mean_seconds", 0.0), 3),
             }
         return {"settings": json.loads(self.settings.model_dump_json()), "systems": systems,
@@ -511,6 +512,14 @@ def results_markdown(results: dict[str, Any]) -> str:
             f"| {pct(system['perception'])} | " + " | ".join(
                 pct(cats.get(c)) for c in ("count", "compare", "arithmetic", "spatial"))
             + f" | {pct(system['recovery'])} |")
+    summaries = [(system["label"], system["summary_agent"])
+                 for system in results["systems"].values() if system.get("summary_agent")]
+    if summaries:
+        lines += ["", "| System | Chains stating an answer | Chain's answer right | Summary "
+                  "agent kept it | Right answers lost | Wrong answers fixed |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {label} | {a['chains']} | {a['chain_right']} | {a['kept']} | {a['lost']} "
+                  f"| {a['fixed']} |" for label, a in summaries]
     s = results["settings"]
     minutes = results["total_seconds"] / 60
     lines += ["", f"Accuracy (%) on {s['test']} held-out test questions. "
