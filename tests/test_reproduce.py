@@ -16,6 +16,7 @@ from insightv_agents.shapes.reproduce import (
     reproduce,
     results_markdown,
 )
+from insightv_agents.trainers.data import SummaryMix
 
 
 @pytest.mark.slow
@@ -79,21 +80,33 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
     assert {path: path.stat().st_mtime_ns for path in out.rglob("insightv_training.json")} \
         == stamps  # nothing trained twice
 
-    # The DPO rounds judged by the chains' own answers: the same run, DPO and (d)/(e) redone.
-    stated = settings.model_copy(update={"out": tmp_path / "stated", "dpo_answer": "stated"})
-    shutil.copytree(out, stated.out, ignore=shutil.ignore_patterns("dpo", "d-*", "e-*"))
+    # The same run with another summary agent (optimal paths only, 2 epochs) and the DPO
+    # rounds judged by the chains' own answers: only those and (c)-(e) are redone.
+    stated = settings.model_copy(update={
+        "out": tmp_path / "stated", "dpo_answer": "stated", "summary_epochs": 2,
+        "summary_mix": SummaryMix(optimal=1, flawed=0, self_made=0, qa=0)})
+    shutil.copytree(out, stated.out, ignore=shutil.ignore_patterns(
+        "dpo", "summary", "reasoner-samples", "c-*", "d-*", "e-*"))
     redone = reproduce(stated, log=[].append)
     assert {path.relative_to(stated.out): path.stat().st_mtime_ns
-            for path in stated.out.rglob("insightv_training.json") if "dpo" not in path.parts} \
+            for path in stated.out.rglob("insightv_training.json")
+            if not {"dpo", "summary"} & set(path.parts)} \
         == {path.relative_to(out): stamp for path, stamp in stamps.items()
-            if "dpo" not in path.parts}  # only the DPO rounds trained again
+            if not {"dpo", "summary"} & set(path.parts)}  # the rest was not trained again
+    import datasets
+
+    summary_set = datasets.load_from_disk(str(stated.out / "training-sets" / "summary"))
+    assert set(summary_set["kind"]) == {"optimal"}
+    assert json.loads((stated.out / "models" / "summary" / "insightv_training.json").read_text()
+                      )["settings"]["num_train_epochs"] == 2
+    assert not (stated.out / "reasoner-samples").exists()  # its mix needs no own paths
     run_files = [json.loads((run / "models" / "dpo" / "round-1" / "samples" / "run.json")
                             .read_text()) for run in (out, stated.out)]
     assert [(f["final_answer"], bool(f["summarizer"])) for f in run_files] == [
         ("ask", True), ("stated", False)]  # the summary agent answered, then the chains
     assert [r["round"] for r in redone["dpo_rounds"]] == [1, 2]
     assert all(redone["systems"][name] == results["systems"][name] for name in SYSTEMS
-               if name[0] not in "de")
+               if name[0] not in "cde")
 
 
 def test_results_table_says_what_the_summary_agent_did_with_the_chains_answers() -> None:

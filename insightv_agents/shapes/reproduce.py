@@ -46,6 +46,7 @@ from insightv_agents.shapes.dataset import make_dataset
 from insightv_agents.shapes.questions import ANSWER_RULES, CATEGORIES
 from insightv_agents.shapes.scenes import CELL_TAGS, SceneIndex, describe_grid
 from insightv_agents.trainers.common import write_atomic
+from insightv_agents.trainers.data import SummaryMix
 
 CAPTION_REQUEST = "List the shapes in the image."
 # The tiny models read the picture by position: what they write about it must come right
@@ -116,8 +117,10 @@ class ReproduceSettings(BaseModel):
             ``"stated"``, the chain's own last step (the reasoning agent judged on its own:
             the pairs then reward chains that reach the answer themselves).
         beam_size: candidates per stage in (f)'s stage-level beam search.
-        summary_rows: rows of the summary agent's SFT mix (its share of optimal and flawed
-            paths as :class:`~insightv_agents.trainers.data.SummaryMix` says).
+        summary_rows, summary_mix: rows of the summary agent's SFT set, and their shares of
+            optimal and flawed paths, the agent's own paths and plain question answering
+            (:class:`~insightv_agents.trainers.data.SummaryMix`; the default is the paper's).
+        summary_epochs: epochs of the summary agent's SFT (None: ``sft_epochs``).
         self_questions, self_paths: the first ``self_questions`` training questions, each
             answered ``self_paths`` times by the trained reasoning agent (sampled through the
             synthesis graph, scored by the scene) before the summary agent is trained: its
@@ -157,6 +160,8 @@ class ReproduceSettings(BaseModel):
     dpo_answer: Literal["summary", "stated"] = "summary"
     beam_size: int = Field(2, ge=2, le=8)
     summary_rows: int = Field(1200, ge=10)
+    summary_mix: SummaryMix = Field(default_factory=SummaryMix)
+    summary_epochs: float | None = Field(None, gt=0)
     self_questions: int = Field(60, ge=0)
     self_paths: int = Field(2, ge=1, le=16)
     judge_rows: int = Field(600, ge=0)
@@ -204,7 +209,8 @@ class Run:
         records = self.timed("synthesis", self.synthesize)
         reader = self.timed("text pre-training", lambda: self.read(records))
         self.timed("base model", lambda: self.pretrain(reader))
-        later = ("summary",) if s.self_questions else ()  # it needs the reasoner's paths
+        # the summary agent's set waits for the reasoner's own paths, if its mix has them
+        later = ("summary",) if s.self_questions and s.summary_mix.self_made else ()
         rows = self.timed("training sets", lambda: self.build(
             records, [name for name in TRAINED if name not in later]))
         for name in TRAINED:
@@ -321,6 +327,7 @@ class Run:
             "reasoner": lambda: build_reasoning_sft(records, mode="chain", prompts=PROMPTS),
             "summary": lambda: build_summary_sft(records, self_records=own,
                                                  total=self.settings.summary_rows,
+                                                 mix=self.settings.summary_mix,
                                                  prompts=PROMPTS),
             "stages": lambda: self.stage_set(records),
         }
@@ -375,9 +382,10 @@ class Run:
     def sft(self, name: str, rows: Path) -> None:
         from insightv_agents.trainers.common import finished_run
 
+        s = self.settings
+        epochs = s.summary_epochs if name == "summary" and s.summary_epochs else s.sft_epochs
         if not finished_run(self.models / name):
-            self.train(self.models / "base", str(rows), self.models / name,
-                       self.settings.sft_epochs,
+            self.train(self.models / "base", str(rows), self.models / name, epochs,
                        group_by_length=self.settings.group_by_length and name == "reasoner")
 
     def train(self, model: Path, rows: Any, out: Path, epochs: float, *,
