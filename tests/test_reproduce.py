@@ -16,7 +16,7 @@ from insightv_agents.shapes.reproduce import (
     reproduce,
     results_markdown,
 )
-from insightv_agents.trainers.data import SummaryMix
+from insightv_agents.trainers.data import SummaryMix, load_records
 
 
 @pytest.mark.slow
@@ -36,7 +36,7 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
     assert [r["round"] for r in results["dpo_rounds"]] == [1, 2]
     # training time: every stage but the data, the training sets and the evaluation
     timings = results["timings_seconds"]
-    assert {"text pre-training", "reasoner samples", "iterative dpo"} <= set(timings)
+    assert {"text pre-training", "iterative dpo"} <= set(timings)
     assert results["training_seconds"] == round(sum(
         seconds for stage, seconds in timings.items()
         if stage not in ("dataset", "synthesis", "training sets")
@@ -66,44 +66,45 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
                               )["settings"]["learning_rate"] for name in ("base", "reasoner")}
     assert rates == {"base": settings.caption_learning_rate, "reasoner": settings.learning_rate}
     assert settings.caption_learning_rate != settings.learning_rate
-    # the summary agent's set was built from the trained reasoner's own sampled paths
-    from insightv_agents.trainers.data import load_records
-
-    own = load_records(out / "reasoner-samples")
-    assert len(own.questions) == 3 and all(len(p) == 2 for p in own.questions.values())
-    built = (out / "training-sets" / "summary" / "build_report.txt").stat().st_mtime_ns
-    assert (out / "models" / "reasoner" / "model.safetensors").stat().st_mtime_ns \
-        < (out / "reasoner-samples" / "records.jsonl").stat().st_mtime_ns < built
 
     again = reproduce(settings, log=[].append)
     assert again["systems"] == results["systems"]
     assert {path: path.stat().st_mtime_ns for path in out.rglob("insightv_training.json")} \
         == stamps  # nothing trained twice
 
-    # The same run with another summary agent (optimal paths only, 2 epochs) and the DPO
-    # rounds judged by the chains' own answers: only those and (c)-(e) are redone.
-    stated = settings.model_copy(update={
-        "out": tmp_path / "stated", "dpo_answer": "stated", "summary_epochs": 2,
-        "summary_mix": SummaryMix(optimal=1, flawed=0, self_made=0, qa=0)})
-    shutil.copytree(out, stated.out, ignore=shutil.ignore_patterns(
-        "dpo", "summary", "reasoner-samples", "c-*", "d-*", "e-*"))
-    redone = reproduce(stated, log=[].append)
-    assert {path.relative_to(stated.out): path.stat().st_mtime_ns
-            for path in stated.out.rglob("insightv_training.json")
+    # The same run with the paper's summary agent (its mix, with the reasoning agent's own
+    # paths; 2 epochs) and the DPO rounds judged by that agent: only those and (c)-(e) are
+    # redone.
+    paper = settings.model_copy(update={
+        "out": tmp_path / "paper", "dpo_answer": "summary", "summary_epochs": 2,
+        "summary_mix": SummaryMix()})
+    shutil.copytree(out, paper.out, ignore=shutil.ignore_patterns(
+        "dpo", "summary", "c-*", "d-*", "e-*"))
+    redone = reproduce(paper, log=[].append)
+    assert {path.relative_to(paper.out): path.stat().st_mtime_ns
+            for path in paper.out.rglob("insightv_training.json")
             if not {"dpo", "summary"} & set(path.parts)} \
         == {path.relative_to(out): stamp for path, stamp in stamps.items()
             if not {"dpo", "summary"} & set(path.parts)}  # the rest was not trained again
     import datasets
 
-    summary_set = datasets.load_from_disk(str(stated.out / "training-sets" / "summary"))
-    assert set(summary_set["kind"]) == {"optimal"}
-    assert json.loads((stated.out / "models" / "summary" / "insightv_training.json").read_text()
+    kinds = {name: set(datasets.load_from_disk(str(run / "training-sets" / "summary"))["kind"])
+             for name, run in (("default", out), ("paper", paper.out))}
+    # (the toy reasoner's 16-token paths state no answer, so none of them makes a row)
+    assert kinds["default"] == {"optimal"} and {"optimal", "qa"} <= kinds["paper"]
+    assert json.loads((paper.out / "models" / "summary" / "insightv_training.json").read_text()
                       )["settings"]["num_train_epochs"] == 2
-    assert not (stated.out / "reasoner-samples").exists()  # its mix needs no own paths
+    # the paper's mix has the reasoning agent's own paths: sampled after it was trained
+    own = load_records(paper.out / "reasoner-samples")
+    assert len(own.questions) == 3 and all(len(p) == 2 for p in own.questions.values())
+    built = (paper.out / "training-sets" / "summary" / "build_report.txt").stat().st_mtime_ns
+    assert (paper.out / "models" / "reasoner" / "model.safetensors").stat().st_mtime_ns \
+        < (paper.out / "reasoner-samples" / "records.jsonl").stat().st_mtime_ns < built
+    assert not (out / "reasoner-samples").exists()  # the default mix needs none
     run_files = [json.loads((run / "models" / "dpo" / "round-1" / "samples" / "run.json")
-                            .read_text()) for run in (out, stated.out)]
+                            .read_text()) for run in (out, paper.out)]
     assert [(f["final_answer"], bool(f["summarizer"])) for f in run_files] == [
-        ("ask", True), ("stated", False)]  # the summary agent answered, then the chains
+        ("stated", False), ("ask", True)]  # the chains' own answers, then the summary agent
     assert [r["round"] for r in redone["dpo_rounds"]] == [1, 2]
     assert all(redone["systems"][name] == results["systems"][name] for name in SYSTEMS
                if name[0] not in "cde")

@@ -71,6 +71,7 @@ SYSTEMS: dict[str, str] = {
     "f-stages": "(f) LLaVA-CoT stages",
     "f-stage-beam": "(f) + stage-level beam search",
 }
+OPTIMAL_ONLY = SummaryMix(optimal=1, flawed=0, self_made=0, qa=0)
 RESULTS_FILE = "results.json"
 TRAINED = ("direct", "reasoner", "summary", "stages")  # the SFT runs, in order
 # The stages that make models (``timings.json`` keys): everything but the data and the eval.
@@ -89,8 +90,8 @@ class ReproduceSettings(BaseModel):
         plan_step: the teacher's paths state their plan as their second step
             (:func:`~insightv_agents.shapes.reasoning.with_plan_step`). A pilot on
             runs/reproduce-v4 (the reasoner alone retrained with it) raised (b) from 23.3 to
-            31.7% and the chains following the question's plan from 35 to 55%; not yet a
-            default: a whole run with it is still to be measured.
+            31.7% and the chains following the question's plan from 35 to 55%; so did the
+            whole runs/reproduce-v5 and v6 (README).
         vocab_size: the tokenizer's size (trained on the run's texts).
         text_steps: steps of text-only pre-training before the images (the run's texts and
             span-copy sequences: :func:`~insightv_agents.trainers.text.pretrain_text`);
@@ -114,19 +115,25 @@ class ReproduceSettings(BaseModel):
         rounds, dpo_paths, dpo_learning_rate, dpo_epochs, dpo_beta: iterative DPO.
         dpo_answer: how a DPO round finds each sampled chain's answer: ``"summary"``, the
             run's summary agent answers from the chain (as Insight-V's system does);
-            ``"stated"``, the chain's own last step (the reasoning agent judged on its own:
-            the pairs then reward chains that reach the answer themselves).
+            ``"stated"`` (the default), the chain's own last step (the reasoning agent judged
+            on its own: the pairs then reward chains that reach the answer themselves). In
+            runs/reproduce-v5 the summary agent answered 16-17% of the sampled chains right
+            and the rounds had 3-4 pairs; judged by their own answers (v6), 26-33% and 30-35.
         beam_size: candidates per stage in (f)'s stage-level beam search.
         summary_rows, summary_mix: rows of the summary agent's SFT set, and their shares of
             optimal and flawed paths, the agent's own paths and plain question answering
-            (:class:`~insightv_agents.trainers.data.SummaryMix`; the default is the paper's).
+            (:class:`~insightv_agents.trainers.data.SummaryMix`). The default is optimal
+            paths only, not the paper's mix (``SummaryMix()``): trained on the paper's mix the
+            tiny summary agent answers by itself and keeps the chain's answer for 14-16 of 60
+            test questions (five trainings on runs/reproduce-v5's rows: (c) 11.7-20.0%); on
+            optimal paths it keeps it 44 times and (c) follows the chains (README, Results).
         summary_epochs: epochs of the summary agent's SFT (None: ``sft_epochs``).
         self_questions, self_paths: the first ``self_questions`` training questions, each
             answered ``self_paths`` times by the trained reasoning agent (sampled through the
             synthesis graph, scored by the scene) before the summary agent is trained: its
             ``self_made`` share of rows (Insight-V's paths "from the reasoning agent itself"),
-            judged by the chain's own final answer. 0: the summary agent sees only the
-            teacher's paths.
+            judged by the chain's own final answer (only when ``summary_mix`` has that
+            share). 0: the summary agent sees only the teacher's paths.
         judge_rows: pairwise judge rows added to (f)'s training set (0: the model judges
             untaught, as LLaVA-CoT's large model does).
         max_new_tokens: cap of every generated reply.
@@ -142,7 +149,7 @@ class ReproduceSettings(BaseModel):
     test: int = Field(60, ge=5)
     paths: int = Field(4, ge=2, le=16)
     flaw_rate: float = Field(0.5, ge=0, le=1)
-    plan_step: bool = False
+    plan_step: bool = True
     vocab_size: int = Field(1024, ge=300)
     text_steps: int = Field(3000, ge=0)
     text_far_copy_target: float | None = Field(0.5, gt=0, le=1)
@@ -157,11 +164,11 @@ class ReproduceSettings(BaseModel):
     dpo_learning_rate: float = Field(1e-4, gt=0)
     dpo_epochs: float = Field(2, gt=0)
     dpo_beta: float = Field(0.1, gt=0)
-    dpo_answer: Literal["summary", "stated"] = "summary"
+    dpo_answer: Literal["summary", "stated"] = "stated"
     beam_size: int = Field(2, ge=2, le=8)
     summary_rows: int = Field(1200, ge=10)
-    summary_mix: SummaryMix = Field(default_factory=SummaryMix)
-    summary_epochs: float | None = Field(None, gt=0)
+    summary_mix: SummaryMix = Field(default_factory=lambda: OPTIMAL_ONLY)
+    summary_epochs: float | None = Field(4, gt=0)
     self_questions: int = Field(60, ge=0)
     self_paths: int = Field(2, ge=1, le=16)
     judge_rows: int = Field(600, ge=0)
