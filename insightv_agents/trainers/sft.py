@@ -58,7 +58,7 @@ class SFTSettings(TrainSettings):
             (prompt/completion rows), or ``"auto"`` (markers when the template allows).
         max_length: cut rows to this many tokens (``None``: never; image tokens are kept).
         group_by_length: batch rows of similar length together (transformers' length-grouped
-            sampling: shuffled, then sorted within mega-batches of 50 batches), each row's
+            sampling: shuffled, then sorted within mega-batches of up to 50 batches), each row's
             length its text in characters (``length`` column, added when missing). Less
             padding, so less compute where lengths vary: on 597 of the shapes world's
             four-stage rows, batches of 16 were 55% real text shuffled and 90% grouped, and
