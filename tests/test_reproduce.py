@@ -124,3 +124,13 @@ def test_results_table_says_what_the_summary_agent_did_with_the_chains_answers()
     below = table.split("Summary agent kept it")[1].split("\n\n")[0]
     assert [line.split(" | ")[0] for line in below.splitlines() if line.startswith("| (")] \
         == ["| (c)"]  # a system without a summary agent has no row there
+
+
+def test_a_summary_mix_that_makes_no_rows_is_refused_before_anything_runs(tmp_path: Path
+                                                                           ) -> None:
+    from pydantic import ValidationError
+
+    for mix in (SummaryMix(optimal=0, flawed=0, self_made=0, qa=0), SummaryMix(optimal=-1)):
+        with pytest.raises(ValidationError, match="mix proportions"):
+            reproduce({"out": tmp_path / "run", "summary_mix": mix}, log=[].append)
+    assert not (tmp_path / "run").exists()

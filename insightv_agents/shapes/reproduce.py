@@ -39,7 +39,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from insightv_agents.prompts import Prompts, StagePrompts
 from insightv_agents.shapes.dataset import make_dataset
@@ -174,6 +174,18 @@ class ReproduceSettings(BaseModel):
     judge_rows: int = Field(600, ge=0)
     max_new_tokens: int = Field(512, ge=16)
     concurrency: int = Field(4, ge=1)
+
+    @field_validator("summary_mix")
+    @classmethod
+    def _check_mix(cls, mix: SummaryMix) -> SummaryMix:
+        """A mix that cannot make rows is refused now, not after an hour of training."""
+        from insightv_agents.errors import ConfigError
+
+        try:
+            mix.proportions()
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return mix
 
 
 class Run:
@@ -393,7 +405,7 @@ class Run:
         epochs = s.summary_epochs if name == "summary" and s.summary_epochs else s.sft_epochs
         if not finished_run(self.models / name):
             self.train(self.models / "base", str(rows), self.models / name, epochs,
-                       group_by_length=self.settings.group_by_length and name == "reasoner")
+                       group_by_length=s.group_by_length and name == "reasoner")
 
     def train(self, model: Path, rows: Any, out: Path, epochs: float, *,
               learning_rate: float | None = None, group_by_length: bool = False) -> None:

@@ -122,7 +122,7 @@ def train_sft(model: str | Path, dataset: Any, settings: SFTSettings | dict[str,
                                max_length=config.max_length)
     if config.group_by_length:
         data = with_lengths(data)
-        kwargs = {**length_grouped_kwargs(), **kwargs}  # trl_args still win
+        kwargs = {**_length_grouped_kwargs(), **kwargs}  # trl_args still win
     trainer = SFTTrainer(model=loaded.model, args=SFTConfig(**kwargs), train_dataset=data,
                          eval_dataset=eval_dataset, processing_class=loaded.processor,
                          peft_config=loaded.peft_config, callbacks=callbacks)
@@ -168,7 +168,7 @@ def with_lengths(dataset: Any) -> Any:
     return dataset.map(measure, batched=True)
 
 
-def length_grouped_kwargs() -> dict[str, Any]:
+def _length_grouped_kwargs() -> dict[str, Any]:
     """The training arguments for length-grouped batches (transformers 5 made the flag a
     sampling strategy)."""
     from transformers import TrainingArguments
