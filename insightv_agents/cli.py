@@ -691,6 +691,9 @@ def train_iterate_command(
     temperature: Annotated[float, typer.Option(help="Policy sampling temperature.")] = 0.7,
     max_tokens: Annotated[int, typer.Option(help="Longest reply per request.")] = 1024,
     concurrency: Annotated[int, typer.Option(help="Questions sampled at once.")] = 8,
+    questions_per_round: Annotated[int | None, typer.Option(
+        help="Each round samples the next N questions of the input (wrapping round); "
+             "default: every round samples them all.")] = None,
     min_margin: Annotated[int, typer.Option(help="Chosen - rejected score margin.")] = 20,
     finetune: FineTuneOpt = None, lr: LearningRate = None, epochs: Epochs = None,
     max_steps: MaxTrainSteps = None,
@@ -713,7 +716,8 @@ def train_iterate_command(
         "seed": seed}.items() if value is not None}
     settings = {"output_dir": out, "rounds": rounds, "paths": paths, "mode": mode,
                 "final_answer": final_answer, "concurrency": concurrency,
-                "min_margin": min_margin, "dpo": dpo}
+                "questions_per_round": questions_per_round, "min_margin": min_margin,
+                "dpo": dpo}
 
     def show(metrics: dict[str, Any]) -> None:
         console.print(f"round {metrics['round']}: accuracy {metrics['accuracy']}, mean score "

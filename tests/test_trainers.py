@@ -38,7 +38,11 @@ from insightv_agents.trainers.data import (
     summary_conversation,
 )
 from insightv_agents.trainers.dpo import DPOSettings, preference_margins, train_dpo
-from insightv_agents.trainers.iterative import InProcessPolicy, iterative_dpo
+from insightv_agents.trainers.iterative import (
+    InProcessPolicy,
+    IterativeDPOSettings,
+    iterative_dpo,
+)
 from insightv_agents.trainers.sft import (
     SFTSettings,
     loss_mask,
@@ -444,6 +448,34 @@ def test_iterative_dpo_with_stated_answers_needs_no_summarizer(
                (tmp_path / "run" / "round-1" / "samples" / "records.jsonl").open()]
     assert {r["provenance"]["final_answer"] for r in records} == {"stated"}
     assert sorted(r["final_answer"] for r in records) == ["7"] * 3 + ["9"] * 3
+
+
+@pytest.mark.slow
+def test_iterative_dpo_rounds_sample_fresh_slices_of_the_questions(
+        base: Path, tmp_path: Path) -> None:
+    """questions_per_round: round 1 samples the first two questions, round 2 the next two
+    (wrapping round to the first), each from the model the round before trained."""
+    result = iterative_dpo(
+        base, write_items(tmp_path / "data"),
+        {**ROUNDS, "final_answer": "stated", "questions_per_round": 2,
+         "output_dir": tmp_path / "run"},
+        scorer=RuleScorer(), policy=ScriptedPolicy())
+    for number, questions in ((1, ["q0", "q1"]), (2, ["q2", "q0"])):
+        samples = tmp_path / "run" / f"round-{number}" / "samples"
+        records = [json.loads(line) for line in (samples / "records.jsonl").open()]
+        assert sorted({record["id"] for record in records}) == sorted(questions)
+        assert json.loads((samples / "run.json").read_text())["question_ids"] == questions
+    assert [r["questions"] for r in result.rounds] == [2, 2]
+    assert all(r["trained"] for r in result.rounds)
+
+
+def test_round_questions_take_turns_and_wrap_round() -> None:
+    settings = IterativeDPOSettings(output_dir=Path("x"), questions_per_round=4)
+    assert [settings.round_questions(number, 10) for number in (1, 2, 3)] == [
+        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
+    assert settings.round_questions(2, 3) == [0, 1, 2]  # fewer questions than a slice
+    every = IterativeDPOSettings(output_dir=Path("x"))
+    assert every.round_questions(3, 5) == [0, 1, 2, 3, 4]
 
 
 def test_iterative_settings_are_checked_before_any_round(tmp_path: Path) -> None:

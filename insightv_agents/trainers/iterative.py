@@ -54,6 +54,10 @@ class IterativeDPOSettings(BaseModel):
             step states, "The answer is X": a chain-trained reasoning agent was never taught
             the final-answer request).
         concurrency: questions sampled at once.
+        questions_per_round: each round samples its own slice of this many questions, in
+            the items' order (round 1 the first n, round 2 the next n, wrapping round at the
+            end), so later rounds do not fit the same questions again; None: every round
+            samples every question (the paper's setting on a large pool).
         min_margin, min_chosen_score, pairs_per_question: how pairs are picked
             (see :func:`~insightv_agents.trainers.data.build_dpo_pairs`).
         dpo: the DPO settings of every round (:class:`DPOSettings` fields but
@@ -70,6 +74,7 @@ class IterativeDPOSettings(BaseModel):
     max_retries: int = Field(2, ge=0, le=10)
     final_answer: FinalAnswer = "ask"
     concurrency: int = Field(8, ge=1, le=1024)
+    questions_per_round: int | None = Field(None, ge=1)
     min_margin: int = Field(20, ge=0, le=99)
     min_chosen_score: int | None = Field(None, ge=1, le=100)
     pairs_per_question: int = Field(1, ge=1, le=64)
@@ -89,6 +94,14 @@ class IterativeDPOSettings(BaseModel):
 
     def round_dir(self, round_number: int) -> Path:
         return self.output_dir / f"round-{round_number}"
+
+    def round_questions(self, round_number: int, count: int) -> list[int]:
+        """Indexes of the questions (of ``count``) that one round samples."""
+        per_round = self.questions_per_round
+        if per_round is None or per_round >= count:
+            return list(range(count))
+        start = (round_number - 1) * per_round
+        return [(start + offset) % count for offset in range(per_round)]
 
 
 @runtime_checkable
@@ -273,6 +286,8 @@ def _sample(number: int, current: str, items: str | Path, samples: Path,
     from insightv_agents.synthesize import describe_model, load_items, synthesize, write_run_file
 
     loaded, root = load_items(items, out=samples)
+    chosen = config.round_questions(number, len(loaded))
+    loaded = [loaded[index] for index in chosen]
     sampler = policy.chat_model(current, number)
     graph = create_synthesis_graph(teacher=sampler, scorer=scorer, judge=judge,
                                    summarizer=summarizer, mode=config.mode, paths=config.paths,
@@ -285,6 +300,7 @@ def _sample(number: int, current: str, items: str | Path, samples: Path,
                   "mode": config.mode, "final_answer": config.final_answer,
                   "prompts_version": PROMPTS_VERSION, "round": number}
     write_run_file(samples, {"input": str(items), "data_root": str(root),
+                             "question_ids": [item.id for item in loaded],
                              "paths": config.paths, **provenance})
     report = loop.run(synthesize(graph, loaded, samples, concurrency=config.concurrency,
                                  provenance=provenance))
