@@ -243,6 +243,38 @@ def test_length_grouped_sft_batches_rows_of_similar_length(base: Path, tmp_path:
     assert shares[True] > 0.93 and shares[True] > shares[False] + 0.05, shares
 
 
+def test_mean_token_loss_scale_divides_every_step_by_the_same_count(
+        base: Path, tmp_path: Path) -> None:
+    """Grouped batches of long and of short rows: transformers divides each step by its own
+    supervised tokens (so they differ by ~10x); loss_scale="mean_tokens" by one count for
+    all, the mean of those (every batch full, every row counted)."""
+    import datasets
+    import torch
+
+    from insightv_agents.trainers.sft import _sft_trainer
+
+    image = tmp_path / "image.png"
+    image.write_bytes(png_bytes())
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image"},
+                                                       {"type": "text", "text": "Question?"}]},
+                          {"role": "assistant", "content": [
+                              {"type": "text", "text": "yes " * (4 if row % 2 else 60)}]}],
+             "images": [str(image)]} for row in range(32)]
+    dataset = datasets.Dataset.from_list(rows)
+    counts = {}
+    for scale in ("batch_tokens", "mean_tokens"):
+        trainer, _, _ = _sft_trainer(base, dataset, SFTSettings(
+            agent="summary", finetune="full", output_dir=tmp_path / scale,
+            per_device_train_batch_size=2, group_by_length=True, loss_scale=scale))
+        counts[scale] = [float(trainer.get_batch_samples(iter([batch]), 1,
+                                                         torch.device("cpu"))[1])
+                         for batch in trainer.get_train_dataloader()]
+    shown = counts["batch_tokens"]
+    assert len(shown) == 16 and max(shown) > 5 * min(shown)
+    assert len(set(counts["mean_tokens"])) == 1
+    assert counts["mean_tokens"][0] == pytest.approx(sum(shown) / len(shown))
+
+
 def test_loss_mask_follows_the_chat_template(base: Path) -> None:
     from transformers import AutoProcessor
 

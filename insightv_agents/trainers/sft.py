@@ -40,6 +40,7 @@ from insightv_agents.trainers.common import (
 
 Agent = Literal["reasoning", "summary"]
 LossMask = Literal["auto", "assistant", "completion"]
+LossScale = Literal["batch_tokens", "mean_tokens"]
 
 LENGTH_COLUMN = "length"
 # (learning rate, epochs) by agent and fine-tuning kind; see the module docstring.
@@ -67,14 +68,22 @@ class SFTSettings(TrainSettings):
             batch (no grouping). The loss is still each batch's mean over its supervised
             tokens, so where kinds of rows differ in length and in supervised tokens (short
             answer-only rows beside long chains), grouping them apart gives the tokens of the
-            kind with fewer per batch more weight than shuffled batches would: use it where the
-            rows are of one kind.
+            kind with fewer per batch more weight than shuffled batches would: use it with
+            ``loss_scale="mean_tokens"``, or where the rows are of one kind.
+        loss_scale: what each step's summed token loss is divided by. ``"batch_tokens"``
+            (transformers' way): the supervised tokens of the step's own rows, so every step
+            weighs the same and a token in a batch of short answers weighs more than one in a
+            batch of long chains. ``"mean_tokens"``: the mean supervised tokens per row (counted
+            on up to 256 rows of the set before training) times the rows of a step, the same
+            for every step, so every supervised token weighs the same however the batches are
+            made up (grouped or not); a step of short rows then moves the model less.
     """
 
     agent: Agent = "reasoning"
     loss: LossMask = "auto"
     max_length: int | None = Field(None, ge=16)
     group_by_length: bool = False
+    loss_scale: LossScale = "batch_tokens"
 
     def schedule(self) -> tuple[float, float]:
         """The learning rate and epochs this run uses."""
@@ -104,9 +113,28 @@ def train_sft(model: str | Path, dataset: Any, settings: SFTSettings | dict[str,
         ConfigError: for invalid settings or a chat template that cannot mask the loss as
             asked; InvalidInputError: for a missing or empty dataset.
     """
+    config = check_settings(settings, SFTSettings)
+    trainer, loaded, mask = _sft_trainer(model, dataset, config, adapter=adapter,
+                                         eval_dataset=eval_dataset, callbacks=callbacks)
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=checkpoint_to_resume(config))
+    rate, epochs = config.schedule()
+    metrics = {**output.metrics, "train_loss": output.training_loss,
+               "wall_seconds": round(time.perf_counter() - started, 3),
+               "rows": len(trainer.train_dataset)}
+    out = save_output(trainer, loaded, config, f"sft-{config.agent}", metrics,
+                      {"loss_mask": mask, "learning_rate": rate, "epochs": epochs,
+                       "loss_scale": config.loss_scale})
+    return TrainResult(output_dir=out, adapter=config.finetune == "lora",
+                       base_model=loaded.base, metrics=metrics)
+
+
+def _sft_trainer(model: str | Path, dataset: Any, config: SFTSettings, *,
+                 adapter: str | Path | None = None, eval_dataset: Any = None,
+                 callbacks: list[Any] | None = None) -> tuple[Any, Any, str]:
+    """The configured ``SFTTrainer`` (not yet trained), the loaded model and the loss mask."""
     from trl import SFTConfig, SFTTrainer
 
-    config = check_settings(settings, SFTSettings)
     data = load_dataset_arg(dataset)
     if "messages" not in data.column_names:
         raise ConfigError("SFT needs a conversational dataset with a `messages` column "
@@ -123,17 +151,54 @@ def train_sft(model: str | Path, dataset: Any, settings: SFTSettings | dict[str,
     if config.group_by_length:
         data = with_lengths(data)
         kwargs = {**_length_grouped_kwargs(), **kwargs}  # trl_args still win
-    trainer = SFTTrainer(model=loaded.model, args=SFTConfig(**kwargs), train_dataset=data,
-                         eval_dataset=eval_dataset, processing_class=loaded.processor,
-                         peft_config=loaded.peft_config, callbacks=callbacks)
-    started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=checkpoint_to_resume(config))
-    metrics = {**output.metrics, "train_loss": output.training_loss,
-               "wall_seconds": round(time.perf_counter() - started, 3), "rows": len(data)}
-    out = save_output(trainer, loaded, config, f"sft-{config.agent}", metrics,
-                      {"loss_mask": mask, "learning_rate": rate, "epochs": epochs})
-    return TrainResult(output_dir=out, adapter=config.finetune == "lora",
-                       base_model=loaded.base, metrics=metrics)
+    kind = SFTTrainer if config.loss_scale == "batch_tokens" else _mean_token_trainer()
+    trainer = kind(model=loaded.model, args=SFTConfig(**kwargs), train_dataset=data,
+                   eval_dataset=eval_dataset, processing_class=loaded.processor,
+                   peft_config=loaded.peft_config, callbacks=callbacks)
+    if config.loss_scale == "mean_tokens":
+        if not (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None):
+            raise ConfigError(f"loss_scale='mean_tokens' needs a model whose loss takes the "
+                              f"token count; {type(loaded.model).__name__} does not.")
+        trainer.tokens_per_row = supervised_tokens_per_row(trainer, seed=config.seed)
+    return trainer, loaded, mask
+
+
+def supervised_tokens_per_row(trainer: Any, rows: int = 256, seed: int = 0) -> float:
+    """The mean supervised (label) tokens per row of ``trainer``'s training set, counted on
+    up to ``rows`` rows (picked with ``seed``) through its own collator, as the loss counts
+    them (labels after the first position)."""
+    import random
+
+    data = trainer.train_dataset
+    picked = sorted(random.Random(seed).sample(range(len(data)), min(rows, len(data))))
+    size = trainer.args.per_device_train_batch_size
+    counted = 0
+    for start in range(0, len(picked), size):
+        batch = trainer.data_collator([data[index] for index in picked[start:start + size]])
+        counted += int(batch["labels"][..., 1:].ne(-100).sum())
+    return counted / len(picked)
+
+
+def _mean_token_trainer() -> type:
+    """``SFTTrainer`` dividing every step's loss by the same token count (``loss_scale=
+    "mean_tokens"``): its ``tokens_per_row`` times the rows of a full step."""
+    import torch
+    from trl import SFTTrainer
+
+    class MeanTokenSFTTrainer(SFTTrainer):
+        tokens_per_row: float = 1.0
+
+        def get_batch_samples(self, epoch_iterator: Any, num_batches: int,
+                              device: Any) -> tuple[list[Any], Any]:
+            batches, counted = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if counted is None:
+                return batches, counted
+            rows = self.args.per_device_train_batch_size * num_batches
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                rows *= self.args.world_size  # the count then covers every process's rows
+            return batches, torch.tensor(self.tokens_per_row * rows, device=device)
+
+    return MeanTokenSFTTrainer
 
 
 def loss_mask(processor: Any, asked: LossMask) -> Literal["assistant", "completion"]:
