@@ -52,10 +52,8 @@ def test_demo_agents_reach_the_claimed_accuracy_on_the_fixed_test_slice(tmp_path
     info = demo_info()
     claimed = info["claimed_accuracy"]
     assert f"{100 * claimed:.0f}%" in README.read_text()  # the README states this claim
-    settings = info["settings"]
-    data = make_dataset(tmp_path / "data", seed=settings["seed"],
-                        sizes={"train": settings["train"], "dpo": settings["dpo"],
-                               "test": settings["test"]})
+    made = info["dataset"]  # the run's dataset, remade the same (the generator is seeded)
+    data = make_dataset(tmp_path / "data", seed=made["seed"], sizes=made["sizes"])
     items, _ = load_items(data / "test.jsonl", limit=info["test_slice"]["first"])
     reasoner, summarizer = demo_agents()
     graph = create_insightv_graph(reasoner=reasoner, summarizer=summarizer, mode="chain",

@@ -13,6 +13,7 @@ import pytest
 from insightv_agents.shapes.reproduce import (
     SYSTEMS,
     ReproduceSettings,
+    export_demo,
     reproduce,
     results_markdown,
 )
@@ -66,6 +67,23 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
                               )["settings"]["learning_rate"] for name in ("base", "reasoner")}
     assert rates == {"base": settings.caption_learning_rate, "reasoner": settings.learning_rate}
     assert settings.caption_learning_rate != settings.learning_rate
+
+    # each DPO round sampled its own 4 of the 8 DPO questions
+    sampled = [{json.loads(line)["id"] for line in (out / "models" / "dpo" / f"round-{n}" /
+                                                   "samples" / "records.jsonl").open()}
+               for n in (1, 2)]
+    assert len(sampled[0]) == len(sampled[1]) == 4 and not sampled[0] & sampled[1]
+    assert len((out / "data" / "dpo.jsonl").read_text().splitlines()) == 8
+
+    info = export_demo(out, tmp_path / "demo", slice_size=3)
+    best = max(results["systems"][name]["accuracy"] for name in ("c-insightv", "d-dpo-1",
+                                                                 "e-dpo-3"))
+    assert info["reasoner"].endswith(next(
+        label for name, label in reversed(SYSTEMS.items())
+        if name[0] in "cde" and results["systems"][name]["accuracy"] == best))
+    assert info["dataset"]["sizes"] == {"train": 20, "dpo": 8, "test": 5}
+    assert info["test_slice"]["first"] == 3
+    assert {path.name for path in (tmp_path / "demo" / "reasoner").glob("*.safetensors")}
 
     again = reproduce(settings, log=[].append)
     assert again["systems"] == results["systems"]

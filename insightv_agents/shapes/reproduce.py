@@ -42,7 +42,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from insightv_agents.prompts import Prompts, StagePrompts
-from insightv_agents.shapes.dataset import make_dataset
+from insightv_agents.shapes.dataset import DATASET_FILE, make_dataset
 from insightv_agents.shapes.questions import ANSWER_RULES, CATEGORIES
 from insightv_agents.shapes.scenes import CELL_TAGS, SceneIndex, describe_grid
 from insightv_agents.trainers.common import write_atomic
@@ -628,11 +628,11 @@ DEMO_SLICE = 60  # the demo agents' accuracy is measured (and tested) on these t
 
 def export_demo(out: str | Path, dest: str | Path, *, slice_size: int = DEMO_SLICE
                 ) -> dict[str, Any]:
-    """Ship a run's agents as the demo agents: the reasoning agent after iterative DPO (or
-    before, when DPO did not help; before, too, while the run has no results yet) and the
-    summary agent, as bfloat16 safetensors in ``dest``; then measure them, as loaded from
-    there, on the first ``slice_size`` test questions and write ``demo.json`` (how they
-    were made, what they scored)."""
+    """Ship a run's agents as the demo agents: the reasoning agent of the best of (c), (d)
+    and (e) on the test split (the later on a tie; (c)'s while the run has no results yet)
+    and the summary agent, as bfloat16 safetensors in ``dest``; then measure them, as loaded
+    from there, on the first ``slice_size`` test questions and write ``demo.json`` (how they
+    were made, the dataset to remake the slice, what they scored)."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -645,11 +645,14 @@ def export_demo(out: str | Path, dest: str | Path, *, slice_size: int = DEMO_SLI
     results = (json.loads((run_dir / RESULTS_FILE).read_text())
                if (run_dir / RESULTS_FILE).exists() else None)
     systems = results["systems"] if results else {}
-    tuned = bool(systems) and systems["e-dpo-3"]["accuracy"] >= systems["c-insightv"]["accuracy"]
-    chosen = "e-dpo-3" if tuned else "c-insightv"
-    sources = {"reasoner": results["dpo_rounds"][-1]["model_out"] if results and tuned
-               else str(run_dir / "models" / "reasoner"),
-               "summary": str(run_dir / "models" / "summary")}
+    # the reasoning agent of the best two-agent system (the later one on a tie)
+    chosen = max(("e-dpo-3", "d-dpo-1", "c-insightv") if systems else ("c-insightv",),
+                 key=lambda name: systems[name]["accuracy"] if systems else 0)
+    reasoners = {"c-insightv": str(run_dir / "models" / "reasoner")}
+    if results:
+        reasoners |= {"d-dpo-1": results["dpo_rounds"][0]["model_out"],
+                      "e-dpo-3": results["dpo_rounds"][-1]["model_out"]}
+    sources = {"reasoner": reasoners[chosen], "summary": str(run_dir / "models" / "summary")}
     settings = json.loads((run_dir / "settings.json").read_text())
     for name, source in sources.items():
         folder = target / name
@@ -676,6 +679,7 @@ def export_demo(out: str | Path, dest: str | Path, *, slice_size: int = DEMO_SLI
         "prompts": {field.name: getattr(PROMPTS, field.name) for field in fields(Prompts)
                     if getattr(PROMPTS, field.name) != field.default},
         "settings": settings, "machine": machine(),
+        "dataset": json.loads((run_dir / "data" / DATASET_FILE).read_text()),
         "test_slice": {"split": "test", "first": slice_size, "accuracy": round(measured, 4),
                        "by_category": {key: round(value["accuracy"], 4) for key, value
                                        in report["accuracy"].items() if key != "all"}},
