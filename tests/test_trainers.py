@@ -206,18 +206,24 @@ def test_row_lengths_count_the_text_of_every_turn_not_the_images(records: Any) -
     assert set(with_lengths(kept)["length"]) == {7}  # a length column of its own is kept
 
 
-def test_length_grouped_sft_batches_rows_of_similar_length(base: Path, tmp_path: Path) -> None:
+def short_and_long_rows(folder: Path) -> Any:
+    """32 rows about one picture, whose answers are in turn 60 and 4 words long."""
     import datasets
+
+    image = folder / "image.png"
+    image.write_bytes(png_bytes())
+    return datasets.Dataset.from_list([
+        {"messages": [{"role": "user", "content": [{"type": "image"},
+                                                   {"type": "text", "text": "Question?"}]},
+                      {"role": "assistant", "content": [
+                          {"type": "text", "text": "yes " * (4 if row % 2 else 60)}]}],
+         "images": [str(image)]} for row in range(32)])
+
+
+def test_length_grouped_sft_batches_rows_of_similar_length(base: Path, tmp_path: Path) -> None:
     from transformers import TrainerCallback
 
-    image = tmp_path / "image.png"
-    image.write_bytes(png_bytes())
-    rows = [{"messages": [{"role": "user", "content": [{"type": "image"},
-                                                       {"type": "text", "text": "Question?"}]},
-                          {"role": "assistant", "content": [
-                              {"type": "text", "text": "yes " * (4 if row % 2 else 60)}]}],
-             "images": [str(image)]} for row in range(32)]
-    dataset = datasets.Dataset.from_list(rows)
+    dataset = short_and_long_rows(tmp_path)
 
     class Batches(TrainerCallback):
         """The share of real (not padding) tokens in each batch of the epoch."""
@@ -248,19 +254,11 @@ def test_mean_token_loss_scale_divides_every_step_by_the_same_count(
     """Grouped batches of long and of short rows: transformers divides each step by its own
     supervised tokens (so they differ by ~10x); loss_scale="mean_tokens" by one count for
     all, the mean of those (every batch full, every row counted)."""
-    import datasets
     import torch
 
     from insightv_agents.trainers.sft import _sft_trainer
 
-    image = tmp_path / "image.png"
-    image.write_bytes(png_bytes())
-    rows = [{"messages": [{"role": "user", "content": [{"type": "image"},
-                                                       {"type": "text", "text": "Question?"}]},
-                          {"role": "assistant", "content": [
-                              {"type": "text", "text": "yes " * (4 if row % 2 else 60)}]}],
-             "images": [str(image)]} for row in range(32)]
-    dataset = datasets.Dataset.from_list(rows)
+    dataset = short_and_long_rows(tmp_path)
     counts = {}
     for scale in ("batch_tokens", "mean_tokens"):
         trainer, _, _ = _sft_trainer(base, dataset, SFTSettings(
