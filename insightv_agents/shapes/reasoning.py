@@ -263,8 +263,14 @@ class _Writer:
             if shape is None:
                 raise InvalidInputError("the cell is empty", field="question")
             value = str(getattr(shape, query.attribute or "kind"))
-            word = {"colour": "colour", "kind": "kind", "size": "size"}[query.attribute or "kind"]
-            return self.finish(f"Look at row {row}, column {column}",
+            attribute = query.attribute or "kind"
+            word = {"colour": "colour", "kind": "kind", "size": "size"}[attribute]
+            # the summary names what is looked up: the last step must not have to find it
+            # in the question, hundreds of tokens back (v6's chains answered the size of the
+            # right shape whatever was asked, 4 perception questions right of 12)
+            looked_up = {"colour": "the colour of the shape", "kind": "the kind of shape",
+                         "size": "the size of the shape"}[attribute]
+            return self.finish(f"Look at {looked_up} at row {row}, column {column}",
                                f"The shape at row {row}, column {column} is "
                                f"{cell_tag(row, column)} {shape.name}, so its {word} is {value}.",
                                value)
