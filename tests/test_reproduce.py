@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from insightv_agents.shapes.reproduce import (
     SYSTEMS,
     ReproduceSettings,
+    Run,
     export_demo,
     reproduce,
     results_markdown,
@@ -152,3 +154,23 @@ def test_a_summary_mix_that_makes_no_rows_is_refused_before_anything_runs(tmp_pa
         with pytest.raises(ValidationError, match="mix proportions"):
             reproduce({"out": tmp_path / "run", "summary_mix": mix}, log=[].append)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_stage_keeps_the_time_it_ran(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage killed half-way (here: failing after 0.3 s) has its time so far in
+    timings.json; the run that resumes it adds its own."""
+    monkeypatch.setattr(Run, "TICK_SECONDS", 0.05)
+    settings = ReproduceSettings(out=tmp_path / "run")
+
+    def interrupted() -> None:
+        time.sleep(0.3)
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        Run(settings).timed("sft reasoner", interrupted)
+    first = json.loads((settings.out / "timings.json").read_text())["sft reasoner"]
+    assert 0.2 <= first <= 0.4
+    assert Run(settings).timed("sft reasoner", lambda: time.sleep(0.2) or "done") == "done"
+    total = json.loads((settings.out / "timings.json").read_text())["sft reasoner"]
+    assert first + 0.15 <= total <= first + 0.4

@@ -32,6 +32,7 @@ import json
 import platform
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -194,6 +195,8 @@ class ReproduceSettings(BaseModel):
 class Run:
     """One reproduction: its folders, its stage clock, and the stages in order."""
 
+    TICK_SECONDS = 60.0  # how often a running stage's time is written
+
     def __init__(self, settings: ReproduceSettings, log: Callable[[str], None] = print):
         self.settings = settings
         self.out = settings.out
@@ -207,17 +210,36 @@ class Run:
     # --- the clock ---------------------------------------------------------------------------
 
     def timed(self, name: str, work: Callable[[], Any]) -> Any:
-        """Run one stage, adding its wall time to ``timings.json`` (a resumed stage adds
-        only the time it still took)."""
+        """Run one stage, adding its wall time to ``timings.json``. The time is written
+        every ``TICK_SECONDS`` while the stage runs, so an interrupted stage's time counts
+        too: a resumed stage's total is the time of all its runs (the work lost since its
+        last checkpoint included), not only of the run that finished it."""
         self.log(f"[{name}] ...")
+        earlier = self.timings.get(name, 0.0)
         started = time.perf_counter()
-        result = work()
+        stop = threading.Event()
+
+        def tick() -> None:
+            while not stop.wait(self.TICK_SECONDS):
+                self.record(name, earlier + time.perf_counter() - started)
+
+        ticker = threading.Thread(target=tick, name=f"clock {name}", daemon=True)
+        ticker.start()
+        try:
+            result = work()
+        finally:
+            stop.set()
+            ticker.join()
         seconds = time.perf_counter() - started
-        self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 1)
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.timings_file, json.dumps(self.timings, indent=2))
+        self.record(name, earlier + seconds)
         self.log(f"[{name}] done in {seconds:.0f} s")
         return result
+
+    def record(self, name: str, seconds: float) -> None:
+        """Write one stage's time into ``timings.json``."""
+        self.timings[name] = round(seconds, 1)
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.timings_file, json.dumps(self.timings, indent=2))
 
     # --- the stages --------------------------------------------------------------------------
 
