@@ -262,9 +262,8 @@ class _Writer:
             shape = self.scene.at(row, column)
             if shape is None:
                 raise InvalidInputError("the cell is empty", field="question")
-            value = str(getattr(shape, query.attribute or "kind"))
             attribute = query.attribute or "kind"
-            word = {"colour": "colour", "kind": "kind", "size": "size"}[attribute]
+            value = str(getattr(shape, attribute))
             # the summary names what is looked up: the last step must not have to find it
             # in the question, hundreds of tokens back (v6's chains answered the size of the
             # right shape whatever was asked, 4 perception questions right of 12)
@@ -272,7 +271,8 @@ class _Writer:
                          "size": "the size of the shape"}[attribute]
             return self.finish(f"Look at {looked_up} at row {row}, column {column}",
                                f"The shape at row {row}, column {column} is "
-                               f"{cell_tag(row, column)} {shape.name}, so its {word} is {value}.",
+                               f"{cell_tag(row, column)} {shape.name}, so its {attribute} "
+                               f"is {value}.",
                                value)
         if query.kind == "count":
             number = self.count(a)
