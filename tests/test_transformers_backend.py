@@ -80,6 +80,47 @@ def test_n_samples(tiny_idefics3: Path, image_path: Path) -> None:
         [g.text for g in generations], [g.text for g in second]]  # seeded: repeatable
 
 
+def test_concurrent_calls_share_a_generation_and_get_their_own_replies(
+        tiny_idefics3: Path, image_path: Path) -> None:
+    prompts = [[image_message(image_path, "What is shown?" + " Look closely." * k)]
+               for k in range(4)]  # prompts of different lengths: the batch is left-padded
+    alone = ChatTransformersVLM(model_path=str(tiny_idefics3), max_new_tokens=12,
+                                max_batch_size=1)
+    expected = [alone.invoke(p) for p in prompts]
+    assert alone._calls == 4
+    together = ChatTransformersVLM(model_path=str(tiny_idefics3), max_new_tokens=12,
+                                   batch_wait_s=0.5)
+    replies = together.batch(prompts, config={"max_concurrency": 4})
+    assert together._calls < 4  # calls that overlapped were generated together
+    assert [r.text for r in replies] == [e.text for e in expected]
+    assert [r.usage_metadata["input_tokens"] for r in replies] == [  # type: ignore[index]
+        e.usage_metadata["input_tokens"] for e in expected]  # type: ignore[index]
+    # different sampling settings never share a batch; each call gets its own settings
+    short, long = asyncio.run(_two(together, prompts[0]))
+    assert 1 <= short.usage_metadata["output_tokens"] <= 2  # type: ignore[index]
+    assert long.text == expected[0].text
+
+
+async def _two(model: ChatTransformersVLM, prompt: list[Any]) -> list[Any]:
+    return list(await asyncio.gather(model.ainvoke(prompt, max_new_tokens=2),
+                                     model.ainvoke(prompt)))
+
+
+def test_a_failing_generation_fails_every_call_it_served(tiny_idefics3: Path,
+                                                        image_path: Path) -> None:
+    model = ChatTransformersVLM(model_path=str(tiny_idefics3), max_new_tokens=4,
+                                batch_wait_s=0.5)
+
+    def broken(**_: Any) -> Any:
+        raise RuntimeError("out of memory")
+
+    model._model.generate = broken
+    prompts = [[image_message(image_path)]] * 3
+    outcomes = model.batch(prompts, config={"max_concurrency": 3}, return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) and "out of memory" in str(o) for o in outcomes)
+    assert model._pending == [] and model._in_flight == 0
+
+
 def test_stop_strings_cut_the_reply(model: ChatTransformersVLM, image_path: Path) -> None:
     full = model.invoke([image_message(image_path)]).text
     assert len(full) >= 2

@@ -142,7 +142,9 @@ class ReproduceSettings(BaseModel):
         judge_rows: pairwise judge rows added to (f)'s training set (0: the model judges
             untaught, as LLaVA-CoT's large model does).
         max_new_tokens: cap of every generated reply.
-        concurrency: items evaluated (and DPO questions sampled) at once.
+        concurrency: items evaluated (and DPO questions sampled) at once; the in-process
+            agents generate the calls that overlap as one batch
+            (:class:`~insightv_agents.integrations.transformers.ChatTransformersVLM`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -178,7 +180,7 @@ class ReproduceSettings(BaseModel):
     self_paths: int = Field(2, ge=1, le=16)
     judge_rows: int = Field(600, ge=0)
     max_new_tokens: int = Field(512, ge=16)
-    concurrency: int = Field(4, ge=1)
+    concurrency: int = Field(8, ge=1)
 
     @field_validator("summary_mix")
     @classmethod
