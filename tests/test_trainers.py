@@ -273,6 +273,22 @@ def test_mean_token_loss_scale_divides_every_step_by_the_same_count(
     assert counts["mean_tokens"][0] == pytest.approx(sum(shown) / len(shown))
 
 
+def test_mean_token_loss_scale_refuses_a_model_whose_loss_takes_no_count(
+        base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose loss ignores the token count would silently average per step again:
+    refused with a typed error before training."""
+    from transformers import Idefics3ForConditionalGeneration
+
+    from insightv_agents.trainers.sft import _sft_trainer
+
+    monkeypatch.setattr(Idefics3ForConditionalGeneration, "accepts_loss_kwargs", False,
+                        raising=False)
+    with pytest.raises(ConfigError, match="loss_scale='mean_tokens' needs a model whose loss"):
+        _sft_trainer(base, short_and_long_rows(tmp_path), SFTSettings(
+            agent="summary", finetune="full", output_dir=tmp_path / "out",
+            loss_scale="mean_tokens"))
+
+
 def test_loss_mask_follows_the_chat_template(base: Path) -> None:
     from transformers import AutoProcessor
 
