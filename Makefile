@@ -39,7 +39,7 @@ $(VLLM_STAMP):
 
 demo: $(STAMP)
 	$(BIN)/insightv run --image examples/shapes.png \
-	  --question "Is the shape at row 4, column 4 small or large?"
+	  --question "How many shapes are left if all large shapes are removed?"
 
 test: lint typecheck pytest
 

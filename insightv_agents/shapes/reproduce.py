@@ -116,7 +116,7 @@ class ReproduceSettings(BaseModel):
             grouped batches run through one kind of question at a time, and on the same base
             the grouped reasoning agent stopped reading the question (its plan for "What kind
             of shape is at row 3, column 3?" was "Count the circles"): (b) 6.7% against 30.0%
-            shuffled (runs/reproduce, seed 0).
+            shuffled (a from-scratch run, seed 0; README).
         rounds, dpo_paths, dpo_learning_rate, dpo_epochs, dpo_beta: iterative DPO.
         dpo_answer: how a DPO round finds each sampled chain's answer: ``"summary"``, the
             run's summary agent answers from the chain (as Insight-V's system does);
