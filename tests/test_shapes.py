@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -203,6 +205,33 @@ def test_injected_errors_are_found_and_lower_the_score(dataset: Path) -> None:
         assert scores[0] == 100 and scores[1] < scores[0]
         lowered += 1
     assert lowered >= 25
+
+
+def test_per_step_share_scores_a_chain_that_marks_every_cell_no_far_lower() -> None:
+    """A counting step that marks every cell "no" keeps most of its claims (few cells match)
+    and so most of a per-claim score; per step, that step is simply wrong."""
+    scene = Scene((Shape(1, 1, "circle", "red", "small"), Shape(2, 3, "square", "red", "large"),
+                   Shape(4, 4, "circle", "blue", "small")))
+    query = Query("count", Filter(colour="red"))
+    clean = plan_path(scene, query, strategy="cells")
+    lazy = [dict(step) for step in clean.steps]
+    counting = next(s for s in lazy if s["reasoning"].startswith("Checking each cell"))
+    counting["reasoning"] = re.sub(r"(r\dc\d [a-z ]+?) (?:yes|\d+)\b", r"\1 no",
+                                   counting["reasoning"])
+    assert counting["reasoning"] != next(
+        s for s in clean.steps if s["reasoning"].startswith("Checking each cell"))["reasoning"]
+    index = SceneIndex({})
+
+    def score(steps: list[Any], share: str) -> int:
+        scorer = SceneScorer(index, share=share)  # type: ignore[arg-type]
+        return scorer.score(scene, {"steps": steps, "answer": "2", "check": None}, "2")["score"]
+
+    assert score(clean.steps, "claims") == score(clean.steps, "steps") == 100
+    per_claim, per_step = score(lazy, "claims"), score(lazy, "steps")
+    assert per_claim >= 90
+    assert per_step < per_claim - 10
+    with pytest.raises(ValueError, match="share"):
+        SceneScorer(index, share="words")  # type: ignore[arg-type]
 
 
 def test_reasoning_flaws_change_one_number_and_carry_on() -> None:

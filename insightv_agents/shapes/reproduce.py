@@ -124,6 +124,10 @@ class ReproduceSettings(BaseModel):
             on its own: the pairs then reward chains that reach the answer themselves). In
             runs/reproduce-v5 the summary agent answered 16-17% of the sampled chains right
             and the rounds had 3-4 pairs; judged by their own answers (v6), 26-33% and 30-35.
+        dpo_score_share: how the DPO rounds' ``SceneScorer`` counts the reasoning: the share
+            of claims that hold, or of steps whose claims all hold (``share``). Per claim, a
+            chain whose counting steps mark every cell "no" scored 92-100 when its answer
+            was right, as high as a faithful one, so the pairs could not prefer the faithful.
         beam_size: candidates per stage in (f)'s stage-level beam search.
         summary_rows, summary_mix: rows of the summary agent's SFT set, and their shares of
             optimal and flawed paths, the agent's own paths and plain question answering
@@ -172,6 +176,7 @@ class ReproduceSettings(BaseModel):
     dpo_epochs: float = Field(2, gt=0)
     dpo_beta: float = Field(0.1, gt=0)
     dpo_answer: Literal["summary", "stated"] = "stated"
+    dpo_score_share: Literal["claims", "steps"] = "claims"
     beam_size: int = Field(2, ge=2, le=8)
     summary_rows: int = Field(1200, ge=10)
     summary_mix: SummaryMix = Field(default_factory=lambda: OPTIMAL_ONLY)
@@ -465,7 +470,7 @@ class Run:
                      "num_train_epochs": s.dpo_epochs, "beta": s.dpo_beta,
                      "per_device_train_batch_size": 8, "seed": s.seed, "logging_steps": 5},
                 final_answer="stated" if s.dpo_answer == "stated" else "ask"),
-            scorer=SceneScorer(index=self.index),
+            scorer=SceneScorer(index=self.index, share=s.dpo_score_share),
             summarizer=self.chat(self.models / "summary") if s.dpo_answer == "summary" else None,
             prompts=PROMPTS, rules=ANSWER_RULES,
             policy=InProcessPolicy(max_new_tokens=s.max_new_tokens, seed=s.seed),

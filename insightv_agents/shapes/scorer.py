@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from insightv_agents.answers import extract_answer, match_answer
 from insightv_agents.assessment import ScoreRequest
@@ -54,42 +54,46 @@ class Claim:
 
 def check_claims(scene: Scene, steps: list[ReasoningStep]) -> list[Claim]:
     """Every claim in ``steps`` that can be checked against ``scene``, in order."""
+    return [claim for step in steps for claim in step_claims(scene, step)]
+
+
+def step_claims(scene: Scene, step: ReasoningStep) -> list[Claim]:
+    """Every claim in one step that can be checked against ``scene``, in order."""
     claims: list[Claim] = []
-    for step in steps:
-        text = step["reasoning"]
-        for tag_row, tag_column, seen in tagged_cells(text):
-            on_grid = 1 <= tag_row <= GRID and 1 <= tag_column <= GRID
-            shape = scene.at(tag_row, tag_column) if on_grid else None
-            holds = on_grid and (seen == "empty" if shape is None else seen == shape.name)
-            claims.append(Claim(f"row {tag_row}, column {tag_column}: {seen}", holds))
-        for match in _CHECK.finditer(text):
-            claims += _check_marks(scene, match)
-        for match in _MENTION.finditer(text):
-            size, colour, kind, row, column = match.groups()
-            shape = scene.at(int(row), int(column))
-            claims.append(Claim(match.group(0), shape is not None and
-                                (shape.size, shape.colour, shape.kind) ==
-                                (size.lower(), colour.lower(), kind.lower())))
-        for match in _COUNT.finditer(text):
-            phrase, number = match.groups()
-            claims.append(Claim(match.group(0),
-                                len(parse_filter(phrase).select(scene)) == int(number)))
-        for match in _LEFT.finditer(text):
-            column, number = int(match.group(1)), int(match.group(2))
-            claims.append(Claim(match.group(0), number ==
-                                sum(shape.column < column for shape in scene.shapes)))
-        for match in _EQUATION.finditer(text):
-            terms, result = match.groups()
-            tokens = terms.split()
-            value = int(tokens[0])
-            for sign, term in zip(tokens[1::2], tokens[2::2], strict=True):
-                value += int(term) if sign == "+" else -int(term)
-            claims.append(Claim(match.group(0), value == int(result)))
-        for pattern in (_COMPARISON, _COLUMNS):
-            for match in pattern.finditer(text):
-                left, sign, right = int(match.group(1)), match.group(2), int(match.group(3))
-                holds = {"<": left < right, ">": left > right, "=": left == right}[sign]
-                claims.append(Claim(match.group(0), holds))
+    text = step["reasoning"]
+    for tag_row, tag_column, seen in tagged_cells(text):
+        on_grid = 1 <= tag_row <= GRID and 1 <= tag_column <= GRID
+        shape = scene.at(tag_row, tag_column) if on_grid else None
+        holds = on_grid and (seen == "empty" if shape is None else seen == shape.name)
+        claims.append(Claim(f"row {tag_row}, column {tag_column}: {seen}", holds))
+    for match in _CHECK.finditer(text):
+        claims += _check_marks(scene, match)
+    for match in _MENTION.finditer(text):
+        size, colour, kind, row, column = match.groups()
+        shape = scene.at(int(row), int(column))
+        claims.append(Claim(match.group(0), shape is not None and
+                            (shape.size, shape.colour, shape.kind) ==
+                            (size.lower(), colour.lower(), kind.lower())))
+    for match in _COUNT.finditer(text):
+        phrase, number = match.groups()
+        claims.append(Claim(match.group(0),
+                            len(parse_filter(phrase).select(scene)) == int(number)))
+    for match in _LEFT.finditer(text):
+        column, number = int(match.group(1)), int(match.group(2))
+        claims.append(Claim(match.group(0), number ==
+                            sum(shape.column < column for shape in scene.shapes)))
+    for match in _EQUATION.finditer(text):
+        terms, result = match.groups()
+        tokens = terms.split()
+        value = int(tokens[0])
+        for sign, term in zip(tokens[1::2], tokens[2::2], strict=True):
+            value += int(term) if sign == "+" else -int(term)
+        claims.append(Claim(match.group(0), value == int(result)))
+    for pattern in (_COMPARISON, _COLUMNS):
+        for match in pattern.finditer(text):
+            left, sign, right = int(match.group(1)), match.group(2), int(match.group(3))
+            holds = {"<": left < right, ">": left > right, "=": left == right}[sign]
+            claims.append(Claim(match.group(0), holds))
     return claims
 
 
@@ -155,18 +159,32 @@ class SceneScorer:
     """Scores all paths of a question against the scene of its image (a
     :class:`~insightv_agents.assessment.PathScorer`).
 
-    ``score = 1 + 99 * (answer_weight * right answer + (1 - answer_weight) * share of claims
-    that hold)``; a path with no checkable claim gets nothing for them. Images not in the
-    index get no score (``None``), with a comment saying so.
+    ``score = 1 + 99 * (answer_weight * right answer + (1 - answer_weight) * share)``; a path
+    with no checkable claim gets nothing for the share. Images not in the index get no score
+    (``None``), with a comment saying so.
+
+    Args:
+        index: the scenes of the images.
+        answer_weight: the weight of the right answer against the share.
+        share: ``"claims"``, the share of the path's claims that hold; ``"steps"``, the share
+            of its steps with checkable claims whose claims all hold (a process-level
+            score: one wrong mark or count makes its step wrong). Per claim, a counting step
+            that marks every cell "no" keeps most of its claims, since most cells do not
+            match: in the from-scratch run's DPO rounds the chosen paths (the best-scoring
+            right ones) scored 92-100 whether their marks were right or all "no" (README).
     """
 
     name = "scene"
 
-    def __init__(self, index: SceneIndex, *, answer_weight: float = 0.5) -> None:
+    def __init__(self, index: SceneIndex, *, answer_weight: float = 0.5,
+                 share: Literal["claims", "steps"] = "claims") -> None:
         if not 0 <= answer_weight <= 1:
             raise ValueError("answer_weight must be between 0 and 1")
+        if share not in ("claims", "steps"):
+            raise ValueError("share must be 'claims' or 'steps'")
         self.index = index
         self.answer_weight = answer_weight
+        self.share = share
 
     def score_paths(self, request: ScoreRequest) -> list[PathScore]:
         try:
@@ -177,14 +195,19 @@ class SceneScorer:
         return [self.score(scene, path, request["truth"]) for path in request["paths"]]
 
     def score(self, scene: Scene, path: PathResult, truth: str) -> PathScore:
-        claims = check_claims(scene, path["steps"])
+        per_step = [claims for step in path["steps"] if (claims := step_claims(scene, step))]
+        claims = [claim for step in per_step for claim in step]
         held = sum(claim.holds for claim in claims)
-        share = held / len(claims) if claims else 0.0
+        sound = sum(all(claim.holds for claim in step) for step in per_step)
+        if self.share == "steps":
+            share = sound / len(per_step) if per_step else 0.0
+        else:
+            share = held / len(claims) if claims else 0.0
         check = path.get("check")
         correct = check["correct"] if check else match_answer(path["answer"], truth)["correct"]
         value = self.answer_weight * bool(correct) + (1 - self.answer_weight) * share
         wrong = [claim.text for claim in claims if not claim.holds]
-        comment = (f"{held}/{len(claims)} claims hold; answer "
+        comment = (f"{held}/{len(claims)} claims hold ({sound}/{len(per_step)} steps); answer "
                    f"{'right' if correct else 'wrong'}"
                    + (f"; wrong: {'; '.join(wrong[:3])}" if wrong else ""))
         return {"score": 1 + round(99 * value), "comment": comment}
