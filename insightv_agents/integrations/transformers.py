@@ -189,12 +189,11 @@ class ChatTransformersVLM(BaseChatModel):
     def _serve(self, request: _Request) -> None:
         """Generate for ``request`` and the waiting calls that can share its batch."""
         with self._queue:
-            if self._overlapped and self.max_batch_size > 1:
-                self._queue.wait_for(lambda: self._batchable(request) >= self.max_batch_size,
+            room = self.max_batch_size - 1
+            if self._overlapped and room:
+                self._queue.wait_for(lambda: len(self._peers(request)) >= room,
                                      timeout=self.batch_wait_s)
-            others = [other for other in self._pending
-                      if other is not request and other.key == request.key]
-            batch = [request, *others[:self.max_batch_size - 1]]
+            batch = [request, *self._peers(request)[:room]]
             self._pending = [other for other in self._pending if other not in batch]
         try:
             results = self._run(batch)
@@ -205,8 +204,10 @@ class ChatTransformersVLM(BaseChatModel):
         for member, result in zip(batch, results, strict=True):
             member.result = result
 
-    def _batchable(self, request: _Request) -> int:
-        return sum(other.key == request.key for other in self._pending)
+    def _peers(self, request: _Request) -> list[_Request]:
+        """The waiting calls that can share ``request``'s batch, oldest first."""
+        return [other for other in self._pending
+                if other is not request and other.key == request.key]
 
     def _run(self, batch: list[_Request]) -> list[ChatResult]:
         """One ``generate`` over the batch's prompts (left-padded); a ChatResult for each."""

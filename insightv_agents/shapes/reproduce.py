@@ -125,9 +125,10 @@ class ReproduceSettings(BaseModel):
             runs/reproduce-v5 the summary agent answered 16-17% of the sampled chains right
             and the rounds had 3-4 pairs; judged by their own answers (v6), 26-33% and 30-35.
         dpo_score_share: how the DPO rounds' ``SceneScorer`` counts the reasoning: the share
-            of claims that hold, or of steps whose claims all hold (``share``). Per claim, a
-            chain whose counting steps mark every cell "no" scored 92-100 when its answer
-            was right, as high as a faithful one, so the pairs could not prefer the faithful.
+            of claims that hold, or of steps whose claims all hold (``share``). Per step did
+            not help (runs/reproduce-steps: (d) 31.7, (e) 30.0 against 33.3 and 30.0 per
+            claim): no sampled multi-step path had every step right, so the pairs stayed right
+            answers against wrong ones (README, Results).
         beam_size: candidates per stage in (f)'s stage-level beam search.
         summary_rows, summary_mix: rows of the summary agent's SFT set, and their shares of
             optimal and flawed paths, the agent's own paths and plain question answering

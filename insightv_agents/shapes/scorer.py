@@ -171,7 +171,7 @@ class SceneScorer:
             score: one wrong mark or count makes its step wrong). Per claim, a counting step
             that marks every cell "no" keeps most of its claims, since most cells do not
             match: in the from-scratch run's DPO rounds the chosen paths (the best-scoring
-            right ones) scored 92-100 whether their marks were right or all "no" (README).
+            right ones) all scored 92-100 (README).
     """
 
     name = "scene"
