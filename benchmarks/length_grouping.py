@@ -27,24 +27,25 @@ BATCH = 16
 QUESTIONS = 400
 
 
-def prepare(folder: Path) -> dict[str, str]:
-    """The shapes world's four-stage rows for QUESTIONS training questions, and a fresh
-    tiny Idefics3 whose tokenizer is trained on the run's texts."""
+def prepare(folder: Path, judge_rows: int = QUESTIONS) -> dict[str, str]:
+    """The shapes world's four-stage rows (``rows``, with ``judge_rows`` pairwise judge rows)
+    and reasoning chains (``chains``) for QUESTIONS training questions, and a fresh tiny
+    Idefics3 whose tokenizer is trained on the run's texts."""
     from insightv_agents.shapes.dataset import make_dataset
     from insightv_agents.shapes.reproduce import ReproduceSettings, Run
     from insightv_agents.shapes.scenes import CELL_TAGS, SceneIndex
     from insightv_agents.tiny import build_idefics3
 
     settings = ReproduceSettings(out=folder / "run", train=QUESTIONS, dpo=2, test=5, paths=4,
-                                 judge_rows=QUESTIONS)
+                                 judge_rows=judge_rows)
     run = Run(settings, log=lambda line: None)
     make_dataset(run.data, sizes={"train": QUESTIONS, "dpo": 2, "test": 5}, seed=0)
     run.index = SceneIndex.from_folder(run.data)
     records = run.synthesize()
-    rows = run.build(records, ["stages"])["stages"]
+    sets = run.build(records, ["stages", "reasoner"])
     model = build_idefics3(folder / "model", corpus=run.corpus(records),
                            vocab_size=settings.vocab_size, words=CELL_TAGS)
-    return {"model": str(model), "rows": str(rows)}
+    return {"model": str(model), "rows": str(sets["stages"]), "chains": str(sets["reasoner"])}
 
 
 def mega_batch(rows: int) -> int:

@@ -594,7 +594,8 @@ GradAccum = Annotated[int | None, typer.Option(
 LoraRank = Annotated[int | None, typer.Option(help="LoRA rank (default 16).")]
 LoraAlpha = Annotated[int | None, typer.Option(help="LoRA alpha (default 32).")]
 TrainDType = Annotated[str | None, typer.Option(help="auto (bf16 on a capable GPU, else fp32), "
-                                              "bfloat16 or float32.")]
+                                              "bfloat16, bf16-mixed (fp32 weights, bf16 "
+                                              "compute; also on CPUs) or float32.")]
 ReportTo = Annotated[str | None, typer.Option(
     help="TRL reporting: none (default), tensorboard, wandb, ...")]
 Seed = Annotated[int | None, typer.Option(help="Seed (default 0).")]

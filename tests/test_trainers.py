@@ -289,6 +289,62 @@ def test_mean_token_loss_scale_refuses_a_model_whose_loss_takes_no_count(
             loss_scale="mean_tokens"))
 
 
+def test_micro_batches_split_each_random_batch_by_length_with_the_same_loss(
+        base: Path, tmp_path: Path) -> None:
+    """micro_batches=2: each step's random 4 rows run as two micro-batches of similar
+    lengths (less padding), and the step's loss, divided by the tokens of the whole step, is
+    the loss of those 4 rows as one batch."""
+    import torch
+
+    from insightv_agents.trainers.sft import _sft_trainer
+
+    dataset = short_and_long_rows(tmp_path)
+    trainer, _, _ = _sft_trainer(base, dataset, SFTSettings(
+        agent="summary", finetune="full", output_dir=tmp_path / "split",
+        per_device_train_batch_size=4, micro_batches=2, seed=3))
+    assert trainer.args.gradient_accumulation_steps == 2
+    sampler = trainer._get_train_sampler()
+    assert sampler.seed == 3  # the run's seed, not transformers' 42
+    micro = list(sampler)
+    pairs = list(zip(micro[::2], micro[1::2], strict=True))
+    assert len(micro) == 16 and all(len(a) + len(b) == 4 for a, b in pairs)
+    lengths = trainer.train_dataset["length"]
+    mixed = sum(len({lengths[i] for i in batch}) > 1 for batch in micro)
+    steps = [set(a) | set(b) for a, b in pairs]
+    assert mixed <= 2 < sum(len({lengths[i] for i in step}) > 1 for step in steps)
+    assert sorted(i for step in steps for i in step) == list(range(32))  # every row, once
+
+    model, collate = trainer.model.eval(), trainer.data_collator
+    first, second = micro[0], micro[1]
+    rows = [dataset[i] for i in first + second]
+    with torch.no_grad():  # TRL's own loss, as the training step calls it
+        whole = collate(rows)
+        count = int(whole["labels"][..., 1:].ne(-100).sum())
+        split = sum(trainer.compute_loss(model, collate([dataset[i] for i in part]),
+                                         num_items_in_batch=count) for part in (first, second))
+        together = trainer.compute_loss(model, whole, num_items_in_batch=count)
+    assert float(split) == pytest.approx(float(together), rel=1e-4)
+
+
+def test_bf16_mixed_trains_float32_weights_in_bfloat16(base: Path, tmp_path: Path) -> None:
+    """dtype="bf16-mixed" on a CPU: TRL's bf16 autocast (transformers needs use_cpu for it),
+    the weights loaded and saved in float32."""
+    from safetensors.torch import load_file
+
+    from insightv_agents.trainers.sft import _sft_trainer
+
+    settings = SFTSettings(agent="summary", finetune="full", output_dir=tmp_path / "mixed",
+                           max_steps=2, per_device_train_batch_size=4, save_steps=1000,
+                           dtype="bf16-mixed")
+    trainer, _, _ = _sft_trainer(base, short_and_long_rows(tmp_path), settings)
+    assert trainer.args.bf16 and trainer.args.use_cpu
+    assert str(next(trainer.model.parameters()).dtype) == "torch.float32"
+    result = train_sft(base, short_and_long_rows(tmp_path), settings)
+    assert 0 < result.metrics["train_loss"] < 100
+    weights = load_file(result.output_dir / "model.safetensors")
+    assert {str(tensor.dtype) for tensor in weights.values()} == {"torch.float32"}
+
+
 def test_loss_mask_follows_the_chat_template(base: Path) -> None:
     from transformers import AutoProcessor
 
@@ -319,6 +375,12 @@ def test_bad_settings_and_data_are_refused_before_loading(tmp_path: Path, base: 
     with pytest.raises(ConfigError, match="full fine-tuning"):
         train_sft(base, sft, {"output_dir": tmp_path, "finetune": "full"},
                   adapter=tmp_path)
+    with pytest.raises(ConfigError, match="multiple of micro_batches"):
+        train_sft(base, sft, {"output_dir": tmp_path, "per_device_train_batch_size": 16,
+                              "micro_batches": 3})
+    with pytest.raises(ConfigError, match="choose one"):
+        train_sft(base, sft, {"output_dir": tmp_path, "per_device_train_batch_size": 4,
+                              "micro_batches": 2, "group_by_length": True})
 
 
 @pytest.mark.slow

