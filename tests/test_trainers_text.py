@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import png_bytes
@@ -84,6 +85,40 @@ def test_pretrain_text_trains_the_language_part_only_and_resumes(tmp_path: Path)
 
 
 @pytest.mark.slow
+def test_pretrain_text_starts_the_long_phase_once_near_copying_is_there_up_to_the_cap(
+        tmp_path: Path) -> None:
+    from insightv_agents.trained import TRAINING_FILE
+
+    base = build_tiny_idefics3(tmp_path / "base")
+    # 30 steps, the last 10 long. A near target no tiny model reaches: at step 20 and 25 the
+    # short phase goes on 5 more steps; at 30 a third would pass the cap of 30 short steps.
+    # The long phase then runs its 10 steps (30-40), its decay with it (37-40).
+    settings = TextPretrainSettings(output_dir=tmp_path / "text", steps=30, long_steps=10,
+                                    batch_size=4, seq_len=48, max_gap=8, log_every=5,
+                                    near_copy_target=1.0, max_short_steps=30)
+    lines: list[str] = []
+    lengths: list[int] = []
+    from insightv_agents.trainers import text as text_module
+
+    real_batch = text_module._Sequences.batch
+
+    def batch(self: Any, size: int) -> Any:
+        rows = real_batch(self, size)
+        lengths.append(len(rows[0]))
+        return rows
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(text_module._Sequences, "batch", batch)
+        out = pretrain_text(base, TEXTS * 5, settings, log=lines.append)
+    run = json.loads((out / TRAINING_FILE).read_text())
+    assert run["steps"] == 40 and run["extra_short_steps"] == 10
+    assert run["extra_long_steps"] == 0
+    assert lengths == [48] * 30 + [512] * 10  # 30 short steps, then the 10 long ones
+    extended = [line for line in lines if "more short steps" in line]
+    assert len(extended) == 2 and extended[0].startswith("  text step 20: copy accuracy")
+
+
+@pytest.mark.slow
 def test_pretrain_text_extends_the_long_phase_until_far_copying_up_to_the_cap(
         tmp_path: Path) -> None:
     from insightv_agents.trained import TRAINING_FILE
@@ -99,6 +134,7 @@ def test_pretrain_text_extends_the_long_phase_until_far_copying_up_to_the_cap(
     out = pretrain_text(base, TEXTS * 5, settings, log=lines.append)
     run = json.loads((out / TRAINING_FILE).read_text())
     assert run["steps"] == 40 and run["extra_long_steps"] == 10
+    assert run["extra_short_steps"] == 0
     assert [h["step"] for h in run["log_history"]] == list(range(5, 45, 5))
     extended = [line for line in lines if "more long steps" in line]
     assert len(extended) == 2 and extended[0].startswith("  text step 27: far copy accuracy")
@@ -113,6 +149,11 @@ def test_text_settings_check_the_long_phase() -> None:
     # more long steps than steps: all of them are long
     TextPretrainSettings(output_dir=Path("o"), steps=10, far_copy_target=0.5, max_long_steps=10)
     assert TextPretrainSettings(output_dir=Path("o"), far_copy_target=0.5).max_long_steps == 1200
+    with pytest.raises(ValidationError, match="needs a short phase"):
+        TextPretrainSettings(output_dir=Path("o"), steps=10, near_copy_target=0.5)
+    with pytest.raises(ValidationError, match="less than the short steps planned"):
+        TextPretrainSettings(output_dir=Path("o"), near_copy_target=0.5, max_short_steps=2000)
+    TextPretrainSettings(output_dir=Path("o"), near_copy_target=0.5, max_short_steps=2600)
 
 
 def test_pretrain_text_needs_texts(tmp_path: Path) -> None:
@@ -120,3 +161,31 @@ def test_pretrain_text_needs_texts(tmp_path: Path) -> None:
         pretrain_text(tmp_path / "nowhere", [], TextPretrainSettings(output_dir=tmp_path / "o"))
     with pytest.raises(InvalidInputError, match="at least one text"):
         measure_copying(tmp_path / "nowhere", [])
+
+
+def test_pretrain_text_in_bf16_mixed_computes_in_bfloat16_keeps_float32_weights(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16-mixed: every training step runs under bfloat16 autocast (float32: none does), and
+    the saved weights are float32 both times."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = build_tiny_idefics3(tmp_path / "base")
+    real, entered = torch.autocast, []
+
+    def spy(device_type: str, dtype: object = None, enabled: bool = True, **kw: object) -> object:
+        entered.append((device_type, dtype, enabled))
+        return real(device_type, dtype=dtype, enabled=enabled, **kw)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    for dtype in ("float32", "bf16-mixed"):
+        entered.clear()
+        settings = TextPretrainSettings(output_dir=tmp_path / dtype, steps=6, long_steps=0,
+                                        batch_size=4, seq_len=48, max_gap=8, log_every=6,
+                                        dtype=dtype)
+        out = pretrain_text(base, TEXTS * 5, settings, log=lambda line: None)
+        on = [e for e in entered if e[2]]
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        assert on == ([(device, torch.bfloat16, True)] * 6 if dtype == "bf16-mixed" else [])
+        weights = load_file(out / "model.safetensors")
+        assert {str(tensor.dtype) for tensor in weights.values()} == {"torch.float32"}
