@@ -29,7 +29,8 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
                                  text_steps=10, text_far_copy_target=None, caption_epochs=1,
                                  sft_epochs=1, rounds=2, dpo_paths=2,
                                  self_questions=3, self_paths=2,
-                                 max_new_tokens=16, concurrency=2)
+                                 max_new_tokens=16, concurrency=2,
+                                 precision="auto", micro_batches=2)  # the speed options
     log: list[str] = []
     results = reproduce(settings, log=log.append)
     assert list(results["systems"]) == list(SYSTEMS)
@@ -69,6 +70,17 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
                               )["settings"]["learning_rate"] for name in ("base", "reasoner")}
     assert rates == {"base": settings.caption_learning_rate, "reasoner": settings.learning_rate}
     assert settings.caption_learning_rate != settings.learning_rate
+    # every training run in the precision "auto" chose here, its SFT in micro-batches
+    from insightv_agents.trainers.common import native_bf16
+
+    assert results["precision"] == ("bf16-mixed" if native_bf16() else "float32")
+    assert results["precision"] in table
+    runs = [json.loads((out / "models" / name / "insightv_training.json").read_text()
+                       )["settings"] for name in ("base", "reasoner", "stages")]
+    assert {run["dtype"] for run in runs} == {results["precision"]}
+    assert {run["micro_batches"] for run in runs} == {settings.micro_batches}
+    text = json.loads((out / "models" / "text" / "insightv_training.json").read_text())
+    assert text["settings"]["dtype"] == "float32"
 
     # each DPO round sampled its own 4 of the 8 DPO questions
     sampled = [{json.loads(line)["id"] for line in (out / "models" / "dpo" / f"round-{n}" /

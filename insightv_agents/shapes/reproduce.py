@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import fields
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,6 +103,14 @@ class ReproduceSettings(BaseModel):
         text_far_copy_target: the text stage's long phase goes on (up to 1200 long steps)
             until its held-out far copy accuracy reaches this (None: 400 long steps, however
             far it got). A run whose corpus had the plan steps ended the 400 at 0.03.
+        text_near_copy_target: the text stage's long phase starts only once its held-out
+            near copy accuracy reaches this (None: at step ``text_steps`` - 400, however far
+            it got; :class:`~insightv_agents.trainers.text.TextPretrainSettings`). Off by
+            default until a whole run has been made with it: in runs/reproduce-v7 and v8 no
+            model could copy (v8's text stage: near 0.14 where the long phase began at step
+            2600, then 0; far 0.006 after the 1200 long steps); the same stage with the short
+            phase going on copied near at 0.94 by step 2800, and far at 0.81 after 200 long
+            steps (README, Results).
         caption_epochs, sft_epochs: epochs of the caption pre-training and of each SFT.
         caption_learning_rate: of the caption pre-training. At 2e-3 it erased the text
             stage's copying (held-out copy accuracy 0.72 -> 0.00) and left the base seeing
@@ -110,6 +118,20 @@ class ReproduceSettings(BaseModel):
             held-out pictures after 1100 steps (trainers.text.measure_copying; README).
         learning_rate, batch_size: of the SFT runs (full fine-tuning); batch_size of the
             caption pre-training too.
+        micro_batches: each SFT batch runs as this many micro-batches of rows of similar
+            length (:class:`~insightv_agents.trainers.sft.SFTSettings`; the same random
+            batches and loss, less padding): (f)'s rows trained 1.9x faster, the chains 1.2x.
+        precision: ``"bf16-mixed"`` trains the caption stage, the SFT runs and DPO in
+            bfloat16 autocast with float32 weights (generation stays float32); ``"auto"``
+            picks it where bfloat16 is native (:func:`~insightv_agents.trainers.common.
+            native_bf16`: a GPU, or a CPU with AVX512-BF16 or AMX; a quarter faster per step
+            there) and float32 elsewhere. The choice made is recorded in the results. The
+            text stage trains in float32 either way. Both speed options are off by default:
+            a from-scratch run with ``precision="auto"`` (bf16-mixed there) and
+            ``micro_batches=2`` (runs/reproduce-v8, seed 0) trained in 62 min against 82, but
+            its reasoning agent's plans counted what the question asks for 2 of 14 count
+            questions, and (b) and (f) fell from 31.7 and 36.7 to 23.3% (README, Results);
+            one run cannot tell which option, or chance, did it.
         group_by_length: the reasoning agent's SFT batches rows of similar length together
             (:class:`~insightv_agents.trainers.sft.SFTSettings`; 797 s against 1041 s
             shuffled). Off by default: a chain's length follows its question's kind, so
@@ -165,11 +187,14 @@ class ReproduceSettings(BaseModel):
     vocab_size: int = Field(1024, ge=300)
     text_steps: int = Field(3000, ge=0)
     text_far_copy_target: float | None = Field(0.5, gt=0, le=1)
+    text_near_copy_target: float | None = Field(None, gt=0, le=1)
     caption_epochs: float = Field(15, gt=0)
     caption_learning_rate: float = Field(5e-4, gt=0)
     sft_epochs: float = Field(3, gt=0)
     learning_rate: float = Field(2e-3, gt=0)
     batch_size: int = Field(16, ge=1)
+    micro_batches: int = Field(1, ge=1)
+    precision: Literal["auto", "float32", "bf16-mixed"] = "float32"
     group_by_length: bool = False
     rounds: int = Field(3, ge=1, le=10)
     dpo_paths: int = Field(4, ge=2, le=16)
@@ -217,6 +242,15 @@ class Run:
                                           if self.timings_file.exists() else {})
 
     # --- the clock ---------------------------------------------------------------------------
+
+    @cached_property
+    def precision(self) -> Literal["float32", "bf16-mixed"]:
+        """The training precision: the settings' choice, ``"auto"`` resolved here."""
+        from insightv_agents.trainers.common import native_bf16
+
+        if self.settings.precision == "auto":
+            return "bf16-mixed" if native_bf16() else "float32"
+        return self.settings.precision
 
     def timed(self, name: str, work: Callable[[], Any]) -> Any:
         """Run one stage, adding its wall time to ``timings.json``. The time is written
@@ -331,7 +365,8 @@ class Run:
             return init
         return pretrain_text(init, corpus, TextPretrainSettings(
             output_dir=self.models / "text", steps=s.text_steps,
-            far_copy_target=s.text_far_copy_target, seed=s.seed), log=self.log)
+            far_copy_target=s.text_far_copy_target, near_copy_target=s.text_near_copy_target,
+            seed=s.seed), log=self.log)
 
     def pretrain(self, start: Path) -> None:
         """The shared base: ``start`` taught to describe the images, row by row."""
@@ -451,7 +486,8 @@ class Run:
             output_dir=out, finetune="full", learning_rate=learning_rate or s.learning_rate,
             num_train_epochs=epochs, per_device_train_batch_size=s.batch_size,
             warmup_ratio=0.05, logging_steps=20, save_steps=200, seed=s.seed,
-            group_by_length=group_by_length))
+            group_by_length=group_by_length,
+            micro_batches=1 if group_by_length else s.micro_batches, dtype=self.precision))
 
     def iterate(self) -> list[dict[str, Any]]:
         from insightv_agents.shapes.scorer import SceneScorer
@@ -469,7 +505,8 @@ class Run:
                 mode="chain", concurrency=s.concurrency, questions_per_round=s.dpo,
                 dpo={"finetune": "full", "learning_rate": s.dpo_learning_rate,
                      "num_train_epochs": s.dpo_epochs, "beta": s.dpo_beta,
-                     "per_device_train_batch_size": 8, "seed": s.seed, "logging_steps": 5},
+                     "per_device_train_batch_size": 8, "seed": s.seed, "logging_steps": 5,
+                     "dtype": self.precision},
                 final_answer="stated" if s.dpo_answer == "stated" else "ask"),
             scorer=SceneScorer(index=self.index, share=s.dpo_score_share),
             summarizer=self.chat(self.models / "summary") if s.dpo_answer == "summary" else None,
@@ -545,7 +582,8 @@ class Run:
                 "dpo_rounds": rounds, "timings_seconds": self.timings,
                 "training_seconds": round(sum(v for k, v in self.timings.items()
                                               if k.startswith(TRAINING_STAGES)), 1),
-                "total_seconds": round(sum(self.timings.values()), 1), "machine": machine()}
+                "total_seconds": round(sum(self.timings.values()), 1), "machine": machine(),
+                "precision": self.precision}
 
 
 def machine() -> str:
@@ -586,7 +624,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     minutes = results["total_seconds"] / 60
     lines += ["", f"Accuracy (%) on {s['test']} held-out test questions. "
               f"Wall time {minutes:.0f} min in all ({results['training_seconds'] / 60:.0f} min "
-              f"of training) on {results['machine']}; seed {s['seed']}."]
+              f"of training, {results.get('precision', 'float32')}) on {results['machine']}; "
+              f"seed {s['seed']}."]
     lines += ["", "| DPO round | Pairs | Sampled accuracy | Mean score | Train loss |",
               "|---|---|---|---|---|"]
     for r in results["dpo_rounds"]:
@@ -726,11 +765,14 @@ def export_demo(out: str | Path, dest: str | Path, *, slice_size: int = DEMO_SLI
 
 
 def main(out: str = "runs/reproduce", seed: int = 0,
-         export_to: str | None = None) -> None:
+         export_to: str | None = None, settings: str | None = None) -> None:
     """``python -m insightv_agents.shapes.reproduce --out DIR``: the comparison with the
     default sizes (rerun the same command to resume). ``--export-to DIR`` then ships the
-    run's agents there as demo agents (the package's are in ``insightv_agents/demo``)."""
-    results = reproduce(ReproduceSettings(out=Path(out), seed=seed))
+    run's agents there as demo agents (the package's are in ``insightv_agents/demo``).
+    ``--settings FILE.json`` sets any other :class:`ReproduceSettings` field (e.g.
+    ``{"text_near_copy_target": 0.5}``), checked before anything runs."""
+    extra = json.loads(Path(settings).read_text()) if settings else {}
+    results = reproduce(ReproduceSettings(**{**extra, "out": Path(out), "seed": seed}))
     print(results_markdown(results))
     print(f"-> {out}/results.md, results.json, results.svg")
     if export_to:
