@@ -26,7 +26,8 @@ from insightv_agents.trainers.data import SummaryMix, load_records
 @pytest.mark.timeout(1200)  # every stage of the comparison, at toy size
 def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
     settings = ReproduceSettings(out=tmp_path / "run", train=20, dpo=4, test=5,
-                                 text_steps=10, text_far_copy_target=None, caption_epochs=1,
+                                 text_steps=10, text_far_copy_target=None,
+                                 text_near_copy_target=None, caption_epochs=1,
                                  sft_epochs=1, rounds=2, dpo_paths=2,
                                  self_questions=3, self_paths=2,
                                  max_new_tokens=16, concurrency=2,
@@ -166,6 +167,21 @@ def test_a_summary_mix_that_makes_no_rows_is_refused_before_anything_runs(tmp_pa
         with pytest.raises(ValidationError, match="mix proportions"):
             reproduce({"out": tmp_path / "run", "summary_mix": mix}, log=[].append)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_text_stage_that_cannot_run_is_refused_before_anything_runs(tmp_path: Path
+                                                                      ) -> None:
+    from pydantic import ValidationError
+
+    # the near-copy gate (on by default) needs a short phase before the 400 long steps
+    with pytest.raises(ValidationError, match="near_copy_target"):
+        reproduce({"out": tmp_path / "run", "text_steps": 300}, log=[].append)
+    assert not (tmp_path / "run").exists()
+    gate = ReproduceSettings(out=tmp_path / "run", text_steps=300, text_near_copy_target=None)
+    assert gate.text_settings().near_copy_target is None
+    default = ReproduceSettings(out=tmp_path / "run").text_settings()
+    assert (default.steps, default.near_copy_target, default.far_copy_target,
+            default.output_dir) == (3000, 0.5, 0.5, tmp_path / "run" / "models" / "text")
 
 
 def test_an_interrupted_stage_keeps_the_time_it_ran(tmp_path: Path,
