@@ -39,6 +39,7 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
         assert 0 <= system["accuracy"] <= 1 and set(system["categories"]) == {
             "perception", "count", "compare", "arithmetic", "spatial"}
     assert [r["round"] for r in results["dpo_rounds"]] == [1, 2]
+    assert [probe["epochs"] for probe in results["caption_probe"]] == [1]  # the base's probe
     # training time: every stage but the data, the training sets and the evaluation
     timings = results["timings_seconds"]
     assert {"text pre-training", "iterative dpo"} <= set(timings)

@@ -193,6 +193,19 @@ def test_build_data_cli(tmp_path: Path) -> None:
     assert "not a synthesis output folder" in " ".join(missing.output.split())
 
 
+def test_records_load_in_id_order_whatever_order_the_synthesis_finished_them(
+        tmp_path: Path) -> None:
+    """The synthesis writes questions as its threads finish them; what is built from the
+    records (and the shapes world's tokenizer corpus) must not depend on that."""
+    finished = {"q10": [(50, True), (60, True)], "q2": [(40, False)], "q1": [(30, True)]}
+    folder = write_output(tmp_path / "out", finished)
+    lines = (folder / "records.jsonl").read_text().splitlines()
+    (folder / "records.jsonl").write_text("\n".join([lines[1], *lines[2:], lines[0]]) + "\n")
+    records = load_records(folder)
+    assert list(records.questions) == ["q1", "q2", "q10"]
+    assert [r["path_index"] for r in records.questions["q10"]] == [0, 1]
+
+
 def test_pipeline_records_feed_the_builders(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "i.png").write_bytes(png_bytes())

@@ -20,6 +20,7 @@ column, TRL's format for vision-language SFT (``messages``) and DPO (``prompt``/
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,10 @@ def load_records(folder: str | Path, *, images: str | Path | None = None) -> Rec
     """Read ``<folder>/records.jsonl`` (a synthesis output). ``images`` replaces the data
     folder recorded in ``run.json`` (when the data has moved).
 
+    The questions come in the order of their ids (numbers in an id compare as numbers), each
+    question's paths in path order: not in the order the synthesis finished them, which
+    its concurrency decides, so what is built from the records is the same every run.
+
     Raises:
         InvalidInputError: when the folder is not a synthesis output.
     """
@@ -83,8 +88,15 @@ def load_records(folder: str | Path, *, images: str | Path | None = None) -> Rec
         questions.setdefault(str(record["id"]), []).append(record)
     for paths in questions.values():
         paths.sort(key=lambda record: record["path_index"])
+    questions = dict(sorted(questions.items(), key=lambda item: _natural(item[0])))
     root = Path(images) if images is not None else Path(settings["data_root"])
     return Records(folder=folder, questions=questions, data_root=root)
+
+
+def _natural(text: str) -> tuple[tuple[int, int | str], ...]:
+    """A sort key that orders ``q2`` before ``q10``."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part)
+                 for part in re.split(r"(\d+)", text) if part)
 
 
 # --- conversations ---------------------------------------------------------------------------
