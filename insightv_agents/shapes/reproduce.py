@@ -28,6 +28,7 @@ test split, with the wall time of every stage and the machine.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import platform
 import shutil
@@ -421,7 +422,7 @@ class Run:
                                       _assistant(describe_grid(self.index.lookup(image)))],
                          "images": [str(image)]})
         model, epochs, probes = start, s.caption_epochs, []
-        for part in range(1, 1000):
+        for part in itertools.count(1):
             out = self.models / "caption" / f"part-{part}"
             self.train(model, _dataset(rows), out, s.caption_epochs if part == 1
                        else s.caption_more_epochs, learning_rate=s.caption_learning_rate)
