@@ -9,16 +9,13 @@ until its base model sees.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from insightv_agents.shapes.scenes import Scene, describe_grid
-
-CELL = re.compile(r"\b(r\dc\d)\s+([^,.\n]+)")
-"""A cell in a description: its tag, then what it holds (``empty`` or a shape's words)."""
+from insightv_agents.shapes.scenes import Scene, cell_tag, describe_grid
+from insightv_agents.shapes.scorer import tagged_cells
 
 
 @dataclass(frozen=True)
@@ -40,8 +37,8 @@ class CaptionAccuracy:
 def described_cells(text: str) -> dict[str, str]:
     """The cells a description names, tag -> contents (the first mention of a tag wins)."""
     cells: dict[str, str] = {}
-    for tag, contents in CELL.findall(text):
-        cells.setdefault(tag, " ".join(contents.split()))
+    for row, column, seen in tagged_cells(text):
+        cells.setdefault(cell_tag(row, column), seen)
     return cells
 
 
