@@ -345,6 +345,23 @@ def test_bf16_mixed_trains_float32_weights_in_bfloat16(base: Path, tmp_path: Pat
     assert {str(tensor.dtype) for tensor in weights.values()} == {"torch.float32"}
 
 
+def test_native_bf16_on_a_cpu_needs_avx512_bf16_or_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN says "bf16 supported" on plain AVX512 too (emulated, slower than float32): only
+    the CPU's own bfloat16 instructions count."""
+    import torch
+
+    from insightv_agents.trainers.common import native_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True,
+                        raising=False)
+    for avx512_bf16, amx, expected in ((False, False, False), (True, False, True),
+                                       (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert native_bf16() is expected
+
+
 def test_loss_mask_follows_the_chat_template(base: Path) -> None:
     from transformers import AutoProcessor
 
