@@ -180,9 +180,10 @@ def test_a_text_stage_that_cannot_run_is_refused_before_anything_runs(tmp_path: 
     assert not (tmp_path / "run").exists()
     gate = ReproduceSettings(out=tmp_path / "run", text_steps=300, text_near_copy_target=None)
     assert gate.text_settings().near_copy_target is None
-    default = ReproduceSettings(out=tmp_path / "run").text_settings()
-    assert (default.steps, default.near_copy_target, default.far_copy_target,
-            default.output_dir) == (3000, 0.5, 0.5, tmp_path / "run" / "models" / "text")
+    assert ReproduceSettings(out=tmp_path / "run").text_steps == 0  # no text stage by default
+    text = ReproduceSettings(out=tmp_path / "run", text_steps=3000).text_settings()
+    assert (text.steps, text.near_copy_target, text.far_copy_target,
+            text.output_dir) == (3000, 0.5, 0.5, tmp_path / "run" / "models" / "text")
 
 
 def test_an_interrupted_stage_keeps_the_time_it_ran(tmp_path: Path,
