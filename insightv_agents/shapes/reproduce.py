@@ -1,9 +1,9 @@
 """The paper's comparison at small scale, from nothing, in the shapes world (``make reproduce``).
 
 Every model starts from the same randomly initialised tiny Idefics3 and the same pre-training:
-text only first (``text``: the run's texts and span copies, so that the model can copy what
-it read, :mod:`~insightv_agents.trainers.text`), then each training image described row by
-row (``base``, LLaVA's alignment stage). Then:
+each training image described cell by cell (``base``, LLaVA's alignment stage), optionally
+after text-only pre-training (``text_steps``: the run's texts and span copies, so that the
+model can copy what it read, :mod:`~insightv_agents.trainers.text`; off by default). Then:
 
 - **(a) direct**: trained on direct answers
   (:func:`~insightv_agents.trainers.data.build_direct_sft`);
