@@ -18,6 +18,7 @@ from insightv_agents.shapes.reproduce import (
     export_demo,
     reproduce,
     results_markdown,
+    runs_markdown,
 )
 from insightv_agents.trainers.data import SummaryMix, load_records
 
@@ -158,6 +159,26 @@ def test_results_table_says_what_the_summary_agent_did_with_the_chains_answers()
     below = table.split("Summary agent kept it")[1].split("\n\n")[0]
     assert [line.split(" | ")[0] for line in below.splitlines() if line.startswith("| (")] \
         == ["| (c)"]  # a system without a summary agent has no row there
+
+
+def test_runs_side_by_side_give_means_and_say_which_goals_hold_in_each() -> None:
+    def run(**accuracies: tuple[float, float, float]) -> dict[str, object]:
+        return {"systems": {name: {"accuracy": a, "multi_step": m, "perception": p}
+                            for name, (a, m, p) in accuracies.items()}}
+
+    first = run(**{"a-direct": (0.3, 0.3, 0.5), "b-chain": (0.3, 0.2, 0.5),
+                   "c-insightv": (0.4, 0.4, 0.5), "d-dpo-1": (0.5, 0.5, 0.5),
+                   "e-dpo-3": (0.6, 0.6, 0.5)})
+    second = run(**{"a-direct": (0.5, 0.5, 0.6), "b-chain": (0.3, 0.2, 0.5),
+                    "c-insightv": (0.2, 0.4, 0.5), "d-dpo-1": (0.1, 0.1, 0.1)})
+    table = runs_markdown([("seed 0", first), ("seed 1", second)])
+    assert "| (a) direct answers | 30.0 (30.0) | 50.0 (50.0) | 40.0 (40.0) |" in table
+    assert "| (e) (c) + iterative DPO | 60.0 (60.0) | – (–) | 60.0 (60.0) |" in table
+    assert "(f) LLaVA-CoT" not in table  # no run has it
+    assert "| (c) > (a), (b) on multi-step | yes | no |" in table
+    assert "| (d) > (c) | yes | no |" in table
+    assert "| (e) > (d) | yes | – |" in table
+    assert "| perception of (c) not below (a) | yes | no |" in table
 
 
 def test_a_summary_mix_that_makes_no_rows_is_refused_before_anything_runs(tmp_path: Path

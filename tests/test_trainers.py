@@ -28,6 +28,7 @@ from insightv_agents.integrations.transformers import ChatTransformersVLM
 from insightv_agents.parsing import format_chain, format_verdict, parse_verdict
 from insightv_agents.prompts import DEFAULT_PROMPTS
 from insightv_agents.testing import ScriptedChatModel, build_tiny_idefics3, build_tiny_llava
+from insightv_agents.trainers.common import check_settings
 from insightv_agents.trainers.data import (
     SummaryMix,
     build_dpo_pairs,
@@ -37,7 +38,12 @@ from insightv_agents.trainers.data import (
     reasoning_prompt,
     summary_conversation,
 )
-from insightv_agents.trainers.dpo import DPOSettings, preference_margins, train_dpo
+from insightv_agents.trainers.dpo import (
+    DPOSettings,
+    preference_logprobs,
+    preference_margins,
+    train_dpo,
+)
 from insightv_agents.trainers.iterative import (
     InProcessPolicy,
     IterativeDPOSettings,
@@ -442,6 +448,36 @@ def test_dpo_continues_an_adapter_with_it_as_reference(base: Path, records: Any,
     assert run["base_model"] == str(base.resolve())
     after = preference_margins(result.output_dir, pairs)
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def test_dpo_sft_weight_adds_an_nll_term_on_the_chosen_paths() -> None:
+    plain = DPOSettings(output_dir=Path("x"))
+    assert plain.losses() == {"loss_type": ["sigmoid"]}
+    rpo = DPOSettings(output_dir=Path("x"), sft_weight=0.5)
+    assert rpo.losses() == {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}
+    with pytest.raises(ConfigError, match="sft_weight"):
+        check_settings({"output_dir": "x", "loss_type": "sft", "sft_weight": 1}, DPOSettings)
+
+
+@pytest.mark.slow
+def test_dpo_with_an_sft_weight_raises_the_chosen_paths_likelihood(
+        base: Path, records: Any, tmp_path: Path) -> None:
+    """Plain DPO may lower both sides; with the NLL term the chosen paths become likelier
+    than under plain DPO trained the same way, and the margin still rises."""
+    pairs, _ = build_dpo_pairs(records)
+    before = preference_logprobs(base, pairs)
+    trained = {}
+    for weight in (0.0, 1.0):
+        result = train_dpo(base, pairs, DPOSettings(
+            output_dir=tmp_path / f"run-{weight}", finetune="full", learning_rate=1e-3,
+            max_steps=20, sft_weight=weight, **FAST))
+        run = json.loads((result.output_dir / "insightv_training.json").read_text())
+        assert run["settings"]["sft_weight"] == weight
+        trained[weight] = preference_logprobs(result.output_dir, pairs)
+    for (chosen, rejected), (plain, _), (rpo, rpo_rejected) in zip(
+            before, trained[0.0], trained[1.0], strict=True):
+        assert rpo > plain and rpo > chosen, (chosen, plain, rpo)
+        assert rpo - rpo_rejected > chosen - rejected + 5
 
 
 # --- iterative DPO -----------------------------------------------------------------------

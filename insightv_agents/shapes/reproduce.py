@@ -160,6 +160,9 @@ class ReproduceSettings(BaseModel):
             of shape is at row 3, column 3?" was "Count the circles"): (b) 6.7% against 30.0%
             shuffled (a from-scratch run, seed 0; README).
         rounds, dpo_paths, dpo_learning_rate, dpo_epochs, dpo_beta: iterative DPO.
+        dpo_sft_weight: weight of the NLL term on the chosen paths added to each round's DPO
+            loss (:class:`~insightv_agents.trainers.dpo.DPOSettings` ``sft_weight``:
+            Iterative RPO); 0: plain DPO, as the paper.
         dpo_answer: how a DPO round finds each sampled chain's answer: ``"summary"``, the
             run's summary agent answers from the chain (as Insight-V's system does);
             ``"stated"`` (the default), the chain's own last step (the reasoning agent judged
@@ -224,6 +227,7 @@ class ReproduceSettings(BaseModel):
     dpo_learning_rate: float = Field(1e-4, gt=0)
     dpo_epochs: float = Field(2, gt=0)
     dpo_beta: float = Field(0.1, gt=0)
+    dpo_sft_weight: float = Field(0.0, ge=0)
     dpo_answer: Literal["summary", "stated"] = "stated"
     dpo_score_share: Literal["claims", "steps"] = "claims"
     beam_size: int = Field(2, ge=2, le=8)
@@ -571,8 +575,8 @@ class Run:
                 mode="chain", concurrency=s.concurrency, questions_per_round=s.dpo,
                 dpo={"finetune": "full", "learning_rate": s.dpo_learning_rate,
                      "num_train_epochs": s.dpo_epochs, "beta": s.dpo_beta,
-                     "per_device_train_batch_size": 8, "seed": s.seed, "logging_steps": 5,
-                     "dtype": self.precision},
+                     "sft_weight": s.dpo_sft_weight, "per_device_train_batch_size": 8,
+                     "seed": s.seed, "logging_steps": 5, "dtype": self.precision},
                 final_answer="stated" if s.dpo_answer == "stated" else "ask"),
             scorer=SceneScorer(index=self.index, share=s.dpo_score_share),
             summarizer=self.chat(self.models / "summary") if s.dpo_answer == "summary" else None,
@@ -708,6 +712,50 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {r['round']} | {r['pairs']} | {pct(r.get('accuracy'))} "
                      f"| {r.get('mean_score')} | {'–' if loss is None else f'{loss:.3f}'} |")
     return "\n".join(lines) + "\n"
+
+
+def runs_markdown(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Several runs' results side by side (e.g. seeds): per system, each run's overall and
+    multi-step accuracy and their means; then, per run, whether the issue's goals hold there
+    ((c) above (a) and (b) on multi-step, (e) > (d) > (c), perception not below (a))."""
+    def pct(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:.1f}"
+
+    def mean(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return sum(known) / len(known) if known else None
+
+    names = [name for name in SYSTEMS if any(name in r["systems"] for _, r in runs)]
+    lines = ["| System | " + " | ".join(label for label, _ in runs) + " | Mean |",
+             "|---|" + "---|" * (len(runs) + 1)]
+    for name in names:
+        cells = [r["systems"].get(name, {}) for _, r in runs]
+        alls = [c.get("accuracy") for c in cells]
+        multis = [c.get("multi_step") for c in cells]
+        lines.append(f"| {SYSTEMS[name]} | " + " | ".join(
+            f"{pct(a)} ({pct(m)})" for a, m in zip(alls, multis, strict=True))
+            + f" | {pct(mean(alls))} ({pct(mean(multis))}) |")
+    lines += ["", "Accuracy (%) on each run's held-out test split, all questions (multi-step "
+              "in brackets).", "", "| Goal | " + " | ".join(label for label, _ in runs) + " |",
+              "|---|" + "---|" * len(runs)]
+    goals = [("(c) > (a), (b) on multi-step", lambda s: _above(s, "c-insightv", "multi_step",
+                                                              "a-direct", "b-chain")),
+             ("(d) > (c)", lambda s: _above(s, "d-dpo-1", "accuracy", "c-insightv")),
+             ("(e) > (d)", lambda s: _above(s, "e-dpo-3", "accuracy", "d-dpo-1")),
+             ("perception of (c) not below (a)", lambda s: _above(
+                 s, "c-insightv", "perception", "a-direct", strict=False))]
+    for goal, holds in goals:
+        lines.append(f"| {goal} | " + " | ".join(
+            {True: "yes", False: "no", None: "–"}[holds(r["systems"])] for _, r in runs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _above(systems: dict[str, Any], name: str, key: str, *others: str,
+           strict: bool = True) -> bool | None:
+    values = [systems.get(n, {}).get(key) for n in (name, *others)]
+    if any(v is None for v in values):
+        return None
+    return all(values[0] > v if strict else values[0] >= v for v in values[1:])
 
 
 def results_plot(results: dict[str, Any], width: int = 720, height: int = 300) -> str:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from insightv_agents.errors import ConfigError
 from insightv_agents.trainers.common import (
@@ -37,11 +37,29 @@ class DPOSettings(TrainSettings):
     Args:
         beta: the DPO temperature (how far from the reference the policy may move).
         loss_type: TRL's DPO loss (``"sigmoid"`` is the paper's standard DPO).
+        sft_weight: weight of a negative log-likelihood term on the chosen completions
+            (per token), added to the DPO loss: Iterative RPO (Pang et al., 2024) for
+            iterative DPO on reasoning, where without it the chosen paths' likelihood falls
+            along with the rejected ones'. 0 (the default): plain DPO.
     """
 
     beta: float = Field(0.1, gt=0, le=100)
     loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard",
                        "nca_pair", "apo_zero", "apo_down", "discopop", "sft"] = "sigmoid"
+    sft_weight: float = Field(0.0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _check_sft_weight(self) -> DPOSettings:
+        if self.sft_weight and self.loss_type == "sft":
+            raise ValueError("sft_weight adds an SFT term to a preference loss; "
+                             "loss_type='sft' is one already.")
+        return self
+
+    def losses(self) -> dict[str, list[Any]]:
+        """TRL's ``loss_type`` and ``loss_weights``: the DPO loss, and the NLL term if any."""
+        if not self.sft_weight:
+            return {"loss_type": [self.loss_type]}
+        return {"loss_type": [self.loss_type, "sft"], "loss_weights": [1.0, self.sft_weight]}
 
     def schedule(self) -> tuple[float, float]:
         """The learning rate and epochs this run uses."""
@@ -76,8 +94,7 @@ def train_dpo(model: str | Path, dataset: Any, settings: DPOSettings | dict[str,
             loaded.base, dtype=precision(config.dtype)[0], use_safetensors=True,
             trust_remote_code=config.trust_remote_code)
     rate, epochs = config.schedule()
-    kwargs = config.trl_kwargs(rate, epochs, loaded.bf16, beta=config.beta,
-                               loss_type=[config.loss_type])
+    kwargs = config.trl_kwargs(rate, epochs, loaded.bf16, beta=config.beta, **config.losses())
     eval_data = load_dataset_arg(eval_dataset) if eval_dataset is not None else None
     trainer = DPOTrainer(model=loaded.model, ref_model=reference, args=DPOConfig(**kwargs),
                          train_dataset=data, eval_dataset=eval_data,
@@ -101,6 +118,14 @@ def preference_margins(model: str | Path, dataset: Any, *, adapter: str | Path |
                        trust_remote_code: bool = False) -> list[float]:
     """For each pair, ``log p(chosen) - log p(rejected)`` under ``model`` (summed over the
     completion tokens): what DPO raises. Runs on CPU or the first GPU, in float32."""
+    return [chosen - rejected for chosen, rejected in preference_logprobs(
+        model, dataset, adapter=adapter, trust_remote_code=trust_remote_code)]
+
+
+def preference_logprobs(model: str | Path, dataset: Any, *, adapter: str | Path | None = None,
+                        trust_remote_code: bool = False) -> list[tuple[float, float]]:
+    """For each pair, ``(log p(chosen), log p(rejected))`` under ``model``, each summed over
+    its completion tokens. Runs on CPU or the first GPU, in float32."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -117,12 +142,9 @@ def preference_margins(model: str | Path, dataset: Any, *, adapter: str | Path |
         network = PeftModel.from_pretrained(network, str(adapter))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     network = network.to(device).eval()
-    margins = []
-    for row in load_dataset_arg(dataset):
-        chosen = _completion_logprob(network, processor, row, "chosen", device)
-        rejected = _completion_logprob(network, processor, row, "rejected", device)
-        margins.append(chosen - rejected)
-    return margins
+    return [(_completion_logprob(network, processor, row, "chosen", device),
+             _completion_logprob(network, processor, row, "rejected", device))
+            for row in load_dataset_arg(dataset)]
 
 
 def _completion_logprob(model: Any, processor: Any, row: dict[str, Any], side: str,
