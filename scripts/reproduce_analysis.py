@@ -31,12 +31,10 @@ from typing import Annotated, Any
 
 import typer
 
-from insightv_agents.errors import InvalidInputError
 from insightv_agents.shapes.questions import parse_question
-from insightv_agents.shapes.reasoning import PLAN_SUMMARY, STRATEGIES, plan_path
+from insightv_agents.shapes.reasoning import follows_plan
 from insightv_agents.shapes.scenes import (
     GRID,
-    Scene,
     SceneIndex,
     describe_grid,
 )
@@ -58,21 +56,6 @@ def repeated_mentions(steps: list[dict[str, Any]]) -> tuple[int, int]:
     return same, total
 
 
-def follows_plan(scene: Scene, question: str, steps: list[dict[str, Any]]) -> bool:
-    """Whether the chain's step summaries are the teacher's for ``question`` (any strategy;
-    a plan step, if the chain writes one, left out)."""
-    summaries = [step.get("summary") for step in steps if step.get("summary") != PLAN_SUMMARY]
-    query = parse_question(question)
-    for strategy in STRATEGIES:
-        try:
-            path = plan_path(scene, query, strategy=strategy)
-        except InvalidInputError:
-            continue
-        if summaries == [step["summary"] for step in path.steps]:
-            return True
-    return False
-
-
 def analyse(run: Path, index: SceneIndex) -> dict[str, Any]:
     items = {json.loads(line)["id"]: json.loads(line)
              for line in (run / "data" / "test.jsonl").read_text().splitlines()}
@@ -88,7 +71,7 @@ def analyse(run: Path, index: SceneIndex) -> dict[str, Any]:
         for row in rows:
             item = items[row["id"]]
             truth = index.lookup(run / "data" / item["image"])
-            plans += follows_plan(truth, item["question"], row["steps"])
+            plans += follows_plan(truth, parse_question(item["question"]), row["steps"])
             same, total = repeated_mentions(row["steps"])
             repeats, mentions = repeats + same, mentions + total
             claims = check_claims(truth, row["steps"][:1])

@@ -97,6 +97,21 @@ def plan_path(scene: Scene, query: Query, *, strategy: Strategy = "cells",
     return Path(steps, answer, strategy, tuple(flaws), writer.used)
 
 
+def follows_plan(scene: Scene, query: Query, steps: Sequence[ReasoningStep]) -> bool:
+    """Whether the step summaries of ``steps`` are those of :func:`plan_path` for ``query``
+    (any strategy; a plan step, if there is one, left out): whether a chain is about the
+    question at all, whatever it then gets right."""
+    summaries = [step.get("summary") for step in steps if step.get("summary") != PLAN_SUMMARY]
+    for strategy in STRATEGIES:
+        try:
+            path = plan_path(scene, query, strategy=strategy)
+        except InvalidInputError:
+            continue
+        if summaries == [step["summary"] for step in path.steps]:
+            return True
+    return False
+
+
 def with_plan_step(steps: list[ReasoningStep]) -> list[ReasoningStep]:
     """``steps`` with the plan after the first (the description): the later steps'
     summaries, joined ("Count the red shapes row by row, then give the count.")."""

@@ -174,6 +174,9 @@ class ReproduceSettings(BaseModel):
             not help (runs/reproduce-steps: (d) 31.7, (e) 30.0 against 33.3 and 30.0 per
             claim): no sampled multi-step path had every step right, so the pairs stayed right
             answers against wrong ones (README, Results).
+        dpo_on_plan: the DPO rounds' ``SceneScorer`` counts a sampled path's right answer only
+            when the path follows a plan for the question (``on_plan``): a chain about
+            something else that lands on the right answer by luck is then not chosen.
         beam_size: candidates per stage in (f)'s stage-level beam search.
         summary_rows, summary_mix: rows of the summary agent's SFT set, and their shares of
             optimal and flawed paths, the agent's own paths and plain question answering
@@ -230,6 +233,7 @@ class ReproduceSettings(BaseModel):
     dpo_sft_weight: float = Field(0.0, ge=0)
     dpo_answer: Literal["summary", "stated"] = "stated"
     dpo_score_share: Literal["claims", "steps"] = "claims"
+    dpo_on_plan: bool = False
     beam_size: int = Field(2, ge=2, le=8)
     summary_rows: int = Field(1200, ge=10)
     summary_mix: SummaryMix = Field(default_factory=lambda: OPTIMAL_ONLY)
@@ -578,7 +582,8 @@ class Run:
                      "sft_weight": s.dpo_sft_weight, "per_device_train_batch_size": 8,
                      "seed": s.seed, "logging_steps": 5, "dtype": self.precision},
                 final_answer="stated" if s.dpo_answer == "stated" else "ask"),
-            scorer=SceneScorer(index=self.index, share=s.dpo_score_share),
+            scorer=SceneScorer(index=self.index, share=s.dpo_score_share,
+                               on_plan=s.dpo_on_plan),
             summarizer=self.chat(self.models / "summary") if s.dpo_answer == "summary" else None,
             prompts=PROMPTS, rules=ANSWER_RULES,
             policy=InProcessPolicy(max_new_tokens=s.max_new_tokens, seed=s.seed),

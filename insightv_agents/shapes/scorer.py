@@ -24,7 +24,8 @@ from insightv_agents.answers import extract_answer, match_answer
 from insightv_agents.assessment import ScoreRequest
 from insightv_agents.errors import InvalidInputError
 from insightv_agents.schema import PathResult, PathScore, ReasoningStep
-from insightv_agents.shapes.questions import PLURAL_PHRASE, parse_filter
+from insightv_agents.shapes.questions import PLURAL_PHRASE, Query, parse_filter, parse_question
+from insightv_agents.shapes.reasoning import follows_plan
 from insightv_agents.shapes.scenes import COLOURS, GRID, KINDS, SIZES, Scene, SceneIndex, Shape
 
 _MENTION = re.compile(rf"\b({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(KINDS)}) "
@@ -172,12 +173,18 @@ class SceneScorer:
             that marks every cell "no" keeps most of its claims, since most cells do not
             match: in the from-scratch run's DPO rounds the chosen paths (the best-scoring
             right ones) all scored 92-100 (README).
+        on_plan: a right answer counts only when the path follows a plan for the question
+            (its step summaries are the teacher's for it, any strategy:
+            :func:`~insightv_agents.shapes.reasoning.follows_plan`), as a judge reading the
+            question would discount a right answer reached by reasoning about something else
+            (a yes/no or small-count question is often answered right by luck). The scene
+            knows the right claims but not what the question asks; this adds that.
     """
 
     name = "scene"
 
     def __init__(self, index: SceneIndex, *, answer_weight: float = 0.5,
-                 share: Literal["claims", "steps"] = "claims") -> None:
+                 share: Literal["claims", "steps"] = "claims", on_plan: bool = False) -> None:
         if not 0 <= answer_weight <= 1:
             raise ValueError("answer_weight must be between 0 and 1")
         if share not in ("claims", "steps"):
@@ -185,6 +192,7 @@ class SceneScorer:
         self.index = index
         self.answer_weight = answer_weight
         self.share = share
+        self.on_plan = on_plan
 
     def score_paths(self, request: ScoreRequest) -> list[PathScore]:
         try:
@@ -192,9 +200,19 @@ class SceneScorer:
         except (InvalidInputError, IndexError):
             return [{"score": None, "comment": "the image is not a scene of the index"}
                     for _ in request["paths"]]
-        return [self.score(scene, path, request["truth"]) for path in request["paths"]]
+        query = None
+        if self.on_plan:
+            try:
+                query = parse_question(request["question"])
+            except InvalidInputError:
+                return [{"score": None, "comment": "the question is not one of the shapes world"}
+                        for _ in request["paths"]]
+        return [self.score(scene, path, request["truth"], query) for path in request["paths"]]
 
-    def score(self, scene: Scene, path: PathResult, truth: str) -> PathScore:
+    def score(self, scene: Scene, path: PathResult, truth: str,
+              query: Query | None = None) -> PathScore:
+        """One path's score; with ``query``, its right answer counts only if it follows a
+        plan for it."""
         per_step = [claims for step in path["steps"] if (claims := step_claims(scene, step))]
         claims = [claim for step in per_step for claim in step]
         held = sum(claim.holds for claim in claims)
@@ -205,10 +223,12 @@ class SceneScorer:
             share = held / len(claims) if claims else 0.0
         check = path.get("check")
         correct = check["correct"] if check else match_answer(path["answer"], truth)["correct"]
-        value = self.answer_weight * bool(correct) + (1 - self.answer_weight) * share
+        on_plan = query is None or follows_plan(scene, query, path["steps"])
+        value = self.answer_weight * bool(correct and on_plan) + (1 - self.answer_weight) * share
         wrong = [claim.text for claim in claims if not claim.holds]
         comment = (f"{held}/{len(claims)} claims hold ({sound}/{len(per_step)} steps); answer "
                    f"{'right' if correct else 'wrong'}"
+                   + ("" if on_plan else ", not by a plan for the question")
                    + (f"; wrong: {'; '.join(wrong[:3])}" if wrong else ""))
         return {"score": 1 + round(99 * value), "comment": comment}
 
