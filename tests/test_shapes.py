@@ -234,6 +234,38 @@ def test_per_step_share_scores_a_chain_that_marks_every_cell_no_far_lower() -> N
         SceneScorer(index, share="words")  # type: ignore[arg-type]
 
 
+def test_on_plan_scorer_counts_a_right_answer_only_from_a_plan_for_the_question(
+        dataset: Path) -> None:
+    """A chain about another question that lands on the right answer (luck) keeps its
+    claims' share but not the answer's half of the score; a chain on the plan loses nothing."""
+    from insightv_agents.images import load_images
+    from insightv_agents.shapes.reasoning import follows_plan
+
+    index = SceneIndex.from_folder(dataset)
+    row = next(r for r in rows(dataset, "train") if parse_question(r["question"]).kind == "count")
+    scene = index.lookup(dataset / row["image"])
+    query = parse_question(row["question"])
+    asked = plan_path(scene, query, strategy="rows", plan_step=True)
+    target = query.a
+    assert target is not None
+    other = Query("count", Filter(colour=next(c for c in COLOURS if c != target.colour)))
+    elsewhere = plan_path(scene, other, strategy="cells")
+    assert follows_plan(scene, query, asked.steps)
+    assert not follows_plan(scene, query, elsewhere.steps)
+    paths = [{"steps": p.steps, "answer": row["answer"], "check": None}
+             for p in (asked, elsewhere)]  # both answer right
+    request = {"question": row["question"], "truth": row["answer"],
+               "images": load_images(dataset / row["image"]), "paths": paths}
+    plain = SceneScorer(index).score_paths(request)  # type: ignore[arg-type]
+    on_plan = SceneScorer(index, on_plan=True).score_paths(request)  # type: ignore[arg-type]
+    assert plain[0]["score"] == on_plan[0]["score"] == 100
+    assert plain[1]["score"] == 100 and on_plan[1]["score"] == 51
+    assert "not by a plan for the question" in (on_plan[1]["comment"] or "")
+    unknown = SceneScorer(index, on_plan=True).score_paths(
+        {**request, "question": "What is this?"})  # type: ignore[arg-type]
+    assert [score["score"] for score in unknown] == [None, None]
+
+
 def test_reasoning_flaws_change_one_number_and_carry_on() -> None:
     scene = Scene((Shape(1, 1, "circle", "red", "small"), Shape(2, 3, "square", "red", "large"),
                    Shape(4, 4, "circle", "blue", "small")))
