@@ -78,9 +78,10 @@ class Path:
 
 
 def plan_path(scene: Scene, query: Query, *, strategy: Strategy = "cells",
-              flaws: Sequence[Flaw] = (), plan_step: bool = False) -> Path:
+              flaws: Sequence[Flaw] = (), plan_step: bool = False,
+              plan_first: bool = False) -> Path:
     """The reasoning path for ``query`` about ``scene`` (with ``plan_step``, its plan as its
-    second step).
+    second step; with ``plan_first`` too, as its first, before the description).
 
     Raises:
         InvalidInputError: when the question does not fit the scene as the path believes it
@@ -93,7 +94,7 @@ def plan_path(scene: Scene, query: Query, *, strategy: Strategy = "cells",
             believed = Scene(rest if flaw.into is None else (*rest, flaw.into))
     writer = _Writer(believed, strategy, [f for f in flaws if f.kind not in _PERCEPTION_FLAWS])
     answer = writer.solve(query)
-    steps = with_plan_step(writer.steps) if plan_step else writer.steps
+    steps = with_plan_step(writer.steps, first=plan_first) if plan_step else writer.steps
     return Path(steps, answer, strategy, tuple(flaws), writer.used)
 
 
@@ -112,15 +113,16 @@ def follows_plan(scene: Scene, query: Query, steps: Sequence[ReasoningStep]) -> 
     return False
 
 
-def with_plan_step(steps: list[ReasoningStep]) -> list[ReasoningStep]:
-    """``steps`` with the plan after the first (the description): the later steps'
-    summaries, joined ("Count the red shapes row by row, then give the count.")."""
+def with_plan_step(steps: list[ReasoningStep], *, first: bool = False) -> list[ReasoningStep]:
+    """``steps`` with the plan after the first (the description), or with ``first`` before
+    it: the summaries of the steps after the description, joined ("Count the red shapes row
+    by row, then give the count.")."""
     later = [step["summary"] for step in steps[1:]]
     if not later:
         return steps
     plan = ", then ".join([later[0], *(text[:1].lower() + text[1:] for text in later[1:])])
-    return [steps[0], {"summary": PLAN_SUMMARY, "reasoning": f"{plan}.", "action": "continue"},
-            *steps[1:]]
+    step: ReasoningStep = {"summary": PLAN_SUMMARY, "reasoning": f"{plan}.", "action": "continue"}
+    return [step, *steps] if first else [steps[0], step, *steps[1:]]
 
 
 def draw_flaws(scene: Scene, query: Query, rng: random.Random, amount: int = 1) -> list[Flaw]:

@@ -101,6 +101,10 @@ class ReproduceSettings(BaseModel):
             runs/reproduce-v4 (the reasoner alone retrained with it) raised (b) from 23.3 to
             31.7% and the chains following the question's plan from 35 to 55%; so did the
             whole runs/reproduce-v5 and v6 (README).
+        plan_first: the plan step comes first, right after the picture and the question,
+            before the description (with ``plan_step``). The plan names what the question
+            asks for; written second, it must read the question back across the picture and
+            the 16-cell description.
         vocab_size: the tokenizer's size (trained on the run's texts).
         text_steps: steps of text-only pre-training before the images (the run's texts and
             span-copy sequences: :func:`~insightv_agents.trainers.text.pretrain_text`);
@@ -210,6 +214,7 @@ class ReproduceSettings(BaseModel):
     paths: int = Field(4, ge=2, le=16)
     flaw_rate: float = Field(0.5, ge=0, le=1)
     plan_step: bool = True
+    plan_first: bool = False
     vocab_size: int = Field(1024, ge=300)
     text_steps: int = Field(0, ge=0)
     text_far_copy_target: float | None = Field(0.5, gt=0, le=1)
@@ -375,12 +380,12 @@ class Run:
 
         s = self.settings
         teacher = SceneTeacher(index=self.index, flaw_rate=s.flaw_rate,
-                               plan_step=s.plan_step, seed=s.seed)
+                               plan_step=s.plan_step, plan_first=s.plan_first, seed=s.seed)
         graph = create_synthesis_graph(teacher=teacher, scorer=SceneScorer(index=self.index),
                                        mode="chain", paths=s.paths).compile()
         return self.run_graph(graph, "synthesis", concurrency=16, paths=s.paths,
                               teacher="SceneTeacher", flaw_rate=s.flaw_rate,
-                              plan_step=s.plan_step)
+                              plan_step=s.plan_step, plan_first=s.plan_first)
 
     def run_graph(self, graph: Any, folder_name: str, *, concurrency: int,
                   limit: int | None = None, **info: Any) -> Any:

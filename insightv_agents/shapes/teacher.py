@@ -47,6 +47,7 @@ class SceneTeacher(BaseChatModel):
         strategies: the strategies drawn from.
         plan_step: write each path's plan as its second step (see
             :mod:`~insightv_agents.shapes.reasoning`).
+        plan_first: with ``plan_step``, the plan comes first, before the description.
         seed: seeds the draws (``None``: fresh ones), per (scene, question, k-th path).
         prompts: the prompts the conversations are built with (to read them back).
         max_questions: paths are remembered for this many (image, question) pairs.
@@ -59,6 +60,7 @@ class SceneTeacher(BaseChatModel):
     max_flaws: int = Field(2, ge=1, le=4)
     strategies: tuple[Strategy, ...] = STRATEGIES
     plan_step: bool = False
+    plan_first: bool = False
     seed: int | None = None
     prompts: Prompts = DEFAULT_PROMPTS
     max_questions: int = Field(10_000, ge=1)
@@ -79,6 +81,7 @@ class SceneTeacher(BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         return {"flaw_rate": self.flaw_rate, "max_flaws": self.max_flaws,
                 "strategies": list(self.strategies), "plan_step": self.plan_step,
+                "plan_first": self.plan_first,
                 "seed": self.seed}
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -118,10 +121,11 @@ class SceneTeacher(BaseChatModel):
         for flaws in attempts:
             try:
                 return plan_path(scene, query, strategy=strategy, flaws=flaws,
-                                 plan_step=self.plan_step)
+                                 plan_step=self.plan_step, plan_first=self.plan_first)
             except InvalidInputError:
                 continue  # the flaws hid what the question names: draw others
-        return plan_path(scene, query, strategy=strategy, plan_step=self.plan_step)
+        return plan_path(scene, query, strategy=strategy, plan_step=self.plan_step,
+                         plan_first=self.plan_first)
 
     def _path(self, scene: Scene, query: Query, question: str,
               steps: Sequence[ReasoningStep]) -> Path:
