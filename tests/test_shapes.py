@@ -358,10 +358,14 @@ def test_plan_step_states_the_later_steps_and_changes_nothing_else(dataset: Path
         assert plan["reasoning"].lower() == ", then ".join(
             step["summary"].lower() for step in plain.steps[1:]) + "."
         assert check_claims(scene, planned.steps) == check_claims(scene, plain.steps)
+        first = plan_path(scene, query, strategy="rows", plan_step=True, plan_first=True)
+        assert first.steps == [plan, *plain.steps] and first.answer == plain.answer
     # Through the synthesis graph, step by step: the plan is a step of its own.
     teacher = SceneTeacher(index=index, flaw_rate=0.0, plan_step=True, seed=0)
     graph = create_synthesis_graph(teacher=teacher, scorer=SceneScorer(index), paths=2,
                                    mode="step").compile()
+    ahead = SceneTeacher(index=index, flaw_rate=0.0, plan_step=True, plan_first=True, seed=0)
+    assert ahead._identifying_params["plan_first"] is True
     items, root = load_items(dataset / "test.jsonl", limit=5)
     write_run_file(tmp_path / "out", {"data_root": str(root), "paths": 2})
     asyncio.run(synthesize(graph, items, tmp_path / "out", concurrency=2, fsync=False))
