@@ -618,9 +618,8 @@ class Run:
             return graph_predictor(create_stage_beam_graph(
                 model, search="stage" if beam else "single", beam_size=self.settings.beam_size,
                 check_reasoning=False, prompts=STAGE_PROMPTS).compile())
-        reasoner = {"c-insightv": str(models / "reasoner"),
-                    "d-dpo-1": rounds[0]["model_out"],
-                    "e-dpo-3": rounds[-1]["model_out"]}[system]
+        reasoner = str(models / "reasoner") if system == "c-insightv" \
+            else rounds[0 if system == "d-dpo-1" else -1]["model_out"]
         return graph_predictor(create_insightv_graph(
             reasoner=self.chat(reasoner), summarizer=self.chat(models / "summary"),
             mode="chain", prompts=PROMPTS).compile())
