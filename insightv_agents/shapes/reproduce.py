@@ -104,7 +104,10 @@ class ReproduceSettings(BaseModel):
         plan_first: the plan step comes first, right after the picture and the question,
             before the description (with ``plan_step``). The plan names what the question
             asks for; written second, it must read the question back across the picture and
-            the 16-cell description.
+            the 16-cell description. Off by default: a pilot on runs/seed1's base (the
+            reasoning agent retrained with it) wrote the right plan for 20 of 60 test
+            questions against 18, and its later steps followed their plan for 28 against 47:
+            (b) 31.7 against 35.0% (README, Results).
         vocab_size: the tokenizer's size (trained on the run's texts).
         text_steps: steps of text-only pre-training before the images (the run's texts and
             span-copy sequences: :func:`~insightv_agents.trainers.text.pretrain_text`);
@@ -166,7 +169,8 @@ class ReproduceSettings(BaseModel):
         rounds, dpo_paths, dpo_learning_rate, dpo_epochs, dpo_beta: iterative DPO.
         dpo_sft_weight: weight of the NLL term on the chosen paths added to each round's DPO
             loss (:class:`~insightv_agents.trainers.dpo.DPOSettings` ``sft_weight``:
-            Iterative RPO); 0: plain DPO, as the paper.
+            Iterative RPO); 0: plain DPO, as the paper. On runs/seed1's models, 1.0 gave
+            (d) 41.7 and (e) 35.0 against plain DPO's 40.0 and 40.0 (README, Results).
         dpo_answer: how a DPO round finds each sampled chain's answer: ``"summary"``, the
             run's summary agent answers from the chain (as Insight-V's system does);
             ``"stated"`` (the default), the chain's own last step (the reasoning agent judged
@@ -180,7 +184,10 @@ class ReproduceSettings(BaseModel):
             answers against wrong ones (README, Results).
         dpo_on_plan: the DPO rounds' ``SceneScorer`` counts a sampled path's right answer only
             when the path follows a plan for the question (``on_plan``): a chain about
-            something else that lands on the right answer by luck is then not chosen.
+            something else that lands on the right answer by luck is then not chosen. In
+            runs/seed1's rounds 4, 7 and 0 of the 26, 31 and 23 chosen paths followed a
+            plan; with this on, the rounds had 6, 12 and 4 pairs, too few to move the model:
+            (d) 38.3, (e) 35.0 against 40.0 and 40.0 (README, Results).
         beam_size: candidates per stage in (f)'s stage-level beam search.
         summary_rows, summary_mix: rows of the summary agent's SFT set, and their shares of
             optimal and flawed paths, the agent's own paths and plain question answering
