@@ -473,6 +473,30 @@ def eval_command(
     console.print(f"-> {out}/report.md, {out}/report.json, {out}/predictions.jsonl")
 
 
+@app.command("compare")
+def compare_command(
+    first: Annotated[str, typer.Argument(help="An evaluation folder (insightv eval --out).")],
+    second: Annotated[str, typer.Argument(help="Another, on the same items.")],
+    category: Annotated[list[str] | None, typer.Option(
+        help="Only items of this category (repeat for several).")] = None,
+) -> None:
+    """Compare two evaluations question by question: which items only one got right, and
+    the sign test's p-value (accuracies a few points apart on tens of items are noise)."""
+    from insightv_agents.evaluate import compare_predictions
+
+    console = Console()
+    try:
+        paired = compare_predictions(first, second, categories=category or None)
+    except InsightVError as err:
+        console.print(f"[bold red]error:[/bold red] {err}")
+        raise typer.Exit(2) from err
+    console.print(
+        f"{paired.items} items: both right {paired.both_right}, only {first} "
+        f"{paired.only_first}, only {second} {paired.only_second}, both wrong "
+        f"{paired.both_wrong}.\nAccuracy difference {100 * paired.difference:+.1f} points; "
+        f"sign test p = {paired.p_value:.3f}.", highlight=False)
+
+
 def _skipped(console: Console) -> Callable[[str], None]:
     """Reports a skipped input row."""
     def report(problem: str) -> None:

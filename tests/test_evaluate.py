@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,11 @@ from langchain_core.messages import BaseMessage
 from insightv_agents import InvalidInputError, create_insightv_graph
 from insightv_agents.evaluate import (
     chain_predictor,
+    compare_predictions,
     direct_predictor,
     evaluate,
     graph_predictor,
+    sign_test,
 )
 from insightv_agents.images import data_url_bytes
 from insightv_agents.parsing import format_chain, format_verdict
@@ -170,3 +173,47 @@ def test_cli_eval_needs_a_model_and_checks_the_data_first(
     result = CliRunner().invoke(app, ["eval", "--data", str(data / "test.jsonl"), "--out",
                                       str(tmp_path / "o"), "--method", "magic"])
     assert result.exit_code == 2 and "--method" in result.output
+
+
+def test_two_evaluations_compared_question_by_question(data: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from insightv_agents.cli import app
+
+    def answering(right: Callable[[str], bool]) -> Any:
+        async def predict(item: Any) -> dict[str, Any]:
+            return {"answer": item.answer if right(item.category) else "purple", "status": "ok"}
+        return predict
+
+    # the first is right on perception and count questions, the second on count and compare
+    run(answering(lambda c: c in ("perception", "count")), data, tmp_path / "first")
+    run(answering(lambda c: c in ("count", "compare")), data, tmp_path / "second")
+    items, _ = load_items(data / "test.jsonl")
+    per = {c: sum(item.category == c for item in items) for c in ("perception", "count",
+                                                                  "compare")}
+    paired = compare_predictions(tmp_path / "first", tmp_path / "second")
+    assert (paired.items, paired.both_right, paired.only_first, paired.only_second,
+            paired.both_wrong) == (30, per["count"], per["perception"], per["compare"],
+                                   30 - sum(per.values()))
+    assert paired.difference == pytest.approx((per["perception"] - per["compare"]) / 30)
+    assert paired.p_value == sign_test(per["perception"], per["compare"])
+    only = compare_predictions(tmp_path / "first" / "predictions.jsonl", tmp_path / "second",
+                               categories=["perception"])
+    assert (only.items, only.only_first, only.only_second, only.p_value) == (
+        per["perception"], per["perception"], 0, sign_test(per["perception"], 0))
+    with pytest.raises(InvalidInputError, match="no evaluated item"):
+        compare_predictions(tmp_path / "first", tmp_path / "second", categories=["colour"])
+    with pytest.raises(InvalidInputError, match="no predictions"):
+        compare_predictions(tmp_path / "first", tmp_path / "nothing")
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "first"),
+                                      str(tmp_path / "second"), "--category", "perception"])
+    assert result.exit_code == 0 and f"{per['perception']} items: both right 0" in result.output
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "first"), str(tmp_path / "x")])
+    assert result.exit_code == 2 and "no predictions" in result.output
+
+
+def test_the_sign_test_is_exact() -> None:
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
+    assert sign_test(5, 0) == sign_test(0, 5) == pytest.approx(2 / 32)
+    assert sign_test(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    assert sign_test(12, 7) == pytest.approx(0.3593, abs=1e-4)

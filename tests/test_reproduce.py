@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from insightv_agents.evaluate import sign_test
 from insightv_agents.shapes.reproduce import (
     SYSTEMS,
     ReproduceSettings,
@@ -41,6 +42,14 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
             "perception", "count", "compare", "arithmetic", "spatial"}
     assert [r["round"] for r in results["dpo_rounds"]] == [1, 2]
     assert [probe["epochs"] for probe in results["caption_probe"]] == [1]  # the base's probe
+    # the goals question by question: the paired counts give the accuracies' difference
+    assert len(results["paired"]) == 7
+    for pair in results["paired"]:
+        if pair["questions"] == "all":
+            first, second = (results["systems"][pair[k]]["accuracy"] for k in ("first",
+                                                                                "second"))
+            assert pair["items"] == 5 and pair["only_first"] - pair["only_second"] == round(
+                5 * (first - second))
     # training time: every stage but the data, the training sets and the evaluation
     timings = results["timings_seconds"]
     assert {"text pre-training", "iterative dpo"} <= set(timings)
@@ -179,6 +188,27 @@ def test_runs_side_by_side_give_means_and_say_which_goals_hold_in_each() -> None
     assert "| (d) > (c) | yes | no |" in table
     assert "| (e) > (d) | yes | – |" in table
     assert "| perception of (c) not below (a) | yes | no |" in table
+    assert "Pooled" not in table  # no run compared question by question
+
+
+def test_goals_compared_question_by_question_within_a_run_and_pooled_over_runs() -> None:
+    def pair(first: str, second: str, wins: int, losses: int) -> dict[str, object]:
+        return {"first": first, "second": second, "questions": "all", "items": 60,
+                "only_first": wins, "only_second": losses, "p_value": sign_test(wins, losses)}
+
+    system = {"label": "(d)", "accuracy": 0.5, "multi_step": 0.5, "perception": 0.5,
+              "categories": {}, "recovery": None}
+    first = {"systems": {"d-dpo-1": system}, "settings": {"test": 60, "seed": 0},
+             "total_seconds": 60.0, "training_seconds": 30.0, "machine": "2 CPU cores",
+             "dpo_rounds": [], "paired": [pair("d-dpo-1", "c-insightv", 8, 2),
+                                          pair("f-stage-beam", "f-stages", 1, 1)]}
+    second = {**first, "paired": [pair("d-dpo-1", "c-insightv", 4, 7)]}
+    table = results_markdown(first)
+    assert "| (d) vs (c) (all) | 60 | 8 | 2 | 0.11 |" in table
+    assert "| (f)+beam vs (f) (all) | 60 | 1 | 1 | 1.00 |" in table
+    pooled = runs_markdown([("seed 0", first), ("seed 1", second)])
+    assert f"| (d) vs (c) (all) | 2 | 120 | 12 | 9 | {sign_test(12, 9):.2f} |" in pooled
+    assert "| (f)+beam vs (f) (all) | 1 | 60 | 1 | 1 | 1.00 |" in pooled
 
 
 def test_a_summary_mix_that_makes_no_rows_is_refused_before_anything_runs(tmp_path: Path

@@ -80,6 +80,17 @@ SYSTEMS: dict[str, str] = {
 OPTIMAL_ONLY = SummaryMix(optimal=1, flawed=0, self_made=0, qa=0)
 RESULTS_FILE = "results.json"
 TRAINED = ("direct", "reasoner", "summary", "stages")  # the SFT runs, in order
+MULTI_STEP = tuple(c for c in CATEGORIES if c != "perception")
+# The issue's goals as paired comparisons: (first, second, the questions compared, in words).
+PAIRS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ("c-insightv", "a-direct", MULTI_STEP, "multi-step"),
+    ("c-insightv", "b-chain", MULTI_STEP, "multi-step"),
+    ("d-dpo-1", "c-insightv", CATEGORIES, "all"),
+    ("e-dpo-3", "d-dpo-1", CATEGORIES, "all"),
+    ("e-dpo-3", "c-insightv", CATEGORIES, "all"),
+    ("c-insightv", "a-direct", ("perception",), "perception"),
+    ("f-stage-beam", "f-stages", CATEGORIES, "all"),
+)
 # The stages that make models (``timings.json`` keys): everything but the data and the eval.
 TRAINING_STAGES = ("text", "base", "sft", "reasoner samples", "iterative")
 
@@ -669,7 +680,25 @@ class Run:
                 "training_seconds": round(sum(v for k, v in self.timings.items()
                                               if k.startswith(TRAINING_STAGES)), 1),
                 "total_seconds": round(sum(self.timings.values()), 1), "machine": machine(),
-                "precision": self.precision, "caption_probe": self.caption_probes()}
+                "precision": self.precision, "caption_probe": self.caption_probes(),
+                "paired": self.paired(reports)}
+
+    def paired(self, reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """The goals' comparisons question by question (:data:`PAIRS`): how many test
+        questions only the first system got right, how many only the second, and the sign
+        test's p-value on those."""
+        from insightv_agents.evaluate import compare_predictions
+
+        rows = []
+        for first, second, categories, questions in PAIRS:
+            if first in reports and second in reports:
+                paired = compare_predictions(self.out / "eval" / first,
+                                             self.out / "eval" / second, categories=categories)
+                rows.append({"first": first, "second": second, "questions": questions,
+                             "items": paired.items, "only_first": paired.only_first,
+                             "only_second": paired.only_second,
+                             "p_value": round(paired.p_value, 4)})
+        return rows
 
     def caption_probes(self) -> list[dict[str, float]]:
         """The caption probes taken while the base model was trained."""
@@ -721,6 +750,12 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines += ["", "Caption probe (held-out cells, pictures whole): " + "; ".join(
             f"{p['epochs']:g} epochs {100 * p['cells']:.1f}%, {100 * p['pictures']:.0f}%"
             for p in results["caption_probe"]) + "."]
+    if results.get("paired"):
+        lines += ["", "| Goal, question by question | Questions | Only the first right | "
+                  "Only the second right | Sign test p |", "|---|---|---|---|---|"]
+        lines += [f"| {_short(p['first'])} vs {_short(p['second'])} ({p['questions']}) "
+                  f"| {p['items']} | {p['only_first']} | {p['only_second']} "
+                  f"| {p['p_value']:.2f} |" for p in results["paired"]]
     lines += ["", "| DPO round | Pairs | Sampled accuracy | Mean score | Train loss |",
               "|---|---|---|---|---|"]
     for r in results["dpo_rounds"]:
@@ -733,7 +768,9 @@ def results_markdown(results: dict[str, Any]) -> str:
 def runs_markdown(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
     """Several runs' results side by side (e.g. seeds): per system, each run's overall and
     multi-step accuracy and their means; then, per run, whether the issue's goals hold there
-    ((c) above (a) and (b) on multi-step, (e) > (d) > (c), perception not below (a))."""
+    ((c) above (a) and (b) on multi-step, (e) > (d) > (c), perception not below (a)); and,
+    for runs that compared the goals question by question (``paired``), those counts summed
+    over the runs with the sign test on the sums."""
     def pct(value: float | None) -> str:
         return "–" if value is None else f"{100 * value:.1f}"
 
@@ -763,7 +800,28 @@ def runs_markdown(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
     for goal, holds in goals:
         lines.append(f"| {goal} | " + " | ".join(
             {True: "yes", False: "no", None: "–"}[holds(r["systems"])] for _, r in runs) + " |")
+    pooled: dict[tuple[str, str, str], list[int]] = {}
+    for _, r in runs:
+        for p in r.get("paired") or []:
+            counts = pooled.setdefault((p["first"], p["second"], p["questions"]), [0, 0, 0, 0])
+            counts[0] += 1
+            counts[1] += p["items"]
+            counts[2] += p["only_first"]
+            counts[3] += p["only_second"]
+    if pooled:
+        from insightv_agents.evaluate import sign_test
+
+        lines += ["", "| Pooled, question by question | Runs | Questions | Only the first "
+                  "right | Only the second right | Sign test p |", "|---|---|---|---|---|---|"]
+        lines += [f"| {_short(first)} vs {_short(second)} ({questions}) | {n} | {items} "
+                  f"| {wins} | {losses} | {sign_test(wins, losses):.2f} |"
+                  for (first, second, questions), (n, items, wins, losses) in pooled.items()]
     return "\n".join(lines) + "\n"
+
+
+def _short(name: str) -> str:
+    """A system's letter: ``(c)``; ``(f)+beam`` for the stage-level beam search."""
+    return "(f)+beam" if name == "f-stage-beam" else SYSTEMS[name].split()[0]
 
 
 def _above(systems: dict[str, Any], name: str, key: str, *others: str,
