@@ -81,15 +81,16 @@ OPTIMAL_ONLY = SummaryMix(optimal=1, flawed=0, self_made=0, qa=0)
 RESULTS_FILE = "results.json"
 TRAINED = ("direct", "reasoner", "summary", "stages")  # the SFT runs, in order
 MULTI_STEP = tuple(c for c in CATEGORIES if c != "perception")
-# The goals as paired comparisons: (first, second, the questions compared, in words).
-PAIRS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+# The goals as paired comparisons: (first, second, the questions compared, in words;
+# None: all of them).
+PAIRS: tuple[tuple[str, str, tuple[str, ...] | None, str], ...] = (
     ("c-insightv", "a-direct", MULTI_STEP, "multi-step"),
     ("c-insightv", "b-chain", MULTI_STEP, "multi-step"),
-    ("d-dpo-1", "c-insightv", CATEGORIES, "all"),
-    ("e-dpo-3", "d-dpo-1", CATEGORIES, "all"),
-    ("e-dpo-3", "c-insightv", CATEGORIES, "all"),
+    ("d-dpo-1", "c-insightv", None, "all"),
+    ("e-dpo-3", "d-dpo-1", None, "all"),
+    ("e-dpo-3", "c-insightv", None, "all"),
     ("c-insightv", "a-direct", ("perception",), "perception"),
-    ("f-stage-beam", "f-stages", CATEGORIES, "all"),
+    ("f-stage-beam", "f-stages", None, "all"),
 )
 # The stages that make models (``timings.json`` keys): everything but the data and the eval.
 TRAINING_STAGES = ("text", "base", "sft", "reasoner samples", "iterative")
