@@ -20,7 +20,7 @@ from insightv_agents.prompts import DEFAULT_PROMPTS, DEFAULT_STAGE_PROMPTS, Prom
 from insightv_agents.testing import ScriptedChatModel
 
 app = typer.Typer(help="Insight-V multi-agent visual reasoning.", no_args_is_help=True,
-                  add_completion=False)
+                  add_completion=False, rich_markup_mode="markdown")
 
 
 @app.callback()
