@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from math import comb
+from math import comb, sqrt
 from pathlib import Path
 from typing import Any
 
@@ -180,11 +180,11 @@ async def _predict_one(predict: Predictor, item: Item,
 
 
 def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy overall and per category, failures, the recovery of wrong reasoning, and
-    (for the two-agent system) what the summary agent did with the answers the reasoning
-    stated: ``summary_agent`` counts the chains whose last step states an answer, those
-    right, how often the final answer kept the stated one, and the right answers it lost
-    and the wrong ones it fixed."""
+    """Accuracy overall and per category (each with its 95% interval), failures, the
+    recovery of wrong reasoning, and (for the two-agent system) what the summary agent did
+    with the answers the reasoning stated: ``summary_agent`` counts the chains whose last
+    step states an answer, those right, how often the final answer kept the stated one, and
+    the right answers it lost and the wrong ones it fixed."""
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     failed = undecided = flawed = recovered = rejected = 0
     seconds = 0.0
@@ -201,7 +201,8 @@ def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
             recovered += bool(row["correct"])
             verdict = row.get("verdict") or {}
             rejected += verdict.get("reasoning_correct") is False
-    accuracy = {key: {"n": n, "correct": right, "accuracy": right / n if n else 0.0}
+    accuracy = {key: {"n": n, "correct": right, "accuracy": right / n if n else 0.0,
+                      "interval": list(accuracy_interval(right, n))}
                 for key, (n, right) in sorted(totals.items(), key=lambda kv: kv[0] != "all")}
     report: dict[str, Any] = {
         "items": len(rows), "accuracy": accuracy, "failed": failed, "undecided": undecided,
@@ -233,10 +234,12 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation: {settings.get('method', 'run')}", ""]
     if settings:
         lines += [f"- {key}: `{value}`" for key, value in settings.items()] + [""]
-    lines += ["| category | items | correct | accuracy |", "|---|---:|---:|---:|"]
+    lines += ["| category | items | correct | accuracy | 95% interval |",
+              "|---|---:|---:|---:|---:|"]
     for key, value in report["accuracy"].items():
+        low, high = value.get("interval") or accuracy_interval(value["correct"], value["n"])
         lines.append(f"| {key} | {value['n']} | {value['correct']} | "
-                     f"{100 * value['accuracy']:.1f}% |")
+                     f"{100 * value['accuracy']:.1f}% | {100 * low:.1f}-{100 * high:.1f}% |")
     lines += ["", f"Failed runs: {report['failed']}; answers no rule could check: "
                   f"{report['undecided']}; mean seconds per item: {report['mean_seconds']:.2f}."]
     flawed = report.get("flawed_reasoning")
@@ -308,6 +311,18 @@ def compare_predictions(first: str | Path, second: str | Path, *,
         for x, y in ((True, True), (True, False), (False, True), (False, False)))
     return PairedComparison(len(shared), both, only_first, only_second, neither,
                             sign_test(only_first, only_second))
+
+
+def accuracy_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy of ``correct`` out of ``n`` (95% with the
+    default ``z``): where the accuracy on many more items like these would lie. On 60 items
+    an accuracy near 35% is 24-48%; ``(0, 1)`` when there are no items."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def sign_test(wins: int, losses: int) -> float:

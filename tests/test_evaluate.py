@@ -13,6 +13,7 @@ from langchain_core.messages import BaseMessage
 
 from insightv_agents import InvalidInputError, create_insightv_graph
 from insightv_agents.evaluate import (
+    accuracy_interval,
     chain_predictor,
     compare_predictions,
     direct_predictor,
@@ -82,7 +83,8 @@ def test_insightv_known_numbers_recovery_and_reports(data: Path, tmp_path: Path)
     for category, expected in [("perception", 1.0), ("count", 1.0), ("compare", 1.0),
                                ("arithmetic", 0.0), ("spatial", 0.0)]:
         assert accuracy[category] == {"n": 6, "correct": int(6 * expected),
-                                      "accuracy": expected}
+                                      "accuracy": expected, "interval": pytest.approx(
+                                          list(accuracy_interval(int(6 * expected), 6)))}
     assert report["flawed_reasoning"] == {"items": 6, "answer_right": 6, "flagged": 6,
                                           "recovery_rate": 1.0}
     # the compare chains state no answer; the others are right, kept on perception and count
@@ -93,7 +95,8 @@ def test_insightv_known_numbers_recovery_and_reports(data: Path, tmp_path: Path)
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["accuracy"] == accuracy and saved["settings"] == {"method": "insightv"}
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert "| all | 30 | 18 | 60.0% |" in markdown and "| compare | 6 | 6 | 100.0% |" in markdown
+    assert "| all | 30 | 18 | 60.0% | 42.3-75.4% |" in markdown
+    assert "| compare | 6 | 6 | 100.0% | 61.0-100.0% |" in markdown
     assert "kept the stated answer 12 times, lost 12 right ones and fixed 0" in markdown
     rows = [json.loads(line) for line in
             (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
@@ -210,6 +213,19 @@ def test_two_evaluations_compared_question_by_question(data: Path, tmp_path: Pat
     assert result.exit_code == 0 and f"{per['perception']} items: both right 0" in result.output
     result = CliRunner().invoke(app, ["compare", str(tmp_path / "first"), str(tmp_path / "x")])
     assert result.exit_code == 2 and "no predictions" in result.output
+
+
+def test_the_accuracy_interval_is_wilsons() -> None:
+    """Reference values of the Wilson score interval (95%)."""
+    assert accuracy_interval(18, 30) == pytest.approx((0.4232, 0.7541), abs=1e-4)
+    assert accuracy_interval(21, 60) == pytest.approx((0.2417, 0.4764), abs=1e-4)
+    assert accuracy_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert accuracy_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert accuracy_interval(0, 0) == (0.0, 1.0)
+    # four times the items, half the width
+    low, high = accuracy_interval(21, 60)
+    low4, high4 = accuracy_interval(84, 240)
+    assert (high4 - low4) == pytest.approx((high - low) / 2, rel=0.05)
 
 
 def test_the_sign_test_is_exact() -> None:
