@@ -165,6 +165,8 @@ def test_results_table_says_what_the_summary_agent_did_with_the_chains_answers()
         "training_seconds": 30.0, "machine": "2 CPU cores", "dpo_rounds": []}
     table = results_markdown(results)
     assert "| (c) | 50 | 19 | 14 | 17 | 8 |" in table
+    assert "One question is 1.7 points. At these systems' mean accuracy (50.0%) the 95% " \
+        "interval of one system's accuracy is 37.7-62.3%;" in table
     below = table.split("Summary agent kept it")[1].split("\n\n")[0]
     assert [line.split(" | ")[0] for line in below.splitlines() if line.startswith("| (")] \
         == ["| (c)"]  # a system without a summary agent has no row there

@@ -747,6 +747,16 @@ def results_markdown(results: dict[str, Any]) -> str:
               f"Wall time {minutes:.0f} min in all ({results['training_seconds'] / 60:.0f} min "
               f"of training, {results.get('precision', 'float32')}) on {results['machine']}; "
               f"seed {s['seed']}."]
+    accuracies = [system["accuracy"] for system in results["systems"].values()]
+    if accuracies:
+        from insightv_agents.evaluate import accuracy_interval
+
+        mean = sum(accuracies) / len(accuracies)
+        low, high = accuracy_interval(round(mean * s["test"]), s["test"])
+        lines += ["", f"One question is {100 / s['test']:.1f} points. At these systems' mean "
+                  f"accuracy ({100 * mean:.1f}%) the 95% interval of one system's accuracy is "
+                  f"{100 * low:.1f}-{100 * high:.1f}%; the paired comparisons "
+                  "say which differences between two systems are more than noise."]
     if results.get("caption_probe"):
         lines += ["", "Caption probe (held-out cells, pictures whole): " + "; ".join(
             f"{p['epochs']:g} epochs {100 * p['cells']:.1f}%, {100 * p['pictures']:.0f}%"
