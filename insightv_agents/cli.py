@@ -419,6 +419,10 @@ def eval_command(
     limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
     strict: Strict = False,
     concurrency: Annotated[int, typer.Option(help="Items in flight at once.")] = 8,
+    labels: Annotated[str | None, typer.Option(
+        help="The data's closed answer set, comma-separated (e.g. yes,no,red,blue): one label "
+             "given for another is wrong, not undecided (default: the shapes world's answers "
+             "when the data has scenes).")] = None,
 ) -> None:
     """Evaluate a method on a dataset: accuracy overall and per category, every prediction
     saved; append-only and resumable."""
@@ -449,10 +453,13 @@ def eval_command(
             _graph(method, reasoner, summarizer, mode=mode, max_steps=max_steps,
                    max_revisions=0, beam_size=beam_size, prompts=_prompts(backend)))
         check = _reasoning_check(scenes, root)
-        settings = {"method": method, "data": str(data), "backend": backend,
-                    "reasoner": describe_model(reasoner),
-                    "summarizer": describe_model(summarizer), "mode": mode,
-                    "beam_size": beam_size, "limit": limit}
+        rules = _answer_rules(labels, shapes=check is not None)
+        settings: dict[str, Any] = {
+            "method": method, "data": str(data), "backend": backend,
+            "reasoner": describe_model(reasoner), "summarizer": describe_model(summarizer),
+            "mode": mode, "beam_size": beam_size, "limit": limit}
+        if labels:
+            settings["labels"] = sorted(rules.labels)
     except InsightVError as err:
         console.print(f"[bold red]error:[/bold red] {err}")
         raise typer.Exit(2) from err
@@ -463,7 +470,7 @@ def eval_command(
         try:
             report = asyncio.run(evaluate(
                 predict, items, out, settings=settings, concurrency=concurrency,
-                reasoning_check=check, on_item=lambda _: progress.advance(task)))
+                reasoning_check=check, rules=rules, on_item=lambda _: progress.advance(task)))
         except InsightVError as err:
             console.print(f"[bold red]error:[/bold red] {err}")
             raise typer.Exit(2) from err
@@ -517,6 +524,21 @@ def _reasoning_check(scenes: str | None, root: Path) -> Any:
     if scenes is None and not (root / "scenes.jsonl").is_file():
         return None
     return reasoning_check(SceneIndex.from_folder(scenes or root))
+
+
+def _answer_rules(labels: str | None, *, shapes: bool) -> Any:
+    from insightv_agents.answers import DEFAULT_RULES, AnswerRules
+
+    if labels is not None:
+        words = frozenset(word.strip() for word in labels.split(",") if word.strip())
+        if not words:
+            raise InsightVError("--labels names no answer (comma-separated words).")
+        return AnswerRules(labels=words)
+    if shapes:
+        from insightv_agents.shapes.questions import ANSWER_RULES
+
+        return ANSWER_RULES
+    return DEFAULT_RULES
 
 
 def _adapter_spec(spec: str) -> tuple[str, str]:

@@ -30,7 +30,13 @@ from typing import Any
 from langchain_core.language_models import LanguageModelLike
 from langchain_core.messages import HumanMessage
 
-from insightv_agents.answers import extract_answer, match_answer, stated_answer
+from insightv_agents.answers import (
+    DEFAULT_RULES,
+    AnswerRules,
+    extract_answer,
+    match_answer,
+    stated_answer,
+)
 from insightv_agents.errors import InvalidInputError, ModelOutputError, check_int
 from insightv_agents.images import ImagePolicy, load_images
 from insightv_agents.nodes import reply_text
@@ -102,6 +108,7 @@ def chain_predictor(model: LanguageModelLike, *, prompts: Prompts = DEFAULT_PROM
 async def evaluate(predict: Predictor, items: Sequence[Item], out: str | Path, *,
                    settings: dict[str, Any] | None = None, concurrency: int = 8,
                    reasoning_check: Callable[[Item, dict[str, Any]], bool | None] | None = None,
+                   rules: AnswerRules = DEFAULT_RULES,
                    on_item: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Predict every item not yet in ``<out>/predictions.jsonl`` and write the reports.
 
@@ -111,6 +118,9 @@ async def evaluate(predict: Predictor, items: Sequence[Item], out: str | Path, *
         reasoning_check: tells whether a prediction's reasoning is sound (``None``: cannot
             tell); when given, the report says how often the final answer was right although
             the reasoning was not (the summary agent's recovery rate).
+        rules: how answers are checked (:class:`~insightv_agents.answers.AnswerRules`); with
+            the dataset's closed answer set as ``labels``, a wrong label is wrong rather than
+            undecided (the accuracy is the same: an undecided answer counts as wrong).
         on_item: called with each new prediction (progress bars).
 
     Returns:
@@ -133,7 +143,7 @@ async def evaluate(predict: Predictor, items: Sequence[Item], out: str | Path, *
         async def worker() -> None:
             while not queue.empty():
                 item = queue.get_nowait()
-                row = await _predict_one(predict, item, reasoning_check)
+                row = await _predict_one(predict, item, reasoning_check, rules)
                 log.append([row])
                 if on_item is not None:
                     on_item(row)
@@ -148,8 +158,8 @@ async def evaluate(predict: Predictor, items: Sequence[Item], out: str | Path, *
 
 
 async def _predict_one(predict: Predictor, item: Item,
-                       reasoning_check: Callable[[Item, dict[str, Any]], bool | None] | None
-                       ) -> dict[str, Any]:
+                       reasoning_check: Callable[[Item, dict[str, Any]], bool | None] | None,
+                       rules: AnswerRules) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         result = await predict(item)
@@ -158,7 +168,8 @@ async def _predict_one(predict: Predictor, item: Item,
     except Exception as err:  # a failing backend is one failed item, not a lost run
         result = {"answer": "", "status": "failed",
                   "failures": [{"node": "predict", "kind": "error", "error": repr(err)[:500]}]}
-    check = match_answer(str(result.get("answer") or ""), item.answer, choices=item.choices)
+    check = match_answer(str(result.get("answer") or ""), item.answer, choices=item.choices,
+                         rules=rules)
     row = {"id": item.id, "records": 1, "category": item.category or "all",
            "question": item.question, "truth": item.answer, "answer": result.get("answer", ""),
            "correct": check["correct"] is True, "check": check,
@@ -172,10 +183,10 @@ async def _predict_one(predict: Predictor, item: Item,
         if stated:  # what the summary agent did with the answer the reasoning reached
             row["stated"] = {
                 "answer": stated,
-                "correct": match_answer(stated, item.answer, choices=item.choices)["correct"]
-                is True,
-                "kept": match_answer(row["answer"], stated, choices=item.choices)["correct"]
-                is True}
+                "correct": match_answer(stated, item.answer, choices=item.choices,
+                                        rules=rules)["correct"] is True,
+                "kept": match_answer(row["answer"], stated, choices=item.choices,
+                                     rules=rules)["correct"] is True}
     return row
 
 

@@ -159,6 +159,22 @@ def test_chain_reads_the_answer_from_the_reasoners_last_step(data: Path, tmp_pat
     assert all(row["steps"] and row["response"] for row in rows)
 
 
+def test_a_closed_answer_set_decides_wrong_labels(data: Path, tmp_path: Path) -> None:
+    """With the shapes world's labels a wrong colour, size or kind is wrong, not undecided;
+    the accuracy is the same either way."""
+    from insightv_agents.shapes.questions import ANSWER_RULES
+
+    model = ScriptedChatModel([lambda m: "The answer is red."], cycle=True)
+    items, _ = load_items(data / "test.jsonl")
+    plain = asyncio.run(evaluate(direct_predictor(model), items, tmp_path / "plain"))
+    closed = asyncio.run(evaluate(direct_predictor(model), items, tmp_path / "closed",
+                                  rules=ANSWER_RULES))
+    wrong = sum(item.answer != "red" for item in items)  # numbers, yes/no, other words
+    assert plain["undecided"] == wrong > 0 and closed["undecided"] == 0
+    assert closed["accuracy"] == plain["accuracy"]
+    assert closed["accuracy"]["all"]["correct"] == sum(item.answer == "red" for item in items)
+
+
 def test_cli_eval_needs_a_model_and_checks_the_data_first(
         data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
@@ -176,6 +192,10 @@ def test_cli_eval_needs_a_model_and_checks_the_data_first(
     result = CliRunner().invoke(app, ["eval", "--data", str(data / "test.jsonl"), "--out",
                                       str(tmp_path / "o"), "--method", "magic"])
     assert result.exit_code == 2 and "--method" in result.output
+    result = CliRunner().invoke(app, ["eval", "--data", str(data / "test.jsonl"), "--out",
+                                      str(tmp_path / "o"), "--base-url", "http://127.0.0.1:9/v1",
+                                      "--labels", " , "])
+    assert result.exit_code == 2 and "--labels names no answer" in result.output
 
 
 def test_two_evaluations_compared_question_by_question(data: Path, tmp_path: Path) -> None:

@@ -652,7 +652,8 @@ class Run:
         return asyncio.run(evaluate(
             self.predictor(system, rounds), items, self.out / "eval" / system,
             settings={"system": system, "seed": self.settings.seed},
-            concurrency=self.settings.concurrency, reasoning_check=reasoning_check(self.index)))
+            concurrency=self.settings.concurrency, reasoning_check=reasoning_check(self.index),
+            rules=ANSWER_RULES))
 
     # --- the results -------------------------------------------------------------------------
 
