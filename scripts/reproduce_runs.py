@@ -1,7 +1,7 @@
 """Several ``make reproduce`` runs side by side (e.g. seeds), with their means and which of
 the issue's goals hold in each.
 
-    python scripts/reproduce_runs.py runs/seed0 runs/seed1 [docs/reproduce.json ...]
+    python scripts/reproduce_runs.py runs/seed0 runs/seed1 [docs/reproduce-v10.json ...]
 
 Each argument is a run's folder or its ``results.json``; prints a Markdown table.
 """
