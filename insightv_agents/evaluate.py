@@ -248,7 +248,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines += ["| category | items | correct | accuracy | 95% interval |",
               "|---|---:|---:|---:|---:|"]
     for key, value in report["accuracy"].items():
-        low, high = value.get("interval") or accuracy_interval(value["correct"], value["n"])
+        low, high = accuracy_interval(value["correct"], value["n"])
         lines.append(f"| {key} | {value['n']} | {value['correct']} | "
                      f"{100 * value['accuracy']:.1f}% | {100 * low:.1f}-{100 * high:.1f}% |")
     lines += ["", f"Failed runs: {report['failed']}; answers no rule could check: "

@@ -198,6 +198,16 @@ def test_cli_eval_needs_a_model_and_checks_the_data_first(
     assert result.exit_code == 2 and "--labels names no answer" in result.output
 
 
+def test_cli_labels_give_the_closed_answer_set() -> None:
+    from insightv_agents.answers import DEFAULT_RULES
+    from insightv_agents.cli import _answer_rules
+    from insightv_agents.shapes.questions import ANSWER_RULES
+
+    assert _answer_rules(" Yes, no ,,red", shapes=True).labels == {"yes", "no", "red"}
+    assert _answer_rules(None, shapes=True) is ANSWER_RULES
+    assert _answer_rules(None, shapes=False) is DEFAULT_RULES
+
+
 def test_two_evaluations_compared_question_by_question(data: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -109,7 +109,8 @@ class ReproduceSettings(BaseModel):
             chains fell after round 1 (right 25 -> 17 of 60). The test split was 60 questions
             up to runs/reproduce-v12: too few to tell systems apart (a 95% interval of
             +-12 points, and no goal's paired difference significant in any run); 240 halves
-            that, for a quarter of an hour more of evaluation on 2 CPU cores. The first 60
+            that, for about 25 more minutes of evaluation on 2 CPU cores (35 in all in
+            runs/reproduce-v13). The first 60
             of 240 are the 60 of the earlier runs (each split is drawn from its own seeded
             generator).
         paths, flaw_rate: paths the teacher writes per question, and the share with flaws.
