@@ -95,16 +95,24 @@ class FakeOpenAIServer(http.server.ThreadingHTTPServer):
     """A loopback OpenAI-compatible chat endpoint replying ``reply(request_body)`` (a text,
     a :class:`Refusal` or a :class:`Drop`) after ``delay`` seconds; records every request.
     For tests of the HTTP client path and of faults (the real vLLM server is tested in
-    test_vllm_server.py)."""
+    test_vllm_server.py). With ``keep_alive``, it speaks HTTP/1.1 and keeps each connection
+    open for the next request, as vLLM's server does; ``connections`` counts those opened.
+    A request with ``"stream": true`` gets its reply as server-sent events."""
 
     daemon_threads = True
 
     def __init__(self, reply: Callable[[dict[str, Any]], str | Refusal | Drop],
-                 delay: float = 0.0, port: int = 0) -> None:
-        super().__init__(("127.0.0.1", port), _Handler)
+                 delay: float = 0.0, port: int = 0, keep_alive: bool = False) -> None:
+        handler = _KeepAliveHandler if keep_alive else _Handler
+        super().__init__(("127.0.0.1", port), handler)
         self.reply = reply
         self.delay = delay
         self.requests: list[dict[str, Any]] = []
+        self.connections = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.connections += 1
+        super().process_request(request, client_address)
 
     @property
     def url(self) -> str:
@@ -139,6 +147,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(text.status, {"error": {"message": text.message, "type": "invalid",
                                                "code": text.status}})
             return
+        if body.get("stream"):
+            self._send_events(body, text)
+            return
         reply = {"id": "x", "object": "chat.completion", "created": 0,
                  "model": body.get("model", ""),
                  "choices": [{"index": 0, "finish_reason": "stop",
@@ -154,10 +165,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _send_events(self, body: dict[str, Any], text: str) -> None:
+        chunks = [{"role": "assistant", "content": text}, {}]
+        events = [json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0,
+                              "model": body.get("model", ""),
+                              "choices": [{"index": 0, "delta": delta,
+                                           "finish_reason": None if delta else "stop"}]})
+                  for delta in chunks]
+        data = "".join(f"data: {event}\n\n" for event in [*events, "[DONE]"]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     do_PATCH = do_POST  # LangSmith's run updates, captured like the rest
 
     def log_message(self, *args: Any) -> None:
         pass
+
+
+class _KeepAliveHandler(_Handler):
+    protocol_version = "HTTP/1.1"
 
 
 def wire_teacher(answer: str = "3", steps: int = 2) -> Callable[[dict[str, Any]], str]:

@@ -319,17 +319,6 @@ def test_bad_options_and_bad_input_fail_before_any_model_call(png_b64: str) -> N
     assert model.calls == []
 
 
-def test_vllm_client_continues_a_final_assistant_message() -> None:
-    from insightv_agents.integrations.vllm import vllm_chat_model
-
-    model = vllm_chat_model("http://127.0.0.1:9/v1", "tiny")
-    payload = model._get_request_payload([HumanMessage("Q"), AIMessage("<SUMMARY>")])  # type: ignore[attr-defined]
-    assert payload["extra_body"]["continue_final_message"] is True
-    assert payload["extra_body"]["add_generation_prompt"] is False
-    plain = model._get_request_payload([HumanMessage("Q")])  # type: ignore[attr-defined]
-    assert "continue_final_message" not in (plain.get("extra_body") or {})
-
-
 def test_a_stateful_scripted_reply_sees_parallel_requests_one_at_a_time() -> None:
     import time
 

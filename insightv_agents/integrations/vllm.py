@@ -8,8 +8,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
+import functools
+import importlib
 import json
 import os
 import signal
@@ -17,22 +20,26 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any
 
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 
 from insightv_agents.errors import BackendError, ConfigError
 from insightv_agents.trained import adapter_rank, resolve_model, vllm_lora_rank
 
 try:
+    import openai
     from langchain_openai import ChatOpenAI
 except ImportError:  # pragma: no cover - depends on the environment
     ChatOpenAI = None  # type: ignore[assignment,misc]
@@ -40,11 +47,20 @@ except ImportError:  # pragma: no cover - depends on the environment
 VLLM_PYTHON_ENV = "INSIGHTV_VLLM_PYTHON"
 """Environment variable naming the Python that has vLLM installed (default: this one)."""
 
+CONTINUATION = {"continue_final_message": True, "add_generation_prompt": False}
+"""vLLM's request fields that continue a conversation's final assistant message."""
+
 
 if ChatOpenAI is not None:
 
     class ChatVLLM(ChatOpenAI):
-        """``ChatOpenAI`` for a vLLM server, able to constrain replies (structured outputs)."""
+        """``ChatOpenAI`` for a vLLM server: constrained replies (structured outputs), and a
+        conversation ending with an assistant message continued from it.
+
+        vLLM-only request fields travel in ``extra_body``, ``ChatOpenAI``'s public option for
+        fields the OpenAI API does not have. Make one with :func:`vllm_chat_model`, which
+        gives it HTTP clients of its own (reusable across event loops and threads).
+        """
 
         def bind_structured_outputs(self, constraint: Mapping[str, Any]
                                     ) -> Runnable[LanguageModelInput, BaseMessage]:
@@ -63,17 +79,43 @@ if ChatOpenAI is not None:
             """This model with every reply following the JSON ``schema`` (keep it bounded)."""
             return self.bind_structured_outputs({"json": dict(schema)})
 
-        def _get_request_payload(self, input_: LanguageModelInput, *,
-                                 stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
-            """A conversation that ends with an assistant turn is continued, not answered
-            (vLLM's ``continue_final_message``), as a prefix to complete."""
-            payload: dict[str, Any] = super()._get_request_payload(input_, stop=stop, **kwargs)
-            messages = payload.get("messages") or []
-            if messages and messages[-1].get("role") == "assistant":
-                payload["extra_body"] = {**(payload.get("extra_body") or {}),
-                                         "continue_final_message": True,
-                                         "add_generation_prompt": False}
-            return payload
+        # langchain-core's four hooks of a chat model (what every BaseChatModel implements):
+        # each adds the continuation fields, then lets ChatOpenAI send the request.
+
+        def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                      run_manager: CallbackManagerForLLMRun | None = None,
+                      **kwargs: Any) -> ChatResult:
+            return super()._generate(messages, stop, run_manager,
+                                     **self._request_options(messages, kwargs))
+
+        async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                             run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                             **kwargs: Any) -> ChatResult:
+            return await super()._agenerate(messages, stop, run_manager,
+                                            **self._request_options(messages, kwargs))
+
+        def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                    run_manager: CallbackManagerForLLMRun | None = None,
+                    **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+            yield from super()._stream(messages, stop, run_manager,
+                                       **self._request_options(messages, kwargs))
+
+        async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                           run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                           **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+            async for chunk in super()._astream(messages, stop, run_manager,
+                                                **self._request_options(messages, kwargs)):
+                yield chunk
+
+        def _request_options(self, messages: list[BaseMessage],
+                             options: dict[str, Any]) -> dict[str, Any]:
+            """``options`` with vLLM's continuation fields when ``messages`` end with an
+            assistant message (a prefix to complete, not a turn to answer)."""
+            if not messages or not isinstance(messages[-1], AIMessage):
+                return options
+            extra = {**(self.extra_body or {}), **(options.get("extra_body") or {}),
+                     **CONTINUATION}
+            return {**options, "extra_body": extra}
 
 
 def vllm_chat_model(
@@ -104,23 +146,79 @@ def vllm_chat_model(
     Images reach the server as data URLs in ``image_url`` parts, as the nodes write them.
     A conversation ending with an assistant message is continued from that message.
     The nodes constrain replies to their bounded formats through ``bind_structured_outputs``.
+
+    The model owns its HTTP clients: one for synchronous calls (safe from several threads at
+    once), and one for asynchronous calls that keeps a connection pool per event loop, so the
+    same model serves one ``asyncio.run`` after another, or several threads each running
+    their own loop.
     """
     if ChatOpenAI is None:  # pragma: no cover - depends on the environment
         raise ConfigError("the vLLM client needs langchain-openai: "
                           "pip install 'insightv-agents[vllm]'")
     if not base_url.startswith(("http://", "https://")):
         raise ConfigError(f"base_url must be an http(s) URL, not {base_url!r}.")
-    import httpx
-
+    if timeout <= 0:
+        raise ConfigError(f"timeout must be positive, not {timeout!r}.")
+    library = _http_library()
+    transport: Any = _loop_local_transport(library)(
+        lambda: library.AsyncHTTPTransport(limits=openai.DEFAULT_CONNECTION_LIMITS))
     return ChatVLLM(
         base_url=base_url, model=model, api_key=api_key, temperature=temperature, top_p=top_p,
-        max_completion_tokens=max_tokens, n=n, max_retries=max_retries,
-        # An httpx.Timeout (unhashable) gives each model its own HTTP clients instead of
-        # langchain-openai's process-wide cached ones, which stay bound to the event loop
-        # that first used them: a model made for a new asyncio.run would fail with
-        # "Event loop is closed".
-        timeout=httpx.Timeout(timeout), extra_body=vllm_options or None,
+        max_completion_tokens=max_tokens, n=n, max_retries=max_retries, timeout=timeout,
+        http_client=openai.DefaultHttpxClient(timeout=timeout),
+        http_async_client=openai.DefaultAsyncHttpxClient(timeout=timeout, transport=transport),
+        extra_body=vllm_options or None,
     )
+
+
+@functools.cache
+def _http_library() -> ModuleType:
+    """The HTTP library the installed ``openai`` builds its clients on: ``httpx2`` from
+    openai 3, ``httpx`` before."""
+    for name in ("httpx2", "httpx"):
+        try:
+            library = importlib.import_module(name)
+        except ImportError:
+            continue
+        if issubclass(openai.DefaultAsyncHttpxClient, library.AsyncClient):
+            return library
+    raise ConfigError(f"cannot tell which HTTP library openai {openai.__version__} uses.")
+
+
+class _LoopLocal:
+    """An async transport that keeps one inner transport (one connection pool) per running
+    event loop. A pooled connection belongs to the loop that opened it; shared, it would fail
+    under the next loop ("Event loop is closed") or under another thread's loop."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._lock = threading.Lock()
+        self._pools: dict[asyncio.AbstractEventLoop, Any] = {}
+
+    def _pool(self) -> Any:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            for closed in [other for other in self._pools if other.is_closed()]:
+                del self._pools[closed]  # its connections ended with their loop
+            pool = self._pools.get(loop)
+            if pool is None:
+                pool = self._pools[loop] = self._make()
+            return pool
+
+    async def handle_async_request(self, request: Any) -> Any:
+        return await self._pool().handle_async_request(request)
+
+    async def aclose(self) -> None:
+        with self._lock:
+            pool = self._pools.pop(asyncio.get_running_loop(), None)
+        if pool is not None:
+            await pool.aclose()
+
+
+@functools.cache
+def _loop_local_transport(library: ModuleType) -> type[_LoopLocal]:
+    """:class:`_LoopLocal` as an ``AsyncBaseTransport`` of ``library`` (httpx or httpx2)."""
+    return type("LoopLocalTransport", (_LoopLocal, library.AsyncBaseTransport), {})
 
 
 class VLLMServer:
