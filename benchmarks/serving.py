@@ -35,8 +35,7 @@ from typing import Any
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import BaseMessage
-from langchain_openai.chat_models.base import _convert_message_to_dict
+from langchain_core.messages import BaseMessage, convert_to_openai_messages
 from openai import AsyncOpenAI
 
 from insightv_agents import create_insightv_graph
@@ -136,7 +135,7 @@ async def replay(client: AsyncOpenAI, model: str,
         async with gate:
             for messages, params in conversation:
                 await client.chat.completions.create(
-                    model=model, messages=[_convert_message_to_dict(m) for m in messages],
+                    model=model, messages=convert_to_openai_messages(messages),
                     temperature=0, max_completion_tokens=params.get("max_completion_tokens"),
                     extra_body=params.get("extra_body"))
 

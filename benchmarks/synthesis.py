@@ -30,8 +30,7 @@ from typing import Any
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import BaseMessage
-from langchain_openai.chat_models.base import _convert_message_to_dict
+from langchain_core.messages import BaseMessage, convert_to_openai_messages
 from openai import AsyncOpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -89,7 +88,7 @@ class Tagged:
 async def send(client: AsyncOpenAI, model: str, request: Request) -> None:
     messages, params = request
     await client.chat.completions.create(
-        model=model, messages=[_convert_message_to_dict(m) for m in messages], temperature=0,
+        model=model, messages=convert_to_openai_messages(messages), temperature=0,
         max_completion_tokens=params.get("max_completion_tokens"),
         extra_body=params.get("extra_body"))
 

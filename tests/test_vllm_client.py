@@ -15,7 +15,7 @@ from helpers import FakeOpenAIServer
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
 from insightv_agents.errors import ConfigError
-from insightv_agents.integrations.vllm import vllm_chat_model
+from insightv_agents.integrations.vllm import ChatVLLM, vllm_chat_model
 
 
 def echo(body: dict[str, Any]) -> str:
@@ -80,10 +80,20 @@ def test_a_json_schema_constraint_is_sent_as_structured_outputs() -> None:
     assert server.requests[0]["structured_outputs"] == {"json": schema}
 
 
-def test_one_model_serves_20_event_loops_in_turn_over_kept_alive_connections() -> None:
+def made_directly(url: str) -> Any:
+    """A subclass of ChatVLLM built with its constructor, as benchmarks and users do."""
+    class Mine(ChatVLLM):
+        pass
+    return Mine(base_url=url, model="m", api_key="EMPTY", timeout=10, max_retries=0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda url: vllm_chat_model(url, "m", timeout=10, max_retries=0), made_directly])
+def test_one_model_serves_20_event_loops_in_turn_over_kept_alive_connections(
+        make: Callable[[str], Any]) -> None:
     errors: list[BaseException] = []
     with FakeOpenAIServer(echo, keep_alive=True) as server:
-        model = vllm_chat_model(server.url, "m", timeout=10, max_retries=0)
+        model = make(server.url)
 
         async def three(run: int) -> list[str]:
             return [str((await model.ainvoke([HumanMessage(f"{run}.{i}")])).content)

@@ -34,6 +34,7 @@ from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
+from pydantic import model_validator
 
 from insightv_agents.errors import BackendError, ConfigError
 from insightv_agents.trained import adapter_rank, resolve_model, vllm_lora_rank
@@ -58,9 +59,30 @@ if ChatOpenAI is not None:
         conversation ending with an assistant message continued from it.
 
         vLLM-only request fields travel in ``extra_body``, ``ChatOpenAI``'s public option for
-        fields the OpenAI API does not have. Make one with :func:`vllm_chat_model`, which
-        gives it HTTP clients of its own (reusable across event loops and threads).
+        fields the OpenAI API does not have. :func:`vllm_chat_model` makes one.
+
+        Each model owns its HTTP clients (unless given ``http_client``/``http_async_client``):
+        one for synchronous calls, safe from several threads at once, and one for
+        asynchronous calls that keeps a connection pool per event loop, so the same model
+        serves one ``asyncio.run`` after another, or several threads each running its own
+        loop. They connect directly: proxy environment variables are not used.
         """
+
+        @model_validator(mode="before")
+        @classmethod
+        def _own_http_clients(cls, values: Any) -> Any:
+            if not isinstance(values, dict):
+                return values
+            values = dict(values)
+            library = _http_library()
+            if values.get("http_client") is None:
+                values["http_client"] = openai.DefaultHttpxClient(trust_env=False)
+            if values.get("http_async_client") is None:
+                pools: Any = _loop_local_transport(library)(lambda: library.AsyncHTTPTransport(
+                    limits=openai.DEFAULT_CONNECTION_LIMITS))
+                values["http_async_client"] = openai.DefaultAsyncHttpxClient(
+                    transport=pools, trust_env=False)
+            return values
 
         def bind_structured_outputs(self, constraint: Mapping[str, Any]
                                     ) -> Runnable[LanguageModelInput, BaseMessage]:
@@ -146,11 +168,8 @@ def vllm_chat_model(
     Images reach the server as data URLs in ``image_url`` parts, as the nodes write them.
     A conversation ending with an assistant message is continued from that message.
     The nodes constrain replies to their bounded formats through ``bind_structured_outputs``.
-
-    The model owns its HTTP clients: one for synchronous calls (safe from several threads at
-    once), and one for asynchronous calls that keeps a connection pool per event loop, so the
-    same model serves one ``asyncio.run`` after another, or several threads each running
-    their own loop.
+    The model owns its HTTP clients; one model is safe to reuse across event loops and
+    threads (:class:`ChatVLLM`).
     """
     if ChatOpenAI is None:  # pragma: no cover - depends on the environment
         raise ConfigError("the vLLM client needs langchain-openai: "
@@ -159,14 +178,9 @@ def vllm_chat_model(
         raise ConfigError(f"base_url must be an http(s) URL, not {base_url!r}.")
     if timeout <= 0:
         raise ConfigError(f"timeout must be positive, not {timeout!r}.")
-    library = _http_library()
-    transport: Any = _loop_local_transport(library)(
-        lambda: library.AsyncHTTPTransport(limits=openai.DEFAULT_CONNECTION_LIMITS))
     return ChatVLLM(
         base_url=base_url, model=model, api_key=api_key, temperature=temperature, top_p=top_p,
         max_completion_tokens=max_tokens, n=n, max_retries=max_retries, timeout=timeout,
-        http_client=openai.DefaultHttpxClient(timeout=timeout),
-        http_async_client=openai.DefaultAsyncHttpxClient(timeout=timeout, transport=transport),
         extra_body=vllm_options or None,
     )
 
