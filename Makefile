@@ -11,8 +11,9 @@ DEV_LOCK := requirements/dev.txt
 VLLM_VENV ?= .vllm-venv
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_LOCK := requirements/vllm-server.txt
-# The newest releases the package's ranges admit, in an environment of their own.
+# The newest, and the oldest, releases the package's ranges admit, in environments of their own.
 LATEST_VENV ?= .venv-latest
+LOWEST_VENV ?= .venv-lowest
 # torch stays at the locked CPU build there too: newer torch releases are CUDA builds of
 # several GB, and no torchvision works beside the CPU build (see requirements/dev.in).
 TORCH ?= torch==2.13.0
@@ -25,7 +26,7 @@ LOCK_FLAGS := --generate-hashes --find-links $(LOCK_FIND_LINKS) --python-version
 # Hash-checked, and only what the lock lists (its dependencies are all in it).
 PIP_LOCKED := python -m pip install --quiet --no-deps --require-hashes
 
-.PHONY: setup vllm lock test-latest demo test lint typecheck pytest bench reliability bench-load bench-serving bench-synthesis \
+.PHONY: setup vllm lock test-latest test-lowest demo test lint typecheck pytest bench reliability bench-load bench-serving bench-synthesis \
 	bench-training bench-length-grouping bench-sft-speed bench-batching bench-stage-beam reproduce clean
 
 setup: $(STAMP)
@@ -62,6 +63,18 @@ test-latest:
 	  "$(TORCH)" -e ".[dev,hf]"
 	$(LATEST_VENV)/bin/python scripts/lock_drift.py $(DEV_LOCK)
 	$(LATEST_VENV)/bin/python -m pytest -m "not slow" insightv_agents tests
+
+# The lower bounds of our ranges (each direct dependency at the oldest release they admit) and
+# the fast tests: the lower bounds in pyproject.toml are the ones this passes with.
+test-lowest: $(STAMP)
+	test -d $(LOWEST_VENV) || $(PYTHON) -m venv $(LOWEST_VENV)
+	$(BIN)/uv pip compile requirements/dev.in $(LOCK_FLAGS) --resolution lowest-direct \
+	  --no-emit-package insightv-agents -o $(LOWEST_VENV)/requirements.txt
+	$(BIN)/uv pip sync --python $(LOWEST_VENV)/bin/python --find-links $(LOCK_FIND_LINKS) \
+	  --quiet $(LOWEST_VENV)/requirements.txt
+	$(BIN)/uv pip install --python $(LOWEST_VENV)/bin/python --no-deps --quiet -e .
+	$(LOWEST_VENV)/bin/python scripts/lock_drift.py $(DEV_LOCK)
+	$(LOWEST_VENV)/bin/python -m pytest -m "not slow" insightv_agents tests
 
 demo: $(STAMP)
 	$(BIN)/insightv run --image examples/shapes.png \
@@ -114,4 +127,4 @@ bench-batching: $(STAMP)
 	$(BIN)/python benchmarks/batching.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(LATEST_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(LATEST_VENV) $(LOWEST_VENV) .pytest_cache .mypy_cache .ruff_cache
