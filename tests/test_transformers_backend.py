@@ -236,3 +236,16 @@ def test_built_idefics3_keeps_each_word_one_token_and_writes_it_back(tmp_path: P
     assert tokenizer.convert_ids_to_tokens(ids)[0] == "r1c2" and "r4c4" in \
         tokenizer.convert_ids_to_tokens(ids)
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_the_hf_extra_brings_what_smolvlm_processors_need() -> None:
+    """SmolVLM's processor (the Idefics3 family) refuses to build without num2words."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+    from transformers.utils import is_num2words_available
+
+    specs = [Requirement(spec) for spec in requires("insightv-agents") or []]
+    hf = {spec.name for spec in specs if spec.marker and spec.marker.evaluate({"extra": "hf"})}
+    assert "num2words" in hf
+    assert is_num2words_available()
