@@ -213,7 +213,7 @@ class _LoopLocal:
         loop = asyncio.get_running_loop()
         with self._lock:
             for closed in [other for other in self._pools if other.is_closed()]:
-                del self._pools[closed]  # its connections ended with their loop
+                del self._pools[closed]  # its connections cannot serve another loop
             pool = self._pools.get(loop)
             if pool is None:
                 pool = self._pools[loop] = self._make()
