@@ -28,7 +28,7 @@ CONCURRENCY = (4, 8)
 
 
 def main() -> None:
-    from insightv_agents.integrations.transformers import ChatTransformersVLM
+    from insightv_agents.backends.transformers import ChatTransformersVLM
     from insightv_agents.shapes.dataset import make_dataset
     from insightv_agents.shapes.scenes import CELL_TAGS
     from insightv_agents.tiny import build_idefics3

@@ -27,8 +27,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving import continuing_model, pin, questions
 
+from insightv_agents.backends.vllm import VLLMServer
 from insightv_agents.graphs.synthesis import create_synthesis_graph
-from insightv_agents.integrations.vllm import VLLMServer
 from insightv_agents.records import read_records
 from insightv_agents.synthesize import load_items, synthesize, write_run_file
 from insightv_agents.testing import build_tiny_idefics3

@@ -39,8 +39,8 @@ from langchain_core.messages import BaseMessage, convert_to_openai_messages
 from openai import AsyncOpenAI
 
 from insightv_agents import create_insightv_graph
-from insightv_agents.integrations.transformers import ChatTransformersVLM
-from insightv_agents.integrations.vllm import ChatVLLM, VLLMServer
+from insightv_agents.backends.transformers import ChatTransformersVLM
+from insightv_agents.backends.vllm import ChatVLLM, VLLMServer
 from insightv_agents.parsing import format_step, format_verdict
 from insightv_agents.schema import (
     answer_json_schema,

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving import pin, questions
 
 from insightv_agents import create_stage_beam_graph
-from insightv_agents.integrations.vllm import VLLMServer, vllm_chat_model
+from insightv_agents.backends.vllm import VLLMServer, vllm_chat_model
 from insightv_agents.testing import build_tiny_idefics3
 
 ROUNDS = 3

@@ -36,8 +36,8 @@ from openai import AsyncOpenAI
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving import continuing_model, pin, questions
 
+from insightv_agents.backends.vllm import VLLMServer
 from insightv_agents.graphs.synthesis import create_synthesis_graph
-from insightv_agents.integrations.vllm import VLLMServer
 from insightv_agents.synthesize import Item, synthesize
 from insightv_agents.testing import build_tiny_idefics3
 

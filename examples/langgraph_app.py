@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from insightv_agents import create_insightv_graph
-from insightv_agents.integrations.vllm import vllm_chat_model
+from insightv_agents.backends.vllm import vllm_chat_model
 
 _base_url = os.environ.get("INSIGHTV_BASE_URL", "http://127.0.0.1:8000/v1")
 _reasoner = vllm_chat_model(_base_url, os.environ.get("INSIGHTV_MODEL", "insightv-reason"))

@@ -20,16 +20,16 @@ from langgraph.types import Overwrite
 from typing_extensions import TypedDict
 
 from insightv_agents.errors import ModelCallError, check_int
-from insightv_agents.nodes import (
+from insightv_agents.parsing import parse_judgement, parse_scores
+from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, judge_messages, score_messages
+from insightv_agents.runtime import (
     Exchange,
+    ModelNode,
     Outcome,
-    _ModelNode,
     current_runtime,
     emit_event,
     rejected_request,
 )
-from insightv_agents.parsing import parse_judgement, parse_scores
-from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, judge_messages, score_messages
 from insightv_agents.schema import (
     AnswerCheck,
     PathResult,
@@ -91,7 +91,7 @@ class RuleScorer:
                            "reasoning"}
 
 
-class JudgeNode(_ModelNode):
+class JudgeNode(ModelNode):
     """The answer judge: a text LLM decides whether ``answer`` matches ``truth``.
 
     Runs only when ``state["check"]`` is undecided (the rules could not tell); writes
@@ -135,7 +135,7 @@ class JudgeNode(_ModelNode):
         return {"check": check}
 
 
-class ScoreNode(_ModelNode):
+class ScoreNode(ModelNode):
     """The reasoning-path scoring agent: scores all paths of a question in one request.
 
     Reads ``paths`` (each a :class:`~insightv_agents.schema.PathResult`), ``question``,

@@ -170,7 +170,7 @@ def serve(
     """Serve a model (and LoRA adapters) with vLLM on 127.0.0.1 until Ctrl-C."""
     import time
 
-    from insightv_agents.integrations.vllm import VLLMServer
+    from insightv_agents.backends.vllm import VLLMServer
 
     console = Console()
     try:
@@ -238,8 +238,8 @@ def synthesize(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from insightv_agents.assessment import RuleScorer
+    from insightv_agents.backends.vllm import vllm_chat_model
     from insightv_agents.graphs.synthesis import create_synthesis_graph
-    from insightv_agents.integrations.vllm import vllm_chat_model
     from insightv_agents.synthesize import (
         RECORDS_FILE,
         describe_model,
@@ -560,7 +560,7 @@ def _models(base_url: str | None, model: str, summary_base_url: str | None,
     if base_url is None and (summary_base_url or summary_model):
         raise InsightVError("--summary-base-url/--summary-model need --base-url as well.")
     if local_model is not None:
-        from insightv_agents.integrations.transformers import ChatTransformersVLM
+        from insightv_agents.backends.transformers import ChatTransformersVLM
 
         local = ChatTransformersVLM(model_path=local_model, adapter_path=local_adapter,
                                     temperature=sampling, max_new_tokens=512)
@@ -571,7 +571,7 @@ def _models(base_url: str | None, model: str, summary_base_url: str | None,
             return (stand_in_stage_model() if staged else stand_in_model()), None, None
         reasoner, summarizer = demo.demo_agents(temperature=temperature or 0.0)
         return reasoner, summarizer, DEMO_BACKEND
-    from insightv_agents.integrations.vllm import vllm_chat_model
+    from insightv_agents.backends.vllm import vllm_chat_model
 
     reasoner = vllm_chat_model(base_url, model, temperature=sampling)
     description = f"{model} at {base_url}"
@@ -775,7 +775,7 @@ def train_iterate_command(
         with ExitStack() as stack:
             scoring: Any = RuleScorer()
             if scorer != "rule":
-                from insightv_agents.integrations.vllm import vllm_chat_model
+                from insightv_agents.backends.vllm import vllm_chat_model
 
                 if scorer_url is None:
                     raise InsightVError("--scorer NAME needs --scorer-url.")
@@ -783,7 +783,7 @@ def train_iterate_command(
                                           max_tokens=max_tokens)
             answering = None
             if summarizer is not None or summarizer_url is not None:
-                from insightv_agents.integrations.vllm import vllm_chat_model
+                from insightv_agents.backends.vllm import vllm_chat_model
 
                 if summarizer is None or summarizer_url is None:
                     raise InsightVError("--summarizer and --summarizer-url go together.")
@@ -791,7 +791,7 @@ def train_iterate_command(
                                             max_tokens=max_tokens)
             policy: Any
             if sampler == "vllm":
-                from insightv_agents.integrations.vllm import VLLMServer
+                from insightv_agents.backends.vllm import VLLMServer
                 from insightv_agents.trained import resolve_model
 
                 server = VLLMServer(resolve_model(model)[0], runtime_lora=True,

@@ -39,7 +39,6 @@ from insightv_agents.answers import (
 )
 from insightv_agents.errors import InvalidInputError, ModelOutputError, check_int
 from insightv_agents.images import ImagePolicy, load_images
-from insightv_agents.nodes import reply_text
 from insightv_agents.parsing import parse_steps
 from insightv_agents.prompts import (
     DEFAULT_PROMPTS,
@@ -49,6 +48,7 @@ from insightv_agents.prompts import (
     user_content,
 )
 from insightv_agents.records import RecordLog, read_records
+from insightv_agents.runtime import reply_text
 from insightv_agents.synthesize import Item
 from insightv_agents.trainers.common import write_atomic
 

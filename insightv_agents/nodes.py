@@ -14,22 +14,17 @@ Nodes never raise on model output. Each node has a real sync and async path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Mapping, Sequence
-from typing import Any, Generic, NamedTuple, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from langchain_core.language_models import LanguageModelLike
-from langchain_core.messages import BaseMessage
-from langchain_core.runnables import RunnableConfig
-from langgraph.runtime import Runtime, get_runtime
+from langgraph.runtime import Runtime
 from langgraph.types import Overwrite
-from langgraph.utils.runnable import RunnableCallable
 
 from insightv_agents.errors import (
     ConfigError,
     InvalidInputError,
-    ModelOutputError,
     check_int,
-    model_call,
 )
 from insightv_agents.images import ImagePolicy, load_images
 from insightv_agents.parsing import parse_answer, parse_steps, parse_verdict
@@ -38,11 +33,11 @@ from insightv_agents.prompts import (
     Prompts,
     ReasoningMode,
     final_answer_messages,
-    reask_messages,
     reasoning_messages,
     render_reasoning,
     summary_messages,
 )
+from insightv_agents.runtime import Exchange, ModelNode, Outcome, emit_event
 from insightv_agents.schema import (
     Attempt,
     Failure,
@@ -55,21 +50,6 @@ from insightv_agents.schema import (
     verdict_json_schema,
 )
 from insightv_agents.state import InsightVState
-
-T = TypeVar("T")
-
-
-class Outcome(NamedTuple, Generic[T]):
-    """How a conversation with a model ended: the parsed value, or ``None`` after the re-asks."""
-
-    value: T | None
-    attempts: int
-    error: str
-    raw: str
-
-
-# A conversation with a model: yields the messages to send, receives each reply's text.
-Exchange = Generator[list[BaseMessage], str, Outcome[T]]
 
 MAX_QUESTION_CHARS = 20_000
 
@@ -117,102 +97,7 @@ def revise(state: InsightVState) -> dict[str, Any]:
             "revision": state.get("revision", 0) + 1, "verdict": None}
 
 
-class _ModelNode(RunnableCallable):
-    """Shared machinery: model choice (graph default or run-time context) and bounded re-asks."""
-
-    def __init__(
-        self,
-        model: LanguageModelLike,
-        *,
-        name: str,
-        context_keys: Sequence[str],
-        prompts: Prompts,
-        max_retries: int,
-    ) -> None:
-        super().__init__(self._run, self._arun, name=name, trace=False)
-        if model is None:
-            raise ConfigError(f"the {name!r} node needs a chat model.")
-        check_int("max_retries", max_retries, 0, 10)
-        self.model = model
-        self.context_keys = tuple(context_keys)
-        self.prompts = prompts
-        self.max_retries = max_retries
-
-    # Subclasses implement the conversation and what to write back to the state.
-    def _conversation(self, state: dict[str, Any]) -> Exchange[Any] | None:
-        raise NotImplementedError
-
-    def _update(self, state: dict[str, Any], outcome: Outcome[Any] | None,
-                runtime: Runtime[Any] | None) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _run(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
-        runtime = current_runtime()
-        model = self._model(runtime, state)
-        conversation = self._conversation(state)
-        outcome = None
-        if conversation is not None:
-            with model_call(self.name or ""):
-                outcome = _finish(conversation,
-                                  lambda messages: reply_text(model.invoke(messages, config)))
-        return self._update(state, outcome, runtime)
-
-    async def _arun(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
-        runtime = current_runtime()
-        model = self._model(runtime, state)
-        conversation = self._conversation(state)
-        outcome = None
-        if conversation is not None:
-            with model_call(self.name or ""):
-                outcome = await _afinish(conversation, model, config)
-        return self._update(state, outcome, runtime)
-
-    def _json_schema(self, state: dict[str, Any]) -> dict[str, object]:
-        raise NotImplementedError
-
-    def _structured_output(self, state: dict[str, Any]) -> dict[str, object]:
-        """What every reply must match, as vLLM's ``structured_outputs`` field. Nodes whose
-        replies our trainers teach (steps, chains, verdicts) pin the exact trained text with
-        a pattern; the teacher-facing ones give a bounded JSON schema."""
-        return {"json": self._json_schema(state)}
-
-    def _model(self, runtime: Runtime[Any] | None, state: dict[str, Any]) -> LanguageModelLike:
-        """The model for this call: from the run's context, else the node's own; constrained
-        to the node's reply format where the model supports it (vLLM)."""
-        context = getattr(runtime, "context", None)
-        chosen = next((getattr(context, key) for key in self.context_keys
-                       if getattr(context, key, None) is not None), self.model)
-        bind = getattr(chosen, "bind_structured_outputs", None)
-        return bind(self._structured_output(state)) if bind else chosen
-
-    def _ask(self, messages: list[BaseMessage], parse: Callable[[str], T]) -> Exchange[T]:
-        """Send ``messages``; re-ask with the error after an unreadable reply, a bounded
-        number of times."""
-        error, reply = "", ""
-        for attempt in range(1, self.max_retries + 2):
-            reply = yield messages
-            try:
-                return Outcome(parse(reply), attempt, "", reply)
-            except ModelOutputError as err:
-                error = str(err)
-                messages = reask_messages(messages, reply, error, self.prompts)
-        return Outcome(None, self.max_retries + 1, error, reply)
-
-    def _unreadable(self, state: dict[str, Any], outcome: Outcome[Any],
-                    runtime: Runtime[Any] | None) -> Failure:
-        """The failure of a conversation that ended with no readable reply, streamed."""
-        failure = self._failure(state, "unparsable", outcome.error, outcome.attempts,
-                                outcome.raw)
-        emit_event(runtime, {"event": "failure", "node": self.name, "failure": failure})
-        return failure
-
-    def _failure(self, state: dict[str, Any], kind: Any, error: str, attempts: int,
-                 raw: str) -> Failure:
-        return {"node": self.name or "", "revision": state.get("revision", 0), "kind": kind,
-                "error": error, "attempts": attempts, "raw": raw[:2000]}
-
-
-class ReasoningNode(_ModelNode):
+class ReasoningNode(ModelNode):
     """The reasoning agent: adds the next step(s) to ``state["steps"]``.
 
     Args:
@@ -309,7 +194,7 @@ class ReasoningNode(_ModelNode):
                              "before the model chose 'summary'", attempts, "")
 
 
-class SummaryNode(_ModelNode):
+class SummaryNode(ModelNode):
     """The summary agent (the critique node): judges ``state["steps"]`` and answers.
 
     Writes ``verdict``, ``answer``, ``reasoning`` (the rendered steps) and ``status``; on an
@@ -361,7 +246,7 @@ class SummaryNode(_ModelNode):
                 "status": "ok"}
 
 
-class FinalAnswerNode(_ModelNode):
+class FinalAnswerNode(ModelNode):
     """Asks the reasoning model for the final answer after its last step (data synthesis).
 
     Skipped (no call) when the reasoning has no steps or failed; otherwise writes ``answer``,
@@ -423,55 +308,3 @@ def reasoning_usable(state: Mapping[str, Any], reasoning_node: str = "reason") -
     return bool(state.get("steps")) and not any(
         f["node"] == reasoning_node and f["kind"] == "unparsable"
         for f in state.get("failures") or [])
-
-
-def _finish(conversation: Exchange[T], call: Callable[[list[BaseMessage]], str]
-            ) -> Outcome[T]:
-    try:
-        messages = next(conversation)
-        while True:
-            messages = conversation.send(call(messages))
-    except StopIteration as stop:
-        return stop.value
-
-
-async def _afinish(conversation: Exchange[T], model: LanguageModelLike, config: RunnableConfig
-                   ) -> Outcome[T]:
-    try:
-        messages = next(conversation)
-        while True:
-            messages = conversation.send(reply_text(await model.ainvoke(messages, config)))
-    except StopIteration as stop:
-        return stop.value
-
-
-def reply_text(reply: Any) -> str:
-    """The text of a model reply (a message or a plain string)."""
-    if isinstance(reply, BaseMessage):
-        return reply.text
-    return reply if isinstance(reply, str) else str(reply)
-
-
-def rejected_request(err: BaseException | None) -> bool:
-    """Whether ``err`` is a server refusing the request itself (HTTP 400, 413 or 422: too
-    long a prompt, say), which resending cannot fix; a 5xx, a timeout or a refused
-    connection is not."""
-    status = getattr(err, "status_code", None)
-    if status is None:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-    return status in (400, 413, 422)
-
-
-def current_runtime() -> Runtime[Any] | None:
-    """The LangGraph runtime of the current run, or ``None`` when called outside a graph."""
-    try:
-        return get_runtime()
-    except RuntimeError:
-        return None
-
-
-def emit_event(runtime: Runtime[Any] | None, event: dict[str, Any]) -> None:
-    writer = getattr(runtime, "stream_writer", None)
-    if writer is not None:
-        writer(event)
-

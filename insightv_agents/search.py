@@ -24,10 +24,10 @@ from typing import Any, Literal, TypeVar
 
 from langchain_core.language_models import BaseChatModel, LanguageModelLike
 from langchain_core.messages import BaseMessage
-from langchain_core.runnables import RunnableBinding, RunnableConfig
+from langchain_core.runnables import RunnableConfig
 
+from insightv_agents.backends.protocol import chat_model_with_n
 from insightv_agents.errors import ModelOutputError
-from insightv_agents.nodes import Outcome, reply_text
 from insightv_agents.parsing import (
     close_tag,
     format_stages,
@@ -43,6 +43,7 @@ from insightv_agents.prompts import (
     reask_messages,
     stage_messages,
 )
+from insightv_agents.runtime import Outcome, reply_text
 from insightv_agents.schema import Judgement, SearchRecord, Stage, Stages
 
 T = TypeVar("T")
@@ -112,22 +113,6 @@ async def arun_search(search: Search[T], model: LanguageModelLike, judge: Langua
             request = search.send(replies)
     except StopIteration as stop:
         return stop.value
-
-
-def unwrap(model: LanguageModelLike) -> tuple[Any, dict[str, Any]]:
-    """The model behind a ``.bind(...)`` and the arguments bound to it."""
-    if isinstance(model, RunnableBinding):
-        return model.bound, dict(model.kwargs)
-    return model, {}
-
-
-def chat_model_with_n(model: LanguageModelLike) -> tuple[BaseChatModel, dict[str, Any]] | None:
-    """The chat model behind ``model`` and its bound arguments, if it takes an ``n``
-    (samples per request); ``None`` otherwise."""
-    chat, kwargs = unwrap(model)
-    if isinstance(chat, BaseChatModel) and "n" in type(chat).model_fields:
-        return chat, kwargs
-    return None
 
 
 def _with_n(model: LanguageModelLike, request: Sample, config: RunnableConfig, use_n: bool

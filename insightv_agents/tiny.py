@@ -6,7 +6,7 @@
   trained on a given corpus, to be trained from scratch (the shapes world's demo agents).
 
 All are saved as safetensors with their processor, ready for ``from_pretrained``,
-:class:`~insightv_agents.integrations.transformers.ChatTransformersVLM` or a vLLM server.
+:class:`~insightv_agents.backends.transformers.ChatTransformersVLM` or a vLLM server.
 """
 
 from __future__ import annotations

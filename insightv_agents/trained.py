@@ -1,7 +1,7 @@
 """Reading a trained output folder: a full model, or a PEFT adapter naming its base model.
 
-Both backends (:class:`~insightv_agents.integrations.transformers.ChatTransformersVLM` and
-:class:`~insightv_agents.integrations.vllm.VLLMServer`) and the trainers use this, so an
+Both backends (:class:`~insightv_agents.backends.transformers.ChatTransformersVLM` and
+:class:`~insightv_agents.backends.vllm.VLLMServer`) and the trainers use this, so an
 output of ``insightv train`` loads anywhere with no manual step.
 """
 

@@ -20,7 +20,7 @@ from bad_inputs import ACCEPTED, CASES, Case, Ctx  # noqa: E402
 from helpers import Drop, FakeOpenAIServer, Refusal, png_bytes  # noqa: E402
 
 from insightv_agents import create_insightv_graph  # noqa: E402
-from insightv_agents.integrations.vllm import vllm_chat_model  # noqa: E402
+from insightv_agents.backends.vllm import vllm_chat_model  # noqa: E402
 
 LOAD = ROOT / "docs" / "load.json"
 TIMEOUT, RETRIES = 1.0, 2

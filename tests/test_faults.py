@@ -18,7 +18,7 @@ import pytest
 from helpers import Drop, FakeOpenAIServer, Refusal, png_bytes, verdict, wire_teacher
 
 from insightv_agents import ModelCallError, create_insightv_graph, create_synthesis_graph
-from insightv_agents.integrations.vllm import vllm_chat_model
+from insightv_agents.backends.vllm import vllm_chat_model
 from insightv_agents.records import read_records
 from insightv_agents.synthesize import load_items, synthesize, write_run_file
 

@@ -24,7 +24,7 @@ from helpers import png_bytes, write_output
 
 from insightv_agents import ConfigError, InvalidInputError
 from insightv_agents.assessment import RuleScorer
-from insightv_agents.integrations.transformers import ChatTransformersVLM
+from insightv_agents.backends.transformers import ChatTransformersVLM
 from insightv_agents.parsing import format_chain, format_verdict, parse_verdict
 from insightv_agents.prompts import DEFAULT_PROMPTS
 from insightv_agents.testing import ScriptedChatModel, build_tiny_idefics3, build_tiny_llava

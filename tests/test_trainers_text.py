@@ -48,7 +48,7 @@ def test_pretrain_text_trains_the_language_part_only_and_resumes(tmp_path: Path)
     import torch
     from safetensors.torch import load_file
 
-    from insightv_agents.integrations.transformers import ChatTransformersVLM
+    from insightv_agents.backends.transformers import ChatTransformersVLM
     from insightv_agents.trained import TRAINING_FILE
 
     base = build_tiny_idefics3(tmp_path / "base")

@@ -10,7 +10,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 from insightv_agents import ConfigError, InvalidInputError, create_insightv_graph
-from insightv_agents.integrations.transformers import ChatTransformersVLM
+from insightv_agents.backends.transformers import ChatTransformersVLM
 from insightv_agents.testing import build_tiny_idefics3, build_tiny_llava
 
 

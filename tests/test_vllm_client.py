@@ -14,8 +14,8 @@ import pytest
 from helpers import FakeOpenAIServer
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
+from insightv_agents.backends.vllm import ChatVLLM, vllm_chat_model
 from insightv_agents.errors import ConfigError
-from insightv_agents.integrations.vllm import ChatVLLM, vllm_chat_model
 
 
 def echo(body: dict[str, Any]) -> str:

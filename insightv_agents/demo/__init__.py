@@ -44,7 +44,7 @@ def demo_agents(*, temperature: float = 0.0, max_new_tokens: int = 512,
     """The (reasoner, summarizer) chat models, run in-process with transformers. The
     reasoner writes whole chains: use ``mode="chain"`` and :func:`demo_prompts` in the
     graph."""
-    from insightv_agents.integrations.transformers import ChatTransformersVLM
+    from insightv_agents.backends.transformers import ChatTransformersVLM
 
     def agent(folder: Path) -> ChatTransformersVLM:
         return ChatTransformersVLM(model_path=str(folder), temperature=temperature,

@@ -24,16 +24,11 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Overwrite
 from langgraph.utils.runnable import RunnableCallable
 
+from insightv_agents.backends.protocol import unwrap
 from insightv_agents.errors import ConfigError, check_int, model_call
 from insightv_agents.graphs.insightv import REDACT_IMAGES
 from insightv_agents.images import ImagePolicy
-from insightv_agents.nodes import (
-    MAX_QUESTION_CHARS,
-    SummaryNode,
-    current_runtime,
-    emit_event,
-    prepare_input,
-)
+from insightv_agents.nodes import MAX_QUESTION_CHARS, SummaryNode, prepare_input
 from insightv_agents.parsing import format_stages, parse_stages
 from insightv_agents.prompts import (
     DEFAULT_PROMPTS,
@@ -41,6 +36,7 @@ from insightv_agents.prompts import (
     StagePrompts,
     render_reasoning,
 )
+from insightv_agents.runtime import current_runtime, emit_event
 from insightv_agents.schema import STAGES, Failure, ReasoningStep, SearchRecord, Stage, Stages
 from insightv_agents.search import (
     Search,
@@ -51,7 +47,6 @@ from insightv_agents.search import (
     sentence_search,
     single_pass,
     stage_search,
-    unwrap,
 )
 from insightv_agents.state import InsightVInput, InsightVOutput, InsightVState
 

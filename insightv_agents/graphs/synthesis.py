@@ -43,16 +43,14 @@ from insightv_agents.graphs.insightv import REDACT_IMAGES
 from insightv_agents.images import ImagePolicy
 from insightv_agents.nodes import (
     MAX_QUESTION_CHARS,
-    Exchange,
     FinalAnswerNode,
-    Outcome,
     ReasoningNode,
     SummaryNode,
-    emit_event,
     prepare_input,
     reasoning_usable,
 )
 from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, ReasoningMode, format_question
+from insightv_agents.runtime import Exchange, Outcome, emit_event
 from insightv_agents.schema import AnswerCheck, Failure, PathResult, ReasoningStep, Verdict
 
 MAX_CHOICES = 26

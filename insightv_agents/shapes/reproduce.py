@@ -226,7 +226,7 @@ class ReproduceSettings(BaseModel):
         max_new_tokens: cap of every generated reply.
         concurrency: items evaluated (and DPO questions sampled) at once; the in-process
             agents generate the calls that overlap as one batch
-            (:class:`~insightv_agents.integrations.transformers.ChatTransformersVLM`).
+            (:class:`~insightv_agents.backends.transformers.ChatTransformersVLM`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -621,7 +621,7 @@ class Run:
         return result.rounds
 
     def chat(self, model: Path | str, temperature: float = 0.0) -> Any:
-        from insightv_agents.integrations.transformers import ChatTransformersVLM
+        from insightv_agents.backends.transformers import ChatTransformersVLM
 
         return ChatTransformersVLM(model_path=str(model), temperature=temperature,
                                    max_new_tokens=self.settings.max_new_tokens,
@@ -921,9 +921,9 @@ def export_demo(out: str | Path, dest: str | Path, *, slice_size: int = DEMO_SLI
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from insightv_agents.backends.transformers import ChatTransformersVLM
     from insightv_agents.evaluate import evaluate, graph_predictor
     from insightv_agents.graphs.insightv import create_insightv_graph
-    from insightv_agents.integrations.transformers import ChatTransformersVLM
     from insightv_agents.synthesize import load_items
 
     run_dir, target = Path(out), Path(dest)

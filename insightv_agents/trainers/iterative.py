@@ -125,7 +125,7 @@ class InProcessPolicy:
     seed: int | None = None
 
     def chat_model(self, model: str, round_number: int) -> BaseChatModel:
-        from insightv_agents.integrations.transformers import ChatTransformersVLM
+        from insightv_agents.backends.transformers import ChatTransformersVLM
 
         return ChatTransformersVLM(model_path=model, temperature=self.temperature,
                                    top_p=self.top_p, max_new_tokens=self.max_new_tokens,
@@ -134,7 +134,7 @@ class InProcessPolicy:
 
 @dataclass
 class VLLMPolicy:
-    """Samples from a running :class:`~insightv_agents.integrations.vllm.VLLMServer`
+    """Samples from a running :class:`~insightv_agents.backends.vllm.VLLMServer`
     (started with ``runtime_lora=True``): each round's adapter is loaded into it by name
     (``round-<t>``), no restart. The server serves the base model; rounds must be LoRA
     adapters on it (full fine-tuned rounds need a new server: use :class:`InProcessPolicy`)."""
