@@ -413,16 +413,17 @@ def eval_command(
     max_steps: MaxSteps = 16,
     temperature: Temperature = 0.0,
     beam_size: BeamSize = 2,
-    scenes: Annotated[str | None, typer.Option(
-        help="A shapes dataset folder whose scenes judge the reasoning (default: the data's "
-             "folder when it has scenes.jsonl).")] = None,
+    checks: Annotated[str | None, typer.Option(
+        help="The dataset's own checks (its closed answer set, a check of the reasoning): "
+             "module:attribute of a DatasetChecks or of a function of the data folder "
+             "returning one, or the name of an 'insightv_agents.checks' entry point.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
     strict: Strict = False,
     concurrency: Annotated[int, typer.Option(help="Items in flight at once.")] = 8,
     labels: Annotated[str | None, typer.Option(
         help="The data's closed answer set, comma-separated (e.g. yes,no,red,blue): one label "
-             "given for another is wrong, not undecided (default: the shapes world's answers "
-             "when the data has scenes).")] = None,
+             "given for another is wrong, not undecided (default: the --checks' rules).")
+    ] = None,
 ) -> None:
     """Evaluate a method on a dataset: accuracy overall and per category, every prediction
     saved; append-only and resumable."""
@@ -431,7 +432,13 @@ def eval_command(
     from rich.markdown import Markdown
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from insightv_agents.evaluate import direct_predictor, evaluate, graph_predictor
+    from insightv_agents.evaluate import (
+        DatasetChecks,
+        direct_predictor,
+        evaluate,
+        graph_predictor,
+        load_checks,
+    )
     from insightv_agents.synthesize import describe_model, load_items
 
     console = Console()
@@ -452,12 +459,14 @@ def eval_command(
         predict = direct_predictor(reasoner) if method == "direct" else graph_predictor(
             _graph(method, reasoner, summarizer, mode=mode, max_steps=max_steps,
                    max_revisions=0, beam_size=beam_size, prompts=_prompts(backend)))
-        check = _reasoning_check(scenes, root)
-        rules = _answer_rules(labels, shapes=check is not None)
+        dataset = load_checks(checks, root) if checks else DatasetChecks()
+        rules = _answer_rules(labels) or dataset.rules
         settings: dict[str, Any] = {
             "method": method, "data": str(data), "backend": backend,
             "reasoner": describe_model(reasoner), "summarizer": describe_model(summarizer),
             "mode": mode, "beam_size": beam_size, "limit": limit}
+        if checks:
+            settings["checks"] = checks
         if labels:
             settings["labels"] = sorted(rules.labels)
     except InsightVError as err:
@@ -470,7 +479,8 @@ def eval_command(
         try:
             report = asyncio.run(evaluate(
                 predict, items, out, settings=settings, concurrency=concurrency,
-                reasoning_check=check, rules=rules, on_item=lambda _: progress.advance(task)))
+                reasoning_check=dataset.reasoning_check, rules=rules,
+                on_item=lambda _: progress.advance(task)))
         except InsightVError as err:
             console.print(f"[bold red]error:[/bold red] {err}")
             raise typer.Exit(2) from err
@@ -516,29 +526,16 @@ def _prompts(backend: str | None) -> Prompts:
     return demo.demo_prompts() if backend == DEMO_BACKEND else DEFAULT_PROMPTS
 
 
-def _reasoning_check(scenes: str | None, root: Path) -> Any:
-    """The scene-grounded reasoning check of a shapes dataset, if there is one."""
-    from insightv_agents.shapes.scenes import SceneIndex
-    from insightv_agents.shapes.scorer import reasoning_check
+def _answer_rules(labels: str | None) -> Any:
+    """The closed answer set ``--labels`` gives, if it gives one."""
+    from insightv_agents.answers import AnswerRules
 
-    if scenes is None and not (root / "scenes.jsonl").is_file():
+    if labels is None:
         return None
-    return reasoning_check(SceneIndex.from_folder(scenes or root))
-
-
-def _answer_rules(labels: str | None, *, shapes: bool) -> Any:
-    from insightv_agents.answers import DEFAULT_RULES, AnswerRules
-
-    if labels is not None:
-        words = frozenset(word.strip() for word in labels.split(",") if word.strip())
-        if not words:
-            raise InsightVError("--labels names no answer (comma-separated words).")
-        return AnswerRules(labels=words)
-    if shapes:
-        from insightv_agents.shapes.questions import ANSWER_RULES
-
-        return ANSWER_RULES
-    return DEFAULT_RULES
+    words = frozenset(word.strip() for word in labels.split(",") if word.strip())
+    if not words:
+        raise InsightVError("--labels names no answer (comma-separated words).")
+    return AnswerRules(labels=words)
 
 
 def _adapter_spec(spec: str) -> tuple[str, str]:

@@ -9,6 +9,10 @@ point resumes where it stopped; ``report.json`` and ``report.md`` are rewritten 
 predictions at the end. Answers are checked by :func:`~insightv_agents.answers.match_answer`,
 the same rules as the synthesis answer filter.
 
+A benchmark can bring checks of its own (:class:`DatasetChecks`: its closed answer set, a
+check of the reasoning against its ground truth); ``insightv eval --checks`` loads them by
+name (:func:`load_checks`), so the harness knows nothing of any one benchmark.
+
 Methods (a :class:`Predictor` each): ``insightv`` (the two-agent graph), ``stage-beam``
 (LLaVA-CoT's four stages with a search), ``direct`` (one model, one call, its answer read
 from the reply by :func:`~insightv_agents.answers.extract_answer`) and ``chain`` (one model
@@ -18,11 +22,13 @@ writes a whole reasoning chain, its answer read from the last step: a reasoning 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from math import comb, sqrt
 from pathlib import Path
 from typing import Any
@@ -37,7 +43,7 @@ from insightv_agents.answers import (
     match_answer,
     stated_answer,
 )
-from insightv_agents.errors import InvalidInputError, ModelOutputError, check_int
+from insightv_agents.errors import ConfigError, InvalidInputError, ModelOutputError, check_int
 from insightv_agents.images import ImagePolicy, load_images
 from insightv_agents.parsing import parse_steps
 from insightv_agents.prompts import (
@@ -57,6 +63,54 @@ EVAL_FILE = "eval.json"
 Predictor = Callable[[Item], Awaitable[dict[str, Any]]]
 """Answers one item: returns at least ``answer`` and ``status``; may add ``steps``,
 ``reasoning``, ``verdict``, ``stages``, ``response``, ``failures``."""
+ReasoningCheck = Callable[[Item, dict[str, Any]], bool | None]
+"""Whether a prediction's reasoning is sound (``None``: cannot tell for this item)."""
+CHECKS_ENTRY_POINTS = "insightv_agents.checks"
+"""The entry-point group where installed packages name their :class:`DatasetChecks`."""
+
+
+@dataclass(frozen=True)
+class DatasetChecks:
+    """What a benchmark brings to its evaluation beyond its items.
+
+    Attributes:
+        rules: how its answers are checked; its closed answer set as ``labels`` makes a
+            wrong label wrong rather than undecided.
+        reasoning_check: judges each prediction's reasoning against the benchmark's ground
+            truth (``None``: the report says nothing of the reasoning).
+    """
+
+    rules: AnswerRules = field(default=DEFAULT_RULES)
+    reasoning_check: ReasoningCheck | None = None
+
+
+def load_checks(spec: str, data_root: str | Path) -> DatasetChecks:
+    """The checks ``spec`` names, for the dataset in ``data_root``.
+
+    ``spec`` is ``module:attribute`` (an importable name) or the name of an entry point in
+    the ``insightv_agents.checks`` group; it points at a :class:`DatasetChecks`, or at a
+    function that takes the data folder and returns one.
+
+    Raises:
+        ConfigError: when ``spec`` names nothing importable, or not checks.
+    """
+    module, colon, attribute = spec.partition(":")
+    try:
+        if colon:
+            found = getattr(importlib.import_module(module), attribute)
+        else:
+            entry = next((point for point in entry_points(group=CHECKS_ENTRY_POINTS)
+                          if point.name == spec), None)
+            if entry is None:
+                raise ConfigError(f"no checks named {spec!r}: give module:attribute, or an "
+                                  f"entry point of the {CHECKS_ENTRY_POINTS!r} group.")
+            found = entry.load()
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"cannot load the checks {spec!r}: {err}") from err
+    checks = found(Path(data_root)) if callable(found) else found
+    if not isinstance(checks, DatasetChecks):
+        raise ConfigError(f"{spec!r} gave {type(checks).__name__}, not DatasetChecks.")
+    return checks
 
 
 def graph_predictor(graph: Any) -> Predictor:
@@ -107,7 +161,7 @@ def chain_predictor(model: LanguageModelLike, *, prompts: Prompts = DEFAULT_PROM
 
 async def evaluate(predict: Predictor, items: Sequence[Item], out: str | Path, *,
                    settings: dict[str, Any] | None = None, concurrency: int = 8,
-                   reasoning_check: Callable[[Item, dict[str, Any]], bool | None] | None = None,
+                   reasoning_check: ReasoningCheck | None = None,
                    rules: AnswerRules = DEFAULT_RULES,
                    on_item: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Predict every item not yet in ``<out>/predictions.jsonl`` and write the reports.
@@ -158,7 +212,7 @@ async def evaluate(predict: Predictor, items: Sequence[Item], out: str | Path, *
 
 
 async def _predict_one(predict: Predictor, item: Item,
-                       reasoning_check: Callable[[Item, dict[str, Any]], bool | None] | None,
+                       reasoning_check: ReasoningCheck | None,
                        rules: AnswerRules) -> dict[str, Any]:
     started = time.perf_counter()
     try:

@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from langchain_core.messages import BaseMessage
 
-from insightv_agents import InvalidInputError, create_insightv_graph
+from insightv_agents import ConfigError, InvalidInputError, create_insightv_graph
+from insightv_agents.answers import AnswerRules
 from insightv_agents.evaluate import (
+    DatasetChecks,
     accuracy_interval,
     chain_predictor,
     compare_predictions,
@@ -25,6 +27,7 @@ from insightv_agents.images import data_url_bytes
 from insightv_agents.parsing import format_chain, format_verdict
 from insightv_agents.prompts import DEFAULT_PROMPTS
 from insightv_agents.shapes import SceneIndex, make_dataset, parse_question, plan_path
+from insightv_agents.shapes.questions import ANSWER_RULES
 from insightv_agents.shapes.scenes import image_key
 from insightv_agents.shapes.scorer import reasoning_check
 from insightv_agents.synthesize import load_items
@@ -162,8 +165,6 @@ def test_chain_reads_the_answer_from_the_reasoners_last_step(data: Path, tmp_pat
 def test_a_closed_answer_set_decides_wrong_labels(data: Path, tmp_path: Path) -> None:
     """With the shapes world's labels a wrong colour, size or kind is wrong, not undecided;
     the accuracy is the same either way."""
-    from insightv_agents.shapes.questions import ANSWER_RULES
-
     model = ScriptedChatModel([lambda m: "The answer is red."], cycle=True)
     items, _ = load_items(data / "test.jsonl")
     plain = asyncio.run(evaluate(direct_predictor(model), items, tmp_path / "plain"))
@@ -199,13 +200,42 @@ def test_cli_eval_needs_a_model_and_checks_the_data_first(
 
 
 def test_cli_labels_give_the_closed_answer_set() -> None:
-    from insightv_agents.answers import DEFAULT_RULES
     from insightv_agents.cli import _answer_rules
-    from insightv_agents.shapes.questions import ANSWER_RULES
 
-    assert _answer_rules(" Yes, no ,,red", shapes=True).labels == {"yes", "no", "red"}
-    assert _answer_rules(None, shapes=True) is ANSWER_RULES
-    assert _answer_rules(None, shapes=False) is DEFAULT_RULES
+    assert _answer_rules(" Yes, no ,,red").labels == {"yes", "no", "red"}
+    assert _answer_rules(None) is None
+
+
+SHAPES_CHECKS = "insightv_agents.shapes.checks:for_dataset"
+PLAIN_CHECKS = DatasetChecks(rules=AnswerRules(labels=frozenset({"a", "b"})))
+
+
+def test_a_dataset_brings_its_checks_by_name(data: Path, tmp_path: Path) -> None:
+    from insightv_agents.evaluate import load_checks
+
+    shapes = load_checks(SHAPES_CHECKS, data)  # a function of the data folder
+    assert shapes.rules is ANSWER_RULES and shapes.reasoning_check is not None
+    (tmp_path / "data.jsonl").write_text("")
+    assert load_checks(SHAPES_CHECKS, tmp_path).reasoning_check is None  # no scenes.jsonl
+    assert load_checks(f"{__name__}:PLAIN_CHECKS", tmp_path) is PLAIN_CHECKS  # an object
+    for bad, problem in [("no_such_module_xyz:f", "cannot load"),
+                         (f"{__name__}:missing", "cannot load"),
+                         ("no-such-entry-point", "no checks named"),
+                         (f"{__name__}:SHAPES_CHECKS", "not DatasetChecks")]:
+        with pytest.raises(ConfigError, match=problem):
+            load_checks(bad, tmp_path)
+
+
+def test_cli_eval_refuses_checks_it_cannot_load_before_any_model_call(
+        data: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from insightv_agents.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--data", str(data / "test.jsonl"), "--out",
+                                      str(tmp_path / "o"), "--base-url", "http://127.0.0.1:9/v1",
+                                      "--checks", "no_such_module_xyz:checks"])
+    assert result.exit_code == 2 and "cannot load the checks" in result.output
 
 
 def test_two_evaluations_compared_question_by_question(data: Path, tmp_path: Path) -> None:
