@@ -18,7 +18,9 @@ import statistics
 import time
 from collections.abc import Callable
 
-from insightv_agents import create_insightv_graph, load_images, parse_steps, parse_verdict
+from insightv_agents import create_insightv_graph
+from insightv_agents.images import load_images
+from insightv_agents.parsing import parse_steps, parse_verdict
 from insightv_agents.prompts import DEFAULT_PROMPTS, reasoning_messages, summary_messages
 from insightv_agents.testing import ScriptedChatModel
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,9 +29,23 @@ def test_readme_picture_is_the_graph() -> None:
         assert edge in drawn
 
 
-def test_public_api_is_listed_and_importable() -> None:
+def test_public_api_is_small_listed_and_importable() -> None:
+    assert len(insightv_agents.__all__) <= 20
     for name in insightv_agents.__all__:
         assert hasattr(insightv_agents, name), name
+    assert insightv_agents.vllm_chat_model.__module__ == "insightv_agents.backends.vllm.client"
+    with pytest.raises(AttributeError):
+        _ = insightv_agents.revise  # a node helper: from insightv_agents.nodes
+
+
+def test_importing_the_library_loads_no_backend() -> None:
+    """The top level stays light: no torch, transformers or OpenAI client until asked for."""
+    code = ("import sys, insightv_agents; "
+            "print(sorted(m for m in ('torch', 'transformers', 'openai', 'langchain_openai') "
+            "if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"
 
 
 def test_graph_is_uncompiled_and_compile_name_friendly() -> None:

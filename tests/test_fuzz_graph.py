@@ -10,11 +10,7 @@ from helpers import png_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from insightv_agents import (
-    create_insightv_graph,
-    create_stage_beam_graph,
-    create_synthesis_graph,
-)
+from insightv_agents import create_insightv_graph, create_stage_beam_graph, create_synthesis_graph
 from insightv_agents.testing import ScriptedChatModel
 
 MAX_STEPS, MAX_RETRIES, MAX_REVISIONS = 4, 1, 1

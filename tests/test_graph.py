@@ -17,10 +17,9 @@ from insightv_agents import (
     InvalidInputError,
     ModelCallError,
     Prompts,
-    ReasoningNode,
-    SummaryNode,
     create_insightv_graph,
 )
+from insightv_agents.nodes import ReasoningNode, SummaryNode
 from insightv_agents.parsing import format_chain, format_step, format_verdict
 from insightv_agents.schema import ReasoningStep
 from insightv_agents.testing import ScriptedChatModel

@@ -19,7 +19,8 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph import END, START, StateGraph
 
-from insightv_agents import ModelCallError, ReasoningNode, SummaryNode, create_insightv_graph
+from insightv_agents import ModelCallError, create_insightv_graph
+from insightv_agents.nodes import ReasoningNode, SummaryNode
 from insightv_agents.testing import ScriptedChatModel
 
 SCRIPT = [step("look"), step("count", "3", "summary"), verdict("3")]

@@ -17,9 +17,14 @@ from insightv_agents import (
     ModelOutputError,
     StageBeamContext,
     create_stage_beam_graph,
-    parse_stages,
 )
-from insightv_agents.parsing import format_stages, parse_check, parse_choice, stage_text
+from insightv_agents.parsing import (
+    format_stages,
+    parse_check,
+    parse_choice,
+    parse_stages,
+    stage_text,
+)
 from insightv_agents.prompts import DEFAULT_STAGE_PROMPTS as P
 from insightv_agents.search import Sample, sample
 from insightv_agents.testing import ScriptedChatModel

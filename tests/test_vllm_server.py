@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from langchain_core.messages import HumanMessage
 
-from insightv_agents import BackendError, create_insightv_graph, load_images
+from insightv_agents import BackendError, create_insightv_graph
 from insightv_agents.backends.transformers import ChatTransformersVLM
 from insightv_agents.backends.vllm import VLLM_PYTHON_ENV, VLLMServer
+from insightv_agents.images import load_images
 from insightv_agents.parsing import iter_json_objects
 from insightv_agents.schema import step_json_schema
 from insightv_agents.testing import build_tiny_idefics3
