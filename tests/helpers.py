@@ -241,7 +241,7 @@ EXAMPLE = ROOT / "examples" / "shapes.png"
 def demo_example() -> tuple[Path, str, str]:
     """The picture and question of ``make demo`` (read from the Makefile, so the two cannot
     drift) and the true answer, computed from the scene described beside the picture."""
-    from insightv_agents.shapes import Scene, parse_question
+    from insightv_research.shapes import Scene, parse_question
 
     text = (ROOT / "Makefile").read_text()
     start = text.index('--question "', text.index("\ndemo: ")) + len('--question "')

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 from helpers import demo_example
+from insightv_research.shapes import make_dataset
 from typer.testing import CliRunner
 
 from insightv_agents import create_insightv_graph
 from insightv_agents.cli import app
 from insightv_agents.demo import DEMO_DIR, demo_agents, demo_available, demo_info, demo_prompts
 from insightv_agents.evaluate import evaluate, graph_predictor
-from insightv_agents.shapes import make_dataset
 from insightv_agents.synthesize import load_items
 
 pytestmark = pytest.mark.slow

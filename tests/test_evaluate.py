@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from insightv_research.shapes import SceneIndex, make_dataset, parse_question, plan_path
+from insightv_research.shapes.questions import ANSWER_RULES
+from insightv_research.shapes.scenes import image_key
+from insightv_research.shapes.scorer import reasoning_check
 from langchain_core.messages import BaseMessage
 
 from insightv_agents import ConfigError, InvalidInputError, create_insightv_graph
@@ -26,10 +30,6 @@ from insightv_agents.evaluate import (
 from insightv_agents.images import data_url_bytes
 from insightv_agents.parsing import format_chain, format_verdict
 from insightv_agents.prompts import DEFAULT_PROMPTS
-from insightv_agents.shapes import SceneIndex, make_dataset, parse_question, plan_path
-from insightv_agents.shapes.questions import ANSWER_RULES
-from insightv_agents.shapes.scenes import image_key
-from insightv_agents.shapes.scorer import reasoning_check
 from insightv_agents.synthesize import load_items
 from insightv_agents.testing import ScriptedChatModel
 
@@ -206,7 +206,7 @@ def test_cli_labels_give_the_closed_answer_set() -> None:
     assert _answer_rules(None) is None
 
 
-SHAPES_CHECKS = "insightv_agents.shapes.checks:for_dataset"
+SHAPES_CHECKS = "insightv_research.shapes.checks:for_dataset"
 PLAIN_CHECKS = DatasetChecks(rules=AnswerRules(labels=frozenset({"a", "b"})))
 
 
@@ -215,6 +215,8 @@ def test_a_dataset_brings_its_checks_by_name(data: Path, tmp_path: Path) -> None
 
     shapes = load_checks(SHAPES_CHECKS, data)  # a function of the data folder
     assert shapes.rules is ANSWER_RULES and shapes.reasoning_check is not None
+    by_name = load_checks("shapes", data)  # the research package's entry point
+    assert by_name.rules is ANSWER_RULES and by_name.reasoning_check is not None
     (tmp_path / "data.jsonl").write_text("")
     assert load_checks(SHAPES_CHECKS, tmp_path).reasoning_check is None  # no scenes.jsonl
     assert load_checks(f"{__name__}:PLAIN_CHECKS", tmp_path) is PLAIN_CHECKS  # an object

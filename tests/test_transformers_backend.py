@@ -223,9 +223,9 @@ def test_stage_beam_runs_in_process(tiny_idefics3: Path, image_path: Path) -> No
 
 
 def test_built_idefics3_keeps_each_word_one_token_and_writes_it_back(tmp_path: Path) -> None:
+    from insightv_research.shapes.scenes import CELL_TAGS
     from transformers import AutoProcessor
 
-    from insightv_agents.shapes.scenes import CELL_TAGS
     from insightv_agents.tiny import build_idefics3
 
     folder = build_idefics3(tmp_path / "m", corpus=["r1c2 small red circle, r1c3 empty."] * 4,

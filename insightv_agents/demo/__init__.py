@@ -2,7 +2,7 @@
 scratch by our own pipeline (``make reproduce``) and shipped with the package.
 
 They are tiny Idefics3 models (about 2 M parameters each, bfloat16 safetensors) that read
-128 px pictures of shapes on a 4 x 4 grid (:mod:`insightv_agents.shapes`) and answer the
+128 px pictures of shapes on a 4 x 4 grid (:mod:`insightv_research.shapes`) and answer the
 world's questions with chain-mode reasoning. ``insightv run`` uses them when no backend is
 given; ``demo.json`` says how they were made and how well they do.
 """

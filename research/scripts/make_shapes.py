@@ -1,8 +1,8 @@
 """The example scene of ``make demo``: ``shapes.json`` (its description) and ``shapes.png``
 (its picture, drawn from the description by the shapes world).
 
-    python examples/make_shapes.py                       # redraw shapes.png from shapes.json
-    python examples/make_shapes.py --data DIR --item ID  # take a dataset item's scene
+    python research/scripts/make_shapes.py                      # redraw shapes.png from shapes.json
+    python research/scripts/make_shapes.py --data DIR --item ID # take a dataset item's scene
 
 ``--data``/``--item`` copy the scene of one item of a shapes dataset (``make reproduce``
 writes one to ``runs/reproduce/data``) and print its question and answer, for the Makefile.
@@ -14,11 +14,10 @@ import json
 from pathlib import Path
 
 import typer
+from insightv_research.shapes import SceneIndex, draw_scene
+from insightv_research.shapes.scenes import Scene
 
-from insightv_agents.shapes import SceneIndex, draw_scene
-from insightv_agents.shapes.scenes import Scene
-
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[2] / "examples"
 
 
 def main(data: Path | None = None, item: str | None = None) -> None:

@@ -175,7 +175,7 @@ class SceneIndex(Mapping[str, Scene]):
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> SceneIndex:
-        """The scenes of a dataset made by :func:`~insightv_agents.shapes.make_dataset`."""
+        """The scenes of a dataset made by :func:`~insightv_research.shapes.make_dataset`."""
         path = Path(folder) / "scenes.jsonl"
         if not path.is_file():
             raise InvalidInputError(f"{path} does not exist: not a shapes dataset folder",

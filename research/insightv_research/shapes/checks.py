@@ -1,14 +1,14 @@
 """The shapes world's checks for its evaluations:
-``insightv eval --checks insightv_agents.shapes.checks:for_dataset``."""
+``insightv eval --checks insightv_research.shapes.checks:for_dataset``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from insightv_agents.evaluate import DatasetChecks
-from insightv_agents.shapes.questions import ANSWER_RULES
-from insightv_agents.shapes.scenes import SceneIndex
-from insightv_agents.shapes.scorer import reasoning_check
+from insightv_research.shapes.questions import ANSWER_RULES
+from insightv_research.shapes.scenes import SceneIndex
+from insightv_research.shapes.scorer import reasoning_check
 
 
 def for_dataset(root: Path) -> DatasetChecks:

@@ -5,7 +5,7 @@ reasoning agent).
 It answers the library's own reasoning conversations (:mod:`~insightv_agents.prompts`): one
 step per call in step mode, the whole chain in chain mode, and ``{"answer": ...}`` when asked
 for the final answer. At a path's first step it draws a strategy and, with probability
-``flaw_rate``, one to ``max_flaws`` flaws (:mod:`~insightv_agents.shapes.reasoning`); later
+``flaw_rate``, one to ``max_flaws`` flaws (:mod:`~insightv_research.shapes.reasoning`); later
 calls continue a path drawn earlier whose steps so far are the ones in the conversation.
 With a ``seed``, the k-th path drawn for an (image, question) comes from a generator seeded
 by the seed, the scene, the question and k: the same paths whatever order concurrent
@@ -32,9 +32,9 @@ from insightv_agents.errors import InvalidInputError
 from insightv_agents.parsing import format_chain, format_step, parse_steps
 from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts
 from insightv_agents.schema import ReasoningStep
-from insightv_agents.shapes.questions import Query, parse_question
-from insightv_agents.shapes.reasoning import STRATEGIES, Path, Strategy, draw_flaws, plan_path
-from insightv_agents.shapes.scenes import Scene, SceneIndex
+from insightv_research.shapes.questions import Query, parse_question
+from insightv_research.shapes.reasoning import STRATEGIES, Path, Strategy, draw_flaws, plan_path
+from insightv_research.shapes.scenes import Scene, SceneIndex
 
 
 class SceneTeacher(BaseChatModel):
@@ -46,7 +46,7 @@ class SceneTeacher(BaseChatModel):
         max_flaws: most flaws in one path.
         strategies: the strategies drawn from.
         plan_step: write each path's plan as its second step (see
-            :mod:`~insightv_agents.shapes.reasoning`).
+            :mod:`~insightv_research.shapes.reasoning`).
         plan_first: with ``plan_step``, the plan comes first, before the description.
         seed: seeds the draws (``None``: fresh ones), per (scene, question, k-th path).
         prompts: the prompts the conversations are built with (to read them back).

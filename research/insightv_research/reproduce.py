@@ -17,7 +17,7 @@ model can copy what it read, :mod:`~insightv_agents.trainers.text`; off by defau
   beam search, the model judging its own candidates (its training set also teaches it the
   pairwise judgement: :func:`~insightv_agents.trainers.data.build_stage_judge_sft`).
 
-The data: the teacher (:class:`~insightv_agents.shapes.teacher.SceneTeacher`) writes several
+The data: the teacher (:class:`~insightv_research.shapes.teacher.SceneTeacher`) writes several
 paths per question through the library's synthesis graph, some flawed, and the scene scorer
 scores them; the library's builders, trainers and iterative DPO do the rest, unchanged.
 Each stage writes into ``out`` and is skipped when already done, so an interrupted run
@@ -44,13 +44,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from insightv_agents.prompts import Prompts, StagePrompts
-from insightv_agents.shapes.captions import CaptionAccuracy
-from insightv_agents.shapes.dataset import DATASET_FILE, make_dataset
-from insightv_agents.shapes.questions import ANSWER_RULES, CATEGORIES
-from insightv_agents.shapes.scenes import CELL_TAGS, SceneIndex, describe_grid
 from insightv_agents.trainers.common import write_atomic
 from insightv_agents.trainers.data import SummaryMix
 from insightv_agents.trainers.text import TextPretrainSettings
+from insightv_research.shapes.captions import CaptionAccuracy
+from insightv_research.shapes.dataset import DATASET_FILE, make_dataset
+from insightv_research.shapes.questions import ANSWER_RULES, CATEGORIES
+from insightv_research.shapes.scenes import CELL_TAGS, SceneIndex, describe_grid
 
 CAPTION_REQUEST = "List the shapes in the image."
 CAPTION_PROBE = 20  # held-out pictures the caption probe describes
@@ -115,7 +115,7 @@ class ReproduceSettings(BaseModel):
             generator).
         paths, flaw_rate: paths the teacher writes per question, and the share with flaws.
         plan_step: the teacher's paths state their plan as their second step
-            (:func:`~insightv_agents.shapes.reasoning.with_plan_step`). A pilot on
+            (:func:`~insightv_research.shapes.reasoning.with_plan_step`). A pilot on
             runs/reproduce-v4 (the reasoner alone retrained with it) raised (b) from 23.3 to
             31.7% and the chains following the question's plan from 35 to 55%; so did the
             whole runs/reproduce-v5 and v6 (README).
@@ -147,7 +147,7 @@ class ReproduceSettings(BaseModel):
             runs/reproduce-v9 (this default) it was 0.98 at step 2400, so the gate let the
             long phase start on time (README, Results).
         caption_epochs, sft_epochs: epochs of the caption pre-training and of each SFT.
-        caption_cell_target: the caption probe (:mod:`~insightv_agents.shapes.captions`:
+        caption_cell_target: the caption probe (:mod:`~insightv_research.shapes.captions`:
             greedy descriptions of ``CAPTION_PROBE`` held-out pictures of the DPO split) is
             taken after the caption pre-training and recorded (``caption-probe.json``, the
             results); with a target, while it describes less than this share of the cells
@@ -400,8 +400,8 @@ class Run:
     def synthesize(self) -> Any:
         """The teacher's paths on every training question, scored against the scenes."""
         from insightv_agents.graphs.synthesis import create_synthesis_graph
-        from insightv_agents.shapes.scorer import SceneScorer
-        from insightv_agents.shapes.teacher import SceneTeacher
+        from insightv_research.shapes.scorer import SceneScorer
+        from insightv_research.shapes.teacher import SceneTeacher
 
         s = self.settings
         teacher = SceneTeacher(index=self.index, flaw_rate=s.flaw_rate,
@@ -482,7 +482,7 @@ class Run:
     def seeing(self, model: Path) -> CaptionAccuracy:
         """The caption probe: ``model``'s descriptions of the first ``CAPTION_PROBE``
         pictures of the DPO split (held out from the caption rows; never the test split)."""
-        from insightv_agents.shapes.captions import caption_accuracy
+        from insightv_research.shapes.captions import caption_accuracy
 
         lines = (self.data / "dpo.jsonl").read_text().splitlines()[:CAPTION_PROBE]
         images = [self.data / json.loads(line)["image"] for line in lines]
@@ -543,8 +543,8 @@ class Run:
         questions: the synthesis graph with the agent as its teacher (sampled), the scene
         scoring, each path's answer the one its last step states."""
         from insightv_agents.graphs.synthesis import create_synthesis_graph
-        from insightv_agents.shapes.scorer import SceneScorer
         from insightv_agents.trainers.iterative import InProcessPolicy
+        from insightv_research.shapes.scorer import SceneScorer
 
         s = self.settings
         policy = InProcessPolicy(max_new_tokens=s.max_new_tokens, seed=s.seed)
@@ -594,12 +594,12 @@ class Run:
             micro_batches=1 if group_by_length else s.micro_batches, dtype=self.precision))
 
     def iterate(self) -> list[dict[str, Any]]:
-        from insightv_agents.shapes.scorer import SceneScorer
         from insightv_agents.trainers.iterative import (
             InProcessPolicy,
             IterativeDPOSettings,
             iterative_dpo,
         )
+        from insightv_research.shapes.scorer import SceneScorer
 
         s = self.settings
         result = iterative_dpo(
@@ -651,8 +651,8 @@ class Run:
 
     def evaluate(self, system: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
         from insightv_agents.evaluate import evaluate
-        from insightv_agents.shapes.scorer import reasoning_check
         from insightv_agents.synthesize import load_items
+        from insightv_research.shapes.scorer import reasoning_check
 
         items, _ = load_items(self.data / "test.jsonl")
         return asyncio.run(evaluate(
@@ -959,7 +959,7 @@ def export_demo(out: str | Path, dest: str | Path, *, slice_size: int = DEMO_SLI
                        (Path(scratch) / "predictions.jsonl").read_text().splitlines()]
     measured = report["accuracy"]["all"]["accuracy"]
     info = {
-        "made_by": "make reproduce (insightv_agents.shapes.reproduce), then export_demo",
+        "made_by": "make reproduce (insightv_research.reproduce), then export_demo",
         "reasoner": f"the reasoning agent of {SYSTEMS[chosen]}", "mode": "chain",
         "prompts": {field.name: getattr(PROMPTS, field.name) for field in fields(Prompts)
                     if getattr(PROMPTS, field.name) != field.default},
@@ -981,7 +981,7 @@ def export_demo(out: str | Path, dest: str | Path, *, slice_size: int = DEMO_SLI
 
 def main(out: str = "runs/reproduce", seed: int = 0,
          export_to: str | None = None, settings: str | None = None) -> None:
-    """``python -m insightv_agents.shapes.reproduce --out DIR``: the comparison with the
+    """``python -m insightv_research.reproduce --out DIR``: the comparison with the
     default sizes (rerun the same command to resume). ``--export-to DIR`` then ships the
     run's agents there as demo agents (the package's are in ``insightv_agents/demo``).
     ``--settings FILE.json`` sets any other :class:`ReproduceSettings` field (e.g.

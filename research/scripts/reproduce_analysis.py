@@ -1,6 +1,6 @@
 """Where a ``make reproduce`` run's chains go wrong: seeing or reasoning.
 
-    python scripts/reproduce_analysis.py runs/reproduce
+    python research/scripts/reproduce_analysis.py runs/reproduce
 
 For every system whose predictions hold reasoning steps, on the held-out test split:
 
@@ -30,15 +30,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
-from insightv_agents.shapes.questions import parse_question
-from insightv_agents.shapes.reasoning import follows_plan
-from insightv_agents.shapes.scenes import (
+from insightv_research.shapes.questions import parse_question
+from insightv_research.shapes.reasoning import follows_plan
+from insightv_research.shapes.scenes import (
     GRID,
     SceneIndex,
     describe_grid,
 )
-from insightv_agents.shapes.scorer import check_claims, described_scene, tagged_cells
+from insightv_research.shapes.scorer import check_claims, described_scene, tagged_cells
+
 from insightv_agents.trainers.text import TextPretrainSettings, measure_copying
 
 

@@ -7,16 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from insightv_agents import InvalidInputError
-from insightv_agents.shapes.captions import (
-    CaptionAccuracy,
-    caption_accuracy,
-    cells_right,
-    described_cells,
-)
-from insightv_agents.shapes.dataset import make_dataset
-from insightv_agents.shapes.reproduce import (
+from insightv_research.reproduce import (
     CAPTION_PROBE,
     CAPTION_PROBE_FILE,
     CAPTION_REQUEST,
@@ -24,7 +15,16 @@ from insightv_agents.shapes.reproduce import (
     Run,
     results_markdown,
 )
-from insightv_agents.shapes.scenes import SceneIndex, describe_grid
+from insightv_research.shapes.captions import (
+    CaptionAccuracy,
+    caption_accuracy,
+    cells_right,
+    described_cells,
+)
+from insightv_research.shapes.dataset import make_dataset
+from insightv_research.shapes.scenes import SceneIndex, describe_grid
+
+from insightv_agents import InvalidInputError
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from typing import Literal, cast
 
 from insightv_agents.answers import AnswerRules
 from insightv_agents.errors import InvalidInputError
-from insightv_agents.shapes.scenes import COLOURS, GRID, KINDS, SIZES, Scene, Shape
+from insightv_research.shapes.scenes import COLOURS, GRID, KINDS, SIZES, Scene, Shape
 
 Category = Literal["perception", "count", "compare", "arithmetic", "spatial"]
 # Every answer is a number or one of these words: a rule check with them as labels decides

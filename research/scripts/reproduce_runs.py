@@ -1,7 +1,7 @@
 """Several ``make reproduce`` runs side by side (e.g. seeds), with their means and which of
 the issue's goals hold in each.
 
-    python scripts/reproduce_runs.py runs/seed0 runs/seed1 [docs/reproduce-v10.json ...]
+    python research/scripts/reproduce_runs.py runs/seed0 runs/seed1 [docs/reproduce-v10.json]
 
 Each argument is a run's folder or its ``results.json``; prints a Markdown table.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from insightv_research.reproduce import RESULTS_FILE, runs_markdown
 
 from insightv_agents.errors import InvalidInputError
-from insightv_agents.shapes.reproduce import RESULTS_FILE, runs_markdown
 
 
 def main(runs: Annotated[list[Path], typer.Argument(help="run folders or results.json")]

@@ -2,7 +2,7 @@
 scene description.
 
 Claims are read in the shapes world's fixed wording (see
-:mod:`~insightv_agents.shapes.reasoning`): a shape seen in a cell ("small red circle at row 1,
+:mod:`~insightv_research.shapes.reasoning`): a shape seen in a cell ("small red circle at row 1,
 column 2"), a cell named by its tag ("r1c2 small red circle", "r1c3 empty": in the grid's
 description and wherever a step repeats it), a cell-by-cell check ("Checking each cell for red
 shapes: Row 1: r1c1 empty no, r1c2 small red circle 1, ...": each mark, running count and
@@ -24,9 +24,9 @@ from insightv_agents.answers import extract_answer, match_answer
 from insightv_agents.assessment import ScoreRequest
 from insightv_agents.errors import InvalidInputError
 from insightv_agents.schema import PathResult, PathScore, ReasoningStep
-from insightv_agents.shapes.questions import PLURAL_PHRASE, Query, parse_filter, parse_question
-from insightv_agents.shapes.reasoning import follows_plan
-from insightv_agents.shapes.scenes import COLOURS, GRID, KINDS, SIZES, Scene, SceneIndex, Shape
+from insightv_research.shapes.questions import PLURAL_PHRASE, Query, parse_filter, parse_question
+from insightv_research.shapes.reasoning import follows_plan
+from insightv_research.shapes.scenes import COLOURS, GRID, KINDS, SIZES, Scene, SceneIndex, Shape
 
 _MENTION = re.compile(rf"\b({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(KINDS)}) "
                       r"(?:is )?at row (\d+), column (\d+)", re.I)
@@ -106,7 +106,7 @@ def tagged_cells(text: str) -> list[tuple[int, int, str]]:
 
 
 def described_scene(text: str) -> Scene | None:
-    """The scene a grid description (tagged cells, as :func:`~insightv_agents.shapes.scenes.
+    """The scene a grid description (tagged cells, as :func:`~insightv_research.shapes.scenes.
     describe_grid` writes it) states; ``None`` unless it names every cell once, validly."""
     cells: dict[tuple[int, int], Shape | None] = {}
     for row, column, seen in tagged_cells(text):
@@ -175,7 +175,7 @@ class SceneScorer:
             right ones) all scored 92-100 (README).
         on_plan: a right answer counts only when the path follows a plan for the question
             (its step summaries are the teacher's for it, any strategy:
-            :func:`~insightv_agents.shapes.reasoning.follows_plan`), as a judge reading the
+            :func:`~insightv_research.shapes.reasoning.follows_plan`), as a judge reading the
             question would discount a right answer reached by reasoning about something else
             (a yes/no or small-count question is often answered right by luck). The scene
             knows the right claims but not what the question asks; this adds that.

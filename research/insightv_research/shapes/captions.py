@@ -1,7 +1,7 @@
 """How well a model describes the shapes world's pictures: the caption pre-training's probe.
 
 The caption stage teaches the base model to list every cell of a picture (``r1c1 large red
-square, r1c2 empty, ...``: :func:`~insightv_agents.shapes.scenes.describe_grid`). It learns
+square, r1c2 empty, ...``: :func:`~insightv_research.shapes.scenes.describe_grid`). It learns
 that abruptly, and not always within the same number of steps: ``caption_accuracy`` measures
 where a model stands, on held-out pictures, greedy, so that ``make reproduce`` can train on
 until its base model sees.
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from insightv_agents.shapes.scenes import Scene, cell_tag, describe_grid
-from insightv_agents.shapes.scorer import tagged_cells
+from insightv_research.shapes.scenes import Scene, cell_tag, describe_grid
+from insightv_research.shapes.scorer import tagged_cells
 
 
 @dataclass(frozen=True)

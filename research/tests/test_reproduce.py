@@ -10,9 +10,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
-from insightv_agents.evaluate import sign_test
-from insightv_agents.shapes.reproduce import (
+from insightv_research.reproduce import (
     SYSTEMS,
     ReproduceSettings,
     Run,
@@ -21,6 +19,8 @@ from insightv_agents.shapes.reproduce import (
     results_markdown,
     runs_markdown,
 )
+
+from insightv_agents.evaluate import sign_test
 from insightv_agents.trainers.data import SummaryMix, load_records
 
 

@@ -10,13 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
-
-from insightv_agents import InvalidInputError
-from insightv_agents.answers import match_answer
-from insightv_agents.graphs.synthesis import create_synthesis_graph
-from insightv_agents.parsing import format_chain, format_step, parse_steps
-from insightv_agents.shapes import (
+from insightv_research.shapes import (
     ANSWER_RULES,
     CATEGORIES,
     STRATEGIES,
@@ -35,9 +29,15 @@ from insightv_agents.shapes import (
     random_scene,
     sample_query,
 )
-from insightv_agents.shapes.questions import Filter
-from insightv_agents.shapes.reasoning import PLAN_SUMMARY, draw_flaws
-from insightv_agents.shapes.scenes import BACKGROUND, COLOURS, GRID
+from insightv_research.shapes.questions import Filter
+from insightv_research.shapes.reasoning import PLAN_SUMMARY, draw_flaws
+from insightv_research.shapes.scenes import BACKGROUND, COLOURS, GRID
+from PIL import Image
+
+from insightv_agents import InvalidInputError
+from insightv_agents.answers import match_answer
+from insightv_agents.graphs.synthesis import create_synthesis_graph
+from insightv_agents.parsing import format_chain, format_step, parse_steps
 from insightv_agents.synthesize import load_items, synthesize, write_run_file
 from insightv_agents.trainers.data import load_records
 
@@ -238,8 +238,9 @@ def test_on_plan_scorer_counts_a_right_answer_only_from_a_plan_for_the_question(
         dataset: Path) -> None:
     """A chain about another question that lands on the right answer (luck) keeps its
     claims' share but not the answer's half of the score; a chain on the plan loses nothing."""
+    from insightv_research.shapes.reasoning import follows_plan
+
     from insightv_agents.images import load_images
-    from insightv_agents.shapes.reasoning import follows_plan
 
     index = SceneIndex.from_folder(dataset)
     row = next(r for r in rows(dataset, "train") if parse_question(r["question"]).kind == "count")
@@ -470,8 +471,8 @@ def test_scorer_gives_no_score_for_an_image_outside_its_index(dataset: Path) -> 
 
 
 def test_described_scene_reads_a_whole_grid_description_back() -> None:
-    from insightv_agents.shapes.scenes import describe_grid
-    from insightv_agents.shapes.scorer import described_scene
+    from insightv_research.shapes.scenes import describe_grid
+    from insightv_research.shapes.scorer import described_scene
 
     scene = Scene((Shape(1, 2, "circle", "red", "small"), Shape(3, 4, "square", "blue", "large")))
     assert described_scene(describe_grid(scene)) == scene
@@ -479,7 +480,7 @@ def test_described_scene_reads_a_whole_grid_description_back() -> None:
 
 
 def test_tagged_cells_reads_every_tag_in_order_off_grid_ones_too() -> None:
-    from insightv_agents.shapes.scorer import tagged_cells
+    from insightv_research.shapes.scorer import tagged_cells
 
     text = "So R1C2 Small Red Circle, then r1c3 empty; r9c9 large blue square and r2c2 nothing."
     assert tagged_cells(text) == [(1, 2, "small red circle"), (1, 3, "empty"),

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from insightv_agents.errors import InvalidInputError
-from insightv_agents.shapes.questions import CATEGORIES, Category, sample_query
-from insightv_agents.shapes.scenes import IMAGE_SIZE, draw_scene, image_key, random_scene
+from insightv_research.shapes.questions import CATEGORIES, Category, sample_query
+from insightv_research.shapes.scenes import IMAGE_SIZE, draw_scene, image_key, random_scene
 
 DATASET_FILE = "dataset.json"
 DATASET_VERSION = 1

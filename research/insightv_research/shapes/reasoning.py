@@ -2,7 +2,7 @@
 
 :func:`plan_path` writes a path from the scene description. Every path first describes the
 image cell by cell, each cell named by its tag (``r1c2``:
-:func:`~insightv_agents.shapes.scenes.describe_grid`); every later step works on that
+:func:`~insightv_research.shapes.scenes.describe_grid`); every later step works on that
 description cell by cell, in a fixed order, naming each cell by its tag, repeating what the
 description says of it and marking it, so that each word it writes is a copy of what follows
 the same tag earlier, or depends on the words just before it. Three strategies count:
@@ -21,7 +21,7 @@ then compare the counts."), written right after the description, while the quest
 near; each later step then finds what it does in the plan rather than in a question hundreds
 of tokens back.
 
-Every claim a path makes has one fixed wording, so :mod:`~insightv_agents.shapes.scorer`
+Every claim a path makes has one fixed wording, so :mod:`~insightv_research.shapes.scorer`
 can check it against the scene.
 """
 
@@ -34,8 +34,8 @@ from typing import Literal
 
 from insightv_agents.errors import InvalidInputError
 from insightv_agents.schema import ReasoningStep
-from insightv_agents.shapes.questions import Filter, Query, reference
-from insightv_agents.shapes.scenes import (
+from insightv_research.shapes.questions import Filter, Query, reference
+from insightv_research.shapes.scenes import (
     COLOURS,
     GRID,
     KINDS,
