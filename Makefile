@@ -28,7 +28,7 @@ LOCK_FLAGS := --generate-hashes --find-links $(LOCK_FIND_LINKS) --python-version
 # Hash-checked, and only what the lock lists (its dependencies are all in it).
 PIP_LOCKED := python -m pip install --quiet --no-deps --require-hashes
 
-.PHONY: setup vllm lock test-latest test-lowest demo test lint typecheck pytest bench reliability bench-load bench-serving bench-synthesis \
+.PHONY: setup vllm lock test-latest test-lowest docs demo test lint typecheck pytest bench reliability bench-load bench-serving bench-synthesis \
 	bench-training bench-length-grouping bench-sft-speed bench-batching bench-stage-beam reproduce clean
 
 setup: $(STAMP)
@@ -94,6 +94,11 @@ typecheck: $(STAMP)
 pytest: $(STAMP) $(VLLM_STAMP)
 	INSIGHTV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest $(TESTED)
 
+# The documentation site (site/): guides, the API reference from the docstrings, the research
+# pages; --strict turns a broken link or reference into an error.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 # The paper's comparison at small scale, from nothing (the research package's shapes world;
 # resumable).
 reproduce: $(STAMP)
@@ -131,4 +136,4 @@ bench-batching: $(STAMP)
 	$(BIN)/python benchmarks/batching.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(LATEST_VENV) $(LOWEST_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(LATEST_VENV) $(LOWEST_VENV) site .pytest_cache .mypy_cache .ruff_cache

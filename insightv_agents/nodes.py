@@ -115,7 +115,7 @@ class ReasoningNode(ModelNode):
     writes ``steps`` (appended) and ``failures`` (appended). Streams a custom event
     ``{"event": "step", ...}`` per new step.
 
-    Example:
+    Examples:
         >>> from insightv_agents.testing import ScriptedChatModel
         >>> node = ReasoningNode(ScriptedChatModel(
         ...     ['{"summary": "Look", "reasoning": "A red square.", "action": "summary"}']))

@@ -33,7 +33,7 @@ class ScriptedChatModel(BaseChatModel):
         n: replies per call (a call may also pass ``n``): like a backend that samples
             several candidates in one request.
 
-    Example:
+    Examples:
         >>> model = ScriptedChatModel(["first", "second"])
         >>> model.invoke("hi").content, model.invoke("again").content
         ('first', 'second')

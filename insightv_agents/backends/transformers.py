@@ -74,7 +74,7 @@ class ChatTransformersVLM(BaseChatModel):
             back within it). Calls made one at a time never wait.
         trust_remote_code: run code shipped with the checkpoint. Off by default.
 
-    Example:
+    Examples:
         >>> from insightv_agents.testing import build_tiny_idefics3
         >>> import tempfile
         >>> path = build_tiny_idefics3(tempfile.mkdtemp())

@@ -67,7 +67,7 @@ def create_insightv_graph(
     Raises:
         ConfigError: for an option out of range.
 
-    Example:
+    Examples:
         >>> from insightv_agents.testing import ScriptedChatModel
         >>> model = ScriptedChatModel([
         ...     '{"summary": "Count", "reasoning": "There are 3 dots.", "action": "summary"}',

@@ -277,7 +277,7 @@ def create_stage_beam_graph(
         ConfigError: for an option out of range, or ``beam_size > 1`` with a model whose
             temperature is 0.
 
-    Example:
+    Examples:
         >>> from insightv_agents.testing import ScriptedChatModel
         >>> model = ScriptedChatModel(["<SUMMARY> Count. </SUMMARY> <CAPTION> Three dots. "
         ...     "</CAPTION> <REASONING> 3 dots. </REASONING> <CONCLUSION> 3 </CONCLUSION>"])
