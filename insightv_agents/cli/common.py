@@ -1,0 +1,82 @@
+"""What every command shares: the common options, one handler that turns the library's
+errors into a message and exit status 2, one progress bar, and the parsing of small option
+values."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+from insightv_agents.errors import InsightVError
+from insightv_agents.prompts import ReasoningMode
+
+Images = Annotated[list[str], typer.Option("--image", "-i", help="Image path (repeatable).")]
+Question = Annotated[str, typer.Option("--question", "-q", help="The question to answer.")]
+BaseUrl = Annotated[str | None, typer.Option(
+    help="OpenAI-compatible API root of the reasoning agent (e.g. http://127.0.0.1:8000/v1).")]
+SummaryBaseUrl = Annotated[str | None, typer.Option(
+    help="API root of the summary agent (default: the reasoning agent's).")]
+LocalModel = Annotated[str | None, typer.Option(
+    help="Folder of a transformers VLM to run in-process as the reasoning (and summary) agent.")]
+LocalAdapter = Annotated[str | None, typer.Option(help="PEFT adapter folder for --local-model.")]
+Model = Annotated[str, typer.Option(help="Served model name of the reasoning agent.")]
+SummaryModel = Annotated[str | None, typer.Option(
+    help="Served model name of the summary agent (default: the reasoner plays both roles).")]
+Mode = Annotated[str, typer.Option(help="step: one step per call; chain: a chain per call.")]
+RunMode = Annotated[str | None, typer.Option(
+    help="step: one step per call; chain: a chain per call (default: chain for the demo "
+         "agents, step otherwise).")]
+MaxSteps = Annotated[int, typer.Option(help="Cap on reasoning steps.")]
+MaxRevisions = Annotated[int, typer.Option(help="Times the summary agent may send reasoning back.")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature.")]
+AllowUrls = Annotated[bool, typer.Option(help="Allow http(s) image URLs.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")]
+Strict = Annotated[bool, typer.Option(
+    help="Stop at a bad input row (default: report each bad row and skip it).")]
+Method = Annotated[str, typer.Option(
+    help="insightv (reasoning + summary agents), or LLaVA-CoT's four stages with stage-beam "
+         "(stage-level beam search), best-of-n, sentence-beam or single (one pass).")]
+BeamSize = Annotated[int, typer.Option(
+    help="Candidates per stage (stage-beam, sentence-beam) or responses (best-of-n).")]
+
+
+@contextmanager
+def command_errors(console: Console) -> Iterator[None]:
+    """Bad input, options or data (an :class:`~insightv_agents.errors.InsightVError`) end
+    the command with the message and exit status 2."""
+    try:
+        yield
+    except InsightVError as err:
+        console.print(f"[bold red]error:[/bold red] {err}")
+        raise typer.Exit(2) from err
+
+
+@contextmanager
+def progress(console: Console, description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar of ``total`` items; yields a function that sets how many are done."""
+    columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda done: bar.update(task, completed=done)
+
+
+def skipped(console: Console) -> Callable[[str], None]:
+    """Reports a skipped input row."""
+    def report(problem: str) -> None:
+        console.print(f"[yellow]skipped bad row: {problem}[/yellow]")
+    return report
+
+
+def reasoning_mode(mode: str) -> ReasoningMode:
+    """``--mode``'s value, checked."""
+    if mode == "step":
+        return "step"
+    if mode == "chain":
+        return "chain"
+    raise InsightVError(f"--mode must be 'step' or 'chain', not {mode!r}.")

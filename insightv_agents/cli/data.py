@@ -1,0 +1,188 @@
+"""``insightv synthesize`` (reasoning paths from a teacher) and ``insightv build-data``
+(TRL-ready datasets from them)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from insightv_agents.cli.common import (
+    MaxSteps,
+    Mode,
+    Strict,
+    command_errors,
+    progress,
+    reasoning_mode,
+    skipped,
+)
+from insightv_agents.errors import InsightVError, check_int
+
+
+def synthesize(
+    input: Annotated[str, typer.Option(
+        "--input", help="JSONL file or saved Hugging Face dataset folder: image (relative to "
+                        "the data folder), question, answer[, id, choices, category].")],
+    out: Annotated[str, typer.Option(help="Output folder (records.jsonl, run.json); rerun the "
+                                          "same command to resume.")],
+    teacher: Annotated[str, typer.Option(help="Served model name of the teacher MLLM.")],
+    teacher_url: Annotated[str, typer.Option(
+        help="OpenAI-compatible API root of the teacher (e.g. http://127.0.0.1:8000/v1).")],
+    scorer: Annotated[str | None, typer.Option(
+        help="Served name of the scoring MLLM, or 'rule' for the rule-based scorer "
+             "(default: the teacher scores).")] = None,
+    scorer_url: Annotated[str | None, typer.Option(
+        help="API root of the scorer (default: the teacher's).")] = None,
+    judge: Annotated[str | None, typer.Option(
+        help="Served name of a text LLM that judges answers the rules cannot decide.")] = None,
+    judge_url: Annotated[str | None, typer.Option(
+        help="API root of the judge (default: the teacher's).")] = None,
+    paths: Annotated[int, typer.Option("--paths", "-n", help="Reasoning paths per item.")] = 4,
+    concurrency: Annotated[int, typer.Option(help="Items in flight at once.")] = 32,
+    max_steps: MaxSteps = 16,
+    temperature: Annotated[float, typer.Option(help="Teacher sampling temperature.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Teacher nucleus sampling.")] = 0.95,
+    max_tokens: Annotated[int, typer.Option(help="Longest reply per request.")] = 1024,
+    limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
+    strict: Strict = False,
+    mode: Mode = "step",
+    final_answer: Annotated[str, typer.Option(
+        help="ask: the teacher is asked after its last step; stated: the answer its last step "
+             "states (a trained reasoning agent's own paths, for build-data --self).")] = "ask",
+) -> None:
+    """Synthesize reasoning paths for a dataset: N teacher paths per item, answer-checked and
+    scored together; append-only and resumable."""
+    import asyncio
+
+    from insightv_agents.assessment import RuleScorer
+    from insightv_agents.backends.vllm import vllm_chat_model
+    from insightv_agents.graphs.synthesis import create_synthesis_graph
+    from insightv_agents.synthesize import (
+        RECORDS_FILE,
+        describe_model,
+        load_items,
+        write_run_file,
+    )
+    from insightv_agents.synthesize import (
+        synthesize as run_synthesis,
+    )
+
+    console = Console()
+    with command_errors(console):
+        check_int("concurrency", concurrency, 1, 4096)
+        items, root = load_items(input, out=out, limit=limit,
+                                 on_bad_row=None if strict else skipped(console))
+        teacher_model = vllm_chat_model(teacher_url, teacher, temperature=temperature,
+                                        top_p=top_p, max_tokens=max_tokens)
+        scorer_model: Any = None
+        if scorer == "rule":
+            scorer_model = RuleScorer()
+        elif scorer is not None or scorer_url is not None:
+            scorer_model = vllm_chat_model(scorer_url or teacher_url, scorer or teacher,
+                                           temperature=0.0, max_tokens=max_tokens)
+        judge_model = None if judge is None else vllm_chat_model(
+            judge_url or teacher_url, judge, temperature=0.0, max_tokens=256)
+        if final_answer not in ("ask", "stated"):
+            raise InsightVError(f"--final-answer must be 'ask' or 'stated', not "
+                                f"{final_answer!r}.")
+        graph = create_synthesis_graph(
+            teacher=teacher_model, scorer=scorer_model, judge=judge_model, paths=paths,
+            mode=reasoning_mode(mode), max_steps=max_steps,
+            final_answer="stated" if final_answer == "stated" else "ask").compile(
+                name="synthesis")
+        provenance = {"teacher": describe_model(teacher_model),
+                      "scorer": describe_model(scorer_model or teacher_model),
+                      "judge": describe_model(judge_model), "max_steps": max_steps,
+                      "mode": mode, "final_answer": final_answer}
+        write_run_file(out, {"input": str(input), "data_root": str(root), "paths": paths,
+                             **provenance})
+    with progress(console, "synthesizing", len(items)) as done:
+
+        def advance(report: Any) -> None:
+            done(report.skipped + report.written + len(report.errors))
+
+        report = asyncio.run(run_synthesis(graph, items, out, concurrency=concurrency,
+                                           provenance=provenance, on_item=advance))
+    if report.repaired_bytes:
+        console.print(f"[yellow]cut {report.repaired_bytes} bytes of an unfinished group left "
+                      "by an interrupted run[/yellow]")
+    console.print(f"{report.written} item(s) written, {report.skipped} already done, "
+                  f"{report.paths_failed} failed path(s) recorded, {len(report.errors)} item "
+                  f"error(s), in {report.seconds:.1f} s -> {out}/{RECORDS_FILE}")
+    for identifier, message in report.errors[:10]:
+        console.print(f"[red]{identifier}: {message}[/red]")
+    if report.errors:
+        console.print("[yellow]items with errors were not written; rerun to retry them "
+                      "(see errors.jsonl)[/yellow]")
+        raise typer.Exit(1)
+
+
+def build_data(
+    kind: Annotated[str, typer.Argument(help="sft-reason, sft-summary or dpo.")],
+    source: Annotated[str, typer.Option("--from", help="A synthesis output folder.")],
+    out: Annotated[str, typer.Option(help="Folder for the dataset (save_to_disk format).")],
+    mode: Annotated[str, typer.Option(help="sft-reason: step (a step per turn) or chain.")]
+    = "step",
+    min_score: Annotated[int | None, typer.Option(
+        help="sft-reason: only paths scoring at least this; dpo: the chosen path's minimum.")]
+    = None,
+    self_made: Annotated[str | None, typer.Option(
+        "--self", help="sft-summary: synthesis output written by the trained reasoning agent.")]
+    = None,
+    mix: Annotated[str, typer.Option(
+        help="sft-summary proportions, e.g. optimal=0.35,flawed=0.35,self=0.1,qa=0.2.")]
+    = "optimal=0.35,flawed=0.35,self=0.1,qa=0.2",
+    bins: Annotated[str, typer.Option(help="sft-summary flawed score bins, e.g. 1-40,41-70.")]
+    = "1-40,41-70,71-90",
+    total: Annotated[int | None, typer.Option(help="sft-summary: rows wanted.")] = None,
+    min_margin: Annotated[int, typer.Option(help="dpo: chosen - rejected score margin.")] = 20,
+    pairs_per_question: Annotated[int, typer.Option(help="dpo: pairs per question.")] = 1,
+    images: Annotated[str | None, typer.Option(
+        help="The data folder, if it moved since synthesis.")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Build a TRL-ready dataset from synthesis records."""
+    from insightv_agents.trainers import data
+
+    console = Console()
+    with command_errors(console):
+        if kind not in ("sft-reason", "sft-summary", "dpo"):
+            raise InsightVError(f"unknown dataset kind {kind!r}: sft-reason, sft-summary or "
+                                "dpo.")
+        shares = summary_mix(mix, bins, seed)
+        records = data.load_records(source, images=images)
+        if kind == "sft-reason":
+            dataset, report = data.build_reasoning_sft(records, mode=reasoning_mode(mode),
+                                                       min_score=min_score)
+        elif kind == "sft-summary":
+            self_records = data.load_records(self_made) if self_made else None
+            dataset, report = data.build_summary_sft(
+                records, mix=shares, self_records=self_records, total=total)
+        else:
+            dataset, report = data.build_dpo_pairs(
+                records, min_margin=min_margin, min_chosen_score=min_score,
+                pairs_per_question=pairs_per_question)
+    dataset.save_to_disk(out)
+    console.print("\n".join([f"{kind}: {out}", *report.lines()]))
+
+
+def summary_mix(text: str, bins: str, seed: int) -> Any:
+    """``--mix`` and ``--bins`` as a :class:`~insightv_agents.trainers.data.SummaryMix`."""
+    from insightv_agents.trainers.data import SummaryMix
+
+    names = {"optimal": "optimal", "flawed": "flawed", "self": "self_made", "qa": "qa"}
+    shares: dict[str, float] = {}
+    try:
+        for part in filter(None, text.split(",")):
+            name, _, value = part.partition("=")
+            shares[names[name.strip()]] = float(value)
+        ranges = tuple((int(low), int(high)) for low, high in
+                       (part.split("-") for part in filter(None, bins.split(","))))
+    except (KeyError, ValueError):
+        raise InsightVError(f"--mix takes optimal=,flawed=,self=,qa= shares and --bins "
+                            f"LOW-HIGH ranges, not {text!r} / {bins!r}.") from None
+    if any(not 1 <= low <= high <= 100 for low, high in ranges):
+        raise InsightVError("--bins ranges must lie within 1-100, low <= high.")
+    return SummaryMix(**{**dict.fromkeys(names.values(), 0.0), **shares},
+                      flawed_bins=ranges, seed=seed)

@@ -1,0 +1,151 @@
+"""``insightv eval`` (a method over a dataset, every prediction kept) and ``insightv compare``
+(two evaluations, question by question)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from insightv_agents import demo
+from insightv_agents.cli.common import (
+    BaseUrl,
+    BeamSize,
+    LocalAdapter,
+    LocalModel,
+    MaxSteps,
+    Mode,
+    Model,
+    Strict,
+    SummaryBaseUrl,
+    SummaryModel,
+    Temperature,
+    command_errors,
+    progress,
+    skipped,
+)
+from insightv_agents.cli.models import METHODS, build_graph, choose_backend
+from insightv_agents.errors import InsightVError, check_int
+
+
+def eval_command(
+    data: Annotated[str, typer.Option(
+        help="JSONL file or saved Hugging Face dataset folder in the synthesis input format "
+             "(image, question, answer[, id, choices, category]).")],
+    out: Annotated[str, typer.Option(help="Output folder (predictions.jsonl, report.json, "
+                                          "report.md); rerun the same command to resume.")],
+    method: Annotated[str, typer.Option(
+        help="insightv, direct (one model, one call), or a LLaVA-CoT method: stage-beam, "
+             "best-of-n, sentence-beam, single.")] = "insightv",
+    base_url: BaseUrl = None,
+    local_model: LocalModel = None,
+    local_adapter: LocalAdapter = None,
+    model: Model = "insightv-reason",
+    summary_base_url: SummaryBaseUrl = None,
+    summary_model: SummaryModel = None,
+    mode: Mode = "chain",
+    max_steps: MaxSteps = 16,
+    temperature: Temperature = 0.0,
+    beam_size: BeamSize = 2,
+    checks: Annotated[str | None, typer.Option(
+        help="The dataset's own checks (its closed answer set, a check of the reasoning): "
+             "module:attribute of a DatasetChecks or of a function of the data folder "
+             "returning one, or the name of an 'insightv_agents.checks' entry point.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
+    strict: Strict = False,
+    concurrency: Annotated[int, typer.Option(help="Items in flight at once.")] = 8,
+    labels: Annotated[str | None, typer.Option(
+        help="The data's closed answer set, comma-separated (e.g. yes,no,red,blue): one label "
+             "given for another is wrong, not undecided (default: the --checks' rules).")
+    ] = None,
+) -> None:
+    """Evaluate a method on a dataset: accuracy overall and per category, every prediction
+    saved; append-only and resumable."""
+    import asyncio
+
+    from rich.markdown import Markdown
+
+    from insightv_agents.evaluate import (
+        DatasetChecks,
+        direct_predictor,
+        evaluate,
+        graph_predictor,
+        load_checks,
+    )
+    from insightv_agents.synthesize import describe_model, load_items
+
+    console = Console()
+    with command_errors(console):
+        if method not in ("insightv", "direct", *METHODS):
+            raise InsightVError(f"--method must be insightv, direct or one of "
+                                f"{', '.join(METHODS)}; not {method!r}.")
+        check_int("concurrency", concurrency, 1, 4096)
+        items, root = load_items(data, out=out, limit=limit,
+                                 on_bad_row=None if strict else skipped(console))
+        if base_url is None and local_model is None and not (
+                method == "insightv" and demo.demo_available()):
+            raise InsightVError("evaluation needs a model: pass --base-url or --local-model "
+                                "(with neither, --method insightv runs the demo agents).")
+        backend = choose_backend(
+            base_url, model, summary_base_url, summary_model, local_model, local_adapter,
+            temperature, staged=method not in ("insightv", "direct"))
+        predict = direct_predictor(backend.reasoner) if method == "direct" else graph_predictor(
+            build_graph(method, backend.reasoner, backend.summarizer, mode=mode,
+                        max_steps=max_steps, max_revisions=0, beam_size=beam_size,
+                        prompts=backend.prompts))
+        dataset = load_checks(checks, root) if checks else DatasetChecks()
+        rules = answer_rules(labels) or dataset.rules
+        settings: dict[str, Any] = {
+            "method": method, "data": str(data), "backend": backend.description,
+            "reasoner": describe_model(backend.reasoner),
+            "summarizer": describe_model(backend.summarizer),
+            "mode": mode, "beam_size": beam_size, "limit": limit}
+        if checks:
+            settings["checks"] = checks
+        if labels:
+            settings["labels"] = sorted(rules.labels)
+    finished = itertools.count(1)
+    with progress(console, f"evaluating {method}", len(items)) as done, \
+            command_errors(console):
+        report = asyncio.run(evaluate(
+            predict, items, out, settings=settings, concurrency=concurrency,
+            reasoning_check=dataset.reasoning_check, rules=rules,
+            on_item=lambda _: done(next(finished))))
+    from insightv_agents.evaluate import report_markdown
+
+    console.print(Markdown(report_markdown(report)))
+    console.print(f"-> {out}/report.md, {out}/report.json, {out}/predictions.jsonl")
+
+
+def compare(
+    first: Annotated[str, typer.Argument(help="An evaluation folder (insightv eval --out).")],
+    second: Annotated[str, typer.Argument(help="Another, on the same items.")],
+    category: Annotated[list[str] | None, typer.Option(
+        help="Only items of this category (repeat for several).")] = None,
+) -> None:
+    """Compare two evaluations question by question: which items only one got right, and
+    the sign test's p-value (accuracies a few points apart on tens of items are noise)."""
+    from insightv_agents.evaluate import compare_predictions
+
+    console = Console()
+    with command_errors(console):
+        paired = compare_predictions(first, second, categories=category or None)
+    console.print(
+        f"{paired.items} items: both right {paired.both_right}, only {first} "
+        f"{paired.only_first}, only {second} {paired.only_second}, both wrong "
+        f"{paired.both_wrong}.\nAccuracy difference {100 * paired.difference:+.1f} points; "
+        f"sign test p = {paired.p_value:.3f}.", highlight=False)
+
+
+def answer_rules(labels: str | None) -> Any:
+    """The closed answer set ``--labels`` gives, if it gives one."""
+    from insightv_agents.answers import AnswerRules
+
+    if labels is None:
+        return None
+    words = frozenset(word.strip() for word in labels.split(",") if word.strip())
+    if not words:
+        raise InsightVError("--labels names no answer (comma-separated words).")
+    return AnswerRules(labels=words)
