@@ -83,7 +83,7 @@ class ModelNode(RunnableCallable):
         if conversation is not None:
             with model_call(self.name or ""):
                 outcome = finish(conversation,
-                                  lambda messages: reply_text(model.invoke(messages, config)))
+                                 lambda messages: reply_text(model.invoke(messages, config)))
         return self._update(state, outcome, runtime)
 
     async def _arun(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
