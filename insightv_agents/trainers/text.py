@@ -11,22 +11,10 @@ texts) after a stretch of text, so only a copy of the first occurrence predicts 
 The run file's ``copy_accuracy`` measures exactly that on held-out random spans, and
 ``far_copy_accuracy`` on spans copied from up to ~400 tokens back.
 
-Measured on the shapes world's 4-layer text model (hidden 192; 2 CPU cores, ~0.4 s a step):
-on 64-token sequences copying appears abruptly, late: held-out copy accuracy 0.00 at 1000
-steps, 0.09 at 2000, 0.96 at 2500, 0.997 at 3000. But it does not reach far: spans ~400
-tokens back in 512-token sequences were copied 1% of the time. A further 150 steps on such
-sequences brought that to 0.58, and 300 to 0.84, hence ``long_steps``. That, too, comes
-abruptly and not always in time: a run on another corpus (the same settings) ended its 400
-long steps at far copy accuracy 0.03; 400 more long steps on its model brought 0.38, 0.72,
-0.83, 0.92 after each 100. Hence ``far_copy_target``, which runs the long phase until then.
-Near copying can come too late as well: on a later corpus it was 0.14 at step 2600, where the
-long phase began, and long sequences took it to 0 (far copying never came); with the short
-phase going on it came at step 2800 (0.94), and far copying 200 long steps later (0.81).
-Hence ``near_copy_target``, which starts the long phase only once near copying is there.
-
-What a later stage keeps of it, :func:`measure_copying` says. In the shapes world's
-``make reproduce``, none: the caption pre-training (full fine-tune, learning rate 2e-3, 1875
-steps) took held-out copy accuracy from 0.72 (far: 0.84) to 0.00 (0.002).
+Copying appears abruptly and late in training, near copying before far copying, and not
+always in time: ``long_steps``, ``far_copy_target`` and ``near_copy_target`` are there for
+that, and :func:`measure_copying` says what a later stage keeps of it. What was measured on
+the shapes world is in the research pages (``research/docs/text-pretraining.md``).
 
 The output is a full model with its processor, like the other trainers' full fine-tunes,
 marked finished by its run file (``insightv_training.json``), written last.
@@ -75,10 +63,7 @@ class TextPretrainSettings(BaseModel):
             where it would start, the held-out ``copy_accuracy`` is measured, and while it is
             below the target the short phase runs ``log_every`` more steps (the long phase
             and the decay move on with it), up to ``max_short_steps`` short steps in all.
-            Long sequences do not teach near copying, and took away what there was: on the
-            shapes world's corpus of runs/reproduce-v8 near copying was 0.14 at step 2600,
-            where the long phase began, and 0 after it; the same run with the short phase
-            going on reached 0.36 at 2700, 0.94 at 2800 and 0.99 at 3600.
+            Long sequences do not teach near copying, and can take away what there was.
         max_short_steps: the cap on the short phase with ``near_copy_target``. The run file
             records the extra short steps.
         learning_rate, warmup_steps: AdamW: linear warm-up, constant, then a linear decay to
@@ -92,9 +77,7 @@ class TextPretrainSettings(BaseModel):
         log_every: steps between log lines (training loss and held-out copy accuracy).
         dtype: ``"bf16-mixed"`` computes the training steps in bfloat16 (autocast; the
             weights stay float32), on a GPU or a CPU with native bfloat16
-            (:func:`~insightv_agents.trainers.common.native_bf16`). On the shapes world's
-            corpus (seed 0, 2 CPU cores) it ran 23% faster per short step with the same copy
-            probes as float32 (near copying 9.4 against 10.7% at step 2400).
+            (:func:`~insightv_agents.trainers.common.native_bf16`).
         seed: seeds the sequences and the run.
     """
 
