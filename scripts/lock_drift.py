@@ -33,7 +33,7 @@ def main(lock: str) -> None:
     rows = [(name, pins[name], have.get(name, "(not installed)")) for name in sorted(pins)
             if have.get(name) != pins[name]]
     rows += [(name, "(not locked)", have[name]) for name in sorted(set(have) - set(pins))
-             if name not in {"insightv-agents", "pip", "setuptools", "wheel"}]
+             if name not in {"insightv-agents", "insightv-research", "pip", "setuptools", "wheel"}]
     if not rows:
         print(f"Every package is at its version in {lock}.")
         return
