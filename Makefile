@@ -49,11 +49,12 @@ $(VLLM_STAMP): $(VLLM_LOCK)
 	$(VLLM_VENV)/bin/$(PIP_LOCKED) -r $(VLLM_LOCK)
 	touch $(VLLM_STAMP)
 
-# Re-resolve both locks to the newest releases the ranges (and the .in files) admit.
+# Re-resolve both locks to the newest releases the ranges (and the .in files) admit
+# (--upgrade: without it uv keeps the versions already in the lock).
 lock: $(STAMP)
-	$(BIN)/uv pip compile requirements/dev.in $(LOCK_FLAGS) --no-emit-package insightv-agents \
+	$(BIN)/uv pip compile requirements/dev.in $(LOCK_FLAGS) --upgrade --no-emit-package insightv-agents \
 	  -o $(DEV_LOCK)
-	$(BIN)/uv pip compile requirements/vllm-server.in $(LOCK_FLAGS) --no-emit-package torchvision \
+	$(BIN)/uv pip compile requirements/vllm-server.in $(LOCK_FLAGS) --upgrade --no-emit-package torchvision \
 	  --no-emit-package torchaudio --no-emit-package torchcodec -o $(VLLM_LOCK)
 
 # The newest releases our ranges admit (what `pip install insightv-agents[...]` gives a user
