@@ -15,6 +15,9 @@
 Rows are conversational with image placeholders (``{"type": "image"}``) and an ``images``
 column, TRL's format for vision-language SFT (``messages``) and DPO (``prompt``/``chosen``/
 ``rejected``). Each row also has ``id`` and ``kind`` (where it came from).
+
+(About 500 lines: the six builders share the loading of records, the choice of paths and the
+rendering of conversations, which would otherwise cross module boundaries.)
 """
 
 from __future__ import annotations
