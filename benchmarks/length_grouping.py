@@ -1,5 +1,5 @@
-"""SFT with length-grouped batches (``SFTSettings(group_by_length=True)``) vs shuffled
-batches, on rows whose lengths vary: the shapes world's four-stage training set (stage rows
+"""SFT with length-grouped batches (``train_sampling_strategy="group_by_length"``) vs
+shuffled batches, on rows whose lengths vary: the shapes world's four-stage training set (stage rows
 and pairwise judge rows, as ``make reproduce`` builds it) on its tiny Idefics3.
 
 Each run is a fresh subprocess training on the same rows (batch 16, full fine-tuning, as the
@@ -58,13 +58,15 @@ def run_once(variant: str, paths: dict[str, str], out: str) -> dict[str, float]:
     """One mega-batch's steps in this process; returns samples/s and the train loss."""
     import datasets
 
-    from insightv_agents.trainers.sft import SFTSettings, train_sft
+    from insightv_agents.trainers.sft import SFTConfig, train_sft
 
     steps = mega_batch(len(datasets.load_from_disk(paths["rows"])))
-    metrics = train_sft(paths["model"], paths["rows"], SFTSettings(
+    metrics = train_sft(paths["model"], paths["rows"], SFTConfig(
         output_dir=out, finetune="full", learning_rate=2e-3, max_steps=steps,
-        per_device_train_batch_size=BATCH, warmup_ratio=0.05, logging_steps=1000,
-        save_steps=100_000, dtype="float32", group_by_length=variant == "grouped")).metrics
+        per_device_train_batch_size=BATCH, warmup_steps=0.05, logging_steps=1000,
+        save_steps=100_000, dtype="float32", seed=0,
+        train_sampling_strategy="group_by_length" if variant == "grouped" else "random")
+    ).metrics
     return {"samples_per_second": metrics["train_samples_per_second"],
             "train_loss": metrics["train_loss"]}
 

@@ -1,4 +1,4 @@
-"""The reproduction's SFT speed-ups, side by side: ``SFTSettings(micro_batches=2)`` (each
+"""The reproduction's SFT speed-ups, side by side: ``SFTConfig(micro_batches=2)`` (each
 random batch as two length-sorted micro-batches) and ``dtype="bf16-mixed"`` (bfloat16
 autocast, float32 weights), alone and together, against float32 with whole batches.
 
@@ -33,13 +33,13 @@ VARIANTS = {"float32": (1, "float32"), "micro-batches": (2, "float32"),
 
 def run_once(variant: str, rows: str, model: str, out: str) -> dict[str, float]:
     """STEPS steps of ``variant`` in this process; samples/s and the train loss."""
-    from insightv_agents.trainers.sft import SFTSettings, train_sft
+    from insightv_agents.trainers.sft import SFTConfig, train_sft
 
     micro_batches, dtype = VARIANTS[variant]
-    metrics = train_sft(model, rows, SFTSettings(
+    metrics = train_sft(model, rows, SFTConfig(
         output_dir=out, finetune="full", learning_rate=2e-3, max_steps=STEPS,
-        per_device_train_batch_size=BATCH, warmup_ratio=0.05, logging_steps=1000,
-        save_steps=100_000, dtype=dtype, micro_batches=micro_batches)).metrics
+        per_device_train_batch_size=BATCH, warmup_steps=0.05, logging_steps=1000,
+        save_steps=100_000, dtype=dtype, micro_batches=micro_batches, seed=0)).metrics
     return {"samples_per_second": metrics["train_samples_per_second"],
             "train_loss": metrics["train_loss"]}
 

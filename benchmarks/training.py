@@ -51,7 +51,7 @@ def run_once(kind: str, variant: str, paths: dict[str, str], out: str) -> dict[s
 
     settings = {"output_dir": out, "max_steps": STEPS, "per_device_train_batch_size": BATCH,
                 "learning_rate": 1e-4, "logging_steps": 1000, "save_steps": 100_000,
-                "dtype": "float32", "warmup_ratio": 0.0, "lr_scheduler_type": "linear"}
+                "dtype": "float32", "warmup_steps": 0, "lr_scheduler_type": "linear", "seed": 0}
     if variant == "ours":
         if kind == "sft":
             from insightv_agents.trainers.sft import train_sft
@@ -87,9 +87,9 @@ def plain_trl(kind: str, paths: dict[str, str], settings: dict[str, object]) -> 
               "logging_steps": 1000, "save_strategy": "no", "report_to": "none", "seed": 0,
               "bf16": False, "max_length": None, "lr_scheduler_type": "linear",
               "remove_unused_columns": False, "dataloader_pin_memory": False,
-              # TRL turns gradient checkpointing on by default; our settings leave it off
-              # unless asked (gradient_checkpointing=True). Compared like for like.
-              "gradient_checkpointing": False}
+              # TRL turns activation checkpointing on by default; our configs leave it off
+              # unless asked. Compared like for like.
+              "activation_checkpointing": False}
     if kind == "sft":
         from trl import SFTConfig, SFTTrainer
 

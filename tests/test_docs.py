@@ -21,6 +21,7 @@ import typer
 
 from insightv_agents.backends.vllm import VLLM_PYTHON_ENV
 from insightv_agents.cli import app
+from insightv_agents.cli.training import training_arguments
 from insightv_agents.testing import build_tiny_idefics3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,3 +103,8 @@ def test_shell_block_commands_exist(where: str, code: str) -> None:
             except Exception as err:  # a usage error (click's own class, in either copy)
                 assert getattr(err, "exit_code", None) != 2, f"{where}: {' '.join(words)}: {err}"
                 raise
+            if words[1] == "train":  # its options are its config's, parsed by TRL's parser
+                try:
+                    training_arguments(words[2], args)
+                except SystemExit as exit:
+                    raise AssertionError(f"{where}: {' '.join(words)}: exit {exit.code}") from None

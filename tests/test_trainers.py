@@ -28,7 +28,7 @@ from insightv_agents.backends.transformers import ChatTransformersVLM
 from insightv_agents.parsing import format_chain, format_verdict, parse_verdict
 from insightv_agents.prompts import DEFAULT_PROMPTS
 from insightv_agents.testing import ScriptedChatModel, build_tiny_idefics3, build_tiny_llava
-from insightv_agents.trainers.common import check_settings
+from insightv_agents.trainers.common import check_config, checkpoint_to_resume
 from insightv_agents.trainers.data import (
     SummaryMix,
     build_dpo_pairs,
@@ -39,18 +39,18 @@ from insightv_agents.trainers.data import (
     summary_conversation,
 )
 from insightv_agents.trainers.dpo import (
-    DPOSettings,
+    DPOConfig,
     preference_logprobs,
     preference_margins,
     train_dpo,
 )
 from insightv_agents.trainers.iterative import (
     InProcessPolicy,
-    IterativeDPOSettings,
+    IterativeDPOConfig,
     iterative_dpo,
 )
 from insightv_agents.trainers.sft import (
-    SFTSettings,
+    SFTConfig,
     loss_mask,
     to_prompt_completion,
     train_sft,
@@ -117,7 +117,7 @@ def test_sft_reasoning_agent_overfits_and_its_greedy_output_moves_to_the_target(
     prompt, target = reasoning_prompt(record, "chain", DEFAULT_PROMPTS), format_chain(
         record["steps"])
     before = similarity(base, prompt, target)
-    result = train_sft(base, dataset, SFTSettings(
+    result = train_sft(base, dataset, SFTConfig(
         agent="reasoning", finetune="full", output_dir=tmp_path / "run", learning_rate=3e-3,
         max_steps=60, **FAST))
     losses = logged_losses(result.output_dir)
@@ -138,7 +138,7 @@ def test_sft_summary_agent_overfits_and_answers_like_its_target(
     conversation = summary_conversation(record, verdict, DEFAULT_PROMPTS)
     prompt, target = conversation[:-1], format_verdict(verdict)
     before = similarity(base, list(prompt), target)
-    result = train_sft(base, dataset, SFTSettings(
+    result = train_sft(base, dataset, SFTConfig(
         agent="summary", finetune="full", output_dir=tmp_path / "run", learning_rate=3e-3,
         max_steps=150, **FAST))
     losses = logged_losses(result.output_dir)
@@ -154,7 +154,7 @@ def test_sft_summary_agent_overfits_and_answers_like_its_target(
 def test_sft_lora_adapts_the_language_model_only_and_loads_by_folder(
         base: Path, records: Any, tmp_path: Path) -> None:
     dataset, _ = build_reasoning_sft(records, mode="step")
-    result = train_sft(base, dataset, SFTSettings(output_dir=tmp_path / "run",
+    result = train_sft(base, dataset, SFTConfig(output_dir=tmp_path / "run",
                                                   learning_rate=1e-2, max_steps=30, **FAST))
     assert result.adapter and result.metrics["train_loss"] > 0
     losses = logged_losses(result.output_dir)
@@ -172,19 +172,25 @@ def test_sft_lora_adapts_the_language_model_only_and_loads_by_folder(
     assert isinstance(reply.content, str)
     run = json.loads((result.output_dir / "insightv_training.json").read_text())
     assert run["kind"] == "sft-reasoning" and run["loss_mask"] == "assistant"
-    assert run["learning_rate"] == 1e-2 and run["settings"]["lora"]["r"] == 16
+    assert run["settings"]["learning_rate"] == 1e-2 and run["settings"]["lora_r"] == 16
 
 
 def test_sft_defaults_follow_the_paper() -> None:
-    def schedule(**kwargs: Any) -> tuple[float, float]:
-        return SFTSettings(output_dir=Path("x"), **kwargs).schedule()
+    def schedule(kind: type, **kwargs: Any) -> tuple[float, float]:
+        config = kind(output_dir="x", **kwargs)
+        return config.learning_rate, config.num_train_epochs
 
-    assert schedule(agent="reasoning", finetune="full") == (5e-6, 2)
-    assert schedule(agent="summary", finetune="full") == (1e-5, 1)
-    assert schedule(agent="summary", learning_rate=3e-4, num_train_epochs=3) == (3e-4, 3)
-    assert DPOSettings(output_dir=Path("x"), finetune="full").schedule() == (5e-7, 1)
-    settings = DPOSettings(output_dir=Path("x"))
-    assert (settings.beta, settings.loss_type) == (0.1, "sigmoid")
+    assert schedule(SFTConfig, agent="reasoning", finetune="full") == (5e-6, 2)
+    assert schedule(SFTConfig, agent="summary", finetune="full") == (1e-5, 1)
+    assert schedule(SFTConfig, agent="summary") == (2e-4, 1)
+    assert schedule(SFTConfig, agent="summary", learning_rate=3e-4,
+                    num_train_epochs=3) == (3e-4, 3)
+    assert schedule(DPOConfig, finetune="full") == (5e-7, 1)
+    config = DPOConfig(output_dir="x")
+    assert (config.beta, config.loss_type) == (0.1, ["sigmoid"])
+    # TRL's defaults that agent training changes
+    assert (config.max_length, config.save_total_limit, config.warmup_steps) == (None, 2, 0.03)
+    assert not config.activation_checkpointing and not config.remove_unused_columns
 
 
 def test_completion_loss_splits_a_conversation_per_assistant_turn(records: Any) -> None:
@@ -245,10 +251,11 @@ def test_length_grouped_sft_batches_rows_of_similar_length(base: Path, tmp_path:
     shares = {}
     for grouped in (False, True):
         batches = Batches()
-        train_sft(base, dataset, SFTSettings(
+        train_sft(base, dataset, SFTConfig(
             agent="summary", finetune="full", output_dir=tmp_path / f"run-{grouped}",
             max_steps=1, per_device_train_batch_size=2, save_steps=1000, resume=False,
-            group_by_length=grouped), callbacks=[batches])
+            train_sampling_strategy="group_by_length" if grouped else "random"),
+            callbacks=[batches])
         shares[grouped] = sum(batches.real) / len(batches.real)
     # shuffled, about half the batches pair a short row with a long one; grouped, only a
     # mega-batch whose long rows are odd in number mixes them (at most one batch in four)
@@ -267,9 +274,10 @@ def test_mean_token_loss_scale_divides_every_step_by_the_same_count(
     dataset = short_and_long_rows(tmp_path)
     counts = {}
     for scale in ("batch_tokens", "mean_tokens"):
-        trainer, _, _ = _sft_trainer(base, dataset, SFTSettings(
+        trainer, _, _ = _sft_trainer(base, dataset, SFTConfig(
             agent="summary", finetune="full", output_dir=tmp_path / scale,
-            per_device_train_batch_size=2, group_by_length=True, loss_scale=scale))
+            per_device_train_batch_size=2, train_sampling_strategy="group_by_length",
+            loss_scale=scale))
         counts[scale] = [float(trainer.get_batch_samples(iter([batch]), 1,
                                                          torch.device("cpu"))[1])
                          for batch in trainer.get_train_dataloader()]
@@ -290,7 +298,7 @@ def test_mean_token_loss_scale_refuses_a_model_whose_loss_takes_no_count(
     monkeypatch.setattr(Idefics3ForConditionalGeneration, "accepts_loss_kwargs", False,
                         raising=False)
     with pytest.raises(ConfigError, match="loss_scale='mean_tokens' needs a model whose loss"):
-        _sft_trainer(base, short_and_long_rows(tmp_path), SFTSettings(
+        _sft_trainer(base, short_and_long_rows(tmp_path), SFTConfig(
             agent="summary", finetune="full", output_dir=tmp_path / "out",
             loss_scale="mean_tokens"))
 
@@ -305,7 +313,7 @@ def test_micro_batches_split_each_random_batch_by_length_with_the_same_loss(
     from insightv_agents.trainers.sft import _sft_trainer
 
     dataset = short_and_long_rows(tmp_path)
-    trainer, _, _ = _sft_trainer(base, dataset, SFTSettings(
+    trainer, _, _ = _sft_trainer(base, dataset, SFTConfig(
         agent="summary", finetune="full", output_dir=tmp_path / "split",
         per_device_train_batch_size=4, micro_batches=2, seed=3))
     assert trainer.args.gradient_accumulation_steps == 2
@@ -339,9 +347,9 @@ def test_bf16_mixed_trains_float32_weights_in_bfloat16(base: Path, tmp_path: Pat
 
     from insightv_agents.trainers.sft import _sft_trainer
 
-    settings = SFTSettings(agent="summary", finetune="full", output_dir=tmp_path / "mixed",
-                           max_steps=2, per_device_train_batch_size=4, save_steps=1000,
-                           dtype="bf16-mixed")
+    settings = SFTConfig(agent="summary", finetune="full", output_dir=tmp_path / "mixed",
+                         max_steps=2, per_device_train_batch_size=4, save_steps=1000,
+                         dtype="bf16-mixed")
     trainer, _, _ = _sft_trainer(base, short_and_long_rows(tmp_path), settings)
     assert trainer.args.bf16 and trainer.args.use_cpu
     assert str(next(trainer.model.parameters()).dtype) == "torch.float32"
@@ -387,7 +395,7 @@ def test_bad_settings_and_data_are_refused_before_loading(tmp_path: Path, base: 
     pairs, _ = build_dpo_pairs(records)
     with pytest.raises(ConfigError, match="learning_rate"):
         train_sft(base, sft, {"output_dir": tmp_path, "learning_rate": -1})
-    with pytest.raises(ConfigError, match="Extra inputs"):
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'learnin_rate'"):
         train_sft(base, sft, {"output_dir": tmp_path, "learnin_rate": 1e-4})
     with pytest.raises(ConfigError, match="messages"):
         train_sft(base, pairs, {"output_dir": tmp_path})
@@ -403,15 +411,16 @@ def test_bad_settings_and_data_are_refused_before_loading(tmp_path: Path, base: 
                               "micro_batches": 3})
     with pytest.raises(ConfigError, match="choose one"):
         train_sft(base, sft, {"output_dir": tmp_path, "per_device_train_batch_size": 4,
-                              "micro_batches": 2, "group_by_length": True})
+                              "micro_batches": 2, "train_sampling_strategy": "group_by_length"})
 
 
 @pytest.mark.slow
 def test_sft_on_llava_with_completion_loss(tmp_path: Path, records: Any) -> None:
     model = build_tiny_llava(tmp_path / "llava")
     dataset, _ = build_reasoning_sft(records, mode="step")
-    result = train_sft(model, dataset, SFTSettings(output_dir=tmp_path / "run", loss="completion",
-                                                   learning_rate=1e-2, max_steps=10, **FAST))
+    result = train_sft(model, dataset, SFTConfig(
+        output_dir=tmp_path / "run", loss_mask="completion", learning_rate=1e-2, max_steps=10,
+        **FAST))
     run = json.loads((result.output_dir / "insightv_training.json").read_text())
     turns = sum(m["role"] == "assistant" for row in dataset for m in row["messages"])
     assert run["loss_mask"] == "completion" and run["metrics"]["rows"] == turns == 4
@@ -426,7 +435,7 @@ def test_dpo_raises_the_chosen_vs_rejected_margin(base: Path, records: Any, tmp_
                                                   finetune: str) -> None:
     pairs, _ = build_dpo_pairs(records)
     before = preference_margins(base, pairs)
-    result = train_dpo(base, pairs, DPOSettings(
+    result = train_dpo(base, pairs, DPOConfig(
         output_dir=tmp_path / "run", finetune=finetune,  # type: ignore[arg-type]
         learning_rate=1e-2 if finetune == "lora" else 1e-3, max_steps=20, **FAST))
     after = preference_margins(result.output_dir, pairs)
@@ -437,11 +446,11 @@ def test_dpo_raises_the_chosen_vs_rejected_margin(base: Path, records: Any, tmp_
 @pytest.mark.slow
 def test_dpo_continues_an_adapter_with_it_as_reference(base: Path, records: Any,
                                                        tmp_path: Path) -> None:
-    sft = train_sft(base, build_reasoning_sft(records, mode="chain")[0], SFTSettings(
+    sft = train_sft(base, build_reasoning_sft(records, mode="chain")[0], SFTConfig(
         output_dir=tmp_path / "sft", learning_rate=1e-2, max_steps=10, **FAST))
     pairs, _ = build_dpo_pairs(records)
     before = preference_margins(sft.output_dir, pairs)
-    result = train_dpo(sft.output_dir, pairs, DPOSettings(
+    result = train_dpo(sft.output_dir, pairs, DPOConfig(
         output_dir=tmp_path / "dpo", learning_rate=1e-2, max_steps=10, **FAST))
     run = json.loads((result.output_dir / "insightv_training.json").read_text())
     assert run["started_from_adapter"] == str(sft.output_dir.resolve())
@@ -450,13 +459,14 @@ def test_dpo_continues_an_adapter_with_it_as_reference(base: Path, records: Any,
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
 
 
-def test_dpo_sft_weight_adds_an_nll_term_on_the_chosen_paths() -> None:
-    plain = DPOSettings(output_dir=Path("x"))
-    assert plain.losses() == {"loss_type": ["sigmoid"]}
-    rpo = DPOSettings(output_dir=Path("x"), sft_weight=0.5)
-    assert rpo.losses() == {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}
-    with pytest.raises(ConfigError, match="sft_weight"):
-        check_settings({"output_dir": "x", "loss_type": "sft", "sft_weight": 1}, DPOSettings)
+def test_dpo_config_is_trls_with_checked_values() -> None:
+    rpo = check_config({"output_dir": "x", "loss_type": ["sigmoid", "sft"],
+                        "loss_weights": [1.0, 0.5]}, DPOConfig)
+    assert (rpo.loss_type, rpo.loss_weights) == (["sigmoid", "sft"], [1.0, 0.5])
+    with pytest.raises(ConfigError, match="beta"):
+        check_config({"output_dir": "x", "beta": 0}, DPOConfig)
+    with pytest.raises(ConfigError, match="output_dir is required"):
+        check_config({}, DPOConfig)
 
 
 @pytest.mark.slow
@@ -468,11 +478,13 @@ def test_dpo_with_an_sft_weight_raises_the_chosen_paths_likelihood(
     before = preference_logprobs(base, pairs)
     trained = {}
     for weight in (0.0, 1.0):
-        result = train_dpo(base, pairs, DPOSettings(
+        losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, weight]} if weight \
+            else {}
+        result = train_dpo(base, pairs, DPOConfig(
             output_dir=tmp_path / f"run-{weight}", finetune="full", learning_rate=1e-3,
-            max_steps=20, sft_weight=weight, **FAST))
+            max_steps=20, **losses, **FAST))
         run = json.loads((result.output_dir / "insightv_training.json").read_text())
-        assert run["settings"]["sft_weight"] == weight
+        assert run["settings"]["loss_type"] == (["sigmoid", "sft"] if weight else ["sigmoid"])
         trained[weight] = preference_logprobs(result.output_dir, pairs)
     for (chosen, rejected), (plain, _), (rpo, rpo_rejected) in zip(
             before, trained[0.0], trained[1.0], strict=True):
@@ -503,16 +515,15 @@ def alternating_summarizer() -> ScriptedChatModel:
                                           "answer": "9"})], cycle=True)
 
 
-ROUNDS = {"rounds": 2, "paths": 2, "concurrency": 1, "max_steps": 3,
-          "dpo": {"learning_rate": 1e-2, "max_steps": 5, "logging_steps": 1,
-                  "save_steps": 1000}}
+ROUNDS = {"rounds": 2, "paths": 2, "concurrency": 1, "reasoning_max_steps": 3,
+          "learning_rate": 1e-2, "max_steps": 5, "logging_steps": 1, "save_steps": 1000}
 
 
 @pytest.fixture(scope="module")
 def policy_model(base: Path, records: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """M_1: the tiny model fine-tuned to write chains in our format (so paths parse)."""
     out = tmp_path_factory.mktemp("policy") / "sft"
-    return train_sft(base, build_reasoning_sft(records, mode="chain")[0], SFTSettings(
+    return train_sft(base, build_reasoning_sft(records, mode="chain")[0], SFTConfig(
         finetune="full", output_dir=out, learning_rate=3e-3, max_steps=150, **FAST)).output_dir
 
 
@@ -631,11 +642,11 @@ def test_iterative_dpo_rounds_sample_fresh_slices_of_the_questions(
 
 
 def test_round_questions_take_turns_and_wrap_round() -> None:
-    settings = IterativeDPOSettings(output_dir=Path("x"), questions_per_round=4)
+    settings = IterativeDPOConfig(output_dir="x", questions_per_round=4)
     assert [settings.round_questions(number, 10) for number in (1, 2, 3)] == [
         [0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
     assert settings.round_questions(2, 3) == [0, 1, 2]  # fewer questions than a slice
-    every = IterativeDPOSettings(output_dir=Path("x"))
+    every = IterativeDPOConfig(output_dir="x")
     assert every.round_questions(3, 5) == [0, 1, 2, 3, 4]
 
 
@@ -644,11 +655,9 @@ def test_iterative_settings_are_checked_before_any_round(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="rounds"):
         iterative_dpo("m", items, {"output_dir": tmp_path, "rounds": 0}, scorer=RuleScorer())
     with pytest.raises(ConfigError, match="output_dir"):
-        iterative_dpo("m", items, {"output_dir": tmp_path, "dpo": {"output_dir": "x"}},
-                      scorer=RuleScorer())
+        iterative_dpo("m", items, {"rounds": 2}, scorer=RuleScorer())
     with pytest.raises(ConfigError, match="beta"):
-        iterative_dpo("m", items, {"output_dir": tmp_path, "dpo": {"beta": -1}},
-                      scorer=RuleScorer())
+        iterative_dpo("m", items, {"output_dir": tmp_path, "beta": -1}, scorer=RuleScorer())
     with pytest.raises(ConfigError, match="final_answer"):
         iterative_dpo("m", items, {"output_dir": tmp_path, "final_answer": "guess"},
                       scorer=RuleScorer())
@@ -673,27 +682,27 @@ def test_train_cli_sft_then_dpo_from_its_adapter(base: Path, records: Any,
 
     build_reasoning_sft(records, mode="chain")[0].save_to_disk(str(tmp_path / "sft-data"))
     build_dpo_pairs(records)[0].save_to_disk(str(tmp_path / "dpo-data"))
-    (tmp_path / "settings.json").write_text(json.dumps({"max_steps": 3, "lora": {"r": 8},
-                                                        "logging_steps": 1}))
+    (tmp_path / "run.yaml").write_text("max_steps: 3\nlora_r: 8\nlogging_steps: 1\n"
+                                       "learning_rate: 0.5\n")
     runner = CliRunner()
     sft = runner.invoke(app, ["train", "sft", "--model", str(base), "--data",
-                              str(tmp_path / "sft-data"), "--out", str(tmp_path / "sft"),
-                              "--config", str(tmp_path / "settings.json"), "--lr", "1e-3"])
+                              str(tmp_path / "sft-data"), "--output_dir", str(tmp_path / "sft"),
+                              "--config", str(tmp_path / "run.yaml"), "--learning-rate", "1e-3"])
     assert sft.exit_code == 0, sft.output
     run = json.loads((tmp_path / "sft" / "insightv_training.json").read_text())
-    assert run["settings"]["lora"]["r"] == 8 and run["learning_rate"] == 1e-3
+    assert run["settings"]["lora_r"] == 8 and run["settings"]["learning_rate"] == 1e-3
     assert run["settings"]["max_steps"] == 3
     dpo = runner.invoke(app, ["train", "dpo", "--model", str(tmp_path / "sft"), "--data",
-                              str(tmp_path / "dpo-data"), "--out", str(tmp_path / "dpo"),
-                              "--max-steps", "2"])
+                              str(tmp_path / "dpo-data"), "--output_dir", str(tmp_path / "dpo"),
+                              "--max_steps", "2"])
     assert dpo.exit_code == 0, dpo.output
     assert (tmp_path / "dpo" / "adapter_model.safetensors").exists()
     bad = runner.invoke(app, ["train", "sft", "--model", str(base), "--data",
-                              str(tmp_path / "sft-data"), "--out", str(tmp_path / "x"),
+                              str(tmp_path / "sft-data"), "--output_dir", str(tmp_path / "x"),
                               "--finetune", "partial"])
     assert bad.exit_code == 2 and "finetune" in bad.output
     wrong = runner.invoke(app, ["train", "dpo", "--model", str(base), "--data",
-                                str(tmp_path / "sft-data"), "--out", str(tmp_path / "y")])
+                                str(tmp_path / "sft-data"), "--output_dir", str(tmp_path / "y")])
     assert wrong.exit_code == 2 and "chosen" in wrong.output
 
 
@@ -705,11 +714,11 @@ def test_train_iterate_cli_refuses_bad_input_before_any_model(tmp_path: Path) ->
     (tmp_path / "items.jsonl").write_text('{"image": "missing.png", "question": "q?", '
                                           '"answer": "1"}\n')
     result = CliRunner().invoke(app, ["train", "iterate", "--model", "m", "--input",
-                                      str(tmp_path / "items.jsonl"), "--out",
+                                      str(tmp_path / "items.jsonl"), "--output_dir",
                                       str(tmp_path / "run")])
     assert result.exit_code == 2 and "missing.png" in result.output
     result = CliRunner().invoke(app, ["train", "iterate", "--model", "m", "--input",
-                                      str(tmp_path / "items.jsonl"), "--out",
+                                      str(tmp_path / "items.jsonl"), "--output_dir",
                                       str(tmp_path / "run"), "--sampler", "remote"])
     assert result.exit_code == 2
 
@@ -725,7 +734,7 @@ def test_sft_killed_mid_run_resumes_from_its_last_checkpoint(base: Path, records
         {"max_steps": 60, "save_steps": 5, "logging_steps": 1, "finetune": "full"}))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "insightv_agents.cli", "train", "sft", "--model",
-               str(base), "--data", str(tmp_path / "data"), "--out", str(out), "--config",
+               str(base), "--data", str(tmp_path / "data"), "--output_dir", str(out), "--config",
                str(tmp_path / "settings.json")]
     code = kill_once_written(command, out / "checkpoint-5" / "trainer_state.json")
     assert code == -signal.SIGKILL and not (out / "model.safetensors").exists()
@@ -744,12 +753,10 @@ def test_sft_killed_mid_run_resumes_from_its_last_checkpoint(base: Path, records
 
 
 def test_resume_passes_over_a_checkpoint_cut_short(tmp_path: Path) -> None:
-    from insightv_agents.trainers.common import TrainSettings, checkpoint_to_resume
-
     (tmp_path / "checkpoint-4").mkdir()
     (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-6").mkdir()  # killed while saving: no trainer state yet
     (tmp_path / "checkpoint-6" / "model.safetensors").write_bytes(b"partial")
-    assert checkpoint_to_resume(TrainSettings(output_dir=tmp_path)) == str(
+    assert checkpoint_to_resume(SFTConfig(output_dir=str(tmp_path))) == str(
         tmp_path / "checkpoint-4")
-    assert checkpoint_to_resume(TrainSettings(output_dir=tmp_path, resume=False)) is None
+    assert checkpoint_to_resume(SFTConfig(output_dir=str(tmp_path), resume=False)) is None

@@ -216,11 +216,11 @@ def test_trained_adapter_served_by_folder_and_loaded_live(
 
     from insightv_agents.trainers.data import build_reasoning_sft, load_records
     from insightv_agents.trainers.iterative import VLLMPolicy
-    from insightv_agents.trainers.sft import SFTSettings, train_sft
+    from insightv_agents.trainers.sft import SFTConfig, train_sft
 
     records = load_records(write_output(tmp_path / "records", {"a": [(90, True)]}))
-    result = train_sft(tiny["model"], build_reasoning_sft(records)[0], SFTSettings(
-        output_dir=tmp_path / "reasoner", max_steps=3, learning_rate=1e-3))
+    result = train_sft(tiny["model"], build_reasoning_sft(records)[0], SFTConfig(
+        output_dir=str(tmp_path / "reasoner"), max_steps=3, learning_rate=1e-3))
     planned = VLLMServer(result.output_dir, python=vllm_python())
     assert planned.model == str(tiny["model"].resolve())
     assert planned.adapters == {"reasoner": str(result.output_dir.resolve())}
@@ -262,8 +262,8 @@ def test_iterative_dpo_samples_through_vllm_with_each_rounds_adapter(
     result = iterative_dpo(
         tiny["model"], tmp_path / "data" / "items.jsonl",
         {"output_dir": tmp_path / "run", "rounds": 2, "paths": 2, "mode": "step",
-         "max_steps": 2, "concurrency": 1,
-         "dpo": {"max_steps": 2, "learning_rate": 1e-3, "lora": {"r": 8}}},
+         "reasoning_max_steps": 2, "concurrency": 1, "max_steps": 2, "learning_rate": 1e-3,
+         "lora_r": 8},
         scorer=RuleScorer(), summarizer=summarizer,
         policy=VLLMPolicy(server, temperature=0.0, max_tokens=200))
     first, second = result.rounds

@@ -65,10 +65,9 @@ class ChatTransformersVLM(BaseChatModel):
         max_batch_size: concurrent calls (a graph's ``batch``/``abatch``, ``synthesize`` or
             ``evaluate`` with a concurrency above 1, several threads) with the same
             sampling settings and number of images are generated together, this many at
-            most, left-padded in one ``generate``. A small model is bound by the per-token
-            overhead, not the arithmetic: on 2 CPU cores 16 calls of the shapes world's tiny
-            Idefics3 ran 2.5x faster with 8 in flight, 1.6x with 4, than one at a time, with
-            the same replies (``benchmarks/batching.py``). 1 turns batching off.
+            most, left-padded in one ``generate``: a small model is bound by the per-token
+            overhead, not the arithmetic, so batched calls finish sooner with the same
+            replies (``benchmarks/batching.py`` measures it). 1 turns batching off.
         batch_wait_s: once calls have overlapped, the one that starts a generation waits up
             to this long for others to join it (callers that just got their replies come
             back within it). Calls made one at a time never wait.

@@ -1,163 +1,126 @@
-"""``insightv train sft | dpo | iterate``: the trainers (TRL + PEFT) from the command line."""
+"""``insightv train sft | dpo | iterate``: the trainers (TRL + PEFT) from the command line.
+
+Each command's options are the fields of its config (:class:`~insightv_agents.trainers.sft.
+SFTConfig`, :class:`~insightv_agents.trainers.dpo.DPOConfig`, :class:`~insightv_agents.
+trainers.iterative.IterativeDPOConfig`: TRL's configs with what agent training adds) and of
+a small dataclass of what the command reads, parsed by TRL's own ``TrlParser`` as ``trl sft``
+does: ``--learning_rate 1e-4`` (or ``--learning-rate``), ``--config run.yaml`` for a file of
+them (the line wins), ``insightv train sft --help`` for them all.
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Annotated, Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import typer
 from rich.console import Console
 
 from insightv_agents.cli.common import command_errors
-from insightv_agents.errors import InsightVError
+from insightv_agents.errors import ConfigError, InsightVError
+from insightv_agents.trainers.common import option
 
 app = typer.Typer(help="Train the agents: SFT, DPO, iterative DPO (TRL + PEFT). Each "
-                       "also runs under `accelerate launch -m insightv_agents.cli train`.",
+                       "also runs under `accelerate launch -m insightv_agents.cli train`. "
+                       "`insightv train sft --help` lists a command's options.",
                   no_args_is_help=True)
 
-TrainModel = Annotated[str, typer.Option(
-    help="Base model folder, or an earlier output (full model or adapter) to train further.")]
-TrainOut = Annotated[str, typer.Option(help="Output folder (checkpoints, then the adapter or "
-                                            "model); rerun the same command to resume.")]
-FineTuneOpt = Annotated[str | None, typer.Option(help="lora (default: an adapter on the language "
-                                                      "model) or full.")]
-LearningRate = Annotated[float | None, typer.Option(
-    "--lr", help="Learning rate (default: the paper's, see the docs).")]
-Epochs = Annotated[float | None, typer.Option(help="Epochs (default: the paper's).")]
-MaxTrainSteps = Annotated[int | None, typer.Option(
-    help="Stop after this many steps (default -1: run the epochs).")]
-BatchSize = Annotated[int | None, typer.Option(help="Batch size per device (default 1).")]
-GradAccum = Annotated[int | None, typer.Option(
-    help="Gradient accumulation steps (default 1).")]
-LoraRank = Annotated[int | None, typer.Option(help="LoRA rank (default 16).")]
-LoraAlpha = Annotated[int | None, typer.Option(help="LoRA alpha (default 32).")]
-TrainDType = Annotated[str | None, typer.Option(help="auto (bf16 on a capable GPU, else fp32), "
-                                              "bfloat16, bf16-mixed (fp32 weights, bf16 "
-                                              "compute; also on CPUs) or float32.")]
-ReportTo = Annotated[str | None, typer.Option(
-    help="TRL reporting: none (default), tensorboard, wandb, ...")]
-Seed = Annotated[int | None, typer.Option(help="Seed (default 0).")]
-SettingsFile = Annotated[str | None, typer.Option(
-    "--config", help="JSON file of settings (the options given on the line win).")]
+def required(help: str) -> Any:
+    """A field the command line must give."""
+    return field(metadata={"help": help})
 
 
-def _train_settings(config: str | None, **options: Any) -> dict[str, Any]:
-    """Settings from a JSON file, then the command-line options."""
-    settings: dict[str, Any] = {}
-    if config is not None:
-        try:
-            settings = json.loads(Path(config).read_text())
-        except (OSError, ValueError) as err:
-            raise InsightVError(f"--config {config}: {err}") from None
-        if not isinstance(settings, dict):
-            raise InsightVError(f"--config {config} must hold a JSON object.")
-    lora = {"r": options.pop("lora_r"), "alpha": options.pop("lora_alpha")}
-    settings["lora"] = {**settings.get("lora", {}),
-                        **{key: value for key, value in lora.items() if value is not None}}
-    settings.update({key: value for key, value in options.items() if value is not None})
-    return settings
+# The options are parsed by TRL's parser, not typer's: pass every word through.
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True,
+                "help_option_names": []}
 
 
-@app.command("sft")
-def train_sft_command(
-    model: TrainModel, data: Annotated[str, typer.Option(
-        help="Dataset folder from `insightv build-data sft-reason|sft-summary`.")],
-    out: TrainOut,
-    agent: Annotated[str | None, typer.Option(
-        help="reasoning (default) or summary: picks the defaults.")] = None,
-    finetune: FineTuneOpt = None, lr: LearningRate = None, epochs: Epochs = None,
-    max_steps: MaxTrainSteps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None,
-    lora_r: LoraRank = None, lora_alpha: LoraAlpha = None, dtype: TrainDType = None,
-    loss: Annotated[str | None, typer.Option(
-        help="auto (default), assistant or completion.")] = None,
-    report_to: ReportTo = None, seed: Seed = None, config: SettingsFile = None,
-) -> None:
-    """Supervised fine-tuning of the reasoning or the summary agent."""
-    from insightv_agents.trainers.sft import train_sft
+@dataclass
+class TrainingInputs:
+    """What ``train sft`` and ``train dpo`` read."""
 
-    _train(lambda settings: train_sft(model, data, settings), _train_settings(
-        config, output_dir=out, agent=agent, finetune=finetune, learning_rate=lr,
-        num_train_epochs=epochs, max_steps=max_steps, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum, lora_r=lora_r, lora_alpha=lora_alpha,
-        dtype=dtype, loss=loss, report_to=report_to, seed=seed))
+    model: str = required("Base model folder, or an earlier output (full model or adapter) "
+                          "to train further.")
+    data: str = required("Dataset folder from `insightv build-data`.")
+    adapter: str | None = option(None, "A PEFT adapter on --model to train further.")
 
 
-@app.command("dpo")
-def train_dpo_command(
-    model: TrainModel, data: Annotated[str, typer.Option(
-        help="Dataset folder from `insightv build-data dpo`.")],
-    out: TrainOut, finetune: FineTuneOpt = None, lr: LearningRate = None,
-    epochs: Epochs = None, max_steps: MaxTrainSteps = None,
-    beta: Annotated[float | None, typer.Option(help="DPO beta (default 0.1).")] = None,
-    batch_size: BatchSize = None, grad_accum: GradAccum = None, lora_r: LoraRank = None,
-    lora_alpha: LoraAlpha = None, dtype: TrainDType = None, report_to: ReportTo = None,
-    seed: Seed = None, config: SettingsFile = None,
-) -> None:
-    """DPO of the reasoning agent (the starting model is the reference)."""
-    from insightv_agents.trainers.dpo import train_dpo
+@dataclass
+class IterationInputs:
+    """What ``train iterate`` reads and samples with."""
 
-    _train(lambda settings: train_dpo(model, data, settings), _train_settings(
-        config, output_dir=out, finetune=finetune, learning_rate=lr, num_train_epochs=epochs,
-        max_steps=max_steps, beta=beta, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum, lora_r=lora_r, lora_alpha=lora_alpha,
-        dtype=dtype, report_to=report_to, seed=seed))
+    model: str = required("M_1: the reasoning agent (e.g. its SFT output).")
+    input: str = required("Questions in the synthesis input format (JSONL or a dataset "
+                          "folder).")
+    scorer: str = option("rule", "'rule', or the served name of a scoring MLLM at "
+                                 "--scorer_url.")
+    scorer_url: str | None = option(None, "API root of the scorer.")
+    summarizer: str | None = option(None, "Served name of the summary agent that answers each "
+                                          "path (at --summarizer_url); default: see "
+                                          "--final_answer.")
+    summarizer_url: str | None = option(None, "API root of the summarizer.")
+    sampler: Literal["local", "vllm"] = option(
+        "local", "local (transformers in-process) or vllm (a vLLM server on the base model, "
+                 "loading each round's adapter live).")
+    temperature: float = option(0.7, "Policy sampling temperature.")
+    max_tokens: int = option(1024, "Longest reply per request.")
 
 
-@app.command("iterate")
-def train_iterate_command(
-    model: Annotated[str, typer.Option(help="M_1: the reasoning agent (e.g. its SFT output).")],
-    input: Annotated[str, typer.Option(
-        "--input", help="Questions in the synthesis input format (JSONL or dataset folder).")],
-    out: Annotated[str, typer.Option(help="Run folder (a sub-folder per round); rerun the "
-                                          "same command to resume.")],
-    rounds: Annotated[int, typer.Option(help="Rounds T.")] = 3,
-    paths: Annotated[int, typer.Option("--paths", "-n", help="Paths per question.")] = 4,
-    mode: Annotated[str, typer.Option(help="chain or step.")] = "chain",
-    scorer: Annotated[str, typer.Option(
-        help="'rule', or the served name of a scoring MLLM at --scorer-url.")] = "rule",
-    scorer_url: Annotated[str | None, typer.Option(help="API root of the scorer.")] = None,
-    summarizer: Annotated[str | None, typer.Option(
-        help="Served name of the summary agent that answers each path (at --summarizer-url); "
-             "default: see --final-answer.")] = None,
-    summarizer_url: Annotated[str | None, typer.Option(help="API root of the summarizer.")]
-    = None,
-    final_answer: Annotated[str, typer.Option(
-        help="Without --summarizer, each path's answer: ask (the policy is asked after its "
-             "reasoning) or stated (the answer its last step states).")] = "ask",
-    sampler: Annotated[str, typer.Option(
-        help="local (transformers in-process) or vllm (a vLLM server on the base model, "
-             "loading each round's adapter live).")] = "local",
-    temperature: Annotated[float, typer.Option(help="Policy sampling temperature.")] = 0.7,
-    max_tokens: Annotated[int, typer.Option(help="Longest reply per request.")] = 1024,
-    concurrency: Annotated[int, typer.Option(help="Questions sampled at once.")] = 8,
-    questions_per_round: Annotated[int | None, typer.Option(
-        help="Each round samples the next N questions of the input (wrapping round); "
-             "default: every round samples them all.")] = None,
-    min_margin: Annotated[int, typer.Option(help="Chosen - rejected score margin.")] = 20,
-    finetune: FineTuneOpt = None, lr: LearningRate = None, epochs: Epochs = None,
-    max_steps: MaxTrainSteps = None,
-    beta: Annotated[float | None, typer.Option(help="DPO beta (default 0.1).")] = None,
-    batch_size: BatchSize = None, grad_accum: GradAccum = None, dtype: TrainDType = None,
-    report_to: ReportTo = None, seed: Seed = None,
-) -> None:
+def training_arguments(command: str, args: Sequence[str]) -> tuple[Any, ...]:
+    """The dataclasses ``insightv train <command>`` parses from ``args`` (TRL's ``TrlParser``:
+    the command line over the ``--config`` file).
+
+    Raises:
+        ConfigError: for an invalid value or config file; SystemExit: argparse's own exit
+            for ``--help`` (0) and for an unknown or malformed option (2).
+    """
+    from trl import TrlParser
+
+    from insightv_agents.trainers.dpo import DPOConfig
+    from insightv_agents.trainers.iterative import IterativeDPOConfig
+    from insightv_agents.trainers.sft import SFTConfig
+
+    kinds: dict[str, tuple[Any, ...]] = {
+        "sft": (TrainingInputs, SFTConfig), "dpo": (TrainingInputs, DPOConfig),
+        "iterate": (IterationInputs, IterativeDPOConfig)}
+    needed = "--input QUESTIONS" if command == "iterate" else "--data DATASET"
+    parser = TrlParser(kinds[command], prog=f"insightv train {command}", allow_abbrev=False,
+                       usage=f"%(prog)s --model MODEL {needed} --output_dir OUT [options] "
+                             f"(--help lists the options)")
+    try:
+        return tuple(parser.parse_args_and_config(list(args)))
+    except ConfigError:
+        raise
+    except (OSError, ValueError, TypeError) as err:  # the config file; a value TRL refuses
+        raise ConfigError(f"insightv train {command}: {err}") from None
+
+
+@app.command("sft", context_settings=PASS_THROUGH, add_help_option=False)
+def train_sft_command(ctx: typer.Context) -> None:
+    """Supervised fine-tuning of the reasoning or the summary agent: --model, --data,
+    --output_dir, and any SFTConfig field (--agent summary, --learning_rate, ...)."""
+    _train("sft", ctx.args)
+
+
+@app.command("dpo", context_settings=PASS_THROUGH, add_help_option=False)
+def train_dpo_command(ctx: typer.Context) -> None:
+    """DPO of the reasoning agent (the starting model is the reference): --model, --data,
+    --output_dir, and any DPOConfig field (--beta, --loss_type, ...)."""
+    _train("dpo", ctx.args)
+
+
+@app.command("iterate", context_settings=PASS_THROUGH, add_help_option=False)
+def train_iterate_command(ctx: typer.Context) -> None:
     """Iterative DPO: each round samples from the current model through the synthesis
-    graph, scores, builds pairs and trains the next model."""
+    graph, scores, builds pairs and trains the next model: --model, --input, --output_dir,
+    and any IterativeDPOConfig field (--rounds, --paths, --beta, ...)."""
     from contextlib import ExitStack
 
     from insightv_agents.assessment import RuleScorer
     from insightv_agents.trainers.iterative import InProcessPolicy, VLLMPolicy, iterative_dpo
 
     console = Console()
-    dpo = {key: value for key, value in {
-        "finetune": finetune, "learning_rate": lr, "num_train_epochs": epochs,
-        "max_steps": max_steps, "beta": beta, "per_device_train_batch_size": batch_size,
-        "gradient_accumulation_steps": grad_accum, "dtype": dtype, "report_to": report_to,
-        "seed": seed}.items() if value is not None}
-    settings = {"output_dir": out, "rounds": rounds, "paths": paths, "mode": mode,
-                "final_answer": final_answer, "concurrency": concurrency,
-                "questions_per_round": questions_per_round, "min_margin": min_margin,
-                "dpo": dpo}
 
     def show(metrics: dict[str, Any]) -> None:
         console.print(f"round {metrics['round']}: accuracy {metrics['accuracy']}, mean score "
@@ -165,46 +128,53 @@ def train_iterate_command(
                       f"{metrics['model_out']}")
 
     with command_errors(console), ExitStack() as stack:
+        inputs, config = training_arguments("iterate", ctx.args)
         scoring: Any = RuleScorer()
-        if scorer != "rule":
+        if inputs.scorer != "rule":
             from insightv_agents.backends.vllm import vllm_chat_model
 
-            if scorer_url is None:
-                raise InsightVError("--scorer NAME needs --scorer-url.")
-            scoring = vllm_chat_model(scorer_url, scorer, temperature=0.0,
-                                      max_tokens=max_tokens)
+            if inputs.scorer_url is None:
+                raise InsightVError("--scorer NAME needs --scorer_url.")
+            scoring = vllm_chat_model(inputs.scorer_url, inputs.scorer, temperature=0.0,
+                                      max_tokens=inputs.max_tokens)
         answering = None
-        if summarizer is not None or summarizer_url is not None:
+        if inputs.summarizer is not None or inputs.summarizer_url is not None:
             from insightv_agents.backends.vllm import vllm_chat_model
 
-            if summarizer is None or summarizer_url is None:
-                raise InsightVError("--summarizer and --summarizer-url go together.")
-            answering = vllm_chat_model(summarizer_url, summarizer, temperature=0.0,
-                                        max_tokens=max_tokens)
+            if inputs.summarizer is None or inputs.summarizer_url is None:
+                raise InsightVError("--summarizer and --summarizer_url go together.")
+            answering = vllm_chat_model(inputs.summarizer_url, inputs.summarizer,
+                                        temperature=0.0, max_tokens=inputs.max_tokens)
         policy: Any
-        if sampler == "vllm":
+        if inputs.sampler == "vllm":
             from insightv_agents.backends.vllm import VLLMServer
             from insightv_agents.trained import resolve_model
 
-            server = VLLMServer(resolve_model(model)[0], runtime_lora=True,
+            server = VLLMServer(resolve_model(inputs.model)[0], runtime_lora=True,
                                 max_lora_rank=64)
             with console.status(f"starting vLLM (log: {server.log_path})"):
                 stack.enter_context(server)
-            policy = VLLMPolicy(server, temperature=temperature, max_tokens=max_tokens)
-        elif sampler == "local":
-            policy = InProcessPolicy(temperature=temperature, max_new_tokens=max_tokens)
+            policy = VLLMPolicy(server, temperature=inputs.temperature,
+                                max_tokens=inputs.max_tokens)
         else:
-            raise InsightVError(f"--sampler must be local or vllm, not {sampler!r}.")
-        result = iterative_dpo(model, input, settings, scorer=scoring,
+            policy = InProcessPolicy(temperature=inputs.temperature,
+                                     max_new_tokens=inputs.max_tokens)
+        result = iterative_dpo(inputs.model, inputs.input, config, scorer=scoring,
                                summarizer=answering, policy=policy, on_round=show)
-    console.print(f"final model: {result.final_model}\nrounds: {out}/rounds.md")
+    console.print(f"final model: {result.final_model}\nrounds: {config.output_dir}/rounds.md")
 
 
-def _train(run: Any, settings: dict[str, Any]) -> None:
-    """Run a training, then say where its result is and how to serve or run it."""
+def _train(command: str, args: Sequence[str]) -> None:
+    """Parse ``args``, run the training, then say where its result is and how to serve or
+    run it."""
     console = Console()
     with command_errors(console):
-        result = run(settings)
+        inputs, config = training_arguments(command, args)
+        from insightv_agents.trainers.dpo import train_dpo
+        from insightv_agents.trainers.sft import train_sft
+
+        train: Any = train_sft if command == "sft" else train_dpo
+        result = train(inputs.model, inputs.data, config, adapter=inputs.adapter)
     kind = "adapter" if result.adapter else "model"
     loss = result.metrics.get("train_loss")
     console.print(f"{kind}: {result.output_dir} (loss {loss:.4g}); serve it with "

@@ -1,10 +1,10 @@
-"""What SFT and DPO share: the settings every run has, loading a VLM for training (LoRA on
-the language model, or full fine-tuning), precision from the device, resuming from
+"""What SFT and DPO share: what every run adds to TRL's config, loading a VLM for training
+(LoRA on the language model, or full fine-tuning), precision from the device, resuming from
 checkpoints, and saving an output that both backends load as it is.
 
 An output folder holds either a PEFT adapter (``adapter_config.json`` naming its base model
 by absolute path) or a full model with its processor, plus ``insightv_training.json`` (the
-settings, the final metrics and TRL's log history).
+config, the final metrics and TRL's log history).
 """
 
 from __future__ import annotations
@@ -14,134 +14,128 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from insightv_agents.errors import ConfigError, InvalidInputError
 from insightv_agents.trained import TRAINING_FILE, check_remote_code, resolve_model
 
 FineTune = Literal["lora", "full"]
-Settings = TypeVar("Settings", bound=BaseModel)
-DType = Literal["auto", "bfloat16", "bf16-mixed", "float16", "float32"]
+DType = Literal["auto", "bfloat16", "bf16-mixed", "float32"]
+Config = TypeVar("Config")
+
+if TYPE_CHECKING:  # the mixin's fields are checked against TRL's base class
+    from transformers import TrainingArguments as _TrainingArguments
+else:
+    _TrainingArguments = object
 
 
-class LoraSettings(BaseModel):
-    """LoRA on the language model only, so that vLLM serves the adapter as it is.
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with the help text ``insightv train --help`` shows."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
-    Defaults: rank 16, alpha 32, dropout 0.05, on every linear layer of the language model
-    (attention and MLP projections); the vision tower and the connector stay frozen.
-    ``target_modules`` takes PEFT's forms (a regex string or module names) instead.
+
+@dataclass
+class AgentTraining(_TrainingArguments):
+    """What every agent-training run adds to TRL's config (``SFTConfig``, ``DPOConfig``), and
+    the TRL defaults it changes. Mixed in before TRL's class, so these fields win.
+
+    Added: ``finetune`` (a LoRA adapter on the language model, or full fine-tuning), the
+    adapter (``lora_*``, named as in TRL's ``ModelConfig``), ``dtype`` (the precision to load
+    and train in: it sets TRL's ``bf16`` unless that is given), and ``resume``.
+    Changed defaults: ``learning_rate`` and ``num_train_epochs`` (``None``: the recipe's for
+    this agent and kind of fine-tuning), batches of one row per device, a cosine schedule
+    with 3% warm-up, two checkpoints kept, seed 0, no activation checkpointing,
+    ``max_length=None`` (never cut image tokens), all dataset columns kept. Every other field
+    is TRL's, with TRL's meaning and default.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    finetune: FineTune = option("lora", "lora: a LoRA adapter on the language model "
+                                 "(vision tower and connector frozen); full: every weight.")
+    lora_r: int = option(16, "LoRA rank.")
+    lora_alpha: int = option(32, "LoRA alpha.")
+    lora_dropout: float = option(0.05, "LoRA dropout.")
+    lora_target_modules: list[str] | None = option(
+        None, "Module names for the adapter (PEFT's target_modules); default: every linear "
+              "layer of the language model.")
+    dtype: DType = option("auto", "auto: bfloat16 on a GPU that supports it, else float32; "
+                                   "bfloat16; bf16-mixed: float32 weights, bfloat16 compute "
+                                   "(autocast, also on CPUs); float32.")
+    resume: bool = option(True, "Continue from the newest complete checkpoint in output_dir.")
+    learning_rate: float | None = option(  # type: ignore[assignment]
+        None, "Learning rate (default: the recipe's for this agent and --finetune).")
+    num_train_epochs: float | None = option(  # type: ignore[assignment]
+        None, "Epochs (default: the recipe's for this agent).")
+    per_device_train_batch_size: int = option(1, "Rows per device and step (images make "
+                                                 "rows large).")
+    lr_scheduler_type: str = option(
+        "cosine", "The learning-rate schedule (transformers' SchedulerType).")
+    warmup_steps: float = option(0.03, "Warm-up: steps, or a ratio of all steps below 1.")
+    save_total_limit: int | None = option(2, "Checkpoints kept in output_dir.")
+    seed: int = option(0, "The run's seed (model initialisation, data order, dropout).")
+    gradient_checkpointing: bool | None = option(
+        None, "Deprecated alias of activation_checkpointing (off by default).")
+    max_length: int | None = option(None, "Cut rows to this many tokens (default: never; "
+                                           "cutting can drop image tokens).")
+    remove_unused_columns: bool = option(False, "Drop dataset columns the model does not "
+                                                 "take (the images column is needed).")
 
-    r: int = Field(16, ge=1, le=512)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: str | list[str] | None = None
-
-
-class TrainSettings(BaseModel):
-    """Settings every training run has. ``None`` means "the default for this kind of run"
-    (see each trainer's config for its learning rates and epochs).
-
-    Args:
-        output_dir: where checkpoints, the final adapter or model, and the run file go.
-        finetune: ``"lora"`` (an adapter on the language model) or ``"full"``.
-        lora: the adapter's settings (with ``finetune="lora"``).
-        learning_rate, num_train_epochs: ``None`` takes the paper-derived default.
-        max_steps: stop after this many optimiser steps (``-1``: run the epochs).
-        per_device_train_batch_size, gradient_accumulation_steps: the batch, per device.
-        warmup_ratio, lr_scheduler_type, weight_decay: the schedule.
-        gradient_checkpointing: trade compute for memory.
-        dtype: ``"auto"`` trains in bfloat16 on a GPU that supports it, float32 otherwise;
-            ``"bf16-mixed"`` keeps the weights in float32 and computes in bfloat16 (autocast),
-            on a GPU or a CPU: on a CPU with native bfloat16 (AVX512-BF16 or AMX:
-            :func:`native_bf16`) a quarter faster than float32, emulated (slower) elsewhere.
-        logging_steps, save_steps, save_total_limit: logging and checkpoints.
-        report_to: TRL / transformers reporting integrations (``"none"``, ``"tensorboard"``,
-            ``"wandb"``, ...).
-        seed: the run's seed.
-        resume: continue from the newest checkpoint in ``output_dir`` if there is one.
-        trust_remote_code: run code shipped with the checkpoint. Off by default.
-        trl_args: more keyword arguments for TRL's config, passed as they are (they win).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    output_dir: Path
-    finetune: FineTune = "lora"
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    learning_rate: float | None = Field(None, gt=0, le=1)
-    num_train_epochs: float | None = Field(None, gt=0, le=1000)
-    max_steps: int = Field(-1, ge=-1)
-    per_device_train_batch_size: int = Field(1, ge=1, le=4096)
-    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    lr_scheduler_type: str = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
-    gradient_checkpointing: bool = False
-    dtype: DType = "auto"
-    logging_steps: int = Field(10, ge=1)
-    save_steps: int = Field(500, ge=1)
-    save_total_limit: int | None = Field(2, ge=1)
-    report_to: str | list[str] = "none"
-    seed: int = 0
-    resume: bool = True
-    trust_remote_code: bool = False
-    trl_args: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _check(self) -> TrainSettings:
-        if self.max_steps == 0:
-            raise ValueError("max_steps must be -1 (run the epochs) or at least 1.")
-        return self
-
-    def trl_kwargs(self, learning_rate: float, epochs: float, bf16: bool,
-                   **specific: Any) -> dict[str, Any]:
-        """Keyword arguments for TRL's ``SFTConfig`` / ``DPOConfig``: the shared ones, then
-        the trainer's ``specific`` ones, then ``trl_args`` (which win)."""
+    def __post_init__(self) -> None:
         import torch
-        from transformers import TrainingArguments
 
-        kwargs: dict[str, Any] = {
-            "output_dir": str(self.output_dir), "learning_rate": learning_rate,
-            "num_train_epochs": epochs, "max_steps": self.max_steps,
-            "per_device_train_batch_size": self.per_device_train_batch_size,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "warmup_steps": self.warmup_ratio,  # a float below 1 is a ratio of all steps
-            "lr_scheduler_type": self.lr_scheduler_type,
-            "weight_decay": self.weight_decay,
-            "bf16": bf16, "fp16": False, "logging_steps": self.logging_steps,
-            "save_strategy": "steps", "save_steps": self.save_steps,
-            "save_total_limit": self.save_total_limit, "report_to": self.report_to,
-            "seed": self.seed, "max_length": None,  # never cut image tokens
-            "remove_unused_columns": False,
-            "dataloader_pin_memory": torch.cuda.is_available(),
-        }
-        if bf16 and not torch.cuda.is_available():
-            kwargs["use_cpu"] = True  # transformers refuses bf16 on a CPU unless told
+        self._check()
+        cuda = torch.cuda.is_available()
+        if self.bf16 is None:
+            self.bf16 = precision(self.dtype)[1]
+        if self.bf16 and not cuda:
+            self.use_cpu = True  # transformers refuses bf16 on a CPU unless told
+        if not cuda:
+            self.dataloader_pin_memory = False
+        super().__post_init__()
 
-        # transformers 5 renamed gradient checkpointing to activation checkpointing.
-        renamed = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
-        kwargs["activation_checkpointing" if renamed else "gradient_checkpointing"] = \
-            self.gradient_checkpointing
-        return {**kwargs, **specific, **self.trl_args}
+    def _check(self) -> None:
+        if self.output_dir is None:
+            raise ConfigError("output_dir is required.")
+        self.output_dir = str(self.output_dir)
+        checks = [
+            (self.finetune in ("lora", "full"), "finetune must be lora or full"),
+            (self.dtype in DType.__args__,  # type: ignore[attr-defined]
+             f"dtype must be one of {', '.join(DType.__args__)}"),  # type: ignore[attr-defined]
+            (1 <= self.lora_r <= 512, "lora_r must be within 1-512"),
+            (self.lora_alpha >= 1, "lora_alpha must be at least 1"),
+            (0 <= self.lora_dropout < 1, "lora_dropout must be within [0, 1)"),
+            (self.learning_rate is None or 0 < self.learning_rate <= 1,
+             "learning_rate must be within (0, 1]"),
+            (self.num_train_epochs is None or 0 < self.num_train_epochs <= 1000,
+             "num_train_epochs must be within (0, 1000]"),
+            (self.max_steps == -1 or self.max_steps >= 1,
+             "max_steps must be -1 (run the epochs) or at least 1"),
+            (self.per_device_train_batch_size >= 1,
+             "per_device_train_batch_size must be at least 1"),
+            (self.gradient_accumulation_steps >= 1,
+             "gradient_accumulation_steps must be at least 1"),
+            (self.warmup_steps >= 0, "warmup_steps must not be negative"),
+            (self.max_length is None or self.max_length >= 16,
+             "max_length must be at least 16"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ConfigError(f"invalid {type(self).__name__}: {'; '.join(problems)}.")
 
 
-def check_settings(settings: Settings | dict[str, Any], kind: type[Settings]) -> Settings:
-    """``settings`` as ``kind``: a dict is validated; a mistake becomes a ``ConfigError``."""
-    from pydantic import ValidationError
-
-    if isinstance(settings, kind):
-        return settings
+def check_config(config: Config | dict[str, Any], kind: type[Config]) -> Config:
+    """``config`` as ``kind``: a dict is made into one; a mistake becomes a ``ConfigError``."""
+    if isinstance(config, kind):
+        return config
+    if not isinstance(config, dict):
+        raise ConfigError(f"expected a {kind.__name__} or a dict, not {type(config).__name__}.")
     try:
-        return kind.model_validate(settings)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
-                             for e in err.errors())
-        raise ConfigError(f"invalid {kind.__name__}: {problems}") from None
+        return kind(**config)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid {kind.__name__}: {err}") from None
 
 
 # --- device and precision --------------------------------------------------------------------
@@ -157,8 +151,6 @@ def precision(dtype: DType) -> tuple[Any, bool]:
     if dtype == "bf16-mixed":
         return torch.float32, True
     chosen = getattr(torch, dtype)
-    if chosen is torch.float16:
-        raise ConfigError("float16 training is not supported (use bfloat16 or float32).")
     return chosen, chosen is torch.bfloat16
 
 
@@ -188,14 +180,13 @@ class Loaded:
     peft_config: Any
     base: str
     adapter: str | None
-    bf16: bool
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def load_for_training(model: str | Path, settings: TrainSettings, *,
+def load_for_training(model: str | Path, config: AgentTraining, *,
                       adapter: str | Path | None = None) -> Loaded:
     """Load ``model`` (a base model, a full fine-tuned output, or an adapter output) for
-    training as ``settings`` ask.
+    training as ``config`` asks.
 
     With LoRA and an adapter (given, or ``model`` being an adapter output), that adapter is
     trained further; with LoRA and none, a fresh adapter is made on the language model.
@@ -207,28 +198,28 @@ def load_for_training(model: str | Path, settings: TrainSettings, *,
     adapter = str(Path(adapter).resolve()) if adapter is not None else found
     if adapter is not None and not Path(adapter).is_dir():
         raise InvalidInputError(f"adapter {adapter!r} is not a folder.", field="adapter")
-    if adapter is not None and settings.finetune == "full":
+    if adapter is not None and config.finetune == "full":
         raise ConfigError("full fine-tuning starts from a full model, not an adapter; "
                           "merge the adapter first or use finetune='lora'.")
-    dtype, bf16 = precision(settings.dtype)
-    check_remote_code(base, settings.trust_remote_code)
-    processor = AutoProcessor.from_pretrained(base, trust_remote_code=settings.trust_remote_code)
+    dtype = precision(config.dtype)[0]
+    remote = bool(getattr(config, "trust_remote_code", False))
+    check_remote_code(base, remote)
+    processor = AutoProcessor.from_pretrained(base, trust_remote_code=remote)
     network: Any = AutoModelForImageTextToText.from_pretrained(
-        base, dtype=dtype, use_safetensors=True, trust_remote_code=settings.trust_remote_code)
+        base, dtype=dtype, use_safetensors=True, trust_remote_code=remote)
     peft_config = None
-    if settings.finetune == "lora":
+    if config.finetune == "lora":
         from peft import LoraConfig, PeftModel
 
         if adapter is not None:
             network = PeftModel.from_pretrained(network, adapter, is_trainable=True)
         else:
-            lora = settings.lora
             peft_config = LoraConfig(
-                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                target_modules=lora.target_modules or language_model_targets(network),
+                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                target_modules=config.lora_target_modules or language_model_targets(network),
                 task_type="CAUSAL_LM")
     return Loaded(model=network, processor=processor, peft_config=peft_config, base=base,
-                  adapter=adapter, bf16=bf16)
+                  adapter=adapter)
 
 
 def language_model_targets(model: Any) -> str:
@@ -249,35 +240,36 @@ def language_model_targets(model: Any) -> str:
     return rf"^{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, leaves))})$"
 
 
-def checkpoint_to_resume(settings: TrainSettings) -> str | None:
+def checkpoint_to_resume(config: AgentTraining) -> str | None:
     """The newest complete ``checkpoint-N`` folder in the output folder (if resuming is on).
     A checkpoint is complete once its ``trainer_state.json`` is written, the Trainer's last
     write: one cut short by a kill is passed over."""
-    if not settings.resume or not settings.output_dir.is_dir():
+    out = Path(str(config.output_dir))
+    if not config.resume or not out.is_dir():
         return None
-    found = [(int(match.group(1)), path) for path in settings.output_dir.iterdir()
+    found = [(int(match.group(1)), path) for path in out.iterdir()
              if (match := re.fullmatch(r"checkpoint-(\d+)", path.name))
              and (path / "trainer_state.json").is_file()]
     return str(max(found)[1]) if found else None
 
 
-def save_output(trainer: Any, loaded: Loaded, settings: TrainSettings, kind: str,
+def save_output(trainer: Any, loaded: Loaded, config: AgentTraining, kind: str,
                 metrics: dict[str, Any], extra: dict[str, Any]) -> Path:
     """Save the adapter (naming its base by absolute path) or the full model with its
     processor, then the run file, last and atomically: its presence marks a finished run."""
-    out = settings.output_dir
+    out = Path(str(config.output_dir))
     trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
         return out
     loaded.processor.save_pretrained(str(out))
     if (out / "adapter_config.json").exists():
-        config_path = out / "adapter_config.json"
-        config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = str(Path(loaded.base).resolve())
-        write_atomic(config_path, json.dumps(config, indent=2))
+        adapter_path = out / "adapter_config.json"
+        adapter = json.loads(adapter_path.read_text())
+        adapter["base_model_name_or_path"] = str(Path(loaded.base).resolve())
+        write_atomic(adapter_path, json.dumps(adapter, indent=2))
     run = {"kind": kind, "base_model": str(Path(loaded.base).resolve()),
            "started_from_adapter": loaded.adapter,
-           "settings": json.loads(settings.model_dump_json()), "metrics": metrics,
+           "settings": config.to_dict(), "metrics": metrics,
            **extra, "log_history": trainer.state.log_history}
     write_atomic(out / TRAINING_FILE, json.dumps(run, indent=2, default=str))
     return out

@@ -1,24 +1,30 @@
 """DPO of the reasoning agent with TRL's ``DPOTrainer``, on the pairs
 :func:`~insightv_agents.trainers.data.build_dpo_pairs` makes.
 
-The reference model is the model training starts from: the base under a fresh LoRA adapter
-(TRL disables the adapter for the reference), a frozen copy of an adapter trained further,
-or a frozen copy of a full model. Defaults follow the paper: sigmoid loss, beta 0.1, one
-epoch, lr 5e-7 for full fine-tuning; LoRA uses lr 5e-6 (the usual tenfold of full).
+:class:`DPOConfig` is TRL's ``DPOConfig`` with what agent training adds
+(:class:`~insightv_agents.trainers.common.AgentTraining`). The reference model is the model
+training starts from: the base under a fresh LoRA adapter (TRL disables the adapter for the
+reference), a frozen copy of an adapter trained further, or a frozen copy of a full model.
+Defaults follow the paper: sigmoid loss, beta 0.1, one epoch, lr 5e-7 for full fine-tuning;
+LoRA uses lr 5e-6 (the usual tenfold of full). TRL's ``loss_type`` and ``loss_weights``
+combine losses: ``loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]`` adds a
+negative log-likelihood term on the chosen completions (Iterative RPO, Pang et al., 2024),
+which keeps the chosen paths' likelihood from falling along with the rejected ones'.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
+import trl
 
 from insightv_agents.errors import ConfigError
 from insightv_agents.trainers.common import (
-    TrainSettings,
-    check_settings,
+    AgentTraining,
+    check_config,
     checkpoint_to_resume,
     load_dataset_arg,
     load_for_training,
@@ -31,55 +37,36 @@ DPO_DEFAULTS: dict[str, tuple[float, float]] = {"full": (5e-7, 1), "lora": (5e-6
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
-class DPOSettings(TrainSettings):
-    """DPO settings (see :class:`~insightv_agents.trainers.common.TrainSettings`).
+@dataclass
+class DPOConfig(AgentTraining, trl.DPOConfig):  # type: ignore[misc]
+    """TRL's ``DPOConfig`` for training the reasoning agent: the fields of
+    :class:`~insightv_agents.trainers.common.AgentTraining` (the learning rate and epochs
+    default to the paper's for ``finetune``), and every DPO option of TRL's (``beta``,
+    ``loss_type``, ``loss_weights``, ...)."""
 
-    Args:
-        beta: the DPO temperature (how far from the reference the policy may move).
-        loss_type: TRL's DPO loss (``"sigmoid"`` is the paper's standard DPO).
-        sft_weight: weight of a negative log-likelihood term on the chosen completions
-            (per token), added to the DPO loss: Iterative RPO (Pang et al., 2024) for
-            iterative DPO on reasoning, where without it the chosen paths' likelihood falls
-            along with the rejected ones'. 0 (the default): plain DPO.
-    """
-
-    beta: float = Field(0.1, gt=0, le=100)
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard",
-                       "nca_pair", "apo_zero", "apo_down", "discopop", "sft"] = "sigmoid"
-    sft_weight: float = Field(0.0, ge=0, le=100)
-
-    @model_validator(mode="after")
-    def _check_sft_weight(self) -> DPOSettings:
-        if self.sft_weight and self.loss_type == "sft":
-            raise ValueError("sft_weight adds an SFT term to a preference loss; "
-                             "loss_type='sft' is one already.")
-        return self
-
-    def losses(self) -> dict[str, list[Any]]:
-        """TRL's ``loss_type`` and ``loss_weights``: the DPO loss, and the NLL term if any."""
-        if not self.sft_weight:
-            return {"loss_type": [self.loss_type]}
-        return {"loss_type": [self.loss_type, "sft"], "loss_weights": [1.0, self.sft_weight]}
-
-    def schedule(self) -> tuple[float, float]:
-        """The learning rate and epochs this run uses."""
-        rate, epochs = DPO_DEFAULTS[self.finetune]
-        return self.learning_rate or rate, self.num_train_epochs or epochs
+    def __post_init__(self) -> None:
+        if not 0 < self.beta <= 100:
+            raise ConfigError("invalid DPOConfig: beta must be within (0, 100].")
+        rate, epochs = DPO_DEFAULTS.get(self.finetune, (None, None))
+        if self.learning_rate is None:
+            self.learning_rate = rate
+        if self.num_train_epochs is None:
+            self.num_train_epochs = epochs
+        super().__post_init__()
 
 
-def train_dpo(model: str | Path, dataset: Any, settings: DPOSettings | dict[str, Any], *,
+def train_dpo(model: str | Path, dataset: Any, config: DPOConfig | dict[str, Any], *,
               adapter: str | Path | None = None, eval_dataset: Any = None,
               callbacks: list[Any] | None = None) -> TrainResult:
     """Train ``model`` (a base model, a full model output, or an adapter output, trained
     further) with DPO on ``dataset`` (``prompt``/``chosen``/``rejected`` + ``images``, or
     the folder ``insightv build-data dpo`` saved), the starting model as reference.
+    ``config`` is a :class:`DPOConfig` or a dict of its fields.
 
     Raises:
-        ConfigError: for invalid settings; InvalidInputError: for a missing or empty dataset.
+        ConfigError: for an invalid config; InvalidInputError: for a missing or empty dataset.
     """
-    from trl import DPOConfig, DPOTrainer
-
-    config = check_settings(settings, DPOSettings)
+    config = check_config(config, DPOConfig)
     data = load_dataset_arg(dataset)
     missing = [name for name in PAIR_COLUMNS if name not in data.column_names]
     if missing:
@@ -93,13 +80,11 @@ def train_dpo(model: str | Path, dataset: Any, settings: DPOSettings | dict[str,
         reference = AutoModelForImageTextToText.from_pretrained(
             loaded.base, dtype=precision(config.dtype)[0], use_safetensors=True,
             trust_remote_code=config.trust_remote_code)
-    rate, epochs = config.schedule()
-    kwargs = config.trl_kwargs(rate, epochs, loaded.bf16, beta=config.beta, **config.losses())
     eval_data = load_dataset_arg(eval_dataset) if eval_dataset is not None else None
-    trainer = DPOTrainer(model=loaded.model, ref_model=reference, args=DPOConfig(**kwargs),
-                         train_dataset=data, eval_dataset=eval_data,
-                         processing_class=loaded.processor, peft_config=loaded.peft_config,
-                         callbacks=callbacks)
+    trainer = trl.DPOTrainer(model=loaded.model, ref_model=reference, args=config,
+                             train_dataset=data, eval_dataset=eval_data,
+                             processing_class=loaded.processor, peft_config=loaded.peft_config,
+                             callbacks=callbacks)
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=checkpoint_to_resume(config))
     metrics = {**output.metrics, "train_loss": output.training_loss,
@@ -108,8 +93,7 @@ def train_dpo(model: str | Path, dataset: Any, settings: DPOSettings | dict[str,
                if "rewards/margins" in entry]
     if margins:
         metrics["last_logged_reward_margin"] = margins[-1]
-    out = save_output(trainer, loaded, config, "dpo", metrics,
-                      {"learning_rate": rate, "epochs": epochs, "beta": config.beta})
+    out = save_output(trainer, loaded, config, "dpo", metrics, {})
     return TrainResult(output_dir=out, adapter=config.finetune == "lora",
                        base_model=loaded.base, metrics=metrics)
 

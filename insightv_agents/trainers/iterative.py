@@ -20,27 +20,29 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from langchain_core.language_models import BaseChatModel, LanguageModelLike
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from insightv_agents.answers import DEFAULT_RULES, AnswerRules, FinalAnswer
 from insightv_agents.assessment import PathScorer
 from insightv_agents.errors import BackendError, ConfigError, InvalidInputError
 from insightv_agents.prompts import DEFAULT_PROMPTS, PROMPTS_VERSION, Prompts, ReasoningMode
 from insightv_agents.trained import resolve_model
-from insightv_agents.trainers.common import check_settings, write_atomic
-from insightv_agents.trainers.dpo import DPOSettings, train_dpo
+from insightv_agents.trainers.common import check_config, option, write_atomic
+from insightv_agents.trainers.dpo import DPOConfig, train_dpo
 from insightv_agents.trainers.report import write_round_report
 
 ROUND_FILE = "round.json"
 
 
-class IterativeDPOSettings(BaseModel):
-    """Settings of an iterative-DPO run.
+@dataclass
+class IterativeDPOConfig(DPOConfig):
+    """The config of an iterative-DPO run: each round's DPO is this config (a
+    :class:`~insightv_agents.trainers.dpo.DPOConfig`) with ``output_dir`` set to the round's
+    model folder; these fields say how rounds sample and pair.
 
     Args:
         output_dir: the run's folder (one sub-folder per round).
@@ -48,7 +50,7 @@ class IterativeDPOSettings(BaseModel):
         paths: N, reasoning paths sampled per question and round.
         mode: how the policy writes its reasoning: ``"chain"`` (one call, as trained by
             ``build-data sft-reason --mode chain``) or ``"step"``.
-        max_steps, max_retries: caps of each sampled path.
+        reasoning_max_steps, reasoning_max_retries: caps of each sampled path.
         final_answer: how a sampled path without a summarizer gets its answer: ``"ask"``
             (the policy is asked after its reasoning) or ``"stated"`` (the answer its last
             step states, "The answer is X": a chain-trained reasoning agent was never taught
@@ -60,40 +62,51 @@ class IterativeDPOSettings(BaseModel):
             samples every question (the paper's setting on a large pool).
         min_margin, min_chosen_score, pairs_per_question: how pairs are picked
             (see :func:`~insightv_agents.trainers.data.build_dpo_pairs`).
-        dpo: the DPO settings of every round (:class:`DPOSettings` fields but
-            ``output_dir``), e.g. ``{"finetune": "lora", "learning_rate": 5e-6}``.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    rounds: int = option(3, "Rounds T.")
+    paths: int = option(4, "Paths sampled per question and round.")
+    mode: ReasoningMode = option("chain", "How the policy reasons: chain (a chain per call) "
+                                          "or step (a step per call).")
+    reasoning_max_steps: int = option(16, "Cap on the steps of a sampled path.")
+    reasoning_max_retries: int = option(2, "Retries of a sampled path's malformed step.")
+    final_answer: FinalAnswer = option("ask", "Without a summarizer, each path's answer: ask "
+                                              "(the policy is asked after its reasoning) or "
+                                              "stated (the answer its last step states).")
+    concurrency: int = option(8, "Questions sampled at once.")
+    questions_per_round: int | None = option(
+        None, "Each round samples the next N questions of the input (wrapping round); "
+              "default: every round samples them all.")
+    min_margin: int = option(20, "Least chosen - rejected score margin of a pair.")
+    min_chosen_score: int | None = option(None, "Least score of a chosen path.")
+    pairs_per_question: int = option(1, "Most pairs made from one question.")
 
-    output_dir: Path
-    rounds: int = Field(3, ge=1, le=100)
-    paths: int = Field(4, ge=2, le=64)
-    mode: ReasoningMode = "chain"
-    max_steps: int = Field(16, ge=1, le=256)
-    max_retries: int = Field(2, ge=0, le=10)
-    final_answer: FinalAnswer = "ask"
-    concurrency: int = Field(8, ge=1, le=1024)
-    questions_per_round: int | None = Field(None, ge=1)
-    min_margin: int = Field(20, ge=0, le=99)
-    min_chosen_score: int | None = Field(None, ge=1, le=100)
-    pairs_per_question: int = Field(1, ge=1, le=64)
-    dpo: dict[str, Any] = Field(default_factory=dict)
+    def __post_init__(self) -> None:
+        problems = [message for ok, message in [
+            (1 <= self.rounds <= 100, "rounds must be within 1-100"),
+            (2 <= self.paths <= 64, "paths must be within 2-64"),
+            (self.mode in ("chain", "step"), "mode must be chain or step"),
+            (1 <= self.reasoning_max_steps <= 256, "reasoning_max_steps must be within 1-256"),
+            (0 <= self.reasoning_max_retries <= 10, "reasoning_max_retries must be within 0-10"),
+            (self.final_answer in ("ask", "stated"), "final_answer must be ask or stated"),
+            (1 <= self.concurrency <= 1024, "concurrency must be within 1-1024"),
+            (self.questions_per_round is None or self.questions_per_round >= 1,
+             "questions_per_round must be at least 1"),
+            (0 <= self.min_margin <= 99, "min_margin must be within 0-99"),
+            (self.min_chosen_score is None or 1 <= self.min_chosen_score <= 100,
+             "min_chosen_score must be within 1-100"),
+            (1 <= self.pairs_per_question <= 64, "pairs_per_question must be within 1-64"),
+        ] if not ok]
+        if problems:
+            raise ConfigError(f"invalid IterativeDPOConfig: {'; '.join(problems)}.")
+        super().__post_init__()
 
-    @model_validator(mode="after")
-    def _check_dpo(self) -> IterativeDPOSettings:
-        if "output_dir" in self.dpo:
-            raise ValueError("dpo.output_dir is set per round; leave it out.")
-        self.round_dpo(1)
-        return self
-
-    def round_dpo(self, round_number: int) -> DPOSettings:
-        """The DPO settings of one round (its model folder filled in)."""
-        return check_settings({**self.dpo, "output_dir": self.round_dir(round_number) / "model"},
-                              DPOSettings)
+    def round_dpo(self, round_number: int) -> DPOConfig:
+        """The DPO config of one round: this one, writing to the round's model folder."""
+        return replace(self, output_dir=str(self.round_dir(round_number) / "model"))
 
     def round_dir(self, round_number: int) -> Path:
-        return self.output_dir / f"round-{round_number}"
+        return Path(str(self.output_dir)) / f"round-{round_number}"
 
     def round_questions(self, round_number: int, count: int) -> list[int]:
         """Indexes of the questions (of ``count``) that one round samples."""
@@ -175,7 +188,7 @@ class IterativeResult:
 def iterative_dpo(
     model: str | Path,
     items: str | Path,
-    settings: IterativeDPOSettings | dict[str, Any],
+    config: IterativeDPOConfig | dict[str, Any],
     *,
     scorer: LanguageModelLike | PathScorer,
     judge: LanguageModelLike | None = None,
@@ -187,24 +200,25 @@ def iterative_dpo(
 ) -> IterativeResult:
     """Run T rounds of iterative DPO from ``model`` (M_1: a model folder or an adapter
     output, e.g. the reasoning agent's SFT output) on the questions in ``items`` (the
-    synthesis input format: image, question, answer[, id, choices]).
+    synthesis input format: image, question, answer[, id, choices]), as ``config`` (an
+    :class:`IterativeDPOConfig` or a dict of its fields) says.
 
     Args:
         scorer: scores each question's paths (an MLLM, or a
             :class:`~insightv_agents.assessment.PathScorer` such as ``RuleScorer``).
         judge: decides answers the rules cannot; summarizer: gives each path's final answer
-            (the summary agent; without one, as ``settings.final_answer`` says).
+            (the summary agent; without one, as ``config.final_answer`` says).
         policy: where M_t samples (default: :class:`InProcessPolicy`).
         rules: how each path's answer is checked against the ground truth.
         on_round: called with each round's metrics when the round finishes.
 
     Raises:
-        ConfigError, InvalidInputError: before any round, for bad settings or items;
+        ConfigError, InvalidInputError: before any round, for a bad config or items;
         BackendError: when items fail to sample (rerun to resume).
     """
     from insightv_agents.synthesize import load_items
 
-    config = check_settings(settings, IterativeDPOSettings)
+    config = check_config(config, IterativeDPOConfig)
     if scorer is None:
         raise ConfigError("iterative_dpo needs a scorer (an MLLM or a PathScorer such as "
                           "RuleScorer): the policy must not score its own paths.")
@@ -227,11 +241,11 @@ def iterative_dpo(
                     on_round(finished)
             rounds.append(finished)
             current = finished["model_out"]
-            write_round_report(config.output_dir, rounds)
+            write_round_report(Path(str(config.output_dir)), rounds)
     return IterativeResult(rounds=rounds, final_model=current)
 
 
-def _run_round(number: int, current: str, items: str | Path, config: IterativeDPOSettings, *,
+def _run_round(number: int, current: str, items: str | Path, config: IterativeDPOConfig, *,
                loop: asyncio.Runner, policy: Policy, scorer: Any, judge: Any, summarizer: Any,
                prompts: Prompts, rules: AnswerRules) -> dict[str, Any]:
     from accelerate import PartialState
@@ -280,7 +294,7 @@ def _run_round(number: int, current: str, items: str | Path, config: IterativeDP
 
 
 def _sample(number: int, current: str, items: str | Path, samples: Path,
-            config: IterativeDPOSettings, *, loop: asyncio.Runner, policy: Policy, scorer: Any,
+            config: IterativeDPOConfig, *, loop: asyncio.Runner, policy: Policy, scorer: Any,
             judge: Any, summarizer: Any, prompts: Prompts, rules: AnswerRules) -> None:
     from insightv_agents.graphs.synthesis import create_synthesis_graph
     from insightv_agents.synthesize import describe_model, load_items, synthesize, write_run_file
@@ -291,12 +305,13 @@ def _sample(number: int, current: str, items: str | Path, samples: Path,
     sampler = policy.chat_model(current, number)
     graph = create_synthesis_graph(teacher=sampler, scorer=scorer, judge=judge,
                                    summarizer=summarizer, mode=config.mode, paths=config.paths,
-                                   max_steps=config.max_steps, max_retries=config.max_retries,
+                                   max_steps=config.reasoning_max_steps,
+                                   max_retries=config.reasoning_max_retries,
                                    prompts=prompts, rules=rules,
                                    final_answer=config.final_answer).compile(name=f"iterative-dpo-round-{number}")
     provenance = {"teacher": {**describe_model(sampler), "policy_model": current},
                   "scorer": describe_model(scorer), "judge": describe_model(judge),
-                  "summarizer": describe_model(summarizer), "max_steps": config.max_steps,
+                  "summarizer": describe_model(summarizer), "max_steps": config.reasoning_max_steps,
                   "mode": config.mode, "final_answer": config.final_answer,
                   "prompts_version": PROMPTS_VERSION, "round": number}
     write_run_file(samples, {"input": str(items), "data_root": str(root),

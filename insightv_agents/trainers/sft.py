@@ -3,16 +3,18 @@
 
 Example::
 
-    from insightv_agents.trainers import SFTSettings, train_sft
+    from insightv_agents.trainers.sft import SFTConfig, train_sft
 
     result = train_sft("models/base", "data/sft-reason",
-                       SFTSettings(agent="reasoning", output_dir="out/reasoner"))
+                       SFTConfig(agent="reasoning", output_dir="out/reasoner"))
     # result.output_dir holds a LoRA adapter that ChatTransformersVLM and VLLMServer load.
 
-Defaults (``None`` in the settings): full fine-tuning follows the paper — reasoning agent
-lr 5e-6 for 2 epochs, summary agent lr 1e-5 for 1 epoch. LoRA (rank 16, alpha 32, on the
-language model) uses lr 1e-4 (reasoning) and 2e-4 (summary), the usual LoRA range, keeping
-the paper's 1:2 ratio and epochs.
+:class:`SFTConfig` is TRL's ``SFTConfig`` with what agent training adds
+(:class:`~insightv_agents.trainers.common.AgentTraining`), so every TRL and transformers
+training option is there under its own name. Defaults (``None``): full fine-tuning follows
+the paper — reasoning agent lr 5e-6 for 2 epochs, summary agent lr 1e-5 for 1 epoch. LoRA
+(rank 16, alpha 32, on the language model) uses lr 1e-4 (reasoning) and 2e-4 (summary), the
+usual LoRA range, keeping the paper's 1:2 ratio and epochs.
 
 The loss covers the assistant turns only: through the chat template's ``{% generation %}``
 markers where it has them (or TRL has a training template for it), otherwise by splitting
@@ -22,19 +24,20 @@ each conversation into prompt/completion rows, one per assistant turn (completio
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+import trl
 
 from insightv_agents.errors import ConfigError
 from insightv_agents.trainers.common import (
-    TrainSettings,
-    check_settings,
+    AgentTraining,
+    check_config,
     checkpoint_to_resume,
     load_dataset_arg,
     load_for_training,
+    option,
     save_output,
 )
 
@@ -42,7 +45,7 @@ Agent = Literal["reasoning", "summary"]
 LossMask = Literal["auto", "assistant", "completion"]
 LossScale = Literal["batch_tokens", "mean_tokens"]
 
-LENGTH_COLUMN = "length"
+LENGTH_SAMPLING = ("group_by_length", "batch_rebalance")
 # (learning rate, epochs) by agent and fine-tuning kind; see the module docstring.
 SFT_DEFAULTS: dict[tuple[str, str], tuple[float, float]] = {
     ("reasoning", "full"): (5e-6, 2), ("summary", "full"): (1e-5, 1),
@@ -50,72 +53,71 @@ SFT_DEFAULTS: dict[tuple[str, str], tuple[float, float]] = {
 }
 
 
-class SFTSettings(TrainSettings):
-    """SFT settings (see :class:`~insightv_agents.trainers.common.TrainSettings` for the rest).
+@dataclass
+class SFTConfig(AgentTraining, trl.SFTConfig):  # type: ignore[misc]
+    """TRL's ``SFTConfig`` for training an agent: the fields of
+    :class:`~insightv_agents.trainers.common.AgentTraining`, and these.
 
     Args:
-        agent: ``"reasoning"`` or ``"summary"`` (picks the defaults).
-        loss: which tokens are supervised: ``"assistant"`` (template markers), ``"completion"``
-            (prompt/completion rows), or ``"auto"`` (markers when the template allows).
-        max_length: cut rows to this many tokens (``None``: never; image tokens are kept).
-        group_by_length: batch rows of similar length together (transformers' length-grouped
-            sampling: shuffled, then sorted within mega-batches of up to 50 batches), each row's
-            length its text in characters (``length`` column, added when missing). Less
-            padding, so less compute where lengths vary: on 597 of the shapes world's
-            four-stage rows, batches of 16 were 55% real text shuffled and 90% grouped, and
-            trained 2.0x faster (``benchmarks/length_grouping.py``). Within a mega-batch the
-            batches run longest first; with fewer than eight batches of rows a mega-batch is one
-            batch (no grouping). Where a row's length follows its kind (a chain's length its
-            question's kind), grouped batches are of one kind and runs of steps push the model
-            toward one kind at a time: a shapes reasoning agent trained so at learning rate
-            2e-3 wrote the plan of the wrong kind of question for most test questions (6.7%
-            right against 30.0% shuffled). The loss is still each batch's mean over its supervised
-            tokens, so where kinds of rows differ in length and in supervised tokens (short
-            answer-only rows beside long chains), grouping them apart gives the tokens of the
-            kind with fewer per batch more weight than shuffled batches would: use it with
-            ``loss_scale="mean_tokens"``, or where the rows are of one kind.
+        agent: ``"reasoning"`` or ``"summary"`` (picks the learning rate and epochs).
+        loss_mask: which tokens are supervised: ``"assistant"`` (the template's markers: TRL's
+            ``assistant_only_loss``), ``"completion"`` (prompt/completion rows), or ``"auto"``
+            (markers when the template allows).
         micro_batches: run each batch (``per_device_train_batch_size`` x
             ``gradient_accumulation_steps`` rows, drawn at random as usual) as this many
             gradient-accumulation micro-batches of rows of similar length (transformers'
             ``batch_rebalance`` sampling: a long micro-batch holds fewer rows). Every optimiser
             step sees the same kind of random batch and, with ``loss_scale="batch_tokens"``,
-            the same loss (divided by the supervised tokens of the whole step); only the
-            padding goes. On the shapes world's four-stage rows (judge rows up to twice as long
-            as the rest), 2 micro-batches of a batch of 16 trained 1.8x faster; on its
-            reasoning chains 1.1x. ``per_device_train_batch_size`` must be a multiple of it.
-            Needs transformers with ``train_sampling_strategy``; not with ``group_by_length``.
+            the same loss; only the padding goes. ``per_device_train_batch_size`` must be a
+            multiple of it; not with another ``train_sampling_strategy``.
         loss_scale: what each step's summed token loss is divided by. ``"batch_tokens"``
             (transformers' way): the supervised tokens of the step's own rows, so every step
             weighs the same and a token in a batch of short answers weighs more than one in a
             batch of long chains. ``"mean_tokens"``: the mean supervised tokens per row (counted
             on up to 256 rows of the set before training) times the rows of a step, the same
             for every step, so every supervised token weighs the same however the batches are
-            made up (grouped or not); a step of short rows then moves the model less.
+            made up; a step of short rows then moves the model less.
+
+    ``train_sampling_strategy="group_by_length"`` (transformers' length-grouped batches) takes
+    each row's length from a ``length`` column, added when missing (the characters of its
+    text). Where rows of different kinds differ in length, grouped batches hold one kind at a
+    time: use it with ``loss_scale="mean_tokens"``, or where the rows are of one kind. The
+    documentation's benchmarks page measures both ways of batching by length.
     """
 
-    agent: Agent = "reasoning"
-    loss: LossMask = "auto"
-    max_length: int | None = Field(None, ge=16)
-    group_by_length: bool = False
-    micro_batches: int = Field(1, ge=1, le=64)
-    loss_scale: LossScale = "batch_tokens"
+    agent: Agent = option("reasoning", "reasoning or summary: picks the learning rate and "
+                                       "epochs.")
+    loss_mask: LossMask = option("auto", "Supervised tokens: assistant (template markers), "
+                                         "completion (prompt/completion rows) or auto.")
+    micro_batches: int = option(1, "Run each batch as this many micro-batches of rows of "
+                                   "similar length (batch_rebalance sampling).")
+    loss_scale: LossScale = option("batch_tokens", "Divide each step's loss by its own "
+                                   "supervised tokens (batch_tokens) or by the same count "
+                                   "every step (mean_tokens).")
 
-    @model_validator(mode="after")
-    def _check_micro_batches(self) -> SFTSettings:
-        if self.micro_batches > 1:
-            if self.group_by_length:
-                raise ValueError("micro_batches and group_by_length are two ways to batch by "
-                                 "length; choose one.")
-            if self.per_device_train_batch_size % self.micro_batches:
-                raise ValueError(f"per_device_train_batch_size "
-                                 f"({self.per_device_train_batch_size}) must be a multiple of "
-                                 f"micro_batches ({self.micro_batches}).")
-        return self
-
-    def schedule(self) -> tuple[float, float]:
-        """The learning rate and epochs this run uses."""
-        rate, epochs = SFT_DEFAULTS[(self.agent, self.finetune)]
-        return self.learning_rate or rate, self.num_train_epochs or epochs
+    def __post_init__(self) -> None:
+        problems = [
+            message for ok, message in [
+                (self.agent in ("reasoning", "summary"), "agent must be reasoning or summary"),
+                (self.loss_mask in ("auto", "assistant", "completion"),
+                 "loss_mask must be auto, assistant or completion"),
+                (self.loss_scale in ("batch_tokens", "mean_tokens"),
+                 "loss_scale must be batch_tokens or mean_tokens"),
+                (1 <= self.micro_batches <= 64, "micro_batches must be within 1-64"),
+                (self.micro_batches == 1 or self.train_sampling_strategy == "random",
+                 "micro_batches and train_sampling_strategy are two ways to batch; choose one"),
+                (self.per_device_train_batch_size % max(self.micro_batches, 1) == 0,
+                 f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be a "
+                 f"multiple of micro_batches ({self.micro_batches})"),
+            ] if not ok]
+        if problems:
+            raise ConfigError(f"invalid SFTConfig: {'; '.join(problems)}.")
+        rate, epochs = SFT_DEFAULTS.get((self.agent, self.finetune), (None, None))
+        if self.learning_rate is None:
+            self.learning_rate = rate
+        if self.num_train_epochs is None:
+            self.num_train_epochs = epochs
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
@@ -128,63 +130,60 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def train_sft(model: str | Path, dataset: Any, settings: SFTSettings | dict[str, Any], *,
+def train_sft(model: str | Path, dataset: Any, config: SFTConfig | dict[str, Any], *,
               adapter: str | Path | None = None, eval_dataset: Any = None,
               callbacks: list[Any] | None = None) -> TrainResult:
     """Fine-tune ``model`` (a base model, a full model output, or an adapter output) on
     ``dataset`` (a ``messages`` + ``images`` dataset, or the folder ``insightv build-data``
-    saved). Resumes from the newest checkpoint in ``output_dir``; under ``accelerate launch``
-    it trains on every process.
+    saved). ``config`` is an :class:`SFTConfig` or a dict of its fields. Resumes from the
+    newest checkpoint in ``output_dir``; under ``accelerate launch`` it trains on every
+    process.
 
     Raises:
-        ConfigError: for invalid settings or a chat template that cannot mask the loss as
+        ConfigError: for an invalid config or a chat template that cannot mask the loss as
             asked; InvalidInputError: for a missing or empty dataset.
     """
-    config = check_settings(settings, SFTSettings)
+    config = check_config(config, SFTConfig)
     trainer, loaded, mask = _sft_trainer(model, dataset, config, adapter=adapter,
                                          eval_dataset=eval_dataset, callbacks=callbacks)
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=checkpoint_to_resume(config))
-    rate, epochs = config.schedule()
     metrics = {**output.metrics, "train_loss": output.training_loss,
                "wall_seconds": round(time.perf_counter() - started, 3),
                "rows": len(trainer.train_dataset)}
     out = save_output(trainer, loaded, config, f"sft-{config.agent}", metrics,
-                      {"loss_mask": mask, "learning_rate": rate, "epochs": epochs,
-                       "loss_scale": config.loss_scale})
+                      {"loss_mask": mask})
     return TrainResult(output_dir=out, adapter=config.finetune == "lora",
                        base_model=loaded.base, metrics=metrics)
 
 
-def _sft_trainer(model: str | Path, dataset: Any, config: SFTSettings, *,
+def _sft_trainer(model: str | Path, dataset: Any, config: SFTConfig, *,
                  adapter: str | Path | None = None, eval_dataset: Any = None,
                  callbacks: list[Any] | None = None) -> tuple[Any, Any, str]:
     """The configured ``SFTTrainer`` (not yet trained), the loaded model and the loss mask."""
-    from trl import SFTConfig, SFTTrainer
-
     data = load_dataset_arg(dataset)
     if "messages" not in data.column_names:
         raise ConfigError("SFT needs a conversational dataset with a `messages` column "
                           "(see insightv build-data sft-reason / sft-summary).")
     loaded = load_for_training(model, config, adapter=adapter)
-    mask = loss_mask(loaded.processor, config.loss)
+    mask = loss_mask(loaded.processor, config.loss_mask)
     if mask == "completion":
         data = to_prompt_completion(data)
         if eval_dataset is not None:
             eval_dataset = to_prompt_completion(load_dataset_arg(eval_dataset))
-    rate, epochs = config.schedule()
-    kwargs = config.trl_kwargs(rate, epochs, loaded.bf16, assistant_only_loss=mask == "assistant",
-                               max_length=config.max_length)
-    if config.group_by_length:
-        data = with_lengths(data)
-        kwargs = {**_length_grouped_kwargs(), **kwargs}  # trl_args still win
-    elif config.micro_batches > 1:
-        data = with_lengths(data)
-        kwargs = {**kwargs, **_micro_batch_kwargs(config), **config.trl_args}
-    kind = SFTTrainer if config.loss_scale == "batch_tokens" else _mean_token_trainer()
+    args = replace(config, assistant_only_loss=mask == "assistant")
+    if config.micro_batches > 1:
+        args = replace(args, micro_batches=1, train_sampling_strategy="batch_rebalance",
+                       per_device_train_batch_size=(config.per_device_train_batch_size
+                                                    // config.micro_batches),
+                       gradient_accumulation_steps=(config.gradient_accumulation_steps
+                                                    * config.micro_batches))
+    if args.train_sampling_strategy in LENGTH_SAMPLING:
+        data = with_lengths(data, args.length_column_name)
+    kind = trl.SFTTrainer if config.loss_scale == "batch_tokens" else _mean_token_trainer()
     if config.micro_batches > 1:
         kind = _seeded_rebalance(kind)
-    trainer = kind(model=loaded.model, args=SFTConfig(**kwargs), train_dataset=data,
+    trainer = kind(model=loaded.model, args=args, train_dataset=data,
                    eval_dataset=eval_dataset, processing_class=loaded.processor,
                    peft_config=loaded.peft_config, callbacks=callbacks)
     if config.loss_scale == "mean_tokens":
@@ -215,9 +214,7 @@ def _mean_token_trainer() -> type:
     """``SFTTrainer`` dividing every step's loss by the same token count (``loss_scale=
     "mean_tokens"``): its ``tokens_per_row`` times the rows of a full step."""
     import torch
-    from trl import SFTTrainer
-
-    class MeanTokenSFTTrainer(SFTTrainer):
+    class MeanTokenSFTTrainer(trl.SFTTrainer):
         tokens_per_row: float = 1.0
 
         def get_batch_samples(self, epoch_iterator: Any, num_batches: int,
@@ -266,43 +263,19 @@ def loss_mask(processor: Any, asked: LossMask) -> Literal["assistant", "completi
     return "completion"
 
 
-def with_lengths(dataset: Any) -> Any:
-    """``dataset`` with a ``length`` column (if it has none): the characters of each row's
-    text, in ``messages`` or in ``prompt`` and ``completion``."""
-    if LENGTH_COLUMN in dataset.column_names:
+def with_lengths(dataset: Any, column: str = "length") -> Any:
+    """``dataset`` with a ``column`` of lengths (if it has none): the characters of each
+    row's text, in ``messages`` or in ``prompt`` and ``completion``."""
+    if column in dataset.column_names:
         return dataset
     columns = [name for name in ("messages", "prompt", "completion")
                if name in dataset.column_names]
 
     def measure(batch: dict[str, list[Any]]) -> dict[str, list[int]]:
-        return {LENGTH_COLUMN: [sum(_text_length(batch[name][row]) for name in columns)
+        return {column: [sum(_text_length(batch[name][row]) for name in columns)
                                 for row in range(len(batch[columns[0]]))]}
 
     return dataset.map(measure, batched=True)
-
-
-def _length_grouped_kwargs() -> dict[str, Any]:
-    """The training arguments for length-grouped batches (transformers 5 made the flag a
-    sampling strategy)."""
-    from transformers import TrainingArguments
-
-    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
-        return {"train_sampling_strategy": "group_by_length", "length_column_name": LENGTH_COLUMN}
-    return {"group_by_length": True, "length_column_name": LENGTH_COLUMN}
-
-
-def _micro_batch_kwargs(config: SFTSettings) -> dict[str, Any]:
-    """TRL arguments that run each batch as ``config.micro_batches`` micro-batches by length."""
-    from transformers import TrainingArguments
-
-    if "train_sampling_strategy" not in TrainingArguments.__dataclass_fields__:
-        raise ConfigError("micro_batches needs a transformers with train_sampling_strategy "
-                          "(batch_rebalance); upgrade transformers or leave micro_batches at 1.")
-    return {"train_sampling_strategy": "batch_rebalance", "length_column_name": LENGTH_COLUMN,
-            "per_device_train_batch_size":
-                config.per_device_train_batch_size // config.micro_batches,
-            "gradient_accumulation_steps":
-                config.gradient_accumulation_steps * config.micro_batches}
 
 
 def _text_length(value: Any) -> int:

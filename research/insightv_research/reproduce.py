@@ -96,124 +96,74 @@ PAIRS: tuple[tuple[str, str, tuple[str, ...] | None, str], ...] = (
 TRAINING_STAGES = ("text", "base", "sft", "reasoner samples", "iterative")
 
 
+def dpo_losses(sft_weight: float) -> dict[str, Any]:
+    """TRL's DPO ``loss_type`` / ``loss_weights`` for an NLL term of ``sft_weight`` (none: 0)."""
+    if not sft_weight:
+        return {}
+    return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]}
+
+
 class ReproduceSettings(BaseModel):
-    """How big the comparison is (``timings.json`` records what each stage took).
+    """The reproduction's settings (``timings.json`` records what each stage took). The runs
+    that chose each default are in the research docs (``settings.md``).
 
     Args:
         out: the run's folder.
         seed: seeds the dataset, the teacher and every training run.
         train, dpo, test: questions in the training split (synthesis), sampled by each DPO
             round (fresh ones every round: the dpo split holds ``rounds`` x ``dpo``), and in
-            the held-out test split. In runs/reproduce-v6 the three rounds sampled the same 48
-            questions: the sampled accuracy rose every round (26 -> 33%) while the test
-            chains fell after round 1 (right 25 -> 17 of 60). The test split was 60 questions
-            up to runs/reproduce-v12: too few to tell systems apart (a 95% interval of
-            +-12 points, and no goal's paired difference significant in any run); 240 halves
-            that, for about 25 more minutes of evaluation on 2 CPU cores (35 in all in
-            runs/reproduce-v13). The first 60
-            of 240 are the 60 of the earlier runs (each split is drawn from its own seeded
-            generator).
+            the held-out test split (each split drawn from its own seeded generator, so the
+            first questions of a bigger split are those of a smaller one).
         paths, flaw_rate: paths the teacher writes per question, and the share with flaws.
         plan_step: the teacher's paths state their plan as their second step
-            (:func:`~insightv_research.shapes.reasoning.with_plan_step`). A pilot on
-            runs/reproduce-v4 (the reasoner alone retrained with it) raised (b) from 23.3 to
-            31.7% and the chains following the question's plan from 35 to 55%; so did the
-            whole runs/reproduce-v5 and v6 (README).
+            (:func:`~insightv_research.shapes.reasoning.with_plan_step`).
         plan_first: the plan step comes first, right after the picture and the question,
-            before the description (with ``plan_step``). The plan names what the question
-            asks for; written second, it must read the question back across the picture and
-            the 16-cell description. Off by default: a pilot on runs/seed1's base (the
-            reasoning agent retrained with it) wrote the right plan for 20 of 60 test
-            questions against 18, and its later steps followed their plan for 28 against 47:
-            (b) 31.7 against 35.0% (README, Results).
+            before the description (with ``plan_step``).
         vocab_size: the tokenizer's size (trained on the run's texts).
         text_steps: steps of text-only pre-training before the images (the run's texts and
             span-copy sequences: :func:`~insightv_agents.trainers.text.pretrain_text`);
-            0, the default, skips it. In runs/reproduce-v9 (3000 steps) the text stage taught
-            the models to copy but kept the caption stage from teaching the base to see (69%
-            of the held-out cells right, no picture whole); the same caption stage from the
-            fresh model saw every picture, and the chain systems trained from it did best
-            (README, Results).
+            0 skips it.
         text_far_copy_target: the text stage's long phase goes on (up to 1200 long steps)
-            until its held-out far copy accuracy reaches this (None: 400 long steps, however
-            far it got). A run whose corpus had the plan steps ended the 400 at 0.03.
+            until its held-out far copy accuracy reaches this (None: 400 long steps).
         text_near_copy_target: the text stage's long phase starts only once its held-out
-            near copy accuracy reaches this (None: at step ``text_steps`` - 400, however far
-            it got; :class:`~insightv_agents.trainers.text.TextPretrainSettings`). When near
-            copying comes varies from run to run: in runs/reproduce-v8 it was 0.14 where the
-            long phase began (step 2600), then 0, and no model of that run could copy (far
-            0.006 after the 1200 long steps); the same stage with the short phase going on
-            copied near at 0.94 by step 2800 and far at 0.81 after 200 long steps. In
-            runs/reproduce-v9 (this default) it was 0.98 at step 2400, so the gate let the
-            long phase start on time (README, Results).
+            near copy accuracy reaches this (None: at step ``text_steps`` - 400;
+            :class:`~insightv_agents.trainers.text.TextPretrainSettings`).
         caption_epochs, sft_epochs: epochs of the caption pre-training and of each SFT.
         caption_cell_target: the caption probe (:mod:`~insightv_research.shapes.captions`:
             greedy descriptions of ``CAPTION_PROBE`` held-out pictures of the DPO split) is
-            taken after the caption pre-training and recorded (``caption-probe.json``, the
-            results); with a target, while it describes less than this share of the cells
-            right the pre-training goes on ``caption_more_epochs`` at a time (each a new
-            schedule from the last model), up to ``max_caption_epochs`` in all. Off by
-            default: in runs/reproduce-v9 the base described 69% of the held-out cells right
-            and no picture whole after the 15 epochs (v4's, 15 epochs too, saw every
-            picture), and 10 more epochs brought 75%, still no picture whole (README,
-            Results).
-        caption_learning_rate: of the caption pre-training. At 2e-3 it erased the text
-            stage's copying (held-out copy accuracy 0.72 -> 0.00) and left the base seeing
-            134 of 160 held-out cells; at 5e-4 it kept 0.49 and saw all 640 cells of 40
-            held-out pictures after 1100 steps (trainers.text.measure_copying; README).
+            taken after the caption pre-training and recorded (``caption-probe.json``); with
+            a target, while it describes less than this share of the cells right the
+            pre-training goes on ``caption_more_epochs`` at a time (each a new schedule from
+            the last model), up to ``max_caption_epochs`` in all.
+        caption_learning_rate: of the caption pre-training.
         learning_rate, batch_size: of the SFT runs (full fine-tuning); batch_size of the
             caption pre-training too.
         micro_batches: each SFT batch runs as this many micro-batches of rows of similar
-            length (:class:`~insightv_agents.trainers.sft.SFTSettings`; the same random
-            batches and loss, less padding): (f)'s rows trained 1.9x faster, the chains 1.2x.
+            length (:class:`~insightv_agents.trainers.sft.SFTConfig` ``micro_batches``).
         precision: ``"bf16-mixed"`` trains the caption stage, the SFT runs and DPO in
             bfloat16 autocast with float32 weights (generation stays float32); ``"auto"``
             picks it where bfloat16 is native (:func:`~insightv_agents.trainers.common.
-            native_bf16`: a GPU, or a CPU with AVX512-BF16 or AMX; a quarter faster per step
-            there) and float32 elsewhere. The choice made is recorded in the results. The
-            text stage trains in float32 either way. Both speed options are off by default:
-            a from-scratch run with ``precision="auto"`` (bf16-mixed there) and
-            ``micro_batches=2`` (runs/reproduce-v8, seed 0) trained in 62 min against 82, but
-            its reasoning agent's plans counted what the question asks for 2 of 14 count
-            questions, and (b) and (f) fell from 31.7 and 36.7 to 23.3% (README, Results);
-            one run cannot tell which option, or chance, did it.
+            native_bf16`) and float32 elsewhere; the choice made is recorded in the results.
+            The text stage trains in float32 either way.
         group_by_length: the reasoning agent's SFT batches rows of similar length together
-            (:class:`~insightv_agents.trainers.sft.SFTSettings`; 797 s against 1041 s
-            shuffled). Off by default: a chain's length follows its question's kind, so
-            grouped batches run through one kind of question at a time, and on the same base
-            the grouped reasoning agent stopped reading the question (its plan for "What kind
-            of shape is at row 3, column 3?" was "Count the circles"): (b) 6.7% against 30.0%
-            shuffled (a from-scratch run, seed 0; README).
+            (transformers' ``group_by_length`` sampling).
         rounds, dpo_paths, dpo_learning_rate, dpo_epochs, dpo_beta: iterative DPO.
-        dpo_sft_weight: weight of the NLL term on the chosen paths added to each round's DPO
-            loss (:class:`~insightv_agents.trainers.dpo.DPOSettings` ``sft_weight``:
-            Iterative RPO); 0: plain DPO, as the paper. On runs/seed1's models, 1.0 gave
-            (d) 41.7 and (e) 35.0 against plain DPO's 40.0 and 40.0 (README, Results).
+        dpo_sft_weight: weight of an NLL term on the chosen paths added to each round's DPO
+            loss (TRL's ``loss_type=["sigmoid", "sft"]``: Iterative RPO); 0: plain DPO, as
+            the paper.
         dpo_answer: how a DPO round finds each sampled chain's answer: ``"summary"``, the
             run's summary agent answers from the chain (as Insight-V's system does);
-            ``"stated"`` (the default), the chain's own last step (the reasoning agent judged
-            on its own: the pairs then reward chains that reach the answer themselves). In
-            runs/reproduce-v5 the summary agent answered 16-17% of the sampled chains right
-            and the rounds had 3-4 pairs; judged by their own answers (v6), 26-33% and 30-35.
+            ``"stated"``, the chain's own last step (the pairs then reward chains that reach
+            the answer themselves).
         dpo_score_share: how the DPO rounds' ``SceneScorer`` counts the reasoning: the share
-            of claims that hold, or of steps whose claims all hold (``share``). Per step did
-            not help (runs/reproduce-steps: (d) 31.7, (e) 30.0 against 33.3 and 30.0 per
-            claim): no sampled multi-step path had every step right, so the pairs stayed right
-            answers against wrong ones (README, Results).
+            of claims that hold, or of steps whose claims all hold (``share``).
         dpo_on_plan: the DPO rounds' ``SceneScorer`` counts a sampled path's right answer only
-            when the path follows a plan for the question (``on_plan``): a chain about
-            something else that lands on the right answer by luck is then not chosen. In
-            runs/seed1's rounds 4, 7 and 0 of the 26, 31 and 23 chosen paths followed a
-            plan; with this on, the rounds had 6, 12 and 4 pairs, too few to move the model:
-            (d) 38.3, (e) 35.0 against 40.0 and 40.0 (README, Results).
+            when the path follows a plan for the question (``on_plan``).
         beam_size: candidates per stage in (f)'s stage-level beam search.
         summary_rows, summary_mix: rows of the summary agent's SFT set, and their shares of
             optimal and flawed paths, the agent's own paths and plain question answering
-            (:class:`~insightv_agents.trainers.data.SummaryMix`). The default is optimal
-            paths only, not the paper's mix (``SummaryMix()``): trained on the paper's mix the
-            tiny summary agent answers by itself and keeps the chain's answer for 14-16 of 60
-            test questions (five trainings on runs/reproduce-v5's rows: (c) 11.7-20.0%); on
-            optimal paths it keeps it 44 times and (c) follows the chains (README, Results).
+            (:class:`~insightv_agents.trainers.data.SummaryMix`; the default is optimal paths
+            only, not the paper's ``SummaryMix()``).
         summary_epochs: epochs of the summary agent's SFT (None: ``sft_epochs``).
         self_questions, self_paths: the first ``self_questions`` training questions, each
             answered ``self_paths`` times by the trained reasoning agent (sampled through the
@@ -583,20 +533,20 @@ class Run:
 
     def train(self, model: Path, rows: Any, out: Path, epochs: float, *,
               learning_rate: float | None = None, group_by_length: bool = False) -> None:
-        from insightv_agents.trainers.sft import SFTSettings, train_sft
+        from insightv_agents.trainers.sft import SFTConfig, train_sft
 
         s = self.settings
-        train_sft(model, rows, SFTSettings(
-            output_dir=out, finetune="full", learning_rate=learning_rate or s.learning_rate,
+        train_sft(model, rows, SFTConfig(
+            output_dir=str(out), finetune="full", learning_rate=learning_rate or s.learning_rate,
             num_train_epochs=epochs, per_device_train_batch_size=s.batch_size,
-            warmup_ratio=0.05, logging_steps=20, save_steps=200, seed=s.seed,
-            group_by_length=group_by_length,
+            warmup_steps=0.05, logging_steps=20, save_steps=200, seed=s.seed,
+            train_sampling_strategy="group_by_length" if group_by_length else "random",
             micro_batches=1 if group_by_length else s.micro_batches, dtype=self.precision))
 
     def iterate(self) -> list[dict[str, Any]]:
         from insightv_agents.trainers.iterative import (
             InProcessPolicy,
-            IterativeDPOSettings,
+            IterativeDPOConfig,
             iterative_dpo,
         )
         from insightv_research.shapes.scorer import SceneScorer
@@ -604,14 +554,14 @@ class Run:
         s = self.settings
         result = iterative_dpo(
             self.models / "reasoner", self.data / "dpo.jsonl",
-            IterativeDPOSettings(
-                output_dir=self.models / "dpo", rounds=s.rounds, paths=s.dpo_paths,
+            IterativeDPOConfig(
+                output_dir=str(self.models / "dpo"), rounds=s.rounds, paths=s.dpo_paths,
                 mode="chain", concurrency=s.concurrency, questions_per_round=s.dpo,
-                dpo={"finetune": "full", "learning_rate": s.dpo_learning_rate,
-                     "num_train_epochs": s.dpo_epochs, "beta": s.dpo_beta,
-                     "sft_weight": s.dpo_sft_weight, "per_device_train_batch_size": 8,
-                     "seed": s.seed, "logging_steps": 5, "dtype": self.precision},
-                final_answer="stated" if s.dpo_answer == "stated" else "ask"),
+                final_answer="stated" if s.dpo_answer == "stated" else "ask",
+                finetune="full", learning_rate=s.dpo_learning_rate,
+                num_train_epochs=s.dpo_epochs, beta=s.dpo_beta,
+                per_device_train_batch_size=8, seed=s.seed, logging_steps=5,
+                dtype=self.precision, **dpo_losses(s.dpo_sft_weight)),
             scorer=SceneScorer(index=self.index, share=s.dpo_score_share,
                                on_plan=s.dpo_on_plan),
             summarizer=self.chat(self.models / "summary") if s.dpo_answer == "summary" else None,
