@@ -22,19 +22,18 @@ from langgraph.runtime import Runtime
 from langgraph.types import Overwrite
 
 from insightv_agents.errors import (
-    ConfigError,
     InvalidInputError,
     check_int,
 )
+from insightv_agents.formats import FormatProfile, format_profile
 from insightv_agents.images import ImagePolicy, load_images
-from insightv_agents.parsing import parse_answer, parse_steps, parse_verdict
+from insightv_agents.parsing import parse_answer
 from insightv_agents.prompts import (
     DEFAULT_PROMPTS,
     Prompts,
     ReasoningMode,
     final_answer_messages,
     reasoning_messages,
-    render_reasoning,
     summary_messages,
 )
 from insightv_agents.runtime import Exchange, ModelNode, Outcome, emit_event
@@ -44,10 +43,6 @@ from insightv_agents.schema import (
     ReasoningStep,
     Verdict,
     answer_json_schema,
-    chain_regex,
-    json_text_regex,
-    step_json_schema,
-    verdict_json_schema,
 )
 from insightv_agents.state import InsightVState
 
@@ -102,12 +97,14 @@ class ReasoningNode(ModelNode):
 
     Args:
         model: any LangChain chat model that takes images.
+        profile: the agent's format (:mod:`~insightv_agents.formats`: a profile or a built-in
+            one's name); default: ours for ``mode``.
         mode: ``"step"`` asks for one step per call (multi-turn); ``"chain"`` asks for the
             whole chain in one generation (how a trained reasoning agent answers) and parses
-            it into the same steps.
+            it into the same steps. Default: the profile's (``"step"`` without one).
         max_steps: hard cap on steps per reasoning pass.
         max_retries: re-asks after an unreadable reply before recording a failure.
-        prompts: the prompt texts.
+        prompts: the prompt texts (default: the profile's).
         name: the node's name (also used in recorded failures and stream events).
         context_keys: attributes of the run-time context that can replace ``model``.
 
@@ -128,26 +125,24 @@ class ReasoningNode(ModelNode):
         self,
         model: LanguageModelLike,
         *,
-        mode: ReasoningMode = "step",
+        profile: FormatProfile | str | None = None,
+        mode: ReasoningMode | None = None,
         max_steps: int = 16,
         max_retries: int = 2,
-        prompts: Prompts = DEFAULT_PROMPTS,
+        prompts: Prompts | None = None,
         name: str = "reason",
         context_keys: Sequence[str] = ("reasoner",),
     ) -> None:
-        super().__init__(model, name=name, context_keys=context_keys, prompts=prompts,
-                         max_retries=max_retries)
-        if mode not in ("step", "chain"):
-            raise ConfigError(f"mode must be 'step' or 'chain', not {mode!r}.")
+        self.profile = format_profile(profile, mode=mode, prompts=prompts)
+        super().__init__(model, name=name, context_keys=context_keys,
+                         prompts=self.profile.prompts, max_retries=max_retries)
         check_int("max_steps", max_steps, 1, 256)
-        self.mode: ReasoningMode = mode
+        self.mode: ReasoningMode = self.profile.mode
         self.max_steps = max_steps
 
     def _structured_output(self, state: dict[str, Any]) -> dict[str, object]:
         # Exactly the text the agents are trained on (a chain: one JSON step per line).
-        if self.mode == "chain":
-            return {"regex": chain_regex(max_steps=self.max_steps)}
-        return {"regex": json_text_regex(step_json_schema())}
+        return self.profile.reasoning_constraint(self.max_steps)
 
     def is_done(self, state: Mapping[str, Any]) -> bool:
         """Whether this reasoning pass is over: ``summary`` chosen, step cap, or a failure."""
@@ -169,7 +164,7 @@ class ReasoningNode(ModelNode):
             images=state.get("images") or [], steps=steps,
             critique=state.get("critique") if revision else None,
             previous=attempts[-1]["steps"] if revision and attempts else None)
-        return self._ask(messages, parse_steps)
+        return self._ask(messages, self.profile.parse_reasoning)
 
     def _update(self, state: dict[str, Any], outcome: Outcome[Any] | None,
                 runtime: Runtime[Any] | None) -> dict[str, Any]:
@@ -199,12 +194,15 @@ class SummaryNode(ModelNode):
 
     Writes ``verdict``, ``answer``, ``reasoning`` (the rendered steps) and ``status``; on an
     unreadable reply after the re-asks, ``status="failed"``, an empty answer and a recorded
-    failure. Streams a custom event ``{"event": "verdict", ...}``.
+    failure. A reply in plain text that states an answer is that answer, with the verdict's
+    ``reasoning_correct`` unknown (``None``). Streams a custom event
+    ``{"event": "verdict", ...}``.
 
     Args:
         model: any LangChain chat model that takes images.
+        profile: the agent's format (a profile or a built-in one's name; default: ours).
         max_retries: re-asks after an unreadable reply before recording a failure.
-        prompts: the prompt texts.
+        prompts: the prompt texts (default: the profile's).
         name: the node's name.
         context_keys: attributes of the run-time context that can replace ``model``, in order.
     """
@@ -213,29 +211,32 @@ class SummaryNode(ModelNode):
         self,
         model: LanguageModelLike,
         *,
+        profile: FormatProfile | str | None = None,
         max_retries: int = 2,
-        prompts: Prompts = DEFAULT_PROMPTS,
+        prompts: Prompts | None = None,
         name: str = "summarize",
         context_keys: Sequence[str] = ("summarizer",),
     ) -> None:
-        super().__init__(model, name=name, context_keys=context_keys, prompts=prompts,
-                         max_retries=max_retries)
+        self.profile = format_profile(profile, prompts=prompts)
+        super().__init__(model, name=name, context_keys=context_keys,
+                         prompts=self.profile.prompts, max_retries=max_retries)
 
     def _structured_output(self, state: dict[str, Any]) -> dict[str, object]:
         # Exactly the text the summary agent is trained on (format_verdict).
-        return {"regex": json_text_regex(verdict_json_schema())}
+        return self.profile.summary_constraint()
 
     def _conversation(self, state: dict[str, Any]) -> Exchange[Verdict] | None:
         messages = summary_messages(prompts=self.prompts, question=state["question"],
                                     images=state.get("images") or [],
-                                    steps=state.get("steps") or [])
-        return self._ask(messages, parse_verdict)
+                                    steps=state.get("steps") or [],
+                                    render=self.profile.render_reasoning)
+        return self._ask(messages, self.profile.parse_summary)
 
     def _update(self, state: dict[str, Any], outcome: Outcome[Any] | None,
                 runtime: Runtime[Any] | None) -> dict[str, Any]:
         assert outcome is not None
         verdict = outcome.value
-        reasoning = render_reasoning(state.get("steps") or [], self.prompts)
+        reasoning = self.profile.render_reasoning(state.get("steps") or [], self.prompts)
         if verdict is None:
             failure = self._unreadable(state, outcome, runtime)
             return {"verdict": None, "answer": "", "reasoning": reasoning, "status": "failed",

@@ -8,6 +8,7 @@ that a change of wording is visible in provenance.
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -231,11 +232,12 @@ def reasoning_messages(
 
 
 def summary_messages(
-    *, prompts: Prompts, question: str, images: list[str], steps: list[ReasoningStep]
+    *, prompts: Prompts, question: str, images: list[str], steps: list[ReasoningStep],
+    render: Callable[[list[ReasoningStep], Prompts], str] = render_reasoning,
 ) -> list[BaseMessage]:
-    """The conversation for the summary agent: question, image(s) and the rendered reasoning."""
-    text = prompts.summary_user.format(question=question,
-                                       reasoning=render_reasoning(steps, prompts))
+    """The conversation for the summary agent: question, image(s) and the reasoning as
+    ``render`` shows it."""
+    text = prompts.summary_user.format(question=question, reasoning=render(steps, prompts))
     return [*_system(prompts.summary_system),
             HumanMessage(content=user_content(prompts, images, text))]
 

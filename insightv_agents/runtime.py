@@ -111,7 +111,8 @@ class ModelNode(RunnableCallable):
         context = getattr(runtime, "context", None)
         chosen = next((getattr(context, key) for key in self.context_keys
                        if getattr(context, key, None) is not None), self.model)
-        return constrained(chosen, self._structured_output(state))
+        constraint = self._structured_output(state)
+        return constrained(chosen, constraint) if constraint else chosen
 
     def _ask(self, messages: list[BaseMessage], parse: Callable[[str], T]) -> Exchange[T]:
         """Send ``messages``; re-ask with the error after an unreadable reply, a bounded

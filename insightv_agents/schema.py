@@ -28,9 +28,11 @@ class ReasoningStep(TypedDict):
 
 
 class Verdict(TypedDict):
-    """The summary agent's judgement of a reasoning chain, and its answer."""
+    """The summary agent's judgement of a reasoning chain, and its answer.
+    ``reasoning_correct`` is ``None`` when the agent answered without judging (a plain-text
+    answer)."""
 
-    reasoning_correct: bool
+    reasoning_correct: bool | None
     critique: str
     answer: str
 

@@ -172,7 +172,8 @@ def test_unreadable_reasoning_is_recorded_and_summary_still_answers(
 
 
 def test_unreadable_verdict_fails_the_run_with_a_typed_record(inputs: dict[str, Any]) -> None:
-    model = ScriptedChatModel([step("s", "r", "summary"), "no idea", "still no idea", "nope"])
+    # (a short plain-text reply would be its answer: these state none)
+    model = ScriptedChatModel([step("s", "r", "summary"), "{}", "", '{"note": "none"}'])
     out = run(model, inputs)
     assert out["status"] == "failed" and out["answer"] == "" and out["verdict"] is None
     assert out["failures"][0]["node"] == "summarize" and out["failures"][0]["attempts"] == 3

@@ -97,7 +97,8 @@ def stream_run(graph: Any, inputs: dict[str, Any], console: Console) -> dict[str
             console.print(Panel(chunk["text"] or "(empty)", title="response", title_align="left"))
         elif chunk.get("event") == "verdict":
             verdict = chunk["verdict"]
-            holds = "holds" if verdict["reasoning_correct"] else "is flawed"
+            holds = {True: "holds", False: "is flawed", None: "was not judged"}[
+                verdict["reasoning_correct"]]
             console.print(f"[dim]summary agent: the reasoning {holds}"
                           + (f": {verdict['critique']}" if verdict["critique"] else "") + "[/dim]")
     return result

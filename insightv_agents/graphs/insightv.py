@@ -18,6 +18,8 @@ from langgraph.types import TracePolicy
 from langgraph.utils.runnable import RunnableCallable
 
 from insightv_agents.errors import check_int
+from insightv_agents.cards import card_of
+from insightv_agents.formats import FormatProfile, agent_profile, format_profile
 from insightv_agents.images import ImagePolicy, redact_images
 from insightv_agents.nodes import (
     MAX_QUESTION_CHARS,
@@ -26,7 +28,7 @@ from insightv_agents.nodes import (
     prepare_input,
     revise,
 )
-from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, ReasoningMode
+from insightv_agents.prompts import Prompts, ReasoningMode
 from insightv_agents.state import InsightVContext, InsightVInput, InsightVOutput, InsightVState
 
 REDACT_IMAGES = TracePolicy(process_inputs=redact_images, process_outputs=redact_images)
@@ -37,11 +39,13 @@ def create_insightv_graph(
     *,
     reasoner: LanguageModelLike,
     summarizer: LanguageModelLike | None = None,
-    mode: ReasoningMode = "step",
+    profile: FormatProfile | str | None = None,
+    summary_profile: FormatProfile | str | None = None,
+    mode: ReasoningMode | None = None,
     max_steps: int = 16,
     max_revisions: int = 0,
     max_retries: int = 2,
-    prompts: Prompts = DEFAULT_PROMPTS,
+    prompts: Prompts | None = None,
     image_policy: ImagePolicy | None = None,
     max_question_chars: int = MAX_QUESTION_CHARS,
 ) -> StateGraph[InsightVState, InsightVContext, InsightVInput, InsightVOutput]:
@@ -50,12 +54,19 @@ def create_insightv_graph(
     Args:
         reasoner: chat model of the reasoning agent (any LangChain chat model taking images).
         summarizer: chat model of the summary agent; ``None`` lets the reasoner play both roles.
-        mode: ``"step"``: one step per reasoning call; ``"chain"``: a whole chain per call.
+        profile: the agents' format (:mod:`~insightv_agents.formats`: ``"steps"``, ``"chain"``,
+            ``"insightv-reference"``, ``"llava-cot"`` or a ``FormatProfile``); default: what
+            each model's agent card says (:mod:`~insightv_agents.cards`), else ours for
+            ``mode``.
+        summary_profile: the summary agent's format, where it differs from ``profile``.
+        mode: ``"step"``: one step per reasoning call; ``"chain"``: a whole chain per call
+            (default: the profile's; ``"step"`` without one).
         max_steps: hard cap on reasoning steps per pass.
         max_revisions: how many times the summary agent may send flawed reasoning back with
             its critique; ``0`` is the paper's one-pass system.
         max_retries: re-asks after an unreadable model reply, per call.
-        prompts: the prompt texts (see :class:`~insightv_agents.prompts.Prompts`).
+        prompts: the prompt texts (see :class:`~insightv_agents.prompts.Prompts`; default:
+            the profile's).
         image_policy: which images are accepted (URLs are refused unless allowed there).
         max_question_chars: longest question accepted.
 
@@ -80,11 +91,17 @@ def create_insightv_graph(
     """
     check_int("max_revisions", max_revisions, 0, 16)
     check_int("max_question_chars", max_question_chars, 1, 10_000_000)
-    reason = ReasoningNode(reasoner, mode=mode, max_steps=max_steps, max_retries=max_retries,
-                           prompts=prompts)
+    reasoning = agent_profile(reasoner, profile, mode=mode, prompts=prompts)
+    summary = reasoning  # unless it is told, or its own card says, otherwise
+    if summary_profile is not None:
+        summary = format_profile(summary_profile, prompts=prompts)
+    elif profile is None and mode is None and card_of(summarizer) is not None:
+        summary = agent_profile(summarizer, prompts=prompts)
+    reason = ReasoningNode(reasoner, profile=reasoning, max_steps=max_steps,
+                           max_retries=max_retries)
     summarize = SummaryNode(
         summarizer if summarizer is not None else reasoner, max_retries=max_retries,
-        prompts=prompts,
+        profile=summary,
         context_keys=("summarizer",) if summarizer is not None else ("summarizer", "reasoner"))
 
     def after_reason(state: InsightVState) -> Literal["continue", "summary"]:
@@ -92,7 +109,7 @@ def create_insightv_graph(
 
     def after_summary(state: InsightVState) -> Literal["flawed", "done"]:
         verdict = state.get("verdict")
-        flawed = verdict is not None and not verdict["reasoning_correct"]
+        flawed = verdict is not None and verdict["reasoning_correct"] is False
         return "flawed" if flawed and state.get("revision", 0) < max_revisions else "done"
 
     builder = StateGraph(InsightVState, context_schema=InsightVContext,
