@@ -13,9 +13,9 @@ import math
 import re
 import string
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from insightv_agents.schema import AnswerCheck
 
@@ -60,6 +60,23 @@ class AnswerRules:
     def __post_init__(self) -> None:  # normalised once, not on every check
         object.__setattr__(self, "labels",
                            frozenset(normalize_answer(label) for label in self.labels))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> AnswerRules:
+        """Rules from plain values (an agent card's ``answer_rules``: ``labels`` a list).
+
+        Raises:
+            ConfigError: for an unknown field or a bad value.
+        """
+        from insightv_agents.errors import ConfigError
+
+        try:
+            settings = dict(values)
+            if "labels" in settings:
+                settings["labels"] = frozenset(str(label) for label in settings["labels"])
+            return cls(**settings)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"invalid answer rules {dict(values)!r}: {err}") from None
 
 
 DEFAULT_RULES = AnswerRules()

@@ -17,6 +17,8 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import ConfigDict, Field, PrivateAttr
 
+from insightv_agents.cards import AgentCard
+
 Reply = str | Callable[[list[BaseMessage]], str]
 """A scripted reply: a text, or a function of the conversation that returns one."""
 
@@ -32,6 +34,8 @@ class ScriptedChatModel(BaseChatModel):
             raises ``RuntimeError``, which makes a test that calls the model too often fail).
         n: replies per call (a call may also pass ``n``): like a backend that samples
             several candidates in one request.
+        agent_card: the agent card it stands in with (:mod:`~insightv_agents.cards`), as a
+            trained agent's backend carries one.
 
     Examples:
         >>> model = ScriptedChatModel(["first", "second"])
@@ -46,6 +50,7 @@ class ScriptedChatModel(BaseChatModel):
     replies: Sequence[Reply] = Field(default_factory=list)
     cycle: bool = False
     n: int = 1
+    agent_card: AgentCard | None = None
     _calls: list[list[BaseMessage]] = PrivateAttr(default_factory=list)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _used: int = PrivateAttr(default=0)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -97,15 +99,19 @@ class FakeOpenAIServer(http.server.ThreadingHTTPServer):
     For tests of the HTTP client path and of faults (the real vLLM server is tested in
     test_vllm_server.py). With ``keep_alive``, it speaks HTTP/1.1 and keeps each connection
     open for the next request, as vLLM's server does; ``connections`` counts those opened.
-    A request with ``"stream": true`` gets its reply as server-sent events."""
+    A request with ``"stream": true`` gets its reply as server-sent events. ``models``, when
+    given, is what ``GET /v1/models`` lists (vLLM's entries carry ``root``, the served
+    folder); without it the server has no such route, like a bare chat endpoint."""
 
     daemon_threads = True
 
     def __init__(self, reply: Callable[[dict[str, Any]], str | Refusal | Drop],
-                 delay: float = 0.0, port: int = 0, keep_alive: bool = False) -> None:
+                 delay: float = 0.0, port: int = 0, keep_alive: bool = False,
+                 models: list[dict[str, Any]] | None = None) -> None:
         handler = _KeepAliveHandler if keep_alive else _Handler
         super().__init__(("127.0.0.1", port), handler)
         self.reply = reply
+        self.models = models
         self.delay = delay
         self.requests: list[dict[str, Any]] = []
         self.connections = 0
@@ -181,6 +187,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     do_PATCH = do_POST  # LangSmith's run updates, captured like the rest
 
+    def do_GET(self) -> None:
+        if self.server.models is None or not self.path.rstrip("/").endswith("/models"):
+            self._send(404, {"error": {"message": "not found", "type": "invalid", "code": 404}})
+            return
+        self._send(200, {"object": "list", "data": [
+            {"object": "model", "created": 0, "owned_by": "vllm", **entry}
+            for entry in self.server.models]})
+
     def log_message(self, *args: Any) -> None:
         pass
 
@@ -248,3 +262,42 @@ def demo_example() -> tuple[Path, str, str]:
     question = text[start:text.index('"', start)]
     scene = Scene.from_dict(json.loads(EXAMPLE.with_suffix(".json").read_text()))
     return EXAMPLE, question, parse_question(question).answer(scene)
+
+
+@contextlib.contextmanager
+def langgraph_dev(log: Path) -> Iterator[str]:
+    """``langgraph dev`` (LangGraph Server, in memory) on the repository's langgraph.json, in a
+    process of its own, until it answers; yields its URL."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(Path(sys.executable).with_name("langgraph")), "dev", "--no-browser",
+               "--no-reload", "--allow-blocking", "--port", str(port), "--config",
+               str(ROOT / "langgraph.json")]
+    env = {**os.environ, "LANGSMITH_TRACING": "false"}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ok", timeout=2)
+                break
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -88,7 +88,8 @@ def made_directly(url: str) -> Any:
 
 
 @pytest.mark.parametrize("make", [
-    lambda url: vllm_chat_model(url, "m", timeout=10, max_retries=0), made_directly])
+    lambda url: vllm_chat_model(url, "m", timeout=10, max_retries=0, card=None),
+    made_directly])
 def test_one_model_serves_20_event_loops_in_turn_over_kept_alive_connections(
         make: Callable[[str], Any]) -> None:
     errors: list[BaseException] = []

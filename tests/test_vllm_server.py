@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import stat
 import sys
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ from langchain_core.messages import HumanMessage
 
 from insightv_agents import BackendError, create_insightv_graph
 from insightv_agents.backends.transformers import ChatTransformersVLM
-from insightv_agents.backends.vllm import VLLM_PYTHON_ENV, VLLMServer
+from insightv_agents.backends.vllm import VLLM_PYTHON_ENV, VLLMServer, vllm_chat_model
 from insightv_agents.images import load_images
 from insightv_agents.parsing import iter_json_objects
 from insightv_agents.schema import step_json_schema
@@ -311,25 +313,130 @@ def test_stage_beam_through_vllm_samples_candidates_with_n(server: VLLMServer,
         assert out["status"] in ("ok", "failed")
 
 
-def test_the_demo_agents_served_by_vllm_answer_the_demo_example(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The production path with the shipped agents: both served by vLLM (bfloat16, as shipped),
-    the graph with their prompts answers ``make demo``'s question right."""
-    from helpers import demo_example
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc: Linux)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat_file.parent.name))
+    return found
 
-    from insightv_agents.demo import REASONER_DIR, SUMMARY_DIR, demo_prompts
 
+def port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.contextmanager
+def insightv_serve(folder: Path, name: str, log: Path, *options: str) -> Iterator[str]:
+    """``insightv serve --model FOLDER`` in a process of its own, until it says it serves;
+    yields its API root. On the way out it gets SIGTERM, and must leave no vLLM process behind
+    and its port free."""
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, VLLM_PYTHON_ENV: vllm_python(), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "insightv_agents.cli", "serve", "--model", str(folder),
+             "--served-name", name, "--port", str(port), *options],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            if "vLLM serving" in log.read_text(errors="replace"):  # its banner: ready
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            time.sleep(1)
+        vllm = children_of(process.pid)
+        assert vllm, "no vLLM process under insightv serve"
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    assert process.returncode == 0, log.read_text()[-3000:]
+    for group in vllm:  # vLLM runs in its own process group; nothing of it is left
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)
+    assert not port_open(port)
+
+
+def test_sigterm_to_insightv_serve_stops_vllm_and_frees_the_port(
+        tiny: dict[str, Path], tmp_path: Path) -> None:
+    with insightv_serve(tiny["model"], "tiny", tmp_path / "serve.log",
+                        "--dtype", "float32") as url:
+        reply = vllm_chat_model(url, "tiny", max_tokens=4).invoke("hi")
+        assert isinstance(reply.content, str)
+    assert "context: 2048 tokens" in (tmp_path / "serve.log").read_text()  # the model's limit
+
+
+def test_the_demo_agents_answer_the_same_every_way(tmp_path: Path) -> None:
+    """The demo agents, greedy, as their cards say and with no format flag anywhere: (a) the
+    Python graph in-process, (b) `insightv run` in-process, (c) `insightv serve` for each
+    agent and `insightv run --base-url`, (d) LangGraph Server through the SDK with the served
+    agents named in the run's context: the same steps and the same (right) answer. And
+    `insightv eval` on 20 held-out shapes items gives the same predictions in-process and
+    through the served agents."""
+    import base64
+
+    from helpers import demo_example, langgraph_dev
+    from insightv_research.shapes import make_dataset
+    from langgraph_sdk import get_sync_client
+    from typer.testing import CliRunner
+
+    from insightv_agents.cli import app
+    from insightv_agents.demo import REASONER_DIR, SUMMARY_DIR, demo_agents
+
+    data = make_dataset(tmp_path / "shapes", sizes={"test": 20}, seed=7) / "test.jsonl"
+    evaluated = CliRunner().invoke(app, ["eval", "--data", str(data), "--out",
+                                         str(tmp_path / "eval-local")])
+    assert evaluated.exit_code == 0, evaluated.output
     image, question, truth = demo_example()
-    engine = {**ENGINE, "dtype": "bfloat16"}
-    logs = tmp_path_factory.mktemp("demo-logs")
-    with VLLMServer(REASONER_DIR, served_model_name="reasoner", python=vllm_python(),
-                    log_path=logs / "reasoner.log", **engine) as reasoner, \
-            VLLMServer(SUMMARY_DIR, served_model_name="summary", python=vllm_python(),
-                       log_path=logs / "summary.log", **engine) as summary:
-        graph = create_insightv_graph(
-            reasoner=reasoner.chat_model(max_tokens=512, temperature=0),
-            summarizer=summary.chat_model(max_tokens=128, temperature=0),
-            mode="chain", prompts=demo_prompts()).compile()
-        out = graph.invoke({"image": str(image), "question": question})
-    assert out["status"] == "ok" and out["steps"][0]["summary"] == "Describe the image"
-    assert out["answer"].strip().lower() == truth
+    reasoner, summarizer = demo_agents()
+    python = create_insightv_graph(reasoner=reasoner, summarizer=summarizer).compile().invoke(
+        {"image": str(image), "question": question})
+    runs = {"python": python}
+    local = CliRunner().invoke(app, ["run", "-i", str(image), "-q", question, "--json"])
+    assert local.exit_code == 0, local.output
+    runs["cli in-process"] = json.loads(local.stdout)
+    with insightv_serve(REASONER_DIR, "reasoner", tmp_path / "reasoner.log") as reasoning, \
+            insightv_serve(SUMMARY_DIR, "summary", tmp_path / "summary.log") as summary:
+        served = CliRunner().invoke(app, [
+            "run", "-i", str(image), "-q", question, "--base-url", reasoning, "--model",
+            "reasoner", "--summary-base-url", summary, "--summary-model", "summary", "--json"])
+        evaluated = CliRunner().invoke(app, [
+            "eval", "--data", str(data), "--out", str(tmp_path / "eval-served"), "--base-url",
+            reasoning, "--model", "reasoner", "--summary-base-url", summary, "--summary-model",
+            "summary"])
+        assert evaluated.exit_code == 0, evaluated.output
+        with langgraph_dev(tmp_path / "langgraph.log") as url:
+            client = get_sync_client(url=url)
+            thread = client.threads.create()
+            client.runs.wait(thread["thread_id"], "insightv", input={
+                "image": base64.b64encode(image.read_bytes()).decode(), "question": question},
+                context={"base_url": reasoning, "model": "reasoner",
+                         "summary_base_url": summary, "summary_model": "summary"})
+            runs["langgraph server"] = client.threads.get_state(thread["thread_id"])["values"]
+    assert served.exit_code == 0, served.output
+    runs["cli through vllm"] = json.loads(served.stdout)
+    for name, out in runs.items():
+        assert out["status"] == "ok", (name, out)
+        assert out["answer"].strip().lower() == truth, (name, out["answer"])
+        assert out["steps"] == python["steps"], name
+
+    def predictions(folder: str) -> dict[str, str]:
+        rows = [json.loads(line) for line in (tmp_path / folder / "predictions.jsonl").open()]
+        return {row["id"]: (row["answer"], row["steps"]) for row in rows}
+
+    local, served_predictions = predictions("eval-local"), predictions("eval-served")
+    assert len(local) == 20 and served_predictions == local

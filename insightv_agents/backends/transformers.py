@@ -22,8 +22,9 @@ from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatResult
 from PIL import Image
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
+from insightv_agents.cards import AgentCard, read_card
 from insightv_agents.errors import ConfigError, InvalidInputError
 from insightv_agents.images import ImagePolicy, open_image
 from insightv_agents.trained import check_remote_code, resolve_model
@@ -72,6 +73,9 @@ class ChatTransformersVLM(BaseChatModel):
             to this long for others to join it (callers that just got their replies come
             back within it). Calls made one at a time never wait.
         trust_remote_code: run code shipped with the checkpoint. Off by default.
+        agent_card: how the agent is driven (:mod:`~insightv_agents.cards`); default: the
+            card in the adapter's or the model's folder, whose recommended sampling fills
+            the settings not given. The graphs follow it.
 
     Examples:
         >>> from insightv_agents.testing import build_tiny_idefics3
@@ -100,6 +104,22 @@ class ChatTransformersVLM(BaseChatModel):
     image_policy: ImagePolicy = Field(default_factory=ImagePolicy)
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_s: float = Field(0.02, ge=0.0, le=5.0)
+    agent_card: AgentCard | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_card(cls, settings: Any) -> Any:
+        """The model folder's agent card (the adapter's first), and its recommended sampling
+        where the caller sets none."""
+        if not isinstance(settings, dict) or settings.get("agent_card") is not None:
+            return settings
+        card = read_card(settings.get("adapter_path")) or read_card(settings.get("model_path"))
+        if card is None:
+            return settings
+        recommended = {"temperature": card.sampling.temperature, "top_p": card.sampling.top_p,
+                       "max_new_tokens": card.sampling.max_tokens}
+        return {**{key: value for key, value in recommended.items() if value is not None},
+                **settings, "agent_card": card}
 
     _model: Any = PrivateAttr(default=None)
     _processor: Any = PrivateAttr(default=None)

@@ -10,18 +10,17 @@ import typer
 from rich.console import Console
 
 from insightv_agents import demo
+from insightv_agents.cards import card_of
 from insightv_agents.cli.common import (
     BaseUrl,
     BeamSize,
     LocalAdapter,
     LocalModel,
     MaxSteps,
-    Mode,
     Model,
     Strict,
     SummaryBaseUrl,
     SummaryModel,
-    Temperature,
     command_errors,
     progress,
     skipped,
@@ -45,9 +44,12 @@ def eval_command(
     model: Model = "insightv-reason",
     summary_base_url: SummaryBaseUrl = None,
     summary_model: SummaryModel = None,
-    mode: Mode = "chain",
+    mode: Annotated[str | None, typer.Option(
+        help="step: one step per call; chain: a chain per call (default: the agent card's, "
+             "else chain).")] = None,
     max_steps: MaxSteps = 16,
-    temperature: Temperature = 0.0,
+    temperature: Annotated[float | None, typer.Option(
+        help="Sampling temperature (default: the agent card's, else 0: greedy).")] = None,
     beam_size: BeamSize = 2,
     checks: Annotated[str | None, typer.Option(
         help="The dataset's own checks (its closed answer set, a check of the reasoning): "
@@ -90,13 +92,15 @@ def eval_command(
                                 "(with neither, --method insightv runs the demo agents).")
         backend = choose_backend(
             base_url, model, summary_base_url, summary_model, local_model, local_adapter,
-            temperature, staged=method not in ("insightv", "direct"))
+            temperature, staged=method not in ("insightv", "direct"), default_temperature=0.0)
+        if mode is None and card_of(backend.reasoner) is None:
+            mode = "chain"
         predict = direct_predictor(backend.reasoner) if method == "direct" else graph_predictor(
             build_graph(method, backend.reasoner, backend.summarizer, mode=mode,
-                        max_steps=max_steps, max_revisions=0, beam_size=beam_size,
-                        prompts=backend.prompts))
+                        max_steps=max_steps, max_revisions=0, beam_size=beam_size))
         dataset = load_checks(checks, root) if checks else DatasetChecks()
-        rules = answer_rules(labels) or dataset.rules
+        rules = answer_rules(labels) or (dataset.rules if checks else None) \
+            or backend.answer_rules() or dataset.rules
         settings: dict[str, Any] = {
             "method": method, "data": str(data), "backend": backend.description,
             "reasoner": describe_model(backend.reasoner),

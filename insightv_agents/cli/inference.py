@@ -45,7 +45,7 @@ def run(
     max_steps: MaxSteps = 16,
     max_revisions: MaxRevisions = 0,
     temperature: Annotated[float | None, typer.Option(
-        help="Sampling temperature (default: 0 for the demo agents, 0.2 otherwise).")] = None,
+        help="Sampling temperature (default: the agent card's, else 0.2).")] = None,
     method: Method = "insightv",
     beam_size: BeamSize = 2,
     allow_urls: AllowUrls = False,
@@ -64,10 +64,9 @@ def run(
             console.print(Panel(STAND_IN_NOTICE, title="backend", style="yellow"))
         else:
             console.print(f"[dim]backend: {backend.description}[/dim]")
-        graph = build_graph(method, backend.reasoner, backend.summarizer,
-                            mode=mode or backend.mode, max_steps=max_steps,
-                            max_revisions=max_revisions, beam_size=beam_size,
-                            policy=ImagePolicy(allow_urls=allow_urls), prompts=backend.prompts)
+        graph = build_graph(method, backend.reasoner, backend.summarizer, mode=mode,
+                            max_steps=max_steps, max_revisions=max_revisions,
+                            beam_size=beam_size, policy=ImagePolicy(allow_urls=allow_urls))
         result = stream_run(graph, {"image": image if len(image) > 1 else image[0],
                                  "question": question}, console)
     if as_json:

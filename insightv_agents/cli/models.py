@@ -10,11 +10,13 @@ from typing import Any
 from langchain_core.messages import BaseMessage
 
 from insightv_agents import demo
+from insightv_agents.answers import AnswerRules
+from insightv_agents.cards import AgentCard, card_of, read_card
 from insightv_agents.cli.common import reasoning_mode
 from insightv_agents.errors import InsightVError
 from insightv_agents.graphs import create_insightv_graph, create_stage_beam_graph
 from insightv_agents.images import ImagePolicy
-from insightv_agents.prompts import DEFAULT_PROMPTS, DEFAULT_STAGE_PROMPTS, Prompts
+from insightv_agents.prompts import DEFAULT_STAGE_PROMPTS
 from insightv_agents.testing import ScriptedChatModel
 
 DEMO_BACKEND = "the demo agents (shapes world, in-process; see insightv_agents.demo)"
@@ -63,66 +65,81 @@ METHODS = {"stage-beam": "stage", "best-of-n": "best_of_n", "sentence-beam": "se
 
 @dataclass(frozen=True)
 class Backend:
-    """The models of a run and how to drive them.
+    """The models of a run.
 
     Attributes:
-        reasoner, summarizer: the chat models (``summarizer=None``: the reasoner plays both).
+        reasoner, summarizer: the chat models (``summarizer=None``: the reasoner plays both);
+            each carries its agent card where it has one, which the graph follows.
         description: what they are, for the user (``None`` for the scripted stand-in).
-        prompts: the prompts they answer to (the demo agents were trained on their own).
-        mode: how the reasoning agent is asked by default (the demo agents write chains).
     """
 
     reasoner: Any
     summarizer: Any
     description: str | None
-    prompts: Prompts = DEFAULT_PROMPTS
-    mode: str = "step"
+
+    def answer_rules(self) -> AnswerRules | None:
+        """The answer rules the reasoning agent's card gives, if it gives any."""
+        card = card_of(self.reasoner)
+        return AnswerRules.from_mapping(card.answer_rules) if card and card.answer_rules \
+            else None
 
 
 def choose_backend(base_url: str | None, model: str, summary_base_url: str | None,
                    summary_model: str | None, local_model: str | None,
-                   local_adapter: str | None,
-                   temperature: float | None, staged: bool = False) -> Backend:
-    """The backend the options name. With none given: the demo agents (greedy unless a
-    temperature is given), or for the LLaVA-CoT methods the scripted stand-in."""
+                   local_adapter: str | None, temperature: float | None, staged: bool = False,
+                   default_temperature: float = 0.2) -> Backend:
+    """The backend the options name. With none given: the demo agents, or for the
+    LLaVA-CoT methods the scripted stand-in. Sampling: ``temperature`` when given, else the
+    agent card's, else ``default_temperature``."""
     if local_model is not None and base_url is not None:
         raise InsightVError("pass either --base-url or --local-model, not both.")
-    sampling = 0.2 if temperature is None else temperature  # for a given backend
     if base_url is None and (summary_base_url or summary_model):
         raise InsightVError("--summary-base-url/--summary-model need --base-url as well.")
+
+    def sampling(card: AgentCard | None) -> float:
+        if temperature is not None:
+            return temperature
+        recommended = card.sampling.temperature if card is not None else None
+        return default_temperature if recommended is None else recommended
+
     if local_model is not None:
         from insightv_agents.backends.transformers import ChatTransformersVLM
 
+        card = read_card(local_adapter) or read_card(local_model)
         local = ChatTransformersVLM(model_path=local_model, adapter_path=local_adapter,
-                                    temperature=sampling, max_new_tokens=512)
+                                    temperature=sampling(card))
         adapter = f" + adapter {local_adapter}" if local_adapter else ""
         return Backend(local, None, f"{local_model}{adapter} in-process (transformers)")
     if base_url is None:
         if staged or not demo.demo_available():
             return Backend(stand_in_stage_model() if staged else stand_in_model(), None, None)
-        reasoner, summarizer = demo.demo_agents(temperature=temperature or 0.0)
-        return Backend(reasoner, summarizer, DEMO_BACKEND, prompts=demo.demo_prompts(),
-                       mode="chain")
-    from insightv_agents.backends.vllm import vllm_chat_model
+        reasoner, summarizer = demo.demo_agents(temperature=temperature)
+        return Backend(reasoner, summarizer, DEMO_BACKEND)
+    from insightv_agents.backends.vllm import served_card, vllm_chat_model
 
-    reasoner = vllm_chat_model(base_url, model, temperature=sampling)
+    def served(url: str, name: str) -> Any:
+        card = served_card(url, name)
+        return vllm_chat_model(url, name, temperature=sampling(card), card=card)
+
+    reasoner = served(base_url, model)
     description = f"{model} at {base_url}"
     if summary_model is None and summary_base_url is None:
         return Backend(reasoner, None, description)
-    summarizer = vllm_chat_model(summary_base_url or base_url, summary_model or model,
-                                 temperature=sampling)
+    summarizer = served(summary_base_url or base_url, summary_model or model)
     return Backend(reasoner, summarizer, f"{description}, summary: {summary_model or model}")
 
 
-def build_graph(method: str, reasoner: Any, summarizer: Any, *, mode: str, max_steps: int,
-                max_revisions: int, beam_size: int, policy: ImagePolicy | None = None,
-                prompts: Prompts = DEFAULT_PROMPTS) -> Any:
-    """The compiled graph of ``method`` (``insightv`` or a LLaVA-CoT search)."""
+def build_graph(method: str, reasoner: Any, summarizer: Any, *, mode: str | None,
+                max_steps: int, max_revisions: int, beam_size: int,
+                policy: ImagePolicy | None = None) -> Any:
+    """The compiled graph of ``method`` (``insightv`` or a LLaVA-CoT search). ``mode``
+    ``None``: as the agents' cards say (step mode without one)."""
     if method == "insightv":
         return create_insightv_graph(
-            reasoner=reasoner, summarizer=summarizer, mode=reasoning_mode(mode),
-            max_steps=max_steps, max_revisions=max_revisions, image_policy=policy,
-            prompts=prompts).compile(name="insightv")
+            reasoner=reasoner, summarizer=summarizer,
+            mode=reasoning_mode(mode) if mode is not None else None,
+            max_steps=max_steps, max_revisions=max_revisions,
+            image_policy=policy).compile(name="insightv")
     return create_stage_beam_graph(
         reasoner, beam_size=beam_size, search=METHODS[method],  # type: ignore[arg-type]
         summarizer=summarizer, image_policy=policy).compile(name=method)

@@ -34,20 +34,23 @@ def demo_info() -> dict[str, Any]:
 
 
 def demo_prompts() -> Prompts:
-    """The prompts the demo agents were trained with (``demo.json``'s ``prompts``): use them
-    in the graph (``create_insightv_graph(..., prompts=demo_prompts())``)."""
+    """The prompts the demo agents were trained with (``demo.json``'s ``prompts``, as their
+    agent cards record them)."""
     return Prompts(**demo_info().get("prompts", {}))
 
 
-def demo_agents(*, temperature: float = 0.0, max_new_tokens: int = 512,
+def demo_agents(*, temperature: float | None = None, max_new_tokens: int | None = None,
                 device: str = "auto") -> tuple[Any, Any]:
-    """The (reasoner, summarizer) chat models, run in-process with transformers. The
-    reasoner writes whole chains: use ``mode="chain"`` and :func:`demo_prompts` in the
-    graph."""
+    """The (reasoner, summarizer) chat models, run in-process with transformers. Their agent
+    cards (chain mode, their prompts, greedy sampling) make the graph drive them as they were
+    trained: ``create_insightv_graph(reasoner=reasoner, summarizer=summarizer)``."""
     from insightv_agents.backends.transformers import ChatTransformersVLM
 
+    given = {key: value for key, value in (("temperature", temperature),
+                                           ("max_new_tokens", max_new_tokens))
+             if value is not None}
+
     def agent(folder: Path) -> ChatTransformersVLM:
-        return ChatTransformersVLM(model_path=str(folder), temperature=temperature,
-                                   max_new_tokens=max_new_tokens, device=device)
+        return ChatTransformersVLM(model_path=str(folder), device=device, **given)
 
     return agent(REASONER_DIR), agent(SUMMARY_DIR)

@@ -17,8 +17,8 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import TracePolicy
 from langgraph.utils.runnable import RunnableCallable
 
-from insightv_agents.errors import check_int
 from insightv_agents.cards import card_of
+from insightv_agents.errors import check_int
 from insightv_agents.formats import FormatProfile, agent_profile, format_profile
 from insightv_agents.images import ImagePolicy, redact_images
 from insightv_agents.nodes import (

@@ -43,6 +43,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from insightv_agents.cards import AgentCard, Sampling
 from insightv_agents.prompts import Prompts, StagePrompts
 from insightv_agents.trainers.common import write_atomic
 from insightv_agents.trainers.data import SummaryMix
@@ -861,6 +862,21 @@ def _dataset(rows: list[dict[str, Any]]) -> Any:
 DEMO_SLICE = 60  # the demo agents' accuracy is measured (and tested) on these test items
 
 
+def demo_card(name: str, max_new_tokens: int, folder: Path) -> AgentCard:
+    """The agent card of a demo agent (``name``: ``reasoner`` or ``summary``) saved in
+    ``folder``: chain mode, the reproduction's prompts, greedy, the shapes world's answers."""
+    config = json.loads((folder / "config.json").read_text())
+    limit = (config.get("text_config") or config).get("max_position_embeddings")
+    return AgentCard(
+        role="reasoning" if name == "reasoner" else "summary", profile="chain",
+        prompts={field.name: getattr(PROMPTS, field.name) for field in fields(Prompts)
+                 if getattr(PROMPTS, field.name) != field.default},
+        answer_rules={"labels": sorted(ANSWER_RULES.labels)},
+        sampling=Sampling(temperature=0.0, max_tokens=max_new_tokens), max_model_len=limit,
+        description=f"the shapes world's {'reasoning' if name == 'reasoner' else 'summary'} "
+                    "agent, made by make reproduce")
+
+
 def export_demo(out: str | Path, dest: str | Path, *, slice_size: int = DEMO_SLICE
                 ) -> dict[str, Any]:
     """Ship a run's agents as the demo agents: the reasoning agent of the best of (c), (d)
@@ -896,12 +912,10 @@ def export_demo(out: str | Path, dest: str | Path, *, slice_size: int = DEMO_SLI
                                                             use_safetensors=True)
         model.save_pretrained(folder, safe_serialization=True)
         AutoProcessor.from_pretrained(source).save_pretrained(folder)
+        demo_card(name, settings["max_new_tokens"], folder).save(folder)
     items, _ = load_items(run_dir / "data" / "test.jsonl", limit=slice_size)
-    agents = [ChatTransformersVLM(model_path=str(target / name), temperature=0.0,
-                                  max_new_tokens=settings["max_new_tokens"])
-              for name in sources]
-    graph = create_insightv_graph(reasoner=agents[0], summarizer=agents[1], mode="chain",
-                                  prompts=PROMPTS)
+    agents = [ChatTransformersVLM(model_path=str(target / name)) for name in sources]
+    graph = create_insightv_graph(reasoner=agents[0], summarizer=agents[1])  # as the cards say
     with tempfile.TemporaryDirectory() as scratch:
         report = asyncio.run(evaluate(graph_predictor(graph.compile()), items, scratch,
                                       concurrency=4))

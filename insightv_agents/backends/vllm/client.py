@@ -10,16 +10,18 @@ import functools
 import importlib
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models import LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from pydantic import model_validator
 
+from insightv_agents.cards import CARD_FILE, AgentCard, Sampling, read_card
 from insightv_agents.errors import ConfigError
 
 try:
@@ -45,7 +47,12 @@ class ChatVLLM(ChatOpenAI):
     asynchronous calls that keeps a connection pool per event loop, so the same model
     serves one ``asyncio.run`` after another, or several threads each running its own
     loop. They connect directly: proxy environment variables are not used.
+
+    ``agent_card`` is how the served agent is driven (:mod:`~insightv_agents.cards`), where
+    known: the graphs follow it.
     """
+
+    agent_card: AgentCard | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -124,23 +131,29 @@ def vllm_chat_model(
     model: str,
     *,
     api_key: str = "EMPTY",
-    temperature: float = 0.7,
-    top_p: float = 0.95,
-    max_tokens: int = 1024,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    max_tokens: int | None = None,
     n: int = 1,
     timeout: float = 120.0,
     max_retries: int = 2,
+    card: AgentCard | str | Path | None = "auto",
     **vllm_options: Any,
-) -> BaseChatModel:
+) -> ChatVLLM:
     """A chat model for a vLLM server's OpenAI-compatible API.
 
     Args:
         base_url: the server's API root, e.g. ``"http://127.0.0.1:8000/v1"``.
         model: the served model (or LoRA adapter) name.
         api_key: sent as a bearer token; vLLM ignores it unless started with ``--api-key``.
-        temperature, top_p, max_tokens: sampling settings of every request.
+        temperature, top_p, max_tokens: sampling settings of every request (default: the
+            agent card's recommendation, else 0.7, 0.95 and 1024).
         n: samples per request (``model.generate(...)`` returns them all; ``invoke`` the first).
         timeout: seconds to wait for one request; ``max_retries``: client retries on errors.
+        card: the agent's card (:mod:`~insightv_agents.cards`): a card, the folder holding
+            it, ``None``, or ``"auto"``: the card in the folder the server names for
+            ``model`` (its ``/models`` entry's ``root``), where that folder is on this
+            machine (a server started here, e.g. by ``insightv serve``).
         **vllm_options: vLLM-only request fields (``top_k``, ``repetition_penalty``, ...),
             sent in the request body.
 
@@ -154,11 +167,50 @@ def vllm_chat_model(
         raise ConfigError(f"base_url must be an http(s) URL, not {base_url!r}.")
     if timeout <= 0:
         raise ConfigError(f"timeout must be positive, not {timeout!r}.")
+    if card == "auto":
+        agent_card = served_card(base_url, model, api_key=api_key)
+    elif isinstance(card, str | Path):
+        agent_card = read_card(card)
+        if agent_card is None:
+            raise ConfigError(f"card: {card} holds no agent card ({CARD_FILE}).")
+    else:
+        agent_card = card
+    sampling = agent_card.sampling if agent_card is not None else Sampling()
+
+    def chosen(given: Any, recommended: Any, default: Any) -> Any:
+        return given if given is not None else recommended if recommended is not None \
+            else default
+
     return ChatVLLM(
-        base_url=base_url, model=model, api_key=api_key, temperature=temperature, top_p=top_p,
-        max_completion_tokens=max_tokens, n=n, max_retries=max_retries, timeout=timeout,
-        extra_body=vllm_options or None,
+        base_url=base_url, model=model, api_key=api_key,
+        temperature=chosen(temperature, sampling.temperature, 0.7),
+        top_p=chosen(top_p, sampling.top_p, 0.95),
+        max_completion_tokens=chosen(max_tokens, sampling.max_tokens, 1024), n=n,
+        max_retries=max_retries, timeout=timeout, extra_body=vllm_options or None,
+        agent_card=agent_card,
     )
+
+
+def served_card(base_url: str, model: str, *, api_key: str = "EMPTY",
+                timeout: float = 5.0) -> AgentCard | None:
+    """The agent card of ``model`` as served at ``base_url``: the card in the folder the
+    server's ``/models`` entry names (vLLM's ``root``: the model's or adapter's folder),
+    where that folder is on this machine; ``None`` when there is none or the server does
+    not answer."""
+    client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout,
+                           max_retries=0, http_client=openai.DefaultHttpxClient(
+                               trust_env=False))
+    try:
+        entries = list(client.models.list())
+    except (openai.OpenAIError, ValueError):
+        return None
+    finally:
+        client.close()
+    for entry in entries:
+        root = getattr(entry, "root", None)
+        if entry.id == model and isinstance(root, str) and Path(root).is_dir():
+            return read_card(root)
+    return None
 
 
 @functools.cache
