@@ -100,7 +100,7 @@ def convert_llava_next(source: str | Path, out: str | Path, *,
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
-    image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    image_token = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))  # type: ignore[arg-type]
 
     text = {key: value for key, value in llava.items()
             if not key.startswith(("mm_", "image_", "architectures", "model_type", "auto_map",
@@ -108,9 +108,10 @@ def convert_llava_next(source: str | Path, out: str | Path, *,
                                    "unfreeze_mm", "tune_mm", "freeze_mm"))}
     text.update(model_type="llama", vocab_size=len(tokenizer))
     crop = vision_config.image_size
+    pinpoints = _pinpoints(llava, crop)
     config = LlavaNextConfig(
         vision_config=vision_config.to_dict(), text_config=text, image_token_index=image_token,
-        image_grid_pinpoints=_pinpoints(llava, crop),
+        image_grid_pinpoints=pinpoints,
         vision_feature_layer=int(llava.get("mm_vision_select_layer", -2)),
         vision_feature_select_strategy=_select_strategy(llava),
         projector_hidden_act="gelu", multimodal_projector_bias=True)
@@ -121,10 +122,13 @@ def convert_llava_next(source: str | Path, out: str | Path, *,
     expected = model.state_dict()
     _check(mapped, expected)
     model.load_state_dict(mapped, assign=True, strict=True)
-    model.tie_weights()
+    dtype = next(iter(mapped.values())).dtype  # saved as the checkpoint was
+    parts: list[Any] = [model.config, model.config.text_config, model.config.vision_config]
+    for part in parts:
+        part.dtype = dtype
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop},
-        image_grid_pinpoints=config.image_grid_pinpoints,
+        image_grid_pinpoints=pinpoints,
         image_mean=[0.48145466, 0.4578275, 0.40821073],
         image_std=[0.26862954, 0.26130258, 0.27577711])
     processor = LlavaNextProcessor(
@@ -207,11 +211,19 @@ def _source_weights(folder: Path) -> Iterator[tuple[str, Any]]:
                 yield name, weights.get_tensor(name)
 
 
+_TOWER_PARTS = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
+
+
 def _tower_weights(folder: str | Path) -> Iterator[tuple[str, Any]]:
-    """A CLIP folder's vision weights, named below ``vision_model.``."""
-    for name, tensor in _source_weights(Path(folder)):
-        if name.startswith("vision_model."):
-            yield name[len("vision_model."):], tensor
+    """A CLIP folder's vision weights, named as the vision transformer's own: from a hub
+    checkpoint (``vision_model.*``, beside ``text_model.*`` in a whole CLIP) or one that
+    transformers saved (no prefix)."""
+    weights = dict(_source_weights(Path(folder)))
+    prefix = "vision_model." if any(name.startswith("vision_model.") for name in weights) \
+        else ""
+    for name, tensor in weights.items():
+        if name.startswith(prefix) and name[len(prefix):].startswith(_TOWER_PARTS):
+            yield name[len(prefix):], tensor
 
 
 def _map_weights(weights: Mapping[str, Any], image_token: int) -> dict[str, Any]:
@@ -287,7 +299,7 @@ def _pinpoints(llava: Mapping[str, Any], crop: int) -> list[list[int]]:
     return [[int(height), int(width)] for height, width in value]
 
 
-def _select_strategy(llava: Mapping[str, Any]) -> str:
+def _select_strategy(llava: Mapping[str, Any]) -> Literal["default", "full"]:
     feature = llava.get("mm_vision_select_feature", "patch")
     if feature not in ("patch", "cls_patch"):
         raise InvalidInputError(f"mm_vision_select_feature {feature!r} is not understood.",

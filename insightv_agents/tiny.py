@@ -214,3 +214,89 @@ def _save(model: Any, processor: Any, tokenizer: Any, folder: Path) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
     return folder
+
+
+_LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                    "<|end_header_id|>", "<|eot_id|>"]
+
+
+def build_tiny_llava_repo_checkpoint(path: str | Path, *, seed: int = 0,
+                                     vocab_size: int = 384,
+                                     vision_tower_inside: bool = True) -> dict[str, Path]:
+    """Build a tiny LLaVA-NeXT checkpoint in the LLaVA repository's own layout (as the
+    released Insight-V LLaMA-3 agents are), offline, for the converter's tests.
+
+    Writes ``path/llava`` (``config.json`` with the ``mm_*`` settings, ``model.safetensors``
+    under the LLaVA names, a LLaMA-3-style tokenizer without ``<image>``), ``path/clip`` (the
+    vision tower as a transformers CLIP vision folder: its config, and its weights when they
+    are not in the checkpoint: ``vision_tower_inside=False``) and ``path/reference`` (the same
+    weights as a transformers ``LlavaNextForConditionalGeneration``, the ``<image>`` rows of
+    its embeddings and output head the mean of the others, as the converter makes them).
+    Returns ``{"llava", "clip", "reference"}``.
+    """
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaNextConfig
+    from transformers import LlavaNextForConditionalGeneration as LlavaNext
+
+    folder = Path(path)
+    tokenizer = _tiny_tokenizer(_LLAMA3_SPECIALS, vocab_size=vocab_size, chat_template="",
+                                bos="<|begin_of_text|>", eos="<|eot_id|>",
+                                pad="<|end_of_text|>", extra_special_tokens={})
+    vocab = len(tokenizer)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=32, patch_size=8,
+                              projection_dim=32)
+    text = {**_tiny_llama(tokenizer), "vocab_size": vocab + 1}
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    config = LlavaNextConfig(vision_config=vision.to_dict(), text_config=text,
+                             image_token_index=vocab, image_grid_pinpoints=pinpoints,
+                             vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaNext(config).eval()
+    with torch.no_grad():
+        for table in (model.get_input_embeddings().weight, model.lm_head.weight):
+            table[vocab] = table[:vocab].mean(0)
+    weights: dict[str, Any] = {}
+    tower: dict[str, Any] = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.contiguous().clone()
+        if name.startswith("model.vision_tower."):
+            tower[name[len("model.vision_tower."):]] = tensor
+            if vision_tower_inside:
+                weights["model.vision_tower.vision_tower.vision_model."
+                        + name[len("model.vision_tower."):]] = tensor
+        elif name.startswith("model.multi_modal_projector.linear_"):
+            layer = {"1": "0", "2": "2"}[name.split(".")[2][-1]]
+            weights[f"model.mm_projector.{layer}.{name.rsplit('.', 1)[1]}"] = tensor
+        elif name.startswith("model.language_model."):
+            weights["model." + name[len("model.language_model."):]] = tensor
+        else:  # model.image_newline, lm_head.weight
+            weights[name] = tensor
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[name] = weights[name][:vocab].clone()  # the LLaVA checkpoint has no <image>
+    llava = folder / "llava"
+    llava.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(llava / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(llava)
+    (llava / "config.json").write_text(json.dumps({
+        **{key: value for key, value in text.items() if key != "model_type"},
+        "vocab_size": vocab, "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava_llama", "mm_vision_tower": "tiny-clip",
+        "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": vision.hidden_size,
+        "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+        "image_aspect_ratio": "anyres", "image_grid_pinpoints": pinpoints,
+        "mm_patch_merge_type": "spatial_unpad", "tokenizer_model_max_length": 2048,
+        "use_mm_proj": True}, indent=2))
+    clip = folder / "clip"
+    clip.mkdir(parents=True, exist_ok=True)
+    vision.save_pretrained(clip)
+    if not vision_tower_inside:
+        tower_model = CLIPVisionModel(vision)
+        tower_model.load_state_dict(tower)
+        tower_model.save_pretrained(clip, safe_serialization=True)
+    reference = folder / "reference"
+    model.save_pretrained(reference, safe_serialization=True)
+    return {"llava": llava, "clip": clip, "reference": reference}
