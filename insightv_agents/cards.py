@@ -48,6 +48,9 @@ class AgentCard(BaseModel):
             its answers (``labels`` as a list).
         sampling: recommended sampling.
         max_model_len: the longest prompt and reply it takes, in tokens.
+        dtype: the precision it runs in (``float32``, ``bfloat16``, ``float16``), where it
+            matters: greedy replies can differ between precisions, so an agent measured in
+            one is served in it (``insightv serve``, ``ChatTransformersVLM``) by default.
         description: what it is, for people.
     """
 
@@ -59,6 +62,7 @@ class AgentCard(BaseModel):
     answer_rules: dict[str, Any] = Field(default_factory=dict)
     sampling: Sampling = Field(default_factory=Sampling)
     max_model_len: int | None = Field(None, ge=16)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
     description: str = ""
 
     def save(self, folder: str | Path) -> Path:

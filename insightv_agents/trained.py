@@ -101,3 +101,18 @@ def vllm_lora_rank(*ranks: int) -> int:
     """The smallest ``--max-lora-rank`` vLLM accepts that holds every rank given."""
     needed = max(ranks, default=0)
     return next((rank for rank in _VLLM_LORA_RANKS if rank >= needed), needed)
+
+
+def model_limit(folder: str | Path) -> int | None:
+    """The longest sequence a model folder's config allows (``max_position_embeddings``, of
+    its language model where it has one), if it says."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    for part in (config.get("text_config"), config):
+        limit = part.get("max_position_embeddings") if isinstance(part, dict) else None
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    return None

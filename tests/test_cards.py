@@ -114,3 +114,45 @@ def test_answer_rules_come_from_plain_values() -> None:
     assert rules == AnswerRules(labels=frozenset({"yes", "no"}), rel_tol=0.05)
     with pytest.raises(ConfigError, match="invalid answer rules"):
         AnswerRules.from_mapping({"colour": "red"})
+
+
+def test_training_data_and_outputs_carry_the_card(tmp_path: Path) -> None:
+    """`insightv build-data` writes the card of the agent its data trains; the trainers
+    carry it (or one read off the data) to their output, with the model's context length."""
+    import datasets
+    from helpers import write_output
+
+    from insightv_agents.prompts import Prompts
+    from insightv_agents.trainers.common import dataset_card, output_card
+
+    card = dataset_card("sft-reason", mode="chain", prompts=Prompts(question="Q: {question}"))
+    assert (card.role, card.profile, card.prompts) == ("reasoning", "chain",
+                                                       {"question": "Q: {question}"})
+    assert dataset_card("sft-summary").role == "summary"
+    assert dataset_card("dpo").profile == "chain"
+
+    records = write_output(tmp_path / "records", {"a": [(90, True), (10, False)]})
+    built = CliRunner().invoke(app, ["build-data", "sft-reason", "--from", str(records),
+                                     "--out", str(tmp_path / "data"), "--mode", "chain"])
+    assert built.exit_code == 0, built.output
+    assert read_card(tmp_path / "data") == dataset_card("sft-reason", mode="chain")
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"text_config": {
+        "max_position_embeddings": 1024}}))
+    carried = output_card("reasoning", str(base), sources=[None, tmp_path / "data"])
+    assert carried.profile == "chain" and carried.max_model_len == 1024
+
+    def rows(turns: int) -> datasets.Dataset:
+        messages = [{"role": "user", "content": "q"}]
+        messages += [{"role": "assistant", "content": "s"},
+                     {"role": "user", "content": "next"}] * (turns - 1)
+        messages += [{"role": "assistant", "content": "s"}]
+        return datasets.Dataset.from_list([{"messages": messages}])
+
+    assert output_card("reasoning", str(base), data=rows(3)).profile == "steps"
+    assert output_card("reasoning", str(base), data=rows(1)).profile == "chain"
+    given = AgentCard(role="both", profile="llava-cot", max_model_len=512)
+    assert output_card("summary", str(base), card=given) == given.model_copy(
+        update={"role": "summary"})

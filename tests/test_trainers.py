@@ -25,6 +25,7 @@ from helpers import png_bytes, write_output
 from insightv_agents import ConfigError, InvalidInputError
 from insightv_agents.assessment import RuleScorer
 from insightv_agents.backends.transformers import ChatTransformersVLM
+from insightv_agents.cards import read_card
 from insightv_agents.parsing import format_chain, format_verdict, parse_verdict
 from insightv_agents.prompts import DEFAULT_PROMPTS
 from insightv_agents.testing import ScriptedChatModel, build_tiny_idefics3, build_tiny_llava
@@ -173,6 +174,9 @@ def test_sft_lora_adapts_the_language_model_only_and_loads_by_folder(
     run = json.loads((result.output_dir / "insightv_training.json").read_text())
     assert run["kind"] == "sft-reasoning" and run["loss_mask"] == "assistant"
     assert run["settings"]["learning_rate"] == 1e-2 and run["settings"]["lora_r"] == 16
+    card = read_card(result.output_dir)  # read off the data: several steps, one per turn
+    assert card is not None and (card.role, card.profile) == ("reasoning", "steps")
+    assert card.max_model_len is not None
 
 
 def test_sft_defaults_follow_the_paper() -> None:
@@ -453,6 +457,7 @@ def test_dpo_continues_an_adapter_with_it_as_reference(base: Path, records: Any,
     result = train_dpo(sft.output_dir, pairs, DPOConfig(
         output_dir=tmp_path / "dpo", learning_rate=1e-2, max_steps=10, **FAST))
     run = json.loads((result.output_dir / "insightv_training.json").read_text())
+    assert read_card(result.output_dir) == read_card(sft.output_dir)  # carried on
     assert run["started_from_adapter"] == str(sft.output_dir.resolve())
     assert run["base_model"] == str(base.resolve())
     after = preference_margins(result.output_dir, pairs)

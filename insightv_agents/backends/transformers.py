@@ -74,8 +74,8 @@ class ChatTransformersVLM(BaseChatModel):
             back within it). Calls made one at a time never wait.
         trust_remote_code: run code shipped with the checkpoint. Off by default.
         agent_card: how the agent is driven (:mod:`~insightv_agents.cards`); default: the
-            card in the adapter's or the model's folder, whose recommended sampling fills
-            the settings not given. The graphs follow it.
+            card in the adapter's or the model's folder, whose recommended sampling and
+            precision fill the settings not given. The graphs follow it.
 
     Examples:
         >>> from insightv_agents.testing import build_tiny_idefics3
@@ -117,7 +117,7 @@ class ChatTransformersVLM(BaseChatModel):
         if card is None:
             return settings
         recommended = {"temperature": card.sampling.temperature, "top_p": card.sampling.top_p,
-                       "max_new_tokens": card.sampling.max_tokens}
+                       "max_new_tokens": card.sampling.max_tokens, "dtype": card.dtype}
         return {**{key: value for key, value in recommended.items() if value is not None},
                 **settings, "agent_card": card}
 

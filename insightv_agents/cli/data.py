@@ -10,7 +10,6 @@ from rich.console import Console
 
 from insightv_agents.cli.common import (
     MaxSteps,
-    Mode,
     Strict,
     command_errors,
     progress,
@@ -46,7 +45,9 @@ def synthesize(
     max_tokens: Annotated[int, typer.Option(help="Longest reply per request.")] = 1024,
     limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
     strict: Strict = False,
-    mode: Mode = "step",
+    mode: Annotated[str | None, typer.Option(
+        help="step: one step per call; chain: a chain per call (default: the teacher's agent "
+             "card's, else step).")] = None,
     final_answer: Annotated[str, typer.Option(
         help="ask: the teacher is asked after its last step; stated: the answer its last step "
              "states (a trained reasoning agent's own paths, for build-data --self).")] = "ask",
@@ -57,7 +58,10 @@ def synthesize(
 
     from insightv_agents.assessment import RuleScorer
     from insightv_agents.backends.vllm import vllm_chat_model
+    from insightv_agents.cards import card_of
+    from insightv_agents.formats import card_profile
     from insightv_agents.graphs.synthesis import create_synthesis_graph
+    from insightv_agents.prompts import DEFAULT_PROMPTS
     from insightv_agents.synthesize import (
         RECORDS_FILE,
         describe_model,
@@ -86,9 +90,13 @@ def synthesize(
         if final_answer not in ("ask", "stated"):
             raise InsightVError(f"--final-answer must be 'ask' or 'stated', not "
                                 f"{final_answer!r}.")
+        card = card_of(teacher_model)  # a trained agent as teacher: driven as trained
+        profile = card_profile(card) if card is not None and mode is None else None
+        mode = mode or (profile.mode if profile is not None else "step")
         graph = create_synthesis_graph(
             teacher=teacher_model, scorer=scorer_model, judge=judge_model, paths=paths,
             mode=reasoning_mode(mode), max_steps=max_steps,
+            prompts=profile.prompts if profile is not None else DEFAULT_PROMPTS,
             final_answer="stated" if final_answer == "stated" else "ask").compile(
                 name="synthesis")
         provenance = {"teacher": describe_model(teacher_model),
@@ -144,6 +152,7 @@ def build_data(
 ) -> None:
     """Build a TRL-ready dataset from synthesis records."""
     from insightv_agents.trainers import data
+    from insightv_agents.trainers.common import dataset_card
 
     console = Console()
     with command_errors(console):
@@ -164,6 +173,7 @@ def build_data(
                 records, min_margin=min_margin, min_chosen_score=min_score,
                 pairs_per_question=pairs_per_question)
     dataset.save_to_disk(out)
+    dataset_card(kind, mode=reasoning_mode(mode)).save(out)  # how its agent will be driven
     console.print("\n".join([f"{kind}: {out}", *report.lines()]))
 
 

@@ -23,7 +23,8 @@ def serve(
     max_model_len: Annotated[int | None, typer.Option(
         help="Longest prompt + reply, in tokens (default: the agent card's, else the model's "
              "own limit up to 4096).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, ...")] = "auto",
+    dtype: Annotated[str | None, typer.Option(
+        help="auto, float32, bfloat16, ... (default: the agent card's, else auto).")] = None,
     runtime_lora: Annotated[bool, typer.Option(help="Allow loading adapters live.")] = False,
     python: Annotated[str | None, typer.Option(
         help="Python with vLLM installed (default: $INSIGHTV_VLLM_PYTHON, else this one).")] = None,

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from insightv_agents.cards import AgentCard, Role, read_card
 from insightv_agents.errors import ConfigError, InvalidInputError
-from insightv_agents.trained import TRAINING_FILE, check_remote_code, resolve_model
+from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, ReasoningMode
+from insightv_agents.trained import TRAINING_FILE, check_remote_code, model_limit, resolve_model
 
 FineTune = Literal["lora", "full"]
 DType = Literal["auto", "bfloat16", "bf16-mixed", "float32"]
@@ -254,9 +257,10 @@ def checkpoint_to_resume(config: AgentTraining) -> str | None:
 
 
 def save_output(trainer: Any, loaded: Loaded, config: AgentTraining, kind: str,
-                metrics: dict[str, Any], extra: dict[str, Any]) -> Path:
+                metrics: dict[str, Any], extra: dict[str, Any], card: AgentCard) -> Path:
     """Save the adapter (naming its base by absolute path) or the full model with its
-    processor, then the run file, last and atomically: its presence marks a finished run."""
+    processor and agent card, then the run file, last and atomically: its presence marks a
+    finished run."""
     out = Path(str(config.output_dir))
     trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
@@ -267,12 +271,49 @@ def save_output(trainer: Any, loaded: Loaded, config: AgentTraining, kind: str,
         adapter = json.loads(adapter_path.read_text())
         adapter["base_model_name_or_path"] = str(Path(loaded.base).resolve())
         write_atomic(adapter_path, json.dumps(adapter, indent=2))
+    card.save(out)
     run = {"kind": kind, "base_model": str(Path(loaded.base).resolve()),
            "started_from_adapter": loaded.adapter,
            "settings": config.to_dict(), "metrics": metrics,
            **extra, "log_history": trainer.state.log_history}
     write_atomic(out / TRAINING_FILE, json.dumps(run, indent=2, default=str))
     return out
+
+
+def prompt_changes(prompts: Prompts) -> dict[str, Any]:
+    """The prompt fields that differ from the defaults (what an agent card records)."""
+    return {name: getattr(prompts, name) for name in Prompts.__dataclass_fields__
+            if getattr(prompts, name) != getattr(DEFAULT_PROMPTS, name)}
+
+
+def dataset_card(kind: str, *, mode: ReasoningMode = "step",
+                 prompts: Prompts = DEFAULT_PROMPTS) -> AgentCard:
+    """How an agent trained on a dataset of ``kind`` (``sft-reason``, ``sft-summary``,
+    ``dpo``) is driven: ``insightv build-data`` saves it beside the data, and the trainers
+    carry it to the model they write."""
+    role: Role = "summary" if kind == "sft-summary" else "reasoning"
+    profile = "chain" if kind == "dpo" or mode == "chain" else "steps"
+    return AgentCard(role=role, profile=profile, prompts=prompt_changes(prompts))
+
+
+def output_card(role: Role, base: str, *, card: AgentCard | None = None,
+                sources: Sequence[Any] = (), data: Any = None) -> AgentCard:
+    """The agent card of a trained output: ``card``, else the first card found in
+    ``sources`` (the dataset's folder, the model trained further), else one inferred from
+    the data (a reasoning set with several assistant turns in a row is step mode, else chain
+    mode; default prompts); in ``role``, with the base model's context length."""
+    cards = (read_card(source) for source in sources
+             if isinstance(source, str | Path) and Path(source).is_dir())
+    found = card or next((found for found in cards if found is not None), None)
+    if found is None:
+        profile = "chain"
+        if data is not None and "messages" in data.column_names:
+            rows = data.select(range(min(len(data), 32)))["messages"]
+            several = any(sum(m["role"] == "assistant" for m in row) > 1 for row in rows)
+            profile = "steps" if several or role == "summary" else "chain"
+        found = AgentCard(role=role, profile=profile)
+    return found.model_copy(update={"role": role,
+                                    "max_model_len": found.max_model_len or model_limit(base)})
 
 
 def finished_run(output_dir: str | Path) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import trl
 
+from insightv_agents.cards import AgentCard
 from insightv_agents.errors import ConfigError
 from insightv_agents.trainers.common import (
     AgentTraining,
@@ -28,6 +29,7 @@ from insightv_agents.trainers.common import (
     checkpoint_to_resume,
     load_dataset_arg,
     load_for_training,
+    output_card,
     precision,
     save_output,
 )
@@ -57,11 +59,13 @@ class DPOConfig(AgentTraining, trl.DPOConfig):  # type: ignore[misc]
 
 def train_dpo(model: str | Path, dataset: Any, config: DPOConfig | dict[str, Any], *,
               adapter: str | Path | None = None, eval_dataset: Any = None,
-              callbacks: list[Any] | None = None) -> TrainResult:
+              callbacks: list[Any] | None = None, card: AgentCard | None = None
+              ) -> TrainResult:
     """Train ``model`` (a base model, a full model output, or an adapter output, trained
     further) with DPO on ``dataset`` (``prompt``/``chosen``/``rejected`` + ``images``, or
     the folder ``insightv build-data dpo`` saved), the starting model as reference.
-    ``config`` is a :class:`DPOConfig` or a dict of its fields.
+    ``config`` is a :class:`DPOConfig` or a dict of its fields. The output holds an agent
+    card: ``card``, else the starting model's, else the dataset folder's (chain mode).
 
     Raises:
         ConfigError: for an invalid config; InvalidInputError: for a missing or empty dataset.
@@ -93,7 +97,8 @@ def train_dpo(model: str | Path, dataset: Any, config: DPOConfig | dict[str, Any
                if "rewards/margins" in entry]
     if margins:
         metrics["last_logged_reward_margin"] = margins[-1]
-    out = save_output(trainer, loaded, config, "dpo", metrics, {})
+    out = save_output(trainer, loaded, config, "dpo", metrics, {}, output_card(
+        "reasoning", loaded.base, card=card, sources=[loaded.adapter, model, dataset]))
     return TrainResult(output_dir=out, adapter=config.finetune == "lora",
                        base_model=loaded.base, metrics=metrics)
 

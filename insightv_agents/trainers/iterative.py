@@ -28,7 +28,9 @@ from langchain_core.language_models import BaseChatModel, LanguageModelLike
 
 from insightv_agents.answers import DEFAULT_RULES, AnswerRules, FinalAnswer
 from insightv_agents.assessment import PathScorer
+from insightv_agents.cards import read_card
 from insightv_agents.errors import BackendError, ConfigError, InvalidInputError
+from insightv_agents.formats import card_profile
 from insightv_agents.prompts import DEFAULT_PROMPTS, PROMPTS_VERSION, Prompts, ReasoningMode
 from insightv_agents.trained import resolve_model
 from insightv_agents.trainers.common import check_config, option, write_atomic
@@ -49,7 +51,8 @@ class IterativeDPOConfig(DPOConfig):
         rounds: T, the number of rounds (the paper: 3).
         paths: N, reasoning paths sampled per question and round.
         mode: how the policy writes its reasoning: ``"chain"`` (one call, as trained by
-            ``build-data sft-reason --mode chain``) or ``"step"``.
+            ``build-data sft-reason --mode chain``) or ``"step"``; default: as the policy's
+            agent card says, else chain.
         reasoning_max_steps, reasoning_max_retries: caps of each sampled path.
         final_answer: how a sampled path without a summarizer gets its answer: ``"ask"``
             (the policy is asked after its reasoning) or ``"stated"`` (the answer its last
@@ -66,8 +69,9 @@ class IterativeDPOConfig(DPOConfig):
 
     rounds: int = option(3, "Rounds T.")
     paths: int = option(4, "Paths sampled per question and round.")
-    mode: ReasoningMode = option("chain", "How the policy reasons: chain (a chain per call) "
-                                          "or step (a step per call).")
+    mode: ReasoningMode | None = option(
+        None, "How the policy reasons: chain (a chain per call) or step (a step per call); "
+              "default: its agent card's, else chain.")
     reasoning_max_steps: int = option(16, "Cap on the steps of a sampled path.")
     reasoning_max_retries: int = option(2, "Retries of a sampled path's malformed step.")
     final_answer: FinalAnswer = option("ask", "Without a summarizer, each path's answer: ask "
@@ -85,7 +89,7 @@ class IterativeDPOConfig(DPOConfig):
         problems = [message for ok, message in [
             (1 <= self.rounds <= 100, "rounds must be within 1-100"),
             (2 <= self.paths <= 64, "paths must be within 2-64"),
-            (self.mode in ("chain", "step"), "mode must be chain or step"),
+            (self.mode in (None, "chain", "step"), "mode must be chain or step"),
             (1 <= self.reasoning_max_steps <= 256, "reasoning_max_steps must be within 1-256"),
             (0 <= self.reasoning_max_retries <= 10, "reasoning_max_retries must be within 0-10"),
             (self.final_answer in ("ask", "stated"), "final_answer must be ask or stated"),
@@ -194,7 +198,7 @@ def iterative_dpo(
     judge: LanguageModelLike | None = None,
     summarizer: LanguageModelLike | None = None,
     policy: Policy | None = None,
-    prompts: Prompts = DEFAULT_PROMPTS,
+    prompts: Prompts | None = None,
     rules: AnswerRules = DEFAULT_RULES,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> IterativeResult:
@@ -209,6 +213,8 @@ def iterative_dpo(
         judge: decides answers the rules cannot; summarizer: gives each path's final answer
             (the summary agent; without one, as ``config.final_answer`` says).
         policy: where M_t samples (default: :class:`InProcessPolicy`).
+        prompts: the prompts M_t is sampled with and its pairs are written in (default: as
+            its agent card says, else ours).
         rules: how each path's answer is checked against the ground truth.
         on_round: called with each round's metrics when the round finishes.
 
@@ -247,18 +253,22 @@ def iterative_dpo(
 
 def _run_round(number: int, current: str, items: str | Path, config: IterativeDPOConfig, *,
                loop: asyncio.Runner, policy: Policy, scorer: Any, judge: Any, summarizer: Any,
-               prompts: Prompts, rules: AnswerRules) -> dict[str, Any]:
+               prompts: Prompts | None, rules: AnswerRules) -> dict[str, Any]:
     from accelerate import PartialState
 
     from insightv_agents.trainers.data import build_dpo_pairs, load_records
 
+    card = read_card(current)  # M_t is driven as it was trained
+    profile = card_profile(card) if card is not None else None
+    mode: ReasoningMode = config.mode or (profile.mode if profile is not None else "chain")
+    prompts = prompts or (profile.prompts if profile is not None else DEFAULT_PROMPTS)
     folder = config.round_dir(number)
     samples = folder / "samples"
     state = PartialState()
     started = time.perf_counter()
     if state.is_main_process:  # under accelerate launch, one process samples
-        _sample(number, current, items, samples, config, loop=loop, policy=policy, scorer=scorer,
-                judge=judge, summarizer=summarizer, prompts=prompts, rules=rules)
+        _sample(number, current, items, samples, config, mode, loop=loop, policy=policy,
+                scorer=scorer, judge=judge, summarizer=summarizer, prompts=prompts, rules=rules)
     state.wait_for_everyone()
     sampled_seconds = time.perf_counter() - started
     records = load_records(samples)
@@ -294,8 +304,9 @@ def _run_round(number: int, current: str, items: str | Path, config: IterativeDP
 
 
 def _sample(number: int, current: str, items: str | Path, samples: Path,
-            config: IterativeDPOConfig, *, loop: asyncio.Runner, policy: Policy, scorer: Any,
-            judge: Any, summarizer: Any, prompts: Prompts, rules: AnswerRules) -> None:
+            config: IterativeDPOConfig, mode: ReasoningMode, *, loop: asyncio.Runner,
+            policy: Policy, scorer: Any, judge: Any, summarizer: Any, prompts: Prompts,
+            rules: AnswerRules) -> None:
     from insightv_agents.graphs.synthesis import create_synthesis_graph
     from insightv_agents.synthesize import describe_model, load_items, synthesize, write_run_file
 
@@ -304,15 +315,16 @@ def _sample(number: int, current: str, items: str | Path, samples: Path,
     loaded = [loaded[index] for index in chosen]
     sampler = policy.chat_model(current, number)
     graph = create_synthesis_graph(teacher=sampler, scorer=scorer, judge=judge,
-                                   summarizer=summarizer, mode=config.mode, paths=config.paths,
+                                   summarizer=summarizer, mode=mode, paths=config.paths,
                                    max_steps=config.reasoning_max_steps,
                                    max_retries=config.reasoning_max_retries,
                                    prompts=prompts, rules=rules,
-                                   final_answer=config.final_answer).compile(name=f"iterative-dpo-round-{number}")
+                                   final_answer=config.final_answer,
+                                   ).compile(name=f"iterative-dpo-round-{number}")
     provenance = {"teacher": {**describe_model(sampler), "policy_model": current},
                   "scorer": describe_model(scorer), "judge": describe_model(judge),
                   "summarizer": describe_model(summarizer), "max_steps": config.reasoning_max_steps,
-                  "mode": config.mode, "final_answer": config.final_answer,
+                  "mode": mode, "final_answer": config.final_answer,
                   "prompts_version": PROMPTS_VERSION, "round": number}
     write_run_file(samples, {"input": str(items), "data_root": str(root),
                              "question_ids": [item.id for item in loaded],

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import trl
 
+from insightv_agents.cards import AgentCard, Role
 from insightv_agents.errors import ConfigError
 from insightv_agents.trainers.common import (
     AgentTraining,
@@ -38,6 +39,7 @@ from insightv_agents.trainers.common import (
     load_dataset_arg,
     load_for_training,
     option,
+    output_card,
     save_output,
 )
 
@@ -132,27 +134,32 @@ class TrainResult:
 
 def train_sft(model: str | Path, dataset: Any, config: SFTConfig | dict[str, Any], *,
               adapter: str | Path | None = None, eval_dataset: Any = None,
-              callbacks: list[Any] | None = None) -> TrainResult:
+              callbacks: list[Any] | None = None, card: AgentCard | None = None
+              ) -> TrainResult:
     """Fine-tune ``model`` (a base model, a full model output, or an adapter output) on
     ``dataset`` (a ``messages`` + ``images`` dataset, or the folder ``insightv build-data``
     saved). ``config`` is an :class:`SFTConfig` or a dict of its fields. Resumes from the
     newest checkpoint in ``output_dir``; under ``accelerate launch`` it trains on every
-    process.
+    process. The output holds an agent card (:mod:`~insightv_agents.cards`): ``card``, else
+    the dataset folder's (``insightv build-data`` writes one), else one read off the data.
 
     Raises:
         ConfigError: for an invalid config or a chat template that cannot mask the loss as
             asked; InvalidInputError: for a missing or empty dataset.
     """
     config = check_config(config, SFTConfig)
-    trainer, loaded, mask = _sft_trainer(model, dataset, config, adapter=adapter,
+    data = load_dataset_arg(dataset)
+    trainer, loaded, mask = _sft_trainer(model, data, config, adapter=adapter,
                                          eval_dataset=eval_dataset, callbacks=callbacks)
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=checkpoint_to_resume(config))
     metrics = {**output.metrics, "train_loss": output.training_loss,
                "wall_seconds": round(time.perf_counter() - started, 3),
                "rows": len(trainer.train_dataset)}
+    role: Role = "summary" if config.agent == "summary" else "reasoning"
     out = save_output(trainer, loaded, config, f"sft-{config.agent}", metrics,
-                      {"loss_mask": mask})
+                      {"loss_mask": mask}, output_card(role, loaded.base, card=card,
+                                                       sources=[dataset], data=data))
     return TrainResult(output_dir=out, adapter=config.finetune == "lora",
                        base_model=loaded.base, metrics=metrics)
 

@@ -873,6 +873,7 @@ def demo_card(name: str, max_new_tokens: int, folder: Path) -> AgentCard:
                  if getattr(PROMPTS, field.name) != field.default},
         answer_rules={"labels": sorted(ANSWER_RULES.labels)},
         sampling=Sampling(temperature=0.0, max_tokens=max_new_tokens), max_model_len=limit,
+        dtype="float32",  # as measured: greedy replies can differ in bfloat16
         description=f"the shapes world's {'reasoning' if name == 'reasoner' else 'summary'} "
                     "agent, made by make reproduce")
 

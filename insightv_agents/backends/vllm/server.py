@@ -27,7 +27,7 @@ from langchain_core.language_models import BaseChatModel
 
 from insightv_agents.cards import read_card
 from insightv_agents.errors import BackendError, ConfigError
-from insightv_agents.trained import adapter_rank, resolve_model, vllm_lora_rank
+from insightv_agents.trained import adapter_rank, model_limit, resolve_model, vllm_lora_rank
 
 VLLM_PYTHON_ENV = "INSIGHTV_VLLM_PYTHON"
 DEFAULT_MAX_MODEL_LEN = 4096  # with neither a card nor a smaller limit of the model's
@@ -50,7 +50,8 @@ class VLLMServer:
             adapters given).
         runtime_lora: allow loading and unloading adapters while running
             (:meth:`load_adapter`, :meth:`unload_adapter`).
-        dtype, enforce_eager: engine settings (``enforce_eager`` starts faster).
+        dtype: the precision (default: the agent card's, else vLLM's ``auto``).
+        enforce_eager: start faster, without graph capture.
         max_model_len: the longest prompt and reply, in tokens (default: the agent card's,
             else the model's own limit up to 4096).
         load_format: how vLLM reads the weights: ``safetensors`` (default: never a pickle).
@@ -75,7 +76,7 @@ class VLLMServer:
         adapters: Mapping[str, str | Path] | None = None,
         max_lora_rank: int = 16,
         runtime_lora: bool = False,
-        dtype: str = "auto",
+        dtype: str | None = None,
         max_model_len: int | None = None,
         enforce_eager: bool = False,
         load_format: str = "safetensors",
@@ -102,6 +103,7 @@ class VLLMServer:
             max_model_len = (self.card.max_model_len if self.card is not None else None) \
                 or min(model_limit(base) or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
         self.max_model_len = max_model_len
+        dtype = dtype or (self.card.dtype if self.card is not None else None) or "auto"
         self.served_model_name = served_model_name or self.model
         self.default_model = default or self.served_model_name
         self.python = python or os.environ.get(VLLM_PYTHON_ENV) or sys.executable
@@ -252,21 +254,6 @@ class VLLMServer:
             raise BackendError(f"vLLM refused {path}: {err.code} {detail}") from err
         except (urllib.error.URLError, OSError) as err:
             raise BackendError(f"cannot reach the vLLM server for {path}: {err}") from err
-
-
-def model_limit(folder: str) -> int | None:
-    """The longest sequence a model folder's config allows (``max_position_embeddings``, of
-    its language model where it has one), if it says."""
-    path = Path(folder) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    for part in (config.get("text_config"), config):
-        limit = part.get("max_position_embeddings") if isinstance(part, dict) else None
-        if isinstance(limit, int) and limit > 0:
-            return limit
-    return None
 
 
 def _signal_group(group: int, sig: signal.Signals) -> None:
