@@ -8,6 +8,7 @@ equal normalised text — and ``None`` ("cannot decide") otherwise.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import re
@@ -178,8 +179,8 @@ def _check(correct: bool | None, method: str, detail: str) -> AnswerCheck:
     return {"correct": correct, "method": method, "detail": detail}  # type: ignore[typeddict-item]
 
 
-_STATED = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is|answer\s*:)\s*(.+?)\s*(?:[.\n]\s|[.\n]?$)",
-                     re.I | re.S)
+_MAX_STATED_CHARS = 200_000  # as parsing.MAX_REPLY_CHARS: longer replies are cut
+_STATED = re.compile(r"the\s+(?:final\s+)?answer\s+is|answer\s*:", re.I)
 
 
 def extract_answer(reply: str) -> str:
@@ -202,7 +203,14 @@ def extract_answer(reply: str) -> str:
 
 
 def stated_answer(text: str) -> str:
-    """The answer ``text`` states in words: its last "the answer is X" / "Answer: X", without
-    a final full stop; ``""`` when it states none."""
-    stated = _STATED.findall(text)
-    return stated[-1].strip().rstrip(".").strip() if stated else ""
+    """The answer ``text`` states in words: what follows its last "the answer is X" /
+    "Answer: X", up to a full stop or line end followed by a space (or the end), without a
+    final full stop; ``""`` when it states none. Linear in the length of ``text``."""
+    text = text[:_MAX_STATED_CHARS]
+    marker = collections.deque(_STATED.finditer(text), maxlen=1)  # the last one
+    if not marker:
+        return ""
+    tail = text[marker[0].end():].lstrip()
+    end = next((index for index, char in enumerate(tail) if char in ".\n"
+                and (index + 1 == len(tail) or tail[index + 1].isspace())), len(tail))
+    return tail[:end].strip().rstrip(".").strip()

@@ -67,7 +67,7 @@ class AgentCard(BaseModel):
 
     def save(self, folder: str | Path) -> Path:
         """Write the card into ``folder`` (atomically); returns its path."""
-        path = Path(folder) / CARD_FILE
+        path = Path(folder).expanduser() / CARD_FILE
         temporary = path.with_name(f".{CARD_FILE}.tmp")
         temporary.write_text(self.model_dump_json(indent=2, exclude_defaults=True) + "\n")
         os.replace(temporary, path)
@@ -82,7 +82,7 @@ def read_card(folder: str | Path | None) -> AgentCard | None:
     """
     if folder is None:
         return None
-    path = Path(folder) / CARD_FILE
+    path = Path(folder).expanduser() / CARD_FILE
     if not path.is_file():
         return None
     try:

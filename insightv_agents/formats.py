@@ -32,6 +32,7 @@ from insightv_agents.errors import ConfigError, ModelOutputError
 from insightv_agents.parsing import (
     MAX_FIELD_CHARS,
     MAX_PLAIN_ANSWER_CHARS,
+    MAX_REPLY_CHARS,
     iter_json_objects,
     parse_stages,
     parse_steps,
@@ -63,9 +64,9 @@ def parse_summary(text: str) -> Verdict:
     try:
         return parse_verdict(text)
     except ModelOutputError:
-        if any(True for _ in iter_json_objects(text)):
-            raise
-    plain = text.strip()
+        if any(isinstance(value, Mapping) for value in iter_json_objects(text)):
+            raise  # JSON that is no verdict: asked again
+    plain = text[:MAX_REPLY_CHARS].strip()
     answer = stated_answer(plain) or plain.rstrip(".").strip()
     if not answer or len(answer) > MAX_PLAIN_ANSWER_CHARS:
         raise ModelOutputError("no answer could be read: reply with the answer alone, or a "
@@ -82,6 +83,7 @@ def parse_thoughts(text: str) -> list[ReasoningStep]:
     Raises:
         ModelOutputError: when the reply holds no text.
     """
+    text = text[:MAX_REPLY_CHARS]
     start = text.find(THOUGHTS_OPEN)
     body = text[start + len(THOUGHTS_OPEN):] if start >= 0 else text
     end = body.find(THOUGHTS_CLOSE)
@@ -243,18 +245,44 @@ def format_profile(profile: FormatProfile | str | None = None, *,
     return chosen.with_prompts(prompts)
 
 
-def card_profile(card: AgentCard) -> FormatProfile:
-    """The profile an agent card names, with the card's prompts."""
-    return format_profile(card.profile, prompts=card.prompts or None)
+def card_profile(card: AgentCard | None, *, mode: ReasoningMode | None = None,
+                 prompts: Prompts | Mapping[str, Any] | None = None) -> FormatProfile:
+    """The profile an agent card gives (with its prompts), in ``mode`` when given (our other
+    JSON format, the card's prompts kept); without a card, ours for ``mode``. ``prompts``
+    replace the prompts either way.
+
+    Raises:
+        ConfigError: for a mode the card's format does not have (free text has no step mode).
+    """
+    if card is None:
+        return format_profile(mode=mode, prompts=prompts)
+    carded = format_profile(card.profile, prompts=card.prompts or None)
+    if mode is not None and mode != carded.mode:
+        if carded.name not in ("steps", "chain"):
+            raise ConfigError(f"the agent's card gives the {carded.name!r} format, which has "
+                              f"no {mode} mode.")
+        carded = format_profile(mode=mode, prompts=carded.prompts)
+    return carded.with_prompts(prompts)
 
 
 def agent_profile(model: Any, profile: FormatProfile | str | None = None, *,
                   mode: ReasoningMode | None = None,
                   prompts: Prompts | Mapping[str, Any] | None = None) -> FormatProfile:
-    """The profile to drive ``model`` with: ``profile`` or ``mode`` when given, else its agent
-    card's (:func:`~insightv_agents.cards.card_of`), else ours (step mode); ``prompts``
-    replace the prompts either way."""
-    card = card_of(model)
-    if profile is None and mode is None and card is not None:
-        return card_profile(card).with_prompts(prompts)
-    return format_profile(profile, mode=mode, prompts=prompts)
+    """The profile to drive ``model`` with: ``profile`` when given, else as its agent card
+    says (:func:`card_profile`; :func:`~insightv_agents.cards.card_of`), in ``mode`` when
+    given; ``prompts`` replace the prompts either way."""
+    if profile is not None:
+        return format_profile(profile, mode=mode, prompts=prompts)
+    return card_profile(card_of(model), mode=mode, prompts=prompts)
+
+
+def json_profile(profile: FormatProfile, what: str) -> FormatProfile:
+    """``profile`` if it is one of our JSON formats (what synthesis and the trainers write).
+
+    Raises:
+        ConfigError: for another format.
+    """
+    if profile.name not in ("steps", "chain"):
+        raise ConfigError(f"{what} works in our JSON formats (steps, chain), not the "
+                          f"{profile.name!r} format the agent's card gives.")
+    return profile

@@ -7,6 +7,10 @@ a form). With no model named, the demo agents answer in-process, so the served g
 with no model server running. Agents are driven as their agent cards say
 (:mod:`~insightv_agents.cards`) unless the context sets a profile or a mode.
 
+The context names what the server process connects to and loads (``base_url``,
+``local_model``, ``allow_urls``): serve it to trusted callers only, as ``langgraph dev`` does
+on 127.0.0.1.
+
 Example::
 
     from langgraph_sdk import get_sync_client
@@ -23,15 +27,16 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langgraph.graph import END, START, StateGraph
-from langgraph.runtime import Runtime
-from langgraph.utils.runnable import RunnableCallable
+from langgraph.runtime import Runtime, get_runtime
+from pydantic import TypeAdapter, ValidationError
 
 from insightv_agents.errors import ConfigError
 from insightv_agents.graphs.insightv import REDACT_IMAGES, create_insightv_graph
@@ -115,45 +120,54 @@ def _agents(base_url: str | None, model: str, summary_base_url: str | None,
                                      temperature=temperature, max_tokens=max_tokens)
 
 
-_graphs: dict[ServerContext, Any] = {}
-_lock = threading.Lock()
+_building = threading.Lock()  # one build at a time: models are loaded once
 
 
 def insightv_graph(context: ServerContext) -> Any:
-    """The compiled Insight-V graph for ``context`` (built once per distinct context)."""
-    with _lock:
-        graph = _graphs.get(context)
-        if graph is None:
-            reasoner, summarizer = agents(context)
-            graph = _graphs[context] = create_insightv_graph(
-                reasoner=reasoner, summarizer=summarizer, profile=context.profile,
-                mode=context.mode, max_steps=context.max_steps,
-                max_revisions=context.max_revisions,
-                image_policy=ImagePolicy(allow_urls=context.allow_urls),
-            ).compile(name="insightv")
-        return graph
+    """The compiled Insight-V graph for ``context`` (built once per distinct context, the 32
+    most recent kept)."""
+    with _building:
+        return _insightv_graph(context)
+
+
+@functools.lru_cache(maxsize=32)
+def _insightv_graph(context: ServerContext) -> Any:
+    reasoner, summarizer = agents(context)
+    return create_insightv_graph(
+        reasoner=reasoner, summarizer=summarizer, profile=context.profile, mode=context.mode,
+        max_steps=context.max_steps, max_revisions=context.max_revisions,
+        image_policy=ImagePolicy(allow_urls=context.allow_urls),
+    ).compile(name="insightv")
 
 
 def _context(runtime: Runtime[Any] | None) -> ServerContext:
+    """The run's context as a :class:`ServerContext` (a mapping of its fields is one too).
+
+    Raises:
+        ConfigError: for a field it does not have.
+    """
     context = getattr(runtime, "context", None)
-    if context is None:
-        return ServerContext()
-    if isinstance(context, dict):
-        return ServerContext(**context)
-    return ServerContext(**asdict(context)) if not isinstance(context, ServerContext) \
-        else context
+    if context is None or isinstance(context, ServerContext):
+        return context or ServerContext()
+    try:
+        values = context if isinstance(context, dict) else asdict(context)
+        return TypeAdapter(ServerContext).validate_python(values)
+    except (TypeError, ValidationError) as err:
+        raise ConfigError(f"invalid context: {err}") from None
 
 
-def _inputs(state: dict[str, Any]) -> dict[str, Any]:
+def _inputs(state: ServedState) -> dict[str, Any]:
     return {"image": state.get("image"), "question": state.get("question")}
 
 
-def _run(state: dict[str, Any], config: RunnableConfig, runtime: Runtime[Any]) -> Any:
-    return insightv_graph(_context(runtime)).invoke(_inputs(state), config)
+def _run(state: ServedState, config: RunnableConfig) -> Any:
+    return insightv_graph(_context(get_runtime())).invoke(_inputs(state), config)
 
 
-async def _arun(state: dict[str, Any], config: RunnableConfig, runtime: Runtime[Any]) -> Any:
-    return await insightv_graph(_context(runtime)).ainvoke(_inputs(state), config)
+async def _arun(state: ServedState, config: RunnableConfig) -> Any:
+    # building the agents reads files and asks servers: off the event loop
+    graph = await asyncio.to_thread(insightv_graph, _context(get_runtime()))
+    return await graph.ainvoke(_inputs(state), config)
 
 
 def create_server_graph() -> StateGraph[ServedState, ServerContext, InsightVInput,
@@ -162,7 +176,7 @@ def create_server_graph() -> StateGraph[ServedState, ServerContext, InsightVInpu
     events stream with ``stream_subgraphs``) that the run's :class:`ServerContext` picks."""
     builder = StateGraph(ServedState, context_schema=ServerContext,
                          input_schema=InsightVInput, output_schema=InsightVOutput)
-    builder.add_node("insightv", RunnableCallable(_run, _arun, name="insightv", trace=False),
+    builder.add_node("insightv", RunnableLambda(_run, afunc=_arun, name="insightv"),
                      trace_policy=REDACT_IMAGES)
     builder.add_edge(START, "insightv")
     builder.add_edge("insightv", END)

@@ -278,7 +278,7 @@ def langgraph_dev(log: Path) -> Iterator[str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [str(Path(sys.executable).with_name("langgraph")), "dev", "--no-browser",
-               "--no-reload", "--allow-blocking", "--port", str(port), "--config",
+               "--no-reload", "--port", str(port), "--config",
                str(ROOT / "langgraph.json")]
     env = {**os.environ, "LANGSMITH_TRACING": "false"}
     with open(log, "wb") as out:

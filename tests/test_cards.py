@@ -49,11 +49,21 @@ def test_the_graph_follows_each_agents_card_unless_told_otherwise() -> None:
     assert asked[0] == {"type": "text", "text": "Q: What is 2 + 2?"}  # images after the text
     assert "one JSON object per line" in reasoner.calls[0][0].content  # the chain system prompt
     assert "REASON PROCESS: <thoughts>2 + 2 = 4.</thoughts>" in str(summarizer.calls[0])
-    # a mode given wins over the card: ours for that mode, default prompts
+    # a mode given wins over the card's mode; the card's prompts stay
     stepped = ScriptedChatModel([json.dumps(STEP), "4"], agent_card=CHAIN_CARD)
     create_insightv_graph(reasoner=stepped, mode="step").compile().invoke(
         {"image": png_bytes(), "question": "What is 2 + 2?"})
     assert "ONE step per reply" in stepped.calls[0][0].content
+    assert stepped.calls[0][-1].content[0]["text"] == "Q: What is 2 + 2?"
+    # a mode is the reasoner's: the summarizer keeps its own card
+    told = ScriptedChatModel(["4"], agent_card=REFERENCE_CARD)
+    create_insightv_graph(reasoner=ScriptedChatModel([json.dumps(STEP)]), summarizer=told,
+                          mode="chain").compile().invoke(
+        {"image": png_bytes(), "question": "What is 2 + 2?"})
+    assert "REASON PROCESS: <thoughts>" in str(told.calls[0])
+    with pytest.raises(ConfigError, match="no step mode"):
+        create_insightv_graph(reasoner=ScriptedChatModel([], agent_card=REFERENCE_CARD),
+                              mode="step")
     assert card_of(reasoner.bind(stop=["x"])) == CHAIN_CARD
 
 
@@ -137,12 +147,11 @@ def test_training_data_and_outputs_carry_the_card(tmp_path: Path) -> None:
     assert built.exit_code == 0, built.output
     assert read_card(tmp_path / "data") == dataset_card("sft-reason", mode="chain")
 
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "config.json").write_text(json.dumps({"text_config": {
-        "max_position_embeddings": 1024}}))
-    carried = output_card("reasoning", str(base), sources=[None, tmp_path / "data"])
-    assert carried.profile == "chain" and carried.max_model_len == 1024
+    carried = output_card("reasoning", sources=[None, tmp_path / "data"], dtype="bf16-mixed")
+    assert carried.profile == "chain" and carried.dtype is None
+    assert output_card("reasoning", card=CHAIN_CARD, profile="steps",
+                       dtype="bfloat16").model_dump() == {
+        **CHAIN_CARD.model_dump(), "profile": "steps", "dtype": "bfloat16"}
 
     def rows(turns: int) -> datasets.Dataset:
         messages = [{"role": "user", "content": "q"}]
@@ -151,8 +160,24 @@ def test_training_data_and_outputs_carry_the_card(tmp_path: Path) -> None:
         messages += [{"role": "assistant", "content": "s"}]
         return datasets.Dataset.from_list([{"messages": messages}])
 
-    assert output_card("reasoning", str(base), data=rows(3)).profile == "steps"
-    assert output_card("reasoning", str(base), data=rows(1)).profile == "chain"
+    assert output_card("reasoning", data=rows(3)).profile == "steps"
+    assert output_card("reasoning", data=rows(1)).profile == "chain"
     given = AgentCard(role="both", profile="llava-cot", max_model_len=512)
-    assert output_card("summary", str(base), card=given) == given.model_copy(
-        update={"role": "summary"})
+    assert output_card("summary", card=given) == given.model_copy(update={"role": "summary"})
+
+
+def test_an_in_process_agent_takes_its_cards_sampling_unless_told(tmp_path: Path) -> None:
+    from insightv_agents.backends.transformers import ChatTransformersVLM
+    from insightv_agents.testing import build_tiny_idefics3
+
+    folder = build_tiny_idefics3(tmp_path / "model")
+    AgentCard(role="reasoning", profile="chain", dtype="float32",
+              sampling=Sampling(temperature=0.3, max_tokens=100_000)).save(folder)
+    agent = ChatTransformersVLM(model_path=str(folder))
+    assert (agent.temperature, agent.max_new_tokens, agent.dtype) == (0.3, 32_768, "float32")
+    assert agent.agent_card is not None and agent.agent_card.profile == "chain"
+    told = ChatTransformersVLM(model_path=str(folder), temperature=0.0, max_new_tokens=8)
+    assert (told.temperature, told.max_new_tokens) == (0.0, 8)
+    (folder / CARD_FILE).write_text('{"role": 3}')
+    with pytest.raises(ConfigError, match="not a valid agent card"):
+        ChatTransformersVLM(model_path=str(folder))

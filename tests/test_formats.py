@@ -4,6 +4,7 @@ agent that answers in plain text."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from helpers import png_bytes
@@ -60,7 +61,7 @@ def test_the_insightv_reference_formats_run_through_the_graph() -> None:
 
 @pytest.mark.parametrize(("reply", "answer"), [
     ("The answer is 4.", "4"), ("B", "B"), ("Answer: 12 apples", "12 apples"),
-    ("  4.  ", "4")])
+    ("  4.  ", "4"), ("The answer is [0, 1].", "[0, 1]")])
 def test_a_plain_text_summary_is_the_answer_with_the_verdict_unknown(reply: str,
                                                                      answer: str) -> None:
     model = ScriptedChatModel([STEP, reply])
@@ -108,6 +109,9 @@ def test_free_text_chains_are_read_tolerantly() -> None:
         parse_summary("   ")
     with pytest.raises(ModelOutputError):  # long prose that states no answer
         parse_summary("I am not sure. " * 40)
+    started = time.perf_counter()  # linear on runaway whitespace
+    assert parse_summary("Answer: 7" + " " * 150_000 + ".")["answer"] == "7"
+    assert time.perf_counter() - started < 1
 
 
 def test_profiles_are_chosen_by_name_and_checked() -> None:

@@ -380,6 +380,7 @@ def test_sigterm_to_insightv_serve_stops_vllm_and_frees_the_port(
     assert "context: 2048 tokens" in (tmp_path / "serve.log").read_text()  # the model's limit
 
 
+@pytest.mark.timeout(1200)  # two vLLM servers, LangGraph Server and two evaluations of 20
 def test_the_demo_agents_answer_the_same_every_way(tmp_path: Path) -> None:
     """The demo agents, greedy, as their cards say and with no format flag anywhere: (a) the
     Python graph in-process, (b) `insightv run` in-process, (c) `insightv serve` for each

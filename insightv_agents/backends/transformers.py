@@ -22,14 +22,37 @@ from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatResult
 from PIL import Image
-from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr
 
 from insightv_agents.cards import AgentCard, read_card
 from insightv_agents.errors import ConfigError, InvalidInputError
 from insightv_agents.images import ImagePolicy, open_image
 from insightv_agents.trained import check_remote_code, resolve_model
 
+MAX_NEW_TOKENS = 32_768
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "user"}
+
+
+def _with_card(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with the agent card (given, else the adapter's, else the model folder's)
+    and its recommended sampling and precision where ``settings`` has none.
+
+    Raises:
+        ConfigError: for a card that cannot be read.
+    """
+    card = settings.get("agent_card")
+    if card is None:
+        card = read_card(settings.get("adapter_path")) or read_card(settings.get("model_path"))
+    if card is None:
+        return settings
+    sampling = card.sampling
+    recommended = {
+        "temperature": None if sampling.temperature is None else min(sampling.temperature, 5.0),
+        "top_p": sampling.top_p, "dtype": card.dtype,
+        "max_new_tokens": None if sampling.max_tokens is None
+        else min(sampling.max_tokens, MAX_NEW_TOKENS)}
+    return {**{key: value for key, value in recommended.items() if value is not None},
+            **settings, "agent_card": card}
 
 
 class _Request:
@@ -92,7 +115,7 @@ class ChatTransformersVLM(BaseChatModel):
     adapter_path: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    max_new_tokens: int = Field(512, ge=1, le=32_768)
+    max_new_tokens: int = Field(512, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)
@@ -106,21 +129,6 @@ class ChatTransformersVLM(BaseChatModel):
     batch_wait_s: float = Field(0.02, ge=0.0, le=5.0)
     agent_card: AgentCard | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _from_card(cls, settings: Any) -> Any:
-        """The model folder's agent card (the adapter's first), and its recommended sampling
-        where the caller sets none."""
-        if not isinstance(settings, dict) or settings.get("agent_card") is not None:
-            return settings
-        card = read_card(settings.get("adapter_path")) or read_card(settings.get("model_path"))
-        if card is None:
-            return settings
-        recommended = {"temperature": card.sampling.temperature, "top_p": card.sampling.top_p,
-                       "max_new_tokens": card.sampling.max_tokens, "dtype": card.dtype}
-        return {**{key: value for key, value in recommended.items() if value is not None},
-                **settings, "agent_card": card}
-
     _model: Any = PrivateAttr(default=None)
     _processor: Any = PrivateAttr(default=None)
     _calls: int = PrivateAttr(default=0)  # generations run (each one batch)
@@ -131,7 +139,7 @@ class ChatTransformersVLM(BaseChatModel):
     _overlapped: bool = PrivateAttr(default=False)
 
     def __init__(self, **settings: Any) -> None:
-        super().__init__(**settings)
+        super().__init__(**_with_card(settings))
         self._load()
 
     def _load(self) -> None:

@@ -59,9 +59,8 @@ def synthesize(
     from insightv_agents.assessment import RuleScorer
     from insightv_agents.backends.vllm import vllm_chat_model
     from insightv_agents.cards import card_of
-    from insightv_agents.formats import card_profile
+    from insightv_agents.formats import card_profile, json_profile
     from insightv_agents.graphs.synthesis import create_synthesis_graph
-    from insightv_agents.prompts import DEFAULT_PROMPTS
     from insightv_agents.synthesize import (
         RECORDS_FILE,
         describe_model,
@@ -90,13 +89,13 @@ def synthesize(
         if final_answer not in ("ask", "stated"):
             raise InsightVError(f"--final-answer must be 'ask' or 'stated', not "
                                 f"{final_answer!r}.")
-        card = card_of(teacher_model)  # a trained agent as teacher: driven as trained
-        profile = card_profile(card) if card is not None and mode is None else None
-        mode = mode or (profile.mode if profile is not None else "step")
+        # a trained agent as teacher is driven as its card says
+        profile = json_profile(card_profile(card_of(teacher_model), mode=reasoning_mode(
+            mode) if mode is not None else None), "synthesis")
+        mode = profile.mode
         graph = create_synthesis_graph(
             teacher=teacher_model, scorer=scorer_model, judge=judge_model, paths=paths,
-            mode=reasoning_mode(mode), max_steps=max_steps,
-            prompts=profile.prompts if profile is not None else DEFAULT_PROMPTS,
+            mode=profile.mode, max_steps=max_steps, prompts=profile.prompts,
             final_answer="stated" if final_answer == "stated" else "ask").compile(
                 name="synthesis")
         provenance = {"teacher": describe_model(teacher_model),

@@ -58,9 +58,12 @@ def serve(
     except KeyboardInterrupt:
         console.print("stopping")
     finally:
+        for sig in (*previous, signal.SIGINT):  # a second signal must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

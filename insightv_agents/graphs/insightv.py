@@ -95,7 +95,7 @@ def create_insightv_graph(
     summary = reasoning  # unless it is told, or its own card says, otherwise
     if summary_profile is not None:
         summary = format_profile(summary_profile, prompts=prompts)
-    elif profile is None and mode is None and card_of(summarizer) is not None:
+    elif profile is None and card_of(summarizer) is not None:  # mode is the reasoner's
         summary = agent_profile(summarizer, prompts=prompts)
     reason = ReasoningNode(reasoner, profile=reasoning, max_steps=max_steps,
                            max_retries=max_retries)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from insightv_agents.cards import AgentCard, Role, read_card
 from insightv_agents.errors import ConfigError, InvalidInputError
 from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, ReasoningMode
-from insightv_agents.trained import TRAINING_FILE, check_remote_code, model_limit, resolve_model
+from insightv_agents.trained import TRAINING_FILE, check_remote_code, resolve_model
 
 FineTune = Literal["lora", "full"]
 DType = Literal["auto", "bfloat16", "bf16-mixed", "float32"]
@@ -296,24 +296,32 @@ def dataset_card(kind: str, *, mode: ReasoningMode = "step",
     return AgentCard(role=role, profile=profile, prompts=prompt_changes(prompts))
 
 
-def output_card(role: Role, base: str, *, card: AgentCard | None = None,
-                sources: Sequence[Any] = (), data: Any = None) -> AgentCard:
+def output_card(role: Role, *, card: AgentCard | None = None, sources: Sequence[Any] = (),
+                data: Any = None, profile: str | None = None,
+                dtype: str | None = None) -> AgentCard:
     """The agent card of a trained output: ``card``, else the first card found in
     ``sources`` (the dataset's folder, the model trained further), else one inferred from
     the data (a reasoning set with several assistant turns in a row is step mode, else chain
-    mode; default prompts); in ``role``, with the base model's context length."""
+    mode; default prompts); in ``role``, with ``profile`` (the format the data taught, where
+    the trainer knows it) and ``dtype`` (the precision trained in, where it is one) when
+    given. The context length stays the card's: ``insightv serve`` otherwise takes the
+    model's own, up to 4096."""
     cards = (read_card(source) for source in sources
              if isinstance(source, str | Path) and Path(source).is_dir())
     found = card or next((found for found in cards if found is not None), None)
     if found is None:
-        profile = "chain"
+        inferred = "chain"
         if data is not None and "messages" in data.column_names:
             rows = data.select(range(min(len(data), 32)))["messages"]
             several = any(sum(m["role"] == "assistant" for m in row) > 1 for row in rows)
-            profile = "steps" if several or role == "summary" else "chain"
-        found = AgentCard(role=role, profile=profile)
-    return found.model_copy(update={"role": role,
-                                    "max_model_len": found.max_model_len or model_limit(base)})
+            inferred = "steps" if several or role == "summary" else "chain"
+        found = AgentCard(role=role, profile=inferred)
+    update: dict[str, Any] = {"role": role}
+    if profile is not None:
+        update["profile"] = profile
+    if dtype in ("float32", "bfloat16"):
+        update["dtype"] = dtype
+    return found.model_copy(update=update)
 
 
 def finished_run(output_dir: str | Path) -> dict[str, Any] | None:

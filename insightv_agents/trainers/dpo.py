@@ -65,7 +65,8 @@ def train_dpo(model: str | Path, dataset: Any, config: DPOConfig | dict[str, Any
     further) with DPO on ``dataset`` (``prompt``/``chosen``/``rejected`` + ``images``, or
     the folder ``insightv build-data dpo`` saved), the starting model as reference.
     ``config`` is a :class:`DPOConfig` or a dict of its fields. The output holds an agent
-    card: ``card``, else the starting model's, else the dataset folder's (chain mode).
+    card: ``card``, else the starting model's, else the dataset folder's, in chain mode (the
+    pairs are chains).
 
     Raises:
         ConfigError: for an invalid config; InvalidInputError: for a missing or empty dataset.
@@ -98,7 +99,8 @@ def train_dpo(model: str | Path, dataset: Any, config: DPOConfig | dict[str, Any
     if margins:
         metrics["last_logged_reward_margin"] = margins[-1]
     out = save_output(trainer, loaded, config, "dpo", metrics, {}, output_card(
-        "reasoning", loaded.base, card=card, sources=[loaded.adapter, model, dataset]))
+        "reasoning", card=card, sources=[loaded.adapter, model, dataset],
+        profile="chain", dtype=config.dtype))  # DPO pairs are chains
     return TrainResult(output_dir=out, adapter=config.finetune == "lora",
                        base_model=loaded.base, metrics=metrics)
 

@@ -30,8 +30,8 @@ from insightv_agents.answers import DEFAULT_RULES, AnswerRules, FinalAnswer
 from insightv_agents.assessment import PathScorer
 from insightv_agents.cards import read_card
 from insightv_agents.errors import BackendError, ConfigError, InvalidInputError
-from insightv_agents.formats import card_profile
-from insightv_agents.prompts import DEFAULT_PROMPTS, PROMPTS_VERSION, Prompts, ReasoningMode
+from insightv_agents.formats import card_profile, json_profile
+from insightv_agents.prompts import PROMPTS_VERSION, Prompts, ReasoningMode
 from insightv_agents.trained import resolve_model
 from insightv_agents.trainers.common import check_config, option, write_atomic
 from insightv_agents.trainers.dpo import DPOConfig, train_dpo
@@ -258,10 +258,10 @@ def _run_round(number: int, current: str, items: str | Path, config: IterativeDP
 
     from insightv_agents.trainers.data import build_dpo_pairs, load_records
 
-    card = read_card(current)  # M_t is driven as it was trained
-    profile = card_profile(card) if card is not None else None
-    mode: ReasoningMode = config.mode or (profile.mode if profile is not None else "chain")
-    prompts = prompts or (profile.prompts if profile is not None else DEFAULT_PROMPTS)
+    card = read_card(current)  # M_t is driven as it was trained (chain mode by default)
+    profile = json_profile(card_profile(card, mode=config.mode or (
+        None if card is not None else "chain"), prompts=prompts), "iterative DPO")
+    mode, prompts = profile.mode, profile.prompts
     folder = config.round_dir(number)
     samples = folder / "samples"
     state = PartialState()

@@ -158,8 +158,8 @@ def train_sft(model: str | Path, dataset: Any, config: SFTConfig | dict[str, Any
                "rows": len(trainer.train_dataset)}
     role: Role = "summary" if config.agent == "summary" else "reasoning"
     out = save_output(trainer, loaded, config, f"sft-{config.agent}", metrics,
-                      {"loss_mask": mask}, output_card(role, loaded.base, card=card,
-                                                       sources=[dataset], data=data))
+                      {"loss_mask": mask}, output_card(role, card=card, sources=[dataset],
+                                                       data=data, dtype=config.dtype))
     return TrainResult(output_dir=out, adapter=config.finetune == "lora",
                        base_model=loaded.base, metrics=metrics)
 

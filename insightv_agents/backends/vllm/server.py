@@ -30,8 +30,10 @@ from insightv_agents.errors import BackendError, ConfigError
 from insightv_agents.trained import adapter_rank, model_limit, resolve_model, vllm_lora_rank
 
 VLLM_PYTHON_ENV = "INSIGHTV_VLLM_PYTHON"
-DEFAULT_MAX_MODEL_LEN = 4096  # with neither a card nor a smaller limit of the model's
 """Environment variable naming the Python that has vLLM installed (default: this one)."""
+DEFAULT_MAX_MODEL_LEN = 4096
+"""The context length served when neither the agent card nor a smaller limit of the model
+says otherwise."""
 
 
 class VLLMServer:
