@@ -193,7 +193,7 @@ def test_sft_defaults_follow_the_paper() -> None:
     assert (config.beta, config.loss_type) == (0.1, ["sigmoid"])
     # TRL's defaults that agent training changes
     assert (config.max_length, config.save_total_limit, config.warmup_steps) == (None, 2, 0.03)
-    assert not config.activation_checkpointing and not config.remove_unused_columns
+    assert not config.gradient_checkpointing and not config.remove_unused_columns
 
 
 def test_completion_loss_splits_a_conversation_per_assistant_turn(records: Any) -> None:
