@@ -27,15 +27,15 @@ FinalAnswer = Literal["ask", "stated"]
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans({c: " " for c in string.punctuation if c not in "%"})
 _NUMBER = re.compile(
-    r"^[^\d+\-.]{0,3}?(?P<sign>[-+\u2212]?)\s*(?P<int>\d{1,3}(?:,\d{3})+|\d+)?(?P<frac>\.\d+)?"
-    r"(?:\s*/\s*(?P<den>\d+))?\s*(?P<unit>%|[a-z]{1,12}\.?)?$")
+    r"^[^\d+\-.]{0,3}?(?P<sign>[-+\u2212]?)\s*+(?P<int>\d{1,3}(?:,\d{3})+|\d+)?(?P<frac>\.\d+)?"
+    r"(?:\s*+/\s*+(?P<den>\d+))?\s*+(?P<unit>%|[a-z]{1,12}\.?)?$")
 _LETTER_FORMS = (
     re.compile(r"^\(?([a-z])\)?[.:)]?$"),  # B, (B), B., B)
     re.compile(r"^\(?([a-z])\)?[.:)]\s+\S"),  # B. text, (B) text, B: text
     re.compile(r"^\(([a-z])\)\s+\S"),
-    re.compile(r"^(?:option|choice|answer)\s*(?:is\s*)?:?\s*\(?([a-z])\)?[.:)]?(?:\s|$)"),
-    re.compile(r"^(?:the\s+)?(?:correct\s+)?(?:answer|option|choice)\s+is\s*:?\s*\(?([a-z])\)?"
-               r"(?:[.:)\s]|$)"),
+    re.compile(r"^(?:option|choice|answer)\s*+(?:is\s*+)?:?\s*+\(?([a-z])\)?[.:)]?(?:\s|$)"),
+    re.compile(r"^(?:the\s++)?(?:correct\s++)?(?:answer|option|choice)\s++is\s*+:?\s*+"
+               r"\(?([a-z])\)?(?:[.:)\s]|$)"),
 )
 _YES = {"yes", "true", "correct", "right"}
 _NO = {"no", "false", "incorrect", "wrong"}
@@ -147,7 +147,10 @@ def match_answer(prediction: str, truth: str, *, choices: Sequence[str] | None =
     """
     if not prediction.strip():
         return _check(False, "empty", "the answer is empty")
-    if choices or _is_letter(truth):
+    letter = _is_letter(truth)
+    # Every rule reads NFKC text: normalised once here, a second normalisation is a quick check.
+    prediction, truth = (unicodedata.normalize("NFKC", text) for text in (prediction, truth))
+    if choices or letter:
         want = choice_letter(truth, choices)
         got = choice_letter(prediction, choices)
         if want is not None and got is not None:
@@ -180,7 +183,7 @@ def _check(correct: bool | None, method: str, detail: str) -> AnswerCheck:
 
 
 _MAX_STATED_CHARS = 200_000  # as parsing.MAX_REPLY_CHARS: longer replies are cut
-_STATED = re.compile(r"the\s+(?:final\s+)?answer\s+is|answer\s*:", re.I)
+_STATED = re.compile(r"the\s++(?:final\s++)?answer\s++is|answer\s*+:", re.I)
 
 
 def extract_answer(reply: str) -> str:

@@ -12,6 +12,7 @@ builders train on, so what the library writes it can always read back.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -35,7 +36,10 @@ MAX_FIELD_CHARS = 16_000
 """Longer step fields are cut to this length, so state stays bounded."""
 MAX_PLAIN_ANSWER_CHARS = 300
 """A reply without JSON is taken as the final answer only if it is this short."""
+MAX_JSON_VALUES = 1024
+"""Only this many JSON values, and steps of one chain, are read from a reply."""
 _MAX_DECODE_TRIES = 64
+_OPENING = re.compile(r"[{[]")
 
 _DECODER = json.JSONDecoder(strict=False)
 
@@ -59,22 +63,23 @@ _FALSE = {"false", "no", "incorrect", "invalid", "wrong", "0", "flawed"}
 def iter_json_objects(text: str) -> Iterator[Any]:
     """Yield the JSON objects and arrays found in ``text``, in order, skipping prose.
 
-    Bounded: reads at most :data:`MAX_REPLY_CHARS` and gives up after a fixed number of
-    failed attempts, so adversarial text cannot make it slow or recurse without end.
+    Bounded: reads at most :data:`MAX_REPLY_CHARS`, yields at most :data:`MAX_JSON_VALUES`
+    values and gives up after a fixed number of failed attempts, so adversarial text cannot
+    make it slow or recurse without end.
     """
     text = text[:MAX_REPLY_CHARS]
-    position, failures = 0, 0
-    while failures < _MAX_DECODE_TRIES:
-        starts = [i for i in (text.find("{", position), text.find("[", position)) if i >= 0]
-        if not starts:
+    position, failures, found = 0, 0, 0
+    while failures < _MAX_DECODE_TRIES and found < MAX_JSON_VALUES:
+        opening = _OPENING.search(text, position)
+        if opening is None:
             return
-        start = min(starts)
         try:
-            value, end = _DECODER.raw_decode(text, start)
+            value, end = _DECODER.raw_decode(text, opening.start())
         except (ValueError, RecursionError):
             failures += 1
-            position = start + 1
+            position = opening.start() + 1
             continue
+        found += 1
         yield value
         position = end
 
@@ -86,16 +91,16 @@ def parse_steps(text: str) -> list[ReasoningStep]:
         ModelOutputError: when the reply holds no readable step.
     """
     steps: list[ReasoningStep] = []
-    problems: list[str] = []
-    for value in iter_json_objects(text):
-        for candidate in _flatten(value):
-            try:
-                steps.append(step_from_mapping(candidate))
-            except ModelOutputError as err:
-                problems.append(str(err))
+    problem = ""
+    candidates = (item for value in iter_json_objects(text) for item in _flatten(value))
+    for candidate in itertools.islice(candidates, MAX_JSON_VALUES):
+        try:
+            steps.append(step_from_mapping(candidate))
+        except ModelOutputError as err:
+            problem = problem or str(err)
     if steps:
         return steps
-    why = problems[0] if problems else "no JSON object found"
+    why = problem or "no JSON object found"
     raise ModelOutputError(f"no reasoning step could be read ({why}). Expected a JSON object "
                            'like {"summary": "...", "reasoning": "...", "action": "continue"}.',
                            raw=text)
@@ -224,12 +229,17 @@ def parse_scores(text: str, paths: int) -> list[PathScore]:
 
 # --- LLaVA-CoT's four tagged stages ----------------------------------------------------------
 
-_STAGE_TAG = re.compile(r"<\s*(/?)\s*(summary|caption|reasoning|conclusion)\s*>", re.IGNORECASE)
-_CHOICE = re.compile(r"(?:\bI\s+(?:would\s+|will\s+)?)?(?:choose|choice|pick|select|prefer)"
-                     r"\w*\s*(?:is\s*|:\s*)?(?:the\s+)?(?:response|candidate|option|answer)?"
-                     r"\s*[\[(#]?\s*([12])\b", re.IGNORECASE)
-_BETTER = re.compile(r"(?:response|candidate)\s*[\[(#]?\s*([12])\s*[\])]?\s+is\s+(?:the\s+)?"
-                     r"better", re.IGNORECASE)
+# Every run of spaces is matched possessively (``\s*+``: never given back) and word tails are
+# bounded, so no pattern backtracks: each is linear in the text, whatever runs of spaces or
+# repeated keywords a model writes.
+_STAGE_TAG = re.compile(r"<\s*+(/?)\s*+(summary|caption|reasoning|conclusion)\s*+>",
+                        re.IGNORECASE)
+_CHOICE = re.compile(r"(?:\bI\s++(?:would\s++|will\s++)?)?(?:choose|choice|pick|select|prefer)"
+                     r"[^\W\d]{0,12}+\s*+(?:is\s*+|:\s*+)?(?:the\s++)?"
+                     r"(?:response|candidate|option|answer)?\s*+[\[(#]?\s*+([12])\b",
+                     re.IGNORECASE)
+_BETTER = re.compile(r"(?:response|candidate)\s*+[\[(#]?\s*+([12])(?:\s*+[\])])?\s++is\s++"
+                     r"(?:the\s++)?better", re.IGNORECASE)
 _CHOICE_KEYS = ("choice", "choose", "winner", "better", "response", "selected")
 
 

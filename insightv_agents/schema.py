@@ -120,6 +120,14 @@ class Judgement(TypedDict):
     attempts: int
 
 
+MAX_SENTENCE_CHARS = 2_000
+"""Longest sentence candidate sentence-level beam search keeps; a longer one is cut."""
+MAX_RESPONSE_CHARS = 65_000
+"""Longest whole response a search keeps (room for four tagged stages as long as step
+fields); a longer reply is cut, and sentence-level beam search stops growing its response
+there."""
+
+
 class SearchRecord(TypedDict):
     """One search step: the candidates sampled, how they were judged and which one won.
 

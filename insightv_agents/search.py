@@ -14,6 +14,11 @@ round by round (1 v 2, 3 v 4, ...; an odd one out goes through), so N candidates
 matches and the matches of a round run concurrently. Judge replies are untrusted: an
 unreadable one is re-asked ``max_retries`` times, then the match is decided by the
 documented fallback rule (the first-sampled of the two) and recorded as such.
+
+What a search keeps of the model's text is bounded, however long the replies: a stage
+candidate as a step field (``parsing.MAX_FIELD_CHARS``), a sentence
+:data:`~insightv_agents.schema.MAX_SENTENCE_CHARS`, a whole response
+:data:`~insightv_agents.schema.MAX_RESPONSE_CHARS`, a judge's reason 2,000 characters.
 """
 
 from __future__ import annotations
@@ -44,7 +49,14 @@ from insightv_agents.prompts import (
     stage_messages,
 )
 from insightv_agents.runtime import Outcome, reply_text
-from insightv_agents.schema import Judgement, SearchRecord, Stage, Stages
+from insightv_agents.schema import (
+    MAX_RESPONSE_CHARS,
+    MAX_SENTENCE_CHARS,
+    Judgement,
+    SearchRecord,
+    Stage,
+    Stages,
+)
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -280,10 +292,11 @@ def stage_search(stage: Stage, stages: Stages, settings: SearchSettings, *, beam
 
 
 def best_of_n(settings: SearchSettings, *, n: int) -> Search[tuple[str, list[SearchRecord]]]:
-    """Best-of-N: ``n`` whole responses, the best picked by the tournament."""
+    """Best-of-N: ``n`` whole responses (each cut at ``MAX_RESPONSE_CHARS``), the best
+    picked by the tournament."""
     messages = stage_messages(prompts=settings.prompts, question=settings.question,
                               images=settings.images)
-    candidates = [text.strip() for text in (yield Sample(messages, n))]
+    candidates = [text.strip()[:MAX_RESPONSE_CHARS] for text in (yield Sample(messages, n))]
 
     def match(a: int, b: int) -> list[BaseMessage]:
         return pairwise_messages(prompts=settings.prompts, target="response",
@@ -297,16 +310,16 @@ def best_of_n(settings: SearchSettings, *, n: int) -> Search[tuple[str, list[Sea
 def sentence_search(settings: SearchSettings, *, beam_size: int, max_sentences: int
                     ) -> Search[tuple[str, list[SearchRecord]]]:
     """Sentence-level beam search: the response grows one sentence at a time (candidates
-    cut at '.', as in the reference), each sentence picked by the tournament. It ends when
-    the conclusion closes, when the model has nothing more to write, or after
-    ``max_sentences``."""
+    cut at '.', as in the reference, and at ``MAX_SENTENCE_CHARS``), each sentence picked by
+    the tournament. It ends when the conclusion closes, when the model has nothing more to
+    write, after ``max_sentences``, or when the response reaches ``MAX_RESPONSE_CHARS``."""
     response, records = "", []
     end = close_tag("conclusion").lower()
     for number in range(1, max_sentences + 1):
         messages = stage_messages(prompts=settings.prompts, question=settings.question,
                                   images=settings.images, prefix=response)
         texts = yield Sample(messages, beam_size, stop=["."])
-        candidates = [text.split(".", 1)[0] for text in texts]
+        candidates = [text[:MAX_SENTENCE_CHARS].split(".", 1)[0] for text in texts]
 
         def match(a: int, b: int, candidates: list[str] = candidates,
                   prefix: str = response) -> list[BaseMessage]:
@@ -320,17 +333,17 @@ def sentence_search(settings: SearchSettings, *, beam_size: int, max_sentences: 
         if not chosen.strip():
             break
         position = chosen.lower().find(end)
-        if position >= 0:
-            response += chosen[: position + len(end)]
+        written = chosen[: position + len(end)] if position >= 0 else chosen + "."
+        response = (response + written)[:MAX_RESPONSE_CHARS]
+        if position >= 0 or len(response) == MAX_RESPONSE_CHARS:
             break
-        response += chosen + "."
     return response, records
 
 
 def single_pass(settings: SearchSettings) -> Search[tuple[str, list[SearchRecord]]]:
-    """Plain generation: one response, no search."""
+    """Plain generation: one response (cut at ``MAX_RESPONSE_CHARS``), no search."""
     messages = stage_messages(prompts=settings.prompts, question=settings.question,
                               images=settings.images)
     (text,) = yield Sample(messages, 1)
-    return text.strip(), []
+    return text.strip()[:MAX_RESPONSE_CHARS], []
 

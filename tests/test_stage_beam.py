@@ -4,7 +4,9 @@ driven by scripted fakes that answer by what they are asked (generate, judge or 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import time
 from typing import Any
 
 import pytest
@@ -18,7 +20,9 @@ from insightv_agents import (
     StageBeamContext,
     create_stage_beam_graph,
 )
+from insightv_agents.graphs.stage_beam import SearchMethod
 from insightv_agents.parsing import (
+    MAX_FIELD_CHARS,
     format_stages,
     parse_check,
     parse_choice,
@@ -26,6 +30,7 @@ from insightv_agents.parsing import (
     stage_text,
 )
 from insightv_agents.prompts import DEFAULT_STAGE_PROMPTS as P
+from insightv_agents.schema import MAX_RESPONSE_CHARS, MAX_SENTENCE_CHARS
 from insightv_agents.search import Sample, sample
 from insightv_agents.testing import ScriptedChatModel
 
@@ -338,3 +343,34 @@ def test_a_stateful_scripted_reply_sees_parallel_requests_one_at_a_time() -> Non
     model = ScriptedChatModel([numbered], cycle=True)
     replies = model.batch([[HumanMessage("hi")]] * 8)
     assert sorted(int(reply.text) for reply in replies) == list(range(8))
+
+
+@pytest.mark.parametrize("search", ["stage", "best_of_n", "sentence", "single"])
+def test_megabyte_replies_give_a_bounded_output_in_bounded_time(png_b64: str,
+                                                                search: SearchMethod) -> None:
+    """1 MB replies (no full stop, no tag; a judge repeating the tester's 35-second reply)
+    leave at most the capped texts: stage candidates as step fields, sentences
+    MAX_SENTENCE_CHARS, whole responses MAX_RESPONSE_CHARS."""
+    def reply(messages: list[BaseMessage]) -> str:
+        system = _text(messages[0]) if isinstance(messages[0], SystemMessage) else ""
+        if system in (P.judge_system, P.check_system):
+            return "I choose" + " " * 1_000_000
+        return " word" * 200_000
+
+    model = ScriptedChatModel([reply], cycle=True)
+    started = time.perf_counter()
+    out = create_stage_beam_graph(model, beam_size=2, search=search).compile().invoke(
+        {"image": png_b64, "question": "How many?"})
+    assert time.perf_counter() - started < 30
+    assert len(json.dumps(out)) < 1_000_000
+    assert out["status"] == "ok" and 0 < len(out["answer"]) <= MAX_FIELD_CHARS
+    assert len(out["response"]) <= MAX_RESPONSE_CHARS
+    cap = {"stage": MAX_FIELD_CHARS, "sentence": MAX_SENTENCE_CHARS}.get(search,
+                                                                        MAX_RESPONSE_CHARS)
+    assert all(len(candidate) <= cap for record in out["search"]
+               for candidate in record["candidates"])
+    assert all(judgement["decided_by"] == "fallback" for record in out["search"]
+               for judgement in record["judgements"])
+    if search == "sentence":
+        assert len(out["response"]) == MAX_RESPONSE_CHARS  # it stopped there
+        assert len(out["search"]) == -(-MAX_RESPONSE_CHARS // (MAX_SENTENCE_CHARS + 1))
