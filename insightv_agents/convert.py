@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from insightv_agents.cards import AgentCard, Sampling
 from insightv_agents.errors import ConfigError, InvalidInputError
+from insightv_agents.files import output_folder, read_json
 
 IMAGE_TOKEN = "<image>"
 
@@ -71,6 +72,7 @@ def convert_llava_next(source: str | Path, out: str | Path, *,
     Raises:
         InvalidInputError: for a source that is not a LLaVA-NeXT checkpoint this covers, a
             weight that maps to nothing, a weight missing, or a shape that does not fit.
+            Also for an ``out`` that is a file (or inside one).
         ConfigError: for an ``out`` that holds something, or a vision tower that cannot be
             found.
     """
@@ -84,7 +86,7 @@ def convert_llava_next(source: str | Path, out: str | Path, *,
         LlavaNextProcessor,
     )
 
-    source, target = Path(source), Path(out)
+    source, target = Path(source), output_folder(out)
     if target.exists() and any(target.iterdir()):
         raise ConfigError(f"{target} is not empty; give a new folder.")
     llava = _llava_config(source)
@@ -150,11 +152,8 @@ def convert_llava_next(source: str | Path, out: str | Path, *,
 
 
 def _llava_config(source: Path) -> dict[str, Any]:
-    path = source / "config.json"
-    try:
-        llava: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InvalidInputError(f"{path}: {err}", field="source") from None
+    llava = read_json(source / "config.json", what="the checkpoint's config",
+                      fix="Give a LLaVA checkpoint folder.", field="source")
     if "mm_vision_tower" not in llava and "mm_projector_type" not in llava:
         raise InvalidInputError(f"{source} is not a LLaVA checkpoint (its config has no "
                                 "mm_vision_tower).", field="source")

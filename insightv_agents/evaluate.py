@@ -44,6 +44,7 @@ from insightv_agents.answers import (
     stated_answer,
 )
 from insightv_agents.errors import ConfigError, InvalidInputError, ModelOutputError, check_int
+from insightv_agents.files import Fields, output_folder, read_json
 from insightv_agents.images import ImagePolicy, load_images
 from insightv_agents.parsing import parse_steps
 from insightv_agents.prompts import (
@@ -60,6 +61,10 @@ from insightv_agents.trainers.common import write_atomic
 
 PREDICTIONS_FILE = "predictions.jsonl"
 EVAL_FILE = "eval.json"
+PREDICTION_FIELDS: Fields = {"id": str, "category": str, "correct": bool, "status": str,
+                              "check": dict, "seconds": (int, float)}
+"""The fields of a prediction the reports read (:func:`summarize`, :func:`compare_predictions`);
+each line of ``predictions.jsonl`` also holds the answer and what the method gave."""
 Predictor = Callable[[Item], Awaitable[dict[str, Any]]]
 """Answers one item: returns at least ``answer`` and ``status``; may add ``steps``,
 ``reasoning``, ``verdict``, ``stages``, ``response``, ``failures``."""
@@ -181,11 +186,12 @@ async def evaluate(predict: Predictor, items: Sequence[Item], out: str | Path, *
         The report (also in ``report.json`` / ``report.md``).
 
     Raises:
-        InvalidInputError: for a folder holding a run with other settings.
+        InvalidInputError: for a folder holding a run with other settings, or a damaged
+            ``eval.json`` or ``predictions.jsonl``; for an ``out`` that is a file.
         ConfigError: for a ``concurrency`` below 1.
     """
     check_int("concurrency", concurrency, 1, 4096)
-    folder = Path(out)
+    folder = output_folder(out)
     folder.mkdir(parents=True, exist_ok=True)
     _check_settings(folder, settings or {})
     queue: asyncio.Queue[Item] = asyncio.Queue()
@@ -204,7 +210,8 @@ async def evaluate(predict: Predictor, items: Sequence[Item], out: str | Path, *
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     wanted = {item.id for item in items}
-    rows = [row for row in read_records(folder / PREDICTIONS_FILE) if row["id"] in wanted]
+    rows = [row for row in read_records(folder / PREDICTIONS_FILE, fields=PREDICTION_FIELDS)
+            if row["id"] in wanted]
     report = summarize(rows)
     report["settings"] = settings or {}
     write_reports(folder, report)
@@ -255,7 +262,7 @@ def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     seconds = 0.0
     rows = list(rows)
     for row in rows:
-        for key in ("all", row["category"]):
+        for key in dict.fromkeys(("all", row["category"])):  # an uncategorised row is "all"
             totals[key][0] += 1
             totals[key][1] += bool(row["correct"])
         failed += row["status"] != "ok"
@@ -355,15 +362,17 @@ def compare_predictions(first: str | Path, second: str | Path, *,
     many items actually changed, and ``p_value`` how surprising that is.
 
     Raises:
-        InvalidInputError: when a folder holds no predictions, or the two share no item.
+        InvalidInputError: when a folder holds no predictions or damaged ones, or the two
+            share no item.
     """
     def right(folder: str | Path) -> dict[str, bool]:
         path = Path(folder)
         path = path / PREDICTIONS_FILE if path.is_dir() else path
         if not path.is_file():
             raise InvalidInputError(f"no predictions at {path}", field="predictions")
-        return {row["id"]: bool(row["correct"]) for row in read_records(path)
-                if categories is None or row.get("category") in categories}
+        return {row["id"]: row["correct"]
+                for row in read_records(path, fields=PREDICTION_FIELDS)
+                if categories is None or row["category"] in categories}
 
     a, b = right(first), right(second)
     shared = [key for key in a if key in b]
@@ -401,8 +410,9 @@ def sign_test(wins: int, losses: int) -> float:
 
 def _check_settings(folder: Path, settings: dict[str, Any]) -> None:
     path = folder / EVAL_FILE
-    if path.is_file():
-        stored = json.loads(path.read_text())
+    if path.exists():
+        stored = read_json(path, what="evaluation settings", field="out",
+                           fix="Remove it (the next run writes it again), or use another --out.")
         if stored != json.loads(json.dumps(settings)):
             raise InvalidInputError(
                 f"{folder} holds an evaluation with other settings ({stored}); use another "

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from insightv_agents.errors import InvalidInputError
+from insightv_agents.files import Fields, read_jsonl
 
 
 class RecordLog:
@@ -112,9 +113,13 @@ class RecordLog:
             self.repaired_bytes = size - complete_end
 
 
-def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The records of a JSONL file, in order (a torn last line is skipped)."""
-    with open(path, "rb") as handle:
-        for line in handle:
-            if line.endswith(b"\n"):
-                yield json.loads(line)
+def read_records(path: str | Path, *, fields: Fields | None = None
+                 ) -> Iterator[dict[str, Any]]:
+    """The records of a log written by :class:`RecordLog`, in order (a torn last line, the
+    write a kill cut short, is skipped), each with ``fields`` checked.
+
+    Raises:
+        InvalidInputError: for a line that is not a JSON object with ``fields``, naming it.
+    """
+    for _, record in read_jsonl(path, what="records", fields=fields, torn_tail=True):
+        yield record

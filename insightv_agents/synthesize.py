@@ -1,10 +1,11 @@
 """Running the synthesis graph over a dataset: resumable, append-only, concurrent.
 
 :func:`load_items` reads and validates a whole dataset (JSONL, or a Hugging Face dataset
-folder saved with ``save_to_disk``) before any model is called. :func:`synthesize` runs the
-graph over the items not yet done, ``concurrency`` at a time, and appends each item's paths
-to ``<out>/records.jsonl`` as one group (see :mod:`insightv_agents.records`): a rerun of the
-same command resumes where a crash or kill left off.
+folder saved with ``save_to_disk``), every image decoded, before any model is called.
+:func:`synthesize` runs the graph over the items not yet done, ``concurrency`` at a time,
+and appends each item's paths to ``<out>/records.jsonl`` as one group (see
+:mod:`insightv_agents.records`): a rerun of the same command resumes where a crash or kill
+left off.
 
 Each line of ``records.jsonl`` is one path of one item (the :data:`RECORD_FIELDS`).
 """
@@ -15,15 +16,20 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from insightv_agents import __version__
 from insightv_agents.errors import ConfigError, InvalidInputError
+from insightv_agents.files import output_folder, path_inside, read_json, read_jsonl
 from insightv_agents.graphs.synthesis import check_truth
+from insightv_agents.images import ImagePolicy, open_image
 from insightv_agents.prompts import PROMPTS_VERSION
 from insightv_agents.records import RecordLog
 
@@ -40,6 +46,7 @@ RECORD_FIELDS = (
 the data folder (``image_root="data"``) or, for images embedded in a dataset, to the output
 folder (``"out"``)."""
 _MAX_ERRORS_SHOWN = 10
+_DECODE_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -76,65 +83,74 @@ class SynthesisReport:
 
 
 def load_items(source: str | Path, *, out: str | Path | None = None,
-               limit: int | None = None, on_bad_row: Callable[[str], None] | None = None
-               ) -> tuple[list[Item], Path]:
+               limit: int | None = None, on_bad_row: Callable[[str], None] | None = None,
+               image_policy: ImagePolicy | None = None) -> tuple[list[Item], Path]:
     """Read and validate every item of ``source`` before anything runs.
 
-    ``source`` is a JSONL file (one object per line) or a folder saved with
+    ``source`` is a JSONL file (one object per line, UTF-8) or a folder saved with
     ``datasets.Dataset.save_to_disk``, with fields ``image`` (a path relative to the data
     folder — the JSONL's folder, or the dataset folder — or an embedded image), ``question``,
-    ``answer`` and optionally ``id``, ``choices``, ``category``. Embedded images are written
-    to ``<out>/images/`` so that records can point at them.
+    ``answer`` and optionally ``id``, ``choices``, ``category``. Every image is decoded (in
+    threads) under ``image_policy``, the one the graph will apply. Embedded images are written to
+    ``<out>/images/`` so that records can point at them. With ``limit``, only the first
+    ``limit`` good items are read.
 
-    A bad row (a missing field, an image missing or outside the data folder, a duplicate id,
-    a line that is not a JSON object) stops the load, unless ``on_bad_row`` is given: then
-    each bad row is reported to it (``"line 3: ..."``) and skipped, and the good rows are
-    returned.
+    A bad row (a line that is not UTF-8 text or not a JSON object, a missing field, an image
+    missing, outside the data folder or not decodable, a duplicate id) refuses the whole
+    dataset, every bad row listed, unless ``on_bad_row`` is given: then each bad row is
+    reported to it (``"data.jsonl, line 3: ..."``) and skipped, and the good rows are
+    returned (the CLI's ``--skip-bad``).
 
     Returns:
         The items and the data folder.
 
     Raises:
-        InvalidInputError: listing the bad lines, before any model is called; or when no
-            good row is left.
+        InvalidInputError: listing the bad rows (line and why), before any model is called;
+            when no good row is left; for an ``out`` that is a file.
     """
     path = Path(source)
     if not path.exists():
         raise InvalidInputError(f"{path}: no such file or folder.", field="input")
+    target = output_folder(out) if out is not None else None
+    problems: list[tuple[int, str]] = []
+    rows: Iterable[tuple[int, dict[str, Any]]]
     if path.is_dir():
-        root, rows = path.resolve(), _dataset_rows(path)
+        unit, root, rows = "row", path.resolve(), _dataset_rows(path)
     else:
-        root, rows = path.resolve().parent, _jsonl_rows(path)
+        unit, root = "line", path.resolve().parent
+        rows = read_jsonl(path, what="dataset", field="input",
+                          on_bad_line=lambda number, why: problems.append((number, why)))
+    checked = _checked(rows, root, target, unit, problems)
+    decode = partial(_image_problem, policy=image_policy or ImagePolicy())
     items: list[Item] = []
-    problems: list[str] = []
-    seen: dict[str, int] = {}
-    for line, row in rows:
-        if limit is not None and len(items) >= limit:
-            break
-        if isinstance(row, str):
-            problems.append(f"line {line}: {row}")
-            continue
-        try:
-            item = _item(row, line, root, Path(out) if out is not None else None)
-        except InvalidInputError as err:
-            problems.append(f"line {line}: {err}")
-            continue
-        if item.id in seen:
-            problems.append(f"line {line}: id {item.id!r} is also on line {seen[item.id]}")
-            continue
-        seen[item.id] = line
-        items.append(item)
+    with ThreadPoolExecutor() as pool:  # decoding is most of the time; Pillow frees the GIL
+        while limit is None or len(items) < limit:
+            wanted = _DECODE_BATCH if limit is None else min(_DECODE_BATCH, limit - len(items))
+            batch = list(islice(checked, wanted))
+            if not batch:
+                break
+            for item, problem in zip(batch, pool.map(decode, batch), strict=True):
+                if problem is None:
+                    items.append(item)
+                else:
+                    problems.append((item.line, problem))
+    problems.sort(key=lambda problem: problem[0])
     if problems and (on_bad_row is None or not items):
-        shown = "\n  ".join(problems[:_MAX_ERRORS_SHOWN])
+        shown = "\n  ".join(f"{unit} {line}: {why}"
+                             for line, why in problems[:_MAX_ERRORS_SHOWN])
         more = f"\n  ... and {len(problems) - _MAX_ERRORS_SHOWN} more" \
             if len(problems) > _MAX_ERRORS_SHOWN else ""
-        raise InvalidInputError(f"{path}: {len(problems)} bad item(s):\n  {shown}{more}",
+        advice = "fix them, or skip them (--skip-bad; load_items(on_bad_row=...))" \
+            if on_bad_row is None else "and no good one"
+        raise InvalidInputError(f"{path}: {len(problems)} bad item(s), {advice}:\n  {shown}{more}",
                                 field="input")
     if on_bad_row is not None:
-        for problem in problems:
-            on_bad_row(problem)
+        for line, why in problems:
+            on_bad_row(f"{path}, {unit} {line}: {why}")
     if not items:
         raise InvalidInputError(f"{path} holds no items.", field="input")
+    for item in items:
+        _store(item, target)
     return items, root
 
 
@@ -174,7 +190,7 @@ async def synthesize(
     """
     if concurrency < 1:
         raise ConfigError(f"concurrency must be at least 1, not {concurrency}.")
-    out = Path(out)
+    out = output_folder(out)
     report = SynthesisReport(total=len(items))
     started = time.perf_counter()
     with RecordLog(out / RECORDS_FILE) as log:
@@ -235,11 +251,11 @@ def to_records(item: Item, result: dict[str, Any], provenance: dict[str, Any],
 def write_run_file(out: str | Path, settings: dict[str, Any]) -> None:
     """Record the run's settings in ``<out>/run.json``; refuse to resume a run whose
     record layout (``paths`` per item) differs."""
-    out = Path(out)
+    out = output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / RUN_FILE
     if run_file.exists():
-        earlier = json.loads(run_file.read_text())
+        earlier = read_run_file(out)
         if earlier.get("paths") != settings.get("paths"):
             raise ConfigError(f"{out} holds a run with {earlier.get('paths')} paths per item; "
                               f"this one asks for {settings.get('paths')}. Use another --out.")
@@ -250,13 +266,18 @@ def write_run_file(out: str | Path, settings: dict[str, Any]) -> None:
 
 
 def read_run_file(folder: str | Path) -> dict[str, Any]:
-    """The settings of a synthesis run (see :func:`write_run_file`)."""
+    """The settings of a synthesis run (see :func:`write_run_file`).
+
+    Raises:
+        InvalidInputError: when ``folder`` holds no ``run.json``, or a damaged one.
+    """
     run_file = Path(folder) / RUN_FILE
     if not run_file.exists():
         raise InvalidInputError(f"{folder} is not a synthesis output folder (no {RUN_FILE}).",
                                 field="from")
-    settings: dict[str, Any] = json.loads(run_file.read_text())
-    return settings
+    return read_json(run_file, what="synthesis settings", fields={"data_root": str},
+                     fix="Remove it and rerun the same `insightv synthesize` command: it "
+                         "writes the file again and resumes.", field="from")
 
 
 def _log_error(out: Path, item: Item, error: BaseException) -> None:
@@ -266,23 +287,7 @@ def _log_error(out: Path, item: Item, error: BaseException) -> None:
         handle.write(line + "\n")
 
 
-def _jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any] | str]]:
-    """Each non-blank line's number and object (or what is wrong with the line)."""
-    rows: list[tuple[int, dict[str, Any] | str]] = []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, text in enumerate(handle, 1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as err:
-                rows.append((number, f"not JSON ({err.msg})"))
-                continue
-            rows.append((number, row if isinstance(row, dict) else "not a JSON object"))
-    return rows
-
-
-def _dataset_rows(path: Path) -> list[tuple[int, dict[str, Any] | str]]:
+def _dataset_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     try:
         import datasets
     except ImportError:  # pragma: no cover - depends on the environment
@@ -299,6 +304,24 @@ def _dataset_rows(path: Path) -> list[tuple[int, dict[str, Any] | str]]:
     if isinstance(dataset.features.get("image"), datasets.Image):
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
     return [(index + 1, dict(row)) for index, row in enumerate(dataset)]
+
+
+def _checked(rows: Iterable[tuple[int, dict[str, Any]]], root: Path, out: Path | None,
+             unit: str, problems: list[tuple[int, str]]) -> Iterator[Item]:
+    """The items of ``rows`` whose fields, image path and id are good (their images not yet
+    decoded); what is wrong with each other row is added to ``problems``."""
+    seen: dict[str, int] = {}
+    for line, row in rows:
+        try:
+            item = _item(row, line, root, out)
+        except InvalidInputError as err:
+            problems.append((line, str(err)))
+            continue
+        if item.id in seen:
+            problems.append((line, f"id {item.id!r} is also on {unit} {seen[item.id]}"))
+            continue
+        seen[item.id] = line
+        yield item
 
 
 def _item(row: dict[str, Any], line: int, root: Path, out: Path | None) -> Item:
@@ -323,29 +346,40 @@ def _image(value: Any, root: Path, out: Path | None) -> tuple[str | bytes, str, 
         data = bytes(value["bytes"])
         if out is None:
             return data, "", "out"
-        name = f"images/{hashlib.sha1(data).hexdigest()[:20]}{_suffix(data)}"
-        target = out / name
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_suffix(".tmp")
-            temporary.write_bytes(data)
-            temporary.replace(target)
-        return data, name, "out"
+        return data, f"images/{hashlib.sha1(data).hexdigest()[:20]}{_suffix(data)}", "out"
     if isinstance(value, dict) and value.get("path"):
         value = value["path"]
     if not isinstance(value, str) or not value.strip():
         raise InvalidInputError("`image` must be a path relative to the data folder",
                                 field="image")
-    relative = Path(value)
-    if relative.is_absolute():
-        raise InvalidInputError(f"image {value!r} is absolute; give it relative to the data "
-                                "folder", field="image")
-    resolved = (root / relative).resolve()
-    if not resolved.is_relative_to(root):
-        raise InvalidInputError(f"image {value!r} is outside the data folder", field="image")
+    resolved = path_inside(root, value, where="the data folder")
     if not resolved.is_file():
         raise InvalidInputError(f"image {value!r}: no such file in {root}", field="image")
-    return str(resolved), relative.as_posix(), "data"
+    return str(resolved), Path(value).as_posix(), "data"
+
+
+def _image_problem(item: Item, policy: ImagePolicy) -> str | None:
+    """Why the graph could not read ``item``'s image (``None``: it can), found by decoding
+    it as the graph will."""
+    image = item.image
+    try:
+        open_image(image if isinstance(image, bytes) else Path(image), policy)
+    except InvalidInputError as err:
+        what = "the embedded image" if isinstance(image, bytes) else f"image {item.image_ref!r}"
+        return f"{what}: {err}"
+    return None
+
+
+def _store(item: Item, out: Path | None) -> None:
+    """Write an embedded image to ``out`` where the records will point at it."""
+    if not isinstance(item.image, bytes) or out is None:
+        return
+    target = out / item.image_ref
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_suffix(".tmp")
+        temporary.write_bytes(item.image)
+        temporary.replace(target)
 
 
 def _suffix(data: bytes) -> str:

@@ -189,7 +189,7 @@ def test_cli_eval_needs_a_model_and_checks_the_data_first(
     (tmp_path / "bad.jsonl").write_text('{"image": "nope.png", "question": "q", "answer": "1"}\n')
     result = CliRunner().invoke(app, ["eval", "--data", str(tmp_path / "bad.jsonl"), "--out",
                                       str(tmp_path / "o"), "--base-url", "http://127.0.0.1:9/v1"])
-    assert result.exit_code == 2 and "bad item" in result.output
+    assert result.exit_code == 2 and "1 bad item(s)" in result.output
     result = CliRunner().invoke(app, ["eval", "--data", str(data / "test.jsonl"), "--out",
                                       str(tmp_path / "o"), "--method", "magic"])
     assert result.exit_code == 2 and "--method" in result.output

@@ -68,3 +68,13 @@ def test_a_repeated_group_is_refused(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes() * 2)
     with pytest.raises(InvalidInputError, match="changed by something else"):
         RecordLog(path)
+
+
+def test_read_records_names_a_damaged_line(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    with RecordLog(path) as log:
+        log.append(group("a", 1))
+    path.write_bytes(path.read_bytes() + b'{"text": "no id"}\n' + b'{"id": "torn')
+    assert [r.get("id") for r in read_records(path)] == ["a", None]  # no field asked for
+    with pytest.raises(InvalidInputError, match=r"records\.jsonl, line 2: no `id` field"):
+        list(read_records(path, fields={"id": str}))

@@ -189,14 +189,16 @@ def test_a_scoring_request_the_server_refuses_leaves_paths_unscored_not_lost(
                and "maximum context length" in f[0]["error"] for f in failures)
 
 
-def test_cli_strict_refuses_bad_rows_before_calling_a_model(tmp_path: Path) -> None:
+def test_cli_refuses_bad_rows_before_calling_a_model(tmp_path: Path) -> None:
     data = make_data(tmp_path / "data", 1)
     data.write_text(data.read_text() + json.dumps({"image": "../x.png", "question": "q",
                                                    "answer": "a"}) + "\n")
     with FakeOpenAIServer(wire_teacher()) as server:
-        result = runner.invoke(app, [*synthesize_args(data, tmp_path / "out", server.url),
-                                     "--strict"])
-        assert result.exit_code == 2 and "outside the data folder" in result.output
+        for deprecated in ([], ["--strict"]):  # --strict: the default, before it was
+            result = runner.invoke(app, [*synthesize_args(data, tmp_path / "out", server.url),
+                                         *deprecated])
+            assert result.exit_code == 2 and "outside the data folder" in result.output
+            assert ("--strict is deprecated" in result.output) == bool(deprecated)
         assert server.requests == []
 
 
@@ -207,11 +209,12 @@ def test_cli_reports_and_skips_bad_rows_and_keeps_the_good_ones(tmp_path: Path) 
                                json.dumps({"image": "../x.png", "question": "q", "answer": "a"}),
                                lines[1]]) + "\n")
     with FakeOpenAIServer(wire_teacher(steps=2)) as server:
-        result = runner.invoke(app, synthesize_args(data, tmp_path / "out", server.url))
+        result = runner.invoke(app, [*synthesize_args(data, tmp_path / "out", server.url),
+                                     "--skip-bad"])
     assert result.exit_code == 0, result.output
-    for problem in ("line 2: not JSON", "line 3: not a JSON object",
+    for problem in ("line 2: not JSON", "line 3: a list, not a JSON object",
                     "line 4: image '../x.png' is outside the data folder"):
-        assert f"skipped bad row: {problem}" in " ".join(result.output.split())
+        assert f"skipped bad row: {data}, {problem}" in " ".join(result.output.split())
     assert "2 item(s) written" in result.output
     assert len(list(read_records(tmp_path / "out" / "records.jsonl"))) == 6
 

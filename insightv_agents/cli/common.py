@@ -4,15 +4,17 @@ values."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from insightv_agents.errors import InsightVError
+from insightv_agents.errors import ConfigError, InsightVError
 from insightv_agents.prompts import ReasoningMode
 
 Images = Annotated[list[str], typer.Option("--image", "-i", help="Image path (repeatable).")]
@@ -36,8 +38,11 @@ MaxRevisions = Annotated[int, typer.Option(help="Times the summary agent may sen
 Temperature = Annotated[float, typer.Option(help="Sampling temperature.")]
 AllowUrls = Annotated[bool, typer.Option(help="Allow http(s) image URLs.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")]
+SkipBad = Annotated[bool, typer.Option(
+    "--skip-bad", help="Report each bad dataset row and run the good ones (default: refuse "
+                       "the dataset, listing its bad rows, before any model is called).")]
 Strict = Annotated[bool, typer.Option(
-    help="Stop at a bad input row (default: report each bad row and skip it).")]
+    "--strict", hidden=True, help="Deprecated: refusing a dataset with bad rows is the default.")]
 Method = Annotated[str, typer.Option(
     help="insightv (reasoning + summary agents), or LLaVA-CoT's four stages with stage-beam "
          "(stage-level beam search), best-of-n, sentence-beam or single (one pass).")]
@@ -45,15 +50,30 @@ BeamSize = Annotated[int, typer.Option(
     help="Candidates per stage (stage-beam, sentence-beam) or responses (best-of-n).")]
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
 @contextmanager
 def command_errors(console: Console) -> Iterator[None]:
     """Bad input, options or data (an :class:`~insightv_agents.errors.InsightVError`) end
-    the command with the message and exit status 2."""
+    the command with the message (unwrapped: paths in it stay whole) and exit status 2."""
     try:
         yield
     except InsightVError as err:
-        console.print(f"[bold red]error:[/bold red] {err}")
+        console.print(f"[bold red]error:[/bold red] {escape(str(err))}", soft_wrap=True)
         raise typer.Exit(2) from err
+
+
+def guarded(command: Callable[P, R]) -> Callable[P, R]:
+    """``command`` with :func:`command_errors` around the whole of it, so that a library
+    error raised anywhere in it (inside ``asyncio.run``, or while it writes its results)
+    ends it with the message and exit status 2, never a traceback."""
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        with command_errors(Console()):
+            return command(*args, **kwargs)
+    return run
 
 
 @contextmanager
@@ -66,10 +86,21 @@ def progress(console: Console, description: str, total: int) -> Iterator[Callabl
         yield lambda done: bar.update(task, completed=done)
 
 
-def skipped(console: Console) -> Callable[[str], None]:
-    """Reports a skipped input row."""
+def bad_rows(console: Console, skip_bad: bool, strict: bool = False
+             ) -> Callable[[str], None] | None:
+    """What a command does with bad dataset rows (``load_items(on_bad_row=...)``): ``None``
+    refuses the dataset; with ``--skip-bad``, a function that reports each row skipped."""
+    if strict:
+        if skip_bad:
+            raise ConfigError("--strict and --skip-bad contradict each other; drop --strict "
+                              "(refusing a dataset with bad rows is the default).")
+        console.print("[yellow]--strict is deprecated: refusing a dataset with bad rows is "
+                      "the default.[/yellow]")
+    if not skip_bad:
+        return None
+
     def report(problem: str) -> None:
-        console.print(f"[yellow]skipped bad row: {problem}[/yellow]")
+        console.print(f"[yellow]skipped bad row: {escape(problem)}[/yellow]", soft_wrap=True)
     return report
 
 

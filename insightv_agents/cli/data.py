@@ -7,18 +7,22 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from insightv_agents.cli.common import (
     MaxSteps,
+    SkipBad,
     Strict,
-    command_errors,
+    bad_rows,
+    guarded,
     progress,
     reasoning_mode,
-    skipped,
 )
 from insightv_agents.errors import InsightVError, check_int
+from insightv_agents.files import output_folder
 
 
+@guarded
 def synthesize(
     input: Annotated[str, typer.Option(
         "--input", help="JSONL file or saved Hugging Face dataset folder: image (relative to "
@@ -44,6 +48,7 @@ def synthesize(
     top_p: Annotated[float, typer.Option(help="Teacher nucleus sampling.")] = 0.95,
     max_tokens: Annotated[int, typer.Option(help="Longest reply per request.")] = 1024,
     limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
+    skip_bad: SkipBad = False,
     strict: Strict = False,
     mode: Annotated[str | None, typer.Option(
         help="step: one step per call; chain: a chain per call (default: the teacher's agent "
@@ -72,38 +77,38 @@ def synthesize(
     )
 
     console = Console()
-    with command_errors(console):
-        check_int("concurrency", concurrency, 1, 4096)
-        items, root = load_items(input, out=out, limit=limit,
-                                 on_bad_row=None if strict else skipped(console))
-        teacher_model = vllm_chat_model(teacher_url, teacher, temperature=temperature,
-                                        top_p=top_p, max_tokens=max_tokens)
-        scorer_model: Any = None
-        if scorer == "rule":
-            scorer_model = RuleScorer()
-        elif scorer is not None or scorer_url is not None:
-            scorer_model = vllm_chat_model(scorer_url or teacher_url, scorer or teacher,
-                                           temperature=0.0, max_tokens=max_tokens)
-        judge_model = None if judge is None else vllm_chat_model(
-            judge_url or teacher_url, judge, temperature=0.0, max_tokens=256)
-        if final_answer not in ("ask", "stated"):
-            raise InsightVError(f"--final-answer must be 'ask' or 'stated', not "
-                                f"{final_answer!r}.")
-        # a trained agent as teacher is driven as its card says
-        profile = json_profile(card_profile(card_of(teacher_model), mode=reasoning_mode(
-            mode) if mode is not None else None), "synthesis")
-        mode = profile.mode
-        graph = create_synthesis_graph(
-            teacher=teacher_model, scorer=scorer_model, judge=judge_model, paths=paths,
-            mode=profile.mode, max_steps=max_steps, prompts=profile.prompts,
-            final_answer="stated" if final_answer == "stated" else "ask").compile(
-                name="synthesis")
-        provenance = {"teacher": describe_model(teacher_model),
-                      "scorer": describe_model(scorer_model or teacher_model),
-                      "judge": describe_model(judge_model), "max_steps": max_steps,
-                      "mode": mode, "final_answer": final_answer}
-        write_run_file(out, {"input": str(input), "data_root": str(root), "paths": paths,
-                             **provenance})
+    output_folder(out)
+    check_int("concurrency", concurrency, 1, 4096)
+    items, root = load_items(input, out=out, limit=limit,
+                             on_bad_row=bad_rows(console, skip_bad, strict))
+    teacher_model = vllm_chat_model(teacher_url, teacher, temperature=temperature,
+                                    top_p=top_p, max_tokens=max_tokens)
+    scorer_model: Any = None
+    if scorer == "rule":
+        scorer_model = RuleScorer()
+    elif scorer is not None or scorer_url is not None:
+        scorer_model = vllm_chat_model(scorer_url or teacher_url, scorer or teacher,
+                                       temperature=0.0, max_tokens=max_tokens)
+    judge_model = None if judge is None else vllm_chat_model(
+        judge_url or teacher_url, judge, temperature=0.0, max_tokens=256)
+    if final_answer not in ("ask", "stated"):
+        raise InsightVError(f"--final-answer must be 'ask' or 'stated', not "
+                            f"{final_answer!r}.")
+    # a trained agent as teacher is driven as its card says
+    profile = json_profile(card_profile(card_of(teacher_model), mode=reasoning_mode(
+        mode) if mode is not None else None), "synthesis")
+    mode = profile.mode
+    graph = create_synthesis_graph(
+        teacher=teacher_model, scorer=scorer_model, judge=judge_model, paths=paths,
+        mode=profile.mode, max_steps=max_steps, prompts=profile.prompts,
+        final_answer="stated" if final_answer == "stated" else "ask").compile(
+            name="synthesis")
+    provenance = {"teacher": describe_model(teacher_model),
+                  "scorer": describe_model(scorer_model or teacher_model),
+                  "judge": describe_model(judge_model), "max_steps": max_steps,
+                  "mode": mode, "final_answer": final_answer}
+    write_run_file(out, {"input": str(input), "data_root": str(root), "paths": paths,
+                         **provenance})
     with progress(console, "synthesizing", len(items)) as done:
 
         def advance(report: Any) -> None:
@@ -118,13 +123,14 @@ def synthesize(
                   f"{report.paths_failed} failed path(s) recorded, {len(report.errors)} item "
                   f"error(s), in {report.seconds:.1f} s -> {out}/{RECORDS_FILE}")
     for identifier, message in report.errors[:10]:
-        console.print(f"[red]{identifier}: {message}[/red]")
+        console.print(f"[red]{escape(identifier)}: {escape(message)}[/red]")
     if report.errors:
         console.print("[yellow]items with errors were not written; rerun to retry them "
                       "(see errors.jsonl)[/yellow]")
         raise typer.Exit(1)
 
 
+@guarded
 def build_data(
     kind: Annotated[str, typer.Argument(help="sft-reason, sft-summary or dpo.")],
     source: Annotated[str, typer.Option("--from", help="A synthesis output folder.")],
@@ -154,23 +160,23 @@ def build_data(
     from insightv_agents.trainers.common import dataset_card
 
     console = Console()
-    with command_errors(console):
-        if kind not in ("sft-reason", "sft-summary", "dpo"):
-            raise InsightVError(f"unknown dataset kind {kind!r}: sft-reason, sft-summary or "
-                                "dpo.")
-        shares = summary_mix(mix, bins, seed)
-        records = data.load_records(source, images=images)
-        if kind == "sft-reason":
-            dataset, report = data.build_reasoning_sft(records, mode=reasoning_mode(mode),
-                                                       min_score=min_score)
-        elif kind == "sft-summary":
-            self_records = data.load_records(self_made) if self_made else None
-            dataset, report = data.build_summary_sft(
-                records, mix=shares, self_records=self_records, total=total)
-        else:
-            dataset, report = data.build_dpo_pairs(
-                records, min_margin=min_margin, min_chosen_score=min_score,
-                pairs_per_question=pairs_per_question)
+    output_folder(out)
+    if kind not in ("sft-reason", "sft-summary", "dpo"):
+        raise InsightVError(f"unknown dataset kind {kind!r}: sft-reason, sft-summary or "
+                            "dpo.")
+    shares = summary_mix(mix, bins, seed)
+    records = data.load_records(source, images=images)
+    if kind == "sft-reason":
+        dataset, report = data.build_reasoning_sft(records, mode=reasoning_mode(mode),
+                                                   min_score=min_score)
+    elif kind == "sft-summary":
+        self_records = data.load_records(self_made) if self_made else None
+        dataset, report = data.build_summary_sft(
+            records, mix=shares, self_records=self_records, total=total)
+    else:
+        dataset, report = data.build_dpo_pairs(
+            records, min_margin=min_margin, min_chosen_score=min_score,
+            pairs_per_question=pairs_per_question)
     dataset.save_to_disk(out)
     dataset_card(kind, mode=reasoning_mode(mode)).save(out)  # how its agent will be driven
     console.print("\n".join([f"{kind}: {out}", *report.lines()]))

@@ -18,17 +18,20 @@ from insightv_agents.cli.common import (
     LocalModel,
     MaxSteps,
     Model,
+    SkipBad,
     Strict,
     SummaryBaseUrl,
     SummaryModel,
-    command_errors,
+    bad_rows,
+    guarded,
     progress,
-    skipped,
 )
 from insightv_agents.cli.models import METHODS, build_graph, choose_backend
 from insightv_agents.errors import InsightVError, check_int
+from insightv_agents.files import output_folder
 
 
+@guarded
 def eval_command(
     data: Annotated[str, typer.Option(
         help="JSONL file or saved Hugging Face dataset folder in the synthesis input format "
@@ -56,6 +59,7 @@ def eval_command(
              "module:attribute of a DatasetChecks or of a function of the data folder "
              "returning one, or the name of an 'insightv_agents.checks' entry point.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
+    skip_bad: SkipBad = False,
     strict: Strict = False,
     concurrency: Annotated[int, typer.Option(help="Items in flight at once.")] = 8,
     labels: Annotated[str | None, typer.Option(
@@ -79,40 +83,39 @@ def eval_command(
     from insightv_agents.synthesize import describe_model, load_items
 
     console = Console()
-    with command_errors(console):
-        if method not in ("insightv", "direct", *METHODS):
-            raise InsightVError(f"--method must be insightv, direct or one of "
-                                f"{', '.join(METHODS)}; not {method!r}.")
-        check_int("concurrency", concurrency, 1, 4096)
-        items, root = load_items(data, out=out, limit=limit,
-                                 on_bad_row=None if strict else skipped(console))
-        if base_url is None and local_model is None and not (
-                method == "insightv" and demo.demo_available()):
-            raise InsightVError("evaluation needs a model: pass --base-url or --local-model "
-                                "(with neither, --method insightv runs the demo agents).")
-        backend = choose_backend(
-            base_url, model, summary_base_url, summary_model, local_model, local_adapter,
-            temperature, staged=method not in ("insightv", "direct"), default_temperature=0.0)
-        if mode is None and card_of(backend.reasoner) is None:
-            mode = "chain"
-        predict = direct_predictor(backend.reasoner) if method == "direct" else graph_predictor(
-            build_graph(method, backend.reasoner, backend.summarizer, mode=mode,
-                        max_steps=max_steps, max_revisions=0, beam_size=beam_size))
-        dataset = load_checks(checks, root) if checks else DatasetChecks()
-        rules = answer_rules(labels) or (dataset.rules if checks else None) \
-            or backend.answer_rules() or dataset.rules
-        settings: dict[str, Any] = {
-            "method": method, "data": str(data), "backend": backend.description,
-            "reasoner": describe_model(backend.reasoner),
-            "summarizer": describe_model(backend.summarizer),
-            "mode": mode, "beam_size": beam_size, "limit": limit}
-        if checks:
-            settings["checks"] = checks
-        if labels:
-            settings["labels"] = sorted(rules.labels)
+    output_folder(out)
+    if method not in ("insightv", "direct", *METHODS):
+        raise InsightVError(f"--method must be insightv, direct or one of "
+                            f"{', '.join(METHODS)}; not {method!r}.")
+    check_int("concurrency", concurrency, 1, 4096)
+    items, root = load_items(data, out=out, limit=limit,
+                             on_bad_row=bad_rows(console, skip_bad, strict))
+    if base_url is None and local_model is None and not (
+            method == "insightv" and demo.demo_available()):
+        raise InsightVError("evaluation needs a model: pass --base-url or --local-model "
+                            "(with neither, --method insightv runs the demo agents).")
+    backend = choose_backend(
+        base_url, model, summary_base_url, summary_model, local_model, local_adapter,
+        temperature, staged=method not in ("insightv", "direct"), default_temperature=0.0)
+    if mode is None and card_of(backend.reasoner) is None:
+        mode = "chain"
+    predict = direct_predictor(backend.reasoner) if method == "direct" else graph_predictor(
+        build_graph(method, backend.reasoner, backend.summarizer, mode=mode,
+                    max_steps=max_steps, max_revisions=0, beam_size=beam_size))
+    dataset = load_checks(checks, root) if checks else DatasetChecks()
+    rules = answer_rules(labels) or (dataset.rules if checks else None) \
+        or backend.answer_rules() or dataset.rules
+    settings: dict[str, Any] = {
+        "method": method, "data": str(data), "backend": backend.description,
+        "reasoner": describe_model(backend.reasoner),
+        "summarizer": describe_model(backend.summarizer),
+        "mode": mode, "beam_size": beam_size, "limit": limit}
+    if checks:
+        settings["checks"] = checks
+    if labels:
+        settings["labels"] = sorted(rules.labels)
     finished = itertools.count(1)
-    with progress(console, f"evaluating {method}", len(items)) as done, \
-            command_errors(console):
+    with progress(console, f"evaluating {method}", len(items)) as done:
         report = asyncio.run(evaluate(
             predict, items, out, settings=settings, concurrency=concurrency,
             reasoning_check=dataset.reasoning_check, rules=rules,
@@ -123,6 +126,7 @@ def eval_command(
     console.print(f"-> {out}/report.md, {out}/report.json, {out}/predictions.jsonl")
 
 
+@guarded
 def compare(
     first: Annotated[str, typer.Argument(help="An evaluation folder (insightv eval --out).")],
     second: Annotated[str, typer.Argument(help="Another, on the same items.")],
@@ -134,8 +138,7 @@ def compare(
     from insightv_agents.evaluate import compare_predictions
 
     console = Console()
-    with command_errors(console):
-        paired = compare_predictions(first, second, categories=category or None)
+    paired = compare_predictions(first, second, categories=category or None)
     console.print(
         f"{paired.items} items: both right {paired.both_right}, only {first} "
         f"{paired.only_first}, only {second} {paired.only_second}, both wrong "

@@ -33,6 +33,7 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
 from insightv_agents.errors import ConfigError, InvalidInputError
+from insightv_agents.files import Fields, path_inside, read_jsonl
 from insightv_agents.parsing import format_chain, format_stages, format_verdict
 from insightv_agents.prompts import (
     DEFAULT_PROMPTS,
@@ -47,12 +48,18 @@ from insightv_agents.prompts import (
     summary_messages,
     user_content,
 )
-from insightv_agents.records import read_records
 from insightv_agents.schema import Stage, Stages, Verdict
 from insightv_agents.synthesize import RECORDS_FILE, read_run_file
 
 Record = dict[str, Any]
 Row = dict[str, Any]
+_NONE = type(None)
+_RECORD_FIELDS: Fields = {
+    "id": (str, int), "path_index": int, "num_paths": int, "image": str, "image_root": str,
+    "question": str, "answer": str, "choices": (list, _NONE), "status": str, "steps": list,
+    "correct": (bool, _NONE), "check": (dict, _NONE), "score": (int, float, _NONE),
+    "comment": (str, _NONE)}
+"""The fields of a synthesis record the builders read, and their types."""
 _PLACEHOLDER = "data:image/png;base64,"  # stands for the image while messages are built
 
 
@@ -79,21 +86,49 @@ def load_records(folder: str | Path, *, images: str | Path | None = None) -> Rec
     its concurrency decides, so what is built from the records is the same every run.
 
     Raises:
-        InvalidInputError: when the folder is not a synthesis output.
+        InvalidInputError: when the folder is not a synthesis output, a record is damaged,
+            or names an image that is missing or outside its folder (an absolute path, a
+            ``..`` or a symbolic link leading out of it).
     """
     folder = Path(folder)
     settings = read_run_file(folder)
     path = folder / RECORDS_FILE
     if not path.exists():
         raise InvalidInputError(f"{folder} has no {RECORDS_FILE} yet.", field="from")
+    root = Path(images) if images is not None else Path(settings["data_root"])
     questions: dict[str, list[Record]] = {}
-    for record in read_records(path):
+    checked: set[tuple[str, str]] = set()  # the paths of a question share their image
+    for line, record in read_jsonl(path, what="synthesis records", fields=_RECORD_FIELDS,
+                                   torn_tail=True, field="from"):
+        image = (record["image_root"], record["image"])
+        try:
+            if image not in checked:
+                _check_image(record, folder, root)
+        except InvalidInputError as err:
+            raise InvalidInputError(f"synthesis records {path}, line {line}: {err}",
+                                    field="from") from None
+        checked.add(image)
         questions.setdefault(str(record["id"]), []).append(record)
     for paths in questions.values():
         paths.sort(key=lambda record: record["path_index"])
     questions = dict(sorted(questions.items(), key=lambda item: _natural(item[0])))
-    root = Path(images) if images is not None else Path(settings["data_root"])
     return Records(folder=folder, questions=questions, data_root=root)
+
+
+def _check_image(record: Record, folder: Path, data_root: Path) -> None:
+    """Refuse a record whose image is not a file inside its folder."""
+    if record["image_root"] == "out":
+        root, where = folder, "the synthesis output folder"
+    elif record["image_root"] == "data":
+        root, where = data_root, "the data folder"
+    else:
+        raise InvalidInputError(f"`image_root` is {record['image_root']!r}, not 'data' or "
+                                "'out'", field="from")
+    if not path_inside(root, record["image"], where=where).is_file():
+        moved = " (if the data moved, pass its folder: --images, load_records(images=...))" \
+            if record["image_root"] == "data" else ""
+        raise InvalidInputError(f"image {record['image']!r}: no such file in {root}{moved}",
+                                field="from")
 
 
 def _natural(text: str) -> tuple[tuple[int, int | str], ...]:
