@@ -18,21 +18,29 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from insightv_agents.errors import ConfigError
+from insightv_agents.errors import ConfigError, validation_problem
 
 CARD_FILE = "insightv_agent.json"
 
 Role = Literal["reasoning", "summary", "both"]
 
 
+MAX_TEMPERATURE = 10.0
+"""The highest sampling temperature a card or a vLLM client takes."""
+MAX_TOKENS = 1_000_000
+"""The most tokens a reply may be asked for (a card's ``max_tokens``, a vLLM client's)."""
+
+
 class Sampling(BaseModel):
-    """Recommended sampling: what a backend uses when the caller sets nothing."""
+    """Recommended sampling: what a backend uses when the caller sets nothing. Values are
+    JSON numbers (not strings or booleans) in range: ``temperature`` from 0 to 10,
+    ``top_p`` above 0 up to 1, ``max_tokens`` from 1 to 1,000,000."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    temperature: float | None = Field(None, ge=0, le=10)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
 
 
 class AgentCard(BaseModel):
@@ -88,8 +96,8 @@ def read_card(folder: str | Path | None) -> AgentCard | None:
     try:
         return AgentCard.model_validate(json.loads(path.read_text()))
     except (OSError, ValueError, ValidationError) as err:
-        problem = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"{path}: not a valid agent card ({problem}).") from None
+        raise ConfigError(f"{path}: not a valid agent card ({validation_problem(err)}).") \
+            from None
 
 
 def card_of(model: Any) -> AgentCard | None:

@@ -13,13 +13,14 @@ from pathlib import Path
 from insightv_agents.errors import InvalidInputError
 
 ADAPTER_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINING_FILE = "insightv_training.json"
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def is_adapter(path: str | Path) -> bool:
     """Whether ``path`` is a folder holding a PEFT adapter."""
-    return (Path(path) / ADAPTER_FILE).is_file()
+    return (Path(path).expanduser() / ADAPTER_FILE).is_file()
 
 
 def resolve_model(path: str | Path) -> tuple[str, str | None]:
@@ -27,14 +28,15 @@ def resolve_model(path: str | Path) -> tuple[str, str | None]:
 
     Raises:
         InvalidInputError: for a local path (``/``, ``.`` or ``~`` first) that is not a
-            folder, or an adapter whose base model cannot be found.
+            folder, weights held only as pickles, or an adapter whose base model cannot be
+            found or whose weights are not ``adapter_model.safetensors``.
     """
     if str(path).startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
         raise InvalidInputError(f"no model folder at {str(path)[:300]}.", field="model")
-    _check_safetensors(Path(path).expanduser())
     if not is_adapter(path):
+        _check_safetensors(Path(path).expanduser())
         return str(path), None
-    adapter = Path(path).resolve()
+    adapter = check_adapter(path)
     try:
         config = json.loads((adapter / ADAPTER_FILE).read_text())
     except (OSError, ValueError) as err:
@@ -50,6 +52,32 @@ def resolve_model(path: str | Path) -> tuple[str, str | None]:
                                 field="model")
     _check_safetensors(Path(base))
     return base, str(adapter)
+
+
+def check_adapter(path: str | Path) -> Path:
+    """The resolved folder of a PEFT adapter whose weights are safetensors
+    (``adapter_model.safetensors`` beside ``adapter_config.json``), checked before anything is
+    loaded: PEFT and vLLM would otherwise read ``adapter_model.bin``, a pickle.
+
+    Raises:
+        InvalidInputError: for a folder that is not such an adapter (``field="adapter"``).
+    """
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise InvalidInputError(f"no adapter folder at {str(path)[:300]}.", field="adapter")
+    if not (folder / ADAPTER_FILE).is_file():
+        raise InvalidInputError(f"{folder} is not a PEFT adapter: it holds no {ADAPTER_FILE}.",
+                                field="adapter")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        pickles = sorted(p.name for pattern in _PICKLES for p in folder.glob(pattern)
+                         if p.name != "training_args.bin")
+        held = (f" only pickles ({', '.join(pickles[:3])}), which can run code when loaded"
+                if pickles else " no weights")
+        raise InvalidInputError(
+            f"the adapter in {folder} holds{held}; this library loads adapters from "
+            f"{ADAPTER_WEIGHTS} only (safetensors). Save it with PEFT's "
+            "save_pretrained(folder, safe_serialization=True), its default.", field="adapter")
+    return folder
 
 
 def check_remote_code(base: str | Path, trust_remote_code: bool) -> None:

@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -83,10 +83,12 @@ def teacher(answer: str = "3", steps: int = 2, scores: list[int] | None = None,
 
 @dataclass(frozen=True)
 class Refusal:
-    """A reply function's way to make FakeOpenAIServer answer with an HTTP error."""
+    """A reply function's way to make FakeOpenAIServer answer with an HTTP error (and
+    ``headers``, such as ``{"Retry-After": "5"}``)."""
 
     status: int
     message: str
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class Drop:
@@ -151,7 +153,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if isinstance(text, Refusal):
             self._send(text.status, {"error": {"message": text.message, "type": "invalid",
-                                               "code": text.status}})
+                                               "code": text.status}}, text.headers)
             return
         if body.get("stream"):
             self._send_events(body, text)
@@ -163,9 +165,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
         self._send(200, reply)
 
-    def _send(self, status: int, reply: dict[str, Any]) -> None:
+    def _send(self, status: int, reply: dict[str, Any],
+              headers: dict[str, str] | None = None) -> None:
         data = json.dumps(reply).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()

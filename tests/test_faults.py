@@ -1,8 +1,9 @@
 """Faults injected for real on loopback: a server that answers 500, hangs past the client's
-timeout, or drops the connection. The client retries with backoff, then the graph raises a
-typed ModelCallError, never hanging past the configured timeouts; when the server is killed
-during synthesis, the failed items are logged and a rerun on a restarted server writes
-exactly one group of records per item."""
+timeout, or drops the connection. The client retries with backoff within the call's deadline,
+then the graph raises a typed ModelCallError, never hanging past the deadline; when the
+server is killed during synthesis, the failed items are logged and a rerun on a restarted
+server writes exactly one group of records per item. (tests/test_client_deadline.py tests
+the deadline itself: Retry-After, streams, refused connections.)"""
 
 from __future__ import annotations
 
@@ -25,31 +26,32 @@ from insightv_agents.synthesize import load_items, synthesize, write_run_file
 TIMEOUT, RETRIES = 1.0, 2
 
 
-def client(server: FakeOpenAIServer) -> Any:
-    return vllm_chat_model(server.url, "m", temperature=0.0, timeout=TIMEOUT,
+def client(server: FakeOpenAIServer, timeout: float = TIMEOUT) -> Any:
+    return vllm_chat_model(server.url, "m", temperature=0.0, timeout=timeout,
                            max_retries=RETRIES)
 
 
-@pytest.mark.parametrize(("fault", "cause"), [
-    (Refusal(500, "internal error"), "Error code: 500"),
-    (Refusal(503, "overloaded"), "Error code: 503"),
-    (Drop(), "Connection error"),
-    ("hang", "timed out"),
+@pytest.mark.parametrize(("fault", "cause", "timeout", "requests"), [
+    (Refusal(500, "internal error"), "Error code: 500", 5.0, 1 + RETRIES),
+    (Refusal(503, "overloaded"), "Error code: 503", 5.0, 1 + RETRIES),
+    (Drop(), "Connection error", 5.0, 1 + RETRIES),
+    ("hang", "timed out", TIMEOUT, 1),
 ])
-def test_a_failing_server_gives_a_typed_error_after_bounded_retries(fault: Any,
-                                                                   cause: str) -> None:
+def test_a_failing_server_gives_a_typed_error_within_the_deadline(
+        fault: Any, cause: str, timeout: float, requests: int) -> None:
     delay = 30.0 if fault == "hang" else 0.0
     with FakeOpenAIServer(lambda body: "never sent" if fault == "hang" else fault,
                           delay=delay) as server:
-        graph = create_insightv_graph(reasoner=client(server)).compile()
+        graph = create_insightv_graph(reasoner=client(server, timeout)).compile()
         started = time.perf_counter()
         with pytest.raises(ModelCallError, match=cause) as caught:
             graph.invoke({"image": png_bytes(), "question": "How many?"})
         seconds = time.perf_counter() - started
         assert caught.value.node == "reason"
-        assert len(server.requests) == 1 + RETRIES  # retried, then gave up
-    # Each attempt waits at most TIMEOUT, plus the client's backoff (under 2 s each).
-    assert seconds < (1 + RETRIES) * TIMEOUT + RETRIES * 2 + 3
+        # A fast failure is retried (backoff 0.5 s, then 1 s); a hang uses up the deadline
+        # at once, so it is not retried: never (1 + RETRIES) x timeout.
+        assert len(server.requests) == requests
+    assert seconds < (timeout if fault == "hang" else 1.5) + 1
 
 
 def test_a_server_that_recovers_within_the_retries_is_not_an_error() -> None:
@@ -63,7 +65,7 @@ def test_a_server_that_recovers_within_the_retries_is_not_an_error() -> None:
         return verdict("3") if summary else teach(body)
 
     with FakeOpenAIServer(flaky) as server:
-        graph = create_insightv_graph(reasoner=client(server)).compile()
+        graph = create_insightv_graph(reasoner=client(server, timeout=5.0)).compile()
         out = graph.invoke({"image": png_bytes(), "question": "How many?"})
     assert out["status"] == "ok" and out["answer"] == "3"
 

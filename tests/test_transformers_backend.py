@@ -145,13 +145,36 @@ def test_lora_adapter_is_applied(tiny_idefics3: Path, tmp_path: Path, image_path
     assert adapted.invoke(messages).text != model.invoke(messages).text
 
 
+def test_an_adapter_saved_as_a_pickle_is_refused_before_loading(
+        tiny_idefics3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_idefics3)
+    config = LoraConfig(r=4, target_modules=r".*text_model\.layers\.\d+\.self_attn\.q_proj")
+    get_peft_model(base, config).save_pretrained(tmp_path / "adapter", safe_serialization=False)
+    assert (tmp_path / "adapter" / "adapter_model.bin").is_file()
+
+    def no_loading(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("nothing may be loaded")
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", no_loading)
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", no_loading)
+    with pytest.raises(InvalidInputError, match=r"only pickles \(adapter_model\.bin\)") as caught:
+        ChatTransformersVLM(model_path=str(tiny_idefics3), adapter_path=str(tmp_path / "adapter"))
+    assert caught.value.field == "adapter"
+
+
 def test_bad_options_and_inputs(tiny_idefics3: Path, model: ChatTransformersVLM) -> None:
     with pytest.raises(ConfigError, match="not a folder"):
         ChatTransformersVLM(model_path=str(tiny_idefics3), adapter_path="/no/adapter")
     with pytest.raises(ConfigError, match="n > 1 needs temperature"):
         model.invoke("hi", n=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="temperature: Input should be greater than"):
         ChatTransformersVLM(model_path=str(tiny_idefics3), temperature=-1)
+    with pytest.raises(ConfigError, match="max_tokens: Input should be greater than"):
+        model.invoke("hi", max_tokens=0)
+    with pytest.raises(ConfigError, match="top_p"):
+        model.bind(temperature=0.5, top_p=float("nan")).invoke("hi")
     with pytest.raises(InvalidInputError, match="URLs are not allowed"):
         model.invoke([HumanMessage(content=[{"type": "image_url",
                                              "image_url": {"url": "https://x.org/a.png"}}])])

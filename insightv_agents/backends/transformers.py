@@ -12,9 +12,10 @@ Needs the ``hf`` extra: ``pip install 'insightv-agents[hf]'``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
@@ -22,12 +23,12 @@ from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatResult
 from PIL import Image
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
 
 from insightv_agents.cards import AgentCard, read_card
-from insightv_agents.errors import ConfigError, InvalidInputError
+from insightv_agents.errors import ConfigError, InvalidInputError, validation_problem
 from insightv_agents.images import ImagePolicy, open_image
-from insightv_agents.trained import check_remote_code, resolve_model
+from insightv_agents.trained import check_adapter, check_remote_code, resolve_model
 
 MAX_NEW_TOKENS = 32_768
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "user"}
@@ -116,17 +117,17 @@ class ChatTransformersVLM(BaseChatModel):
     device: str = "auto"
     dtype: str = "auto"
     max_new_tokens: int = Field(512, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(0.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(0.0, ge=0.0, le=5.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=1)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False)
     n: int = Field(1, ge=1, le=64)
     stop: list[str] | None = None
     seed: int | None = None
     trust_remote_code: bool = False
     image_policy: ImagePolicy = Field(default_factory=ImagePolicy)
     max_batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_s: float = Field(0.02, ge=0.0, le=5.0)
+    batch_wait_s: float = Field(0.02, ge=0.0, le=5.0, allow_inf_nan=False)
     agent_card: AgentCard | None = None
 
     _model: Any = PrivateAttr(default=None)
@@ -139,7 +140,10 @@ class ChatTransformersVLM(BaseChatModel):
     _overlapped: bool = PrivateAttr(default=False)
 
     def __init__(self, **settings: Any) -> None:
-        super().__init__(**_with_card(settings))
+        try:
+            super().__init__(**_with_card(settings))
+        except ValidationError as err:
+            raise ConfigError(f"ChatTransformersVLM: {validation_problem(err)}") from None
         self._load()
 
     def _load(self) -> None:
@@ -153,9 +157,10 @@ class ChatTransformersVLM(BaseChatModel):
         if self.adapter_path is not None and adapter is not None:
             raise ConfigError(f"model_path {self.model_path!r} is itself an adapter; "
                               "give its base model as model_path, or no adapter_path.")
-        adapter = adapter or self.adapter_path
-        if adapter is not None and not Path(adapter).is_dir():
-            raise ConfigError(f"adapter_path {adapter!r} is not a folder.")
+        if self.adapter_path is not None:
+            if not Path(self.adapter_path).expanduser().is_dir():
+                raise ConfigError(f"adapter_path {self.adapter_path!r} is not a folder.")
+            adapter = str(check_adapter(self.adapter_path))
         device = _device(torch, self.device)
         dtype = _dtype(torch, self.dtype, device)
         check_remote_code(base, self.trust_remote_code)
@@ -168,7 +173,7 @@ class ChatTransformersVLM(BaseChatModel):
         except (OSError, ValueError) as err:
             raise InvalidInputError(f"cannot load the model at {base}: {err}",
                                     field="model") from err
-        if adapter is not None:
+        if adapter is not None:  # checked: PEFT reads its adapter_model.safetensors
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter)
@@ -281,21 +286,21 @@ class ChatTransformersVLM(BaseChatModel):
         return await asyncio.to_thread(self._generate, messages, stop, None, **kwargs)
 
     def _sampling(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        temperature = float(overrides.get("temperature", self.temperature))
-        n = int(overrides.get("n", self.n))
+        """``generate``'s sampling options: the model's, with a call's ``overrides``, each
+        checked against its field's range (a :class:`ConfigError` otherwise)."""
+        given = {field: getattr(self, field) for field in set(_OVERRIDES.values())}
+        for key, field in _OVERRIDES.items():  # max_new_tokens wins over max_tokens
+            if key in overrides:
+                given[field] = _checked(field, key, overrides[key])
+        temperature, n = given["temperature"], given["n"]
         options: dict[str, Any] = {
-            "max_new_tokens": int(overrides.get("max_new_tokens",
-                                                overrides.get("max_tokens", self.max_new_tokens))),
-            "num_return_sequences": n,
-            "repetition_penalty": float(overrides.get("repetition_penalty",
-                                                      self.repetition_penalty)),
+            "max_new_tokens": given["max_new_tokens"], "num_return_sequences": n,
+            "repetition_penalty": given["repetition_penalty"],
         }
         if temperature > 0:
-            options.update(do_sample=True, temperature=temperature,
-                           top_p=float(overrides.get("top_p", self.top_p)))
-            top_k = overrides.get("top_k", self.top_k)
-            if top_k is not None:
-                options["top_k"] = int(top_k)
+            options.update(do_sample=True, temperature=temperature, top_p=given["top_p"])
+            if given["top_k"] is not None:
+                options["top_k"] = given["top_k"]
         elif n > 1:
             raise ConfigError("n > 1 needs temperature > 0 (greedy decoding gives one answer).")
         else:
@@ -343,6 +348,28 @@ class ChatTransformersVLM(BaseChatModel):
         else:
             raise InvalidInputError(f"unsupported message content part {kind!r}.")
         return open_image(url, self.image_policy)
+
+
+_OVERRIDES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "n": "n",
+              "repetition_penalty": "repetition_penalty", "max_tokens": "max_new_tokens",
+              "max_new_tokens": "max_new_tokens"}
+"""The sampling options a call may override (``model.invoke(..., temperature=...)``), and
+the field each sets."""
+
+
+def _checked(field: str, key: str, value: Any) -> Any:
+    """``value`` for ``field`` of :class:`ChatTransformersVLM`, validated as the field is."""
+    try:
+        return _field_adapter(field).validate_python(value)
+    except ValidationError as err:
+        raise ConfigError(f"{key}: {validation_problem(err)}") from None
+
+
+@functools.cache
+def _field_adapter(field: str) -> TypeAdapter[Any]:
+    info = ChatTransformersVLM.model_fields[field]
+    constrained: Any = Annotated[info.annotation, *info.metadata]  # the field's type and range
+    return TypeAdapter(constrained)
 
 
 def _device(torch: Any, device: str) -> str:

@@ -45,7 +45,8 @@ def run(
     max_steps: MaxSteps = 16,
     max_revisions: MaxRevisions = 0,
     temperature: Annotated[float | None, typer.Option(
-        help="Sampling temperature (default: the agent card's, else 0.2).")] = None,
+        help="Sampling temperature, 0 to 10 (0 to 5 for --local-model; default: the agent "
+             "card's, else 0.2).")] = None,
     method: Method = "insightv",
     beam_size: BeamSize = 2,
     allow_urls: AllowUrls = False,

@@ -11,9 +11,9 @@ from langchain_core.messages import BaseMessage
 
 from insightv_agents import demo
 from insightv_agents.answers import AnswerRules
-from insightv_agents.cards import AgentCard, card_of, read_card
+from insightv_agents.cards import MAX_TEMPERATURE, AgentCard, card_of, read_card
 from insightv_agents.cli.common import reasoning_mode
-from insightv_agents.errors import InsightVError
+from insightv_agents.errors import InsightVError, check_number
 from insightv_agents.graphs import create_insightv_graph, create_stage_beam_graph
 from insightv_agents.images import ImagePolicy
 from insightv_agents.prompts import DEFAULT_STAGE_PROMPTS
@@ -89,8 +89,10 @@ def choose_backend(base_url: str | None, model: str, summary_base_url: str | Non
                    local_adapter: str | None, temperature: float | None, staged: bool = False,
                    default_temperature: float = 0.2) -> Backend:
     """The backend the options name. With none given: the demo agents, or for the
-    LLaVA-CoT methods the scripted stand-in. Sampling: ``temperature`` when given, else the
-    agent card's, else ``default_temperature``."""
+    LLaVA-CoT methods the scripted stand-in. Sampling: ``temperature`` when given (checked
+    here, whichever backend runs), else the agent card's, else ``default_temperature``."""
+    if temperature is not None:
+        check_number("--temperature", temperature, 0, MAX_TEMPERATURE)
     if local_model is not None and base_url is not None:
         raise InsightVError("pass either --base-url or --local-model, not both.")
     if base_url is None and (summary_base_url or summary_model):

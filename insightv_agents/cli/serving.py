@@ -17,18 +17,22 @@ from insightv_agents.errors import InsightVError
 def serve(
     model: Annotated[str, typer.Option(help="Folder (or hub id) of the model to serve.")],
     adapter: Annotated[list[str] | None, typer.Option(
-        help="A LoRA adapter to serve, as NAME=FOLDER (repeatable).")] = None,
+        help="A LoRA adapter to serve, as NAME=FOLDER (repeatable); the folder holds "
+             "adapter_model.safetensors.")] = None,
     served_name: Annotated[str | None, typer.Option(help="Name clients ask for.")] = None,
-    port: Annotated[int | None, typer.Option(help="Port on 127.0.0.1 (default: free).")] = None,
+    port: Annotated[int | None, typer.Option(
+        help="Port on 127.0.0.1, 1 to 65535 (default: free).")] = None,
     max_model_len: Annotated[int | None, typer.Option(
-        help="Longest prompt + reply, in tokens (default: the agent card's, else the model's "
-             "own limit up to 4096).")] = None,
+        help="Longest prompt + reply, in tokens, at least 16 (default: the agent card's, else "
+             "the model's own limit up to 4096).")] = None,
     dtype: Annotated[str | None, typer.Option(
-        help="auto, float32, bfloat16, ... (default: the agent card's, else auto).")] = None,
+        help="auto, float32, bfloat16 or float16 (default: the agent card's, else auto).")
+    ] = None,
     runtime_lora: Annotated[bool, typer.Option(help="Allow loading adapters live.")] = False,
     python: Annotated[str | None, typer.Option(
         help="Python with vLLM installed (default: $INSIGHTV_VLLM_PYTHON, else this one).")] = None,
-    startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 600,
+    startup_timeout: Annotated[float, typer.Option(
+        help="Seconds to wait for readiness (above 0).")] = 600,
 ) -> None:
     """Serve a model (and LoRA adapters) with vLLM on 127.0.0.1 until Ctrl-C, SIGTERM or
     SIGHUP, which stop the vLLM server with it."""

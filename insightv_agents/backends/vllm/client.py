@@ -1,28 +1,49 @@
 """A chat model for vLLM's OpenAI-compatible server: :func:`vllm_chat_model` returns a
 :class:`ChatVLLM` (a ``ChatOpenAI``) that constrains replies (structured outputs), continues a
-final assistant message, and is safe to reuse across event loops and threads.
+final assistant message, retries failed requests within one deadline per call, and is safe
+to reuse across event loops and threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import functools
 import importlib
+import math
+import random
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+import time
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    Mapping,
+)
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Self, TypeVar, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
-from pydantic import model_validator
+from pydantic import ValidationError, model_validator
 
-from insightv_agents.cards import CARD_FILE, AgentCard, Sampling, read_card
-from insightv_agents.errors import ConfigError
+from insightv_agents.cards import (
+    CARD_FILE,
+    MAX_TEMPERATURE,
+    MAX_TOKENS,
+    AgentCard,
+    Sampling,
+    read_card,
+)
+from insightv_agents.errors import ConfigError, check_int, check_number, validation_problem
 
 try:
     import openai
@@ -31,8 +52,55 @@ except ImportError as missing:  # pragma: no cover - depends on the environment
     raise ImportError("the vLLM client needs langchain-openai: "
                       "pip install 'insightv-agents[vllm]'") from missing
 
+T = TypeVar("T")
+
 CONTINUATION = {"continue_final_message": True, "add_generation_prompt": False}
 """vLLM's request fields that continue a conversation's final assistant message."""
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+"""HTTP statuses a request is retried after (with connection errors and timeouts); a
+refusal of the request itself (400, 413, 422) never is."""
+DEFAULT_RETRIES = 2
+MAX_N, MAX_RETRIES, MAX_TIMEOUT = 64, 10, 86_400.0
+FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.5, 8.0
+
+
+def _number(low: float, high: float, above: bool = False) -> Callable[[str, Any], None]:
+    return lambda name, value: check_number(name, value, low, high, above=above)
+
+
+def _integer(low: int, high: int) -> Callable[[str, Any], None]:
+    return lambda name, value: check_int(name, value, low, high)
+
+
+_OPTION_CHECKS: dict[str, Callable[[str, Any], None]] = {
+    "temperature": _number(0, MAX_TEMPERATURE),
+    "top_p": _number(0, 1, above=True),
+    "max_tokens": _integer(1, MAX_TOKENS),
+    "max_completion_tokens": _integer(1, MAX_TOKENS),
+    "n": _integer(1, MAX_N),
+    "timeout": _number(0, MAX_TIMEOUT, above=True),
+    "request_timeout": _number(0, MAX_TIMEOUT, above=True),
+    "max_retries": _integer(0, MAX_RETRIES),
+    # vLLM's own sampling fields, sent in the request body
+    "top_k": _integer(-1, MAX_TOKENS),
+    "min_p": _number(0, 1),
+    "repetition_penalty": _number(0, 10, above=True),
+    "presence_penalty": _number(-2, 2),
+    "frequency_penalty": _number(-2, 2),
+}
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for a sampling or client option out of its range (the
+    ones this module knows; ``None`` means unset): ``temperature`` 0 to 10, ``top_p`` above
+    0 up to 1, ``max_tokens`` 1 to 1,000,000, ``n`` 1 to 64, ``timeout`` above 0 up to a
+    day, ``max_retries`` 0 to 10, and vLLM's ``top_k``, ``min_p``, ``repetition_penalty``,
+    ``presence_penalty``, ``frequency_penalty``."""
+    extra = options.get("extra_body")
+    for name, value in {**(extra if isinstance(extra, Mapping) else {}), **options}.items():
+        check = _OPTION_CHECKS.get(name)
+        if check is not None and value is not None:
+            check(name, value)
 
 
 class ChatVLLM(ChatOpenAI):
@@ -48,11 +116,29 @@ class ChatVLLM(ChatOpenAI):
     serves one ``asyncio.run`` after another, or several threads each running its own
     loop. They connect directly: proxy environment variables are not used.
 
+    ``timeout`` (seconds) is the deadline of a whole call: its first request, up to
+    ``max_retries`` (default 2) retries after a connection error, a timeout or a 408, 429,
+    500, 502, 503 or 504 (never after a 400, 413 or 422), and the pauses between them (the
+    server's ``Retry-After``, in seconds or as an HTTP date, else exponential backoff with
+    jitter). A pause that would end past the deadline is not taken: the call raises the last
+    error at once. The OpenAI SDK's own retries are off. A stream is retried only before its
+    first chunk, and the deadline covers it to its last chunk (a :class:`TimeoutError` past
+    it); an async call is cut at the deadline, a sync one by the HTTP read timeout (the
+    time left when its request was sent). Options out of range raise :class:`ConfigError`
+    (:func:`check_options`), at construction and at each call.
+
     ``agent_card`` is how the served agent is driven (:mod:`~insightv_agents.cards`), where
     known: the graphs follow it.
     """
 
     agent_card: AgentCard | None = None
+
+    def __init__(self, **options: Any) -> None:
+        check_options(options)
+        try:
+            super().__init__(**options)
+        except ValidationError as err:
+            raise ConfigError(f"ChatVLLM: {validation_problem(err)}") from None
 
     @model_validator(mode="before")
     @classmethod
@@ -69,6 +155,18 @@ class ChatVLLM(ChatOpenAI):
             values["http_async_client"] = openai.DefaultAsyncHttpxClient(
                 transport=pools, trust_env=False)
         return values
+
+    @model_validator(mode="after")
+    def _no_sdk_retries(self) -> Self:
+        """The OpenAI clients without retries of their own: this model retries, within each
+        call's deadline."""
+        if self.root_client is not None:
+            self.root_client = self.root_client.with_options(max_retries=0)
+            self.client = self.root_client.chat.completions
+        if self.root_async_client is not None:
+            self.root_async_client = self.root_async_client.with_options(max_retries=0)
+            self.async_client = self.root_async_client.chat.completions
+        return self
 
     def bind_structured_outputs(self, constraint: Mapping[str, Any]
                                 ) -> Runnable[LanguageModelInput, BaseMessage]:
@@ -88,37 +186,110 @@ class ChatVLLM(ChatOpenAI):
         return self.bind_structured_outputs({"json": dict(schema)})
 
     # langchain-core's four hooks of a chat model (what every BaseChatModel implements):
-    # each adds the continuation fields, then lets ChatOpenAI send the request.
+    # each adds the continuation fields, then lets ChatOpenAI send the request, retrying
+    # within the call's deadline.
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None,
                   **kwargs: Any) -> ChatResult:
-        return super()._generate(messages, stop, run_manager,
-                                 **self._request_options(messages, kwargs))
+        options = self._request_options(messages, kwargs)
+        attempts = self._attempts(options)
+        generate = super()._generate
+        while True:
+            try:
+                return generate(messages, stop, run_manager, **options, **attempts.timeout())
+            except Exception as err:
+                pause = attempts.pause(err)
+                if pause is None:
+                    raise
+                time.sleep(pause)
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None,
                          **kwargs: Any) -> ChatResult:
-        return await super()._agenerate(messages, stop, run_manager,
-                                        **self._request_options(messages, kwargs))
+        options = self._request_options(messages, kwargs)
+        attempts = self._attempts(options)
+        generate = super()._agenerate
+        while True:
+            try:
+                return await attempts.within(
+                    generate(messages, stop, run_manager, **options, **attempts.timeout()))
+            except Exception as err:
+                pause = attempts.pause(err)
+                if pause is None:
+                    raise
+                await asyncio.sleep(pause)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        yield from super()._stream(messages, stop, run_manager,
-                                   **self._request_options(messages, kwargs))
+        options = self._request_options(messages, kwargs)
+        attempts = self._attempts(options)
+        stream = super()._stream
+        while True:
+            chunks = cast(Generator[ChatGenerationChunk, None, None], stream(
+                messages, stop, run_manager, **options, **attempts.timeout()))
+            try:
+                first = next(chunks)
+                break
+            except StopIteration:
+                return
+            except Exception as err:
+                pause = attempts.pause(err)
+                if pause is None:
+                    raise
+                time.sleep(pause)
+        try:
+            yield first
+            for chunk in chunks:
+                attempts.check()
+                yield chunk
+        finally:
+            chunks.close()
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        async for chunk in super()._astream(messages, stop, run_manager,
-                                            **self._request_options(messages, kwargs)):
-            yield chunk
+        options = self._request_options(messages, kwargs)
+        attempts = self._attempts(options)
+        stream = super()._astream
+        while True:
+            chunks = cast(AsyncGenerator[ChatGenerationChunk, None], stream(
+                messages, stop, run_manager, **options, **attempts.timeout()))
+            try:
+                first = await attempts.within(anext(chunks))
+                break
+            except StopAsyncIteration:
+                return
+            except Exception as err:
+                pause = attempts.pause(err)
+                if pause is None:
+                    raise
+                await asyncio.sleep(pause)
+        try:
+            yield first
+            while True:
+                try:
+                    chunk = await attempts.within(anext(chunks))
+                except StopAsyncIteration:
+                    return
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    def _attempts(self, options: dict[str, Any]) -> _Attempts:
+        """The attempts of one call; its deadline is ``options``' ``timeout`` (taken out of
+        them), else the model's."""
+        timeout = options.pop("timeout", self.request_timeout)
+        return _Attempts(timeout, DEFAULT_RETRIES if self.max_retries is None
+                         else self.max_retries)
 
     def _request_options(self, messages: list[BaseMessage],
                          options: dict[str, Any]) -> dict[str, Any]:
-        """``options`` with vLLM's continuation fields when ``messages`` end with an
-        assistant message (a prefix to complete, not a turn to answer)."""
+        """``options`` (checked: :func:`check_options`) with vLLM's continuation fields when
+        ``messages`` end with an assistant message (a prefix to complete, not a turn to
+        answer)."""
+        check_options(options)
         if not messages or not isinstance(messages[-1], AIMessage):
             return options
         extra = {**(self.extra_body or {}), **(options.get("extra_body") or {}),
@@ -149,7 +320,8 @@ def vllm_chat_model(
         temperature, top_p, max_tokens: sampling settings of every request (default: the
             agent card's recommendation, else 0.7, 0.95 and 1024).
         n: samples per request (``model.generate(...)`` returns them all; ``invoke`` the first).
-        timeout: seconds to wait for one request; ``max_retries``: client retries on errors.
+        timeout: the deadline of each call, in seconds, across its retries and their pauses
+            (:class:`ChatVLLM`); ``max_retries``: retries of a failed request within it.
         card: the agent's card (:mod:`~insightv_agents.cards`): a card, the folder holding
             it, ``None``, or ``"auto"``: the card in the folder the server names for
             ``model`` (its ``/models`` entry's ``root``), where that folder is on this
@@ -162,11 +334,14 @@ def vllm_chat_model(
     The nodes constrain replies to their bounded formats through ``bind_structured_outputs``.
     The model owns its HTTP clients; one model is safe to reuse across event loops and
     threads (:class:`ChatVLLM`).
+
+    Raises:
+        ConfigError: for an option out of range (:func:`check_options`), before any request.
     """
-    if not base_url.startswith(("http://", "https://")):
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
         raise ConfigError(f"base_url must be an http(s) URL, not {base_url!r}.")
-    if timeout <= 0:
-        raise ConfigError(f"timeout must be positive, not {timeout!r}.")
+    check_options({"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
+                   "n": n, "timeout": timeout, "max_retries": max_retries, **vllm_options})
     if card == "auto":
         agent_card = served_card(base_url, model, api_key=api_key)
     elif isinstance(card, str | Path):
@@ -211,6 +386,93 @@ def served_card(base_url: str, model: str, *, api_key: str = "EMPTY",
         if entry.id == model and isinstance(root, str) and Path(root).is_dir():
             return read_card(root)
     return None
+
+
+class _Attempts:
+    """The attempts of one call: a first request and up to ``retries`` more, each after a
+    pause (the server's ``Retry-After``, else exponential backoff with jitter), all within
+    ``timeout`` seconds of the start (``None``: no deadline)."""
+
+    def __init__(self, timeout: float | None, retries: int) -> None:
+        self.seconds = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.retries = retries
+        self.retried = 0
+
+    def left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def timeout(self) -> dict[str, float]:
+        """The next request's timeout option: the time left."""
+        left = self.left()
+        return {} if left is None else {"timeout": max(left, 0.01)}
+
+    def pause(self, err: BaseException) -> float | None:
+        """The seconds to wait before retrying after ``err``, or ``None``: raise it (not
+        retryable, no retries left, or the pause would end past the deadline)."""
+        if self.retried >= self.retries or not _retryable(err):
+            return None
+        asked = _retry_after(err)
+        pause = asked if asked is not None else \
+            min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** self.retried) * random.uniform(0.75, 1)
+        left = self.left()
+        if left is not None and pause >= left:
+            if left > 0:
+                err.add_note(f"Not retried: the pause of {pause:.1f} s "
+                             f"({'Retry-After' if asked is not None else 'backoff'}) would "
+                             f"end past the call's {self.seconds:g} s deadline (timeout).")
+            return None
+        self.retried += 1
+        return pause
+
+    def expired(self) -> TimeoutError:
+        return TimeoutError(f"the model call did not finish within its {self.seconds:g} s "
+                            "deadline (timeout).")
+
+    def check(self) -> None:
+        """Raise :meth:`expired` once the deadline has passed."""
+        left = self.left()
+        if left is not None and left <= 0:
+            raise self.expired()
+
+    async def within(self, step: Awaitable[T]) -> T:
+        """``await step``, cancelled at the deadline (raising :meth:`expired`)."""
+        timer = asyncio.timeout(self.left())
+        try:
+            async with timer:
+                return await step
+        except TimeoutError:
+            if timer.expired():
+                raise self.expired() from None
+            raise
+
+
+def _retryable(err: BaseException) -> bool:
+    """Whether resending may succeed after ``err``: a connection error, a timeout, or a
+    status of :data:`RETRY_STATUSES`."""
+    if isinstance(err, openai.APIConnectionError | TimeoutError):
+        return True
+    return getattr(err, "status_code", None) in RETRY_STATUSES
+
+
+def _retry_after(err: BaseException) -> float | None:
+    """The seconds the server asked to wait (``Retry-After``, in seconds or as an HTTP
+    date), if it did."""
+    headers = getattr(getattr(err, "response", None), "headers", None)
+    value = headers.get("retry-after") if headers is not None else None
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        seconds = (when - datetime.datetime.now(datetime.UTC)).total_seconds()
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
 @functools.cache

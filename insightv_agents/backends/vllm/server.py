@@ -26,8 +26,14 @@ from typing import Any
 from langchain_core.language_models import BaseChatModel
 
 from insightv_agents.cards import read_card
-from insightv_agents.errors import BackendError, ConfigError
-from insightv_agents.trained import adapter_rank, model_limit, resolve_model, vllm_lora_rank
+from insightv_agents.errors import BackendError, ConfigError, check_int, check_number
+from insightv_agents.trained import (
+    adapter_rank,
+    check_adapter,
+    model_limit,
+    resolve_model,
+    vllm_lora_rank,
+)
 
 VLLM_PYTHON_ENV = "INSIGHTV_VLLM_PYTHON"
 """Environment variable naming the Python that has vLLM installed (default: this one)."""
@@ -48,19 +54,30 @@ class VLLMServer:
             interpreter).
         port: the port (default: a free one).
         adapters: LoRA adapters to serve, ``{name: folder}``; clients select one by name.
-        max_lora_rank: the largest adapter rank the server accepts (raised to fit the
-            adapters given).
+            Each folder holds ``adapter_config.json`` and ``adapter_model.safetensors``
+            (never only a pickle), checked before the server starts.
+        max_lora_rank: the largest adapter rank the server accepts, 1 to 512 (raised to fit
+            the adapters given).
         runtime_lora: allow loading and unloading adapters while running
             (:meth:`load_adapter`, :meth:`unload_adapter`).
-        dtype: the precision (default: the agent card's, else vLLM's ``auto``).
+        dtype: the precision: ``auto``, ``float32``, ``bfloat16``, ``float16`` (or vLLM's
+            ``float``, ``half``); default: the agent card's, else ``auto``.
         enforce_eager: start faster, without graph capture.
         max_model_len: the longest prompt and reply, in tokens (default: the agent card's,
             else the model's own limit up to 4096).
-        load_format: how vLLM reads the weights: ``safetensors`` (default: never a pickle).
+        load_format: how vLLM reads the weights: ``safetensors`` (default); the formats
+            that read pickles (``pt``, ``npcache``, and ``auto``, which falls back to them)
+            are refused.
         extra_args: more command-line arguments for the server.
         env: more environment variables for the server.
         startup_timeout: seconds to wait for ``/health`` before giving up.
         log_path: where the server's output goes (default: a temporary file).
+
+    Raises:
+        ConfigError: for an option out of range (``port`` 1 to 65535, ``max_model_len``
+            16 to 16,777,216, ``startup_timeout`` above 0 up to a day), before anything starts.
+        InvalidInputError: for a model or adapter folder that cannot be served (weights
+            held only as pickles included).
 
     Example::
 
@@ -87,10 +104,12 @@ class VLLMServer:
         startup_timeout: float = 600.0,
         log_path: str | Path | None = None,
     ) -> None:
-        if startup_timeout <= 0:
-            raise ConfigError("startup_timeout must be positive.")
-        base, trained_adapter = resolve_model(model)
+        _check_options(port=port, max_model_len=max_model_len, max_lora_rank=max_lora_rank,
+                       dtype=dtype, load_format=load_format, startup_timeout=startup_timeout)
         adapters = dict(adapters or {})
+        for name, folder in adapters.items():
+            _check_adapter(name, folder)
+        base, trained_adapter = resolve_model(model)
         default = None
         if trained_adapter is not None:  # an adapter output: serve its base, and it by name
             default = served_model_name or Path(trained_adapter).name
@@ -111,9 +130,6 @@ class VLLMServer:
         self.python = python or os.environ.get(VLLM_PYTHON_ENV) or sys.executable
         self.host = "127.0.0.1"
         self.port = port or _free_port()
-        for name, folder in adapters.items():
-            if not Path(folder).is_dir():
-                raise ConfigError(f"adapter {name!r}: {str(folder)!r} is not a folder.")
         self.adapters = {name: str(folder) for name, folder in adapters.items()}
         self.runtime_lora = runtime_lora
         self.startup_timeout = startup_timeout
@@ -215,9 +231,11 @@ class VLLMServer:
         return vllm_chat_model(self.base_url, model or self.default_model, **settings)
 
     def load_adapter(self, name: str, path: str | Path) -> None:
-        """Load a LoRA adapter into the running server (needs ``runtime_lora=True``)."""
+        """Load a LoRA adapter into the running server (needs ``runtime_lora=True``); its
+        weights must be safetensors (:func:`~insightv_agents.trained.check_adapter`)."""
         if not self.runtime_lora:
             raise ConfigError("start the server with runtime_lora=True to load adapters.")
+        _check_adapter(name, path)
         self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
         self.adapters[name] = str(path)
 
@@ -256,6 +274,37 @@ class VLLMServer:
             raise BackendError(f"vLLM refused {path}: {err.code} {detail}") from err
         except (urllib.error.URLError, OSError) as err:
             raise BackendError(f"cannot reach the vLLM server for {path}: {err}") from err
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float", "half")
+PICKLE_LOAD_FORMATS = ("auto", "pt", "npcache")
+
+
+def _check_options(*, port: int | None, max_model_len: int | None, max_lora_rank: int,
+                   dtype: str | None, load_format: str, startup_timeout: float) -> None:
+    """Raise :class:`ConfigError` for a :class:`VLLMServer` option out of range."""
+    if port is not None:
+        check_int("port", port, 1, 65_535)
+    if max_model_len is not None:
+        check_int("max_model_len", max_model_len, 16, 2**24)
+    check_int("max_lora_rank", max_lora_rank, 1, 512)
+    check_number("startup_timeout", startup_timeout, 0, 86_400, above=True)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; not {dtype!r}.")
+    if load_format in PICKLE_LOAD_FORMATS:
+        raise ConfigError(f"load_format {load_format!r} can read pickles, which can run code "
+                          "when loaded; use 'safetensors' (the default).")
+
+
+def _check_adapter(name: str, folder: str | Path) -> None:
+    """Refuse an adapter name vLLM's ``--lora-modules NAME=FOLDER`` cannot carry, a missing
+    folder, or one whose weights are not safetensors."""
+    if not isinstance(name, str) or not name or "=" in name or any(c.isspace() for c in name):
+        raise ConfigError(f"adapter name {name!r}: give a non-empty name without '=' or "
+                          "spaces.")
+    if not Path(folder).expanduser().is_dir():
+        raise ConfigError(f"adapter {name!r}: {str(folder)!r} is not a folder.")
+    check_adapter(folder)
 
 
 def _signal_group(group: int, sig: signal.Signals) -> None:
