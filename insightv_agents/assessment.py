@@ -20,6 +20,7 @@ from langgraph.types import Overwrite
 from typing_extensions import TypedDict
 
 from insightv_agents.errors import ModelCallError, check_int
+from insightv_agents.image_store import resolve_images
 from insightv_agents.parsing import parse_judgement, parse_scores
 from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, judge_messages, score_messages
 from insightv_agents.runtime import (
@@ -29,6 +30,7 @@ from insightv_agents.runtime import (
     current_runtime,
     emit_event,
     rejected_request,
+    run_store,
 )
 from insightv_agents.schema import (
     AnswerCheck,
@@ -214,8 +216,9 @@ class ScoreNode(ModelNode):
 def score_with(scorer: PathScorer, state: dict[str, Any]) -> dict[str, Any]:
     """The graph node for a custom :class:`PathScorer`: same reads and writes as ScoreNode."""
     scored = _scorable(state)
+    images = resolve_images(state.get("images"), run_store(current_runtime()))
     request: ScoreRequest = {"question": state["question"], "truth": state["answer"],
-                             "images": state.get("images") or [], "paths": scored}
+                             "images": images, "paths": scored}
     return with_scores(state, list(scorer.score_paths(request)) if scored else [])
 
 

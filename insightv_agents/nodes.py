@@ -26,6 +26,7 @@ from insightv_agents.errors import (
     check_int,
 )
 from insightv_agents.formats import FormatProfile, format_profile
+from insightv_agents.image_store import hold_images
 from insightv_agents.images import ImagePolicy, load_images
 from insightv_agents.parsing import parse_answer
 from insightv_agents.prompts import (
@@ -36,7 +37,14 @@ from insightv_agents.prompts import (
     reasoning_messages,
     summary_messages,
 )
-from insightv_agents.runtime import Exchange, ModelNode, Outcome, emit_event
+from insightv_agents.runtime import (
+    Exchange,
+    ModelNode,
+    Outcome,
+    current_runtime,
+    emit_event,
+    run_store,
+)
 from insightv_agents.schema import (
     Attempt,
     Failure,
@@ -44,22 +52,37 @@ from insightv_agents.schema import (
     Verdict,
     answer_json_schema,
 )
-from insightv_agents.state import InsightVState
+from insightv_agents.state import (
+    FinalAnswerNodeState,
+    InsightVState,
+    ReasoningNodeState,
+    SummaryNodeState,
+)
 
 MAX_QUESTION_CHARS = 20_000
 
 
 def prepare_input(
-    state: dict[str, Any],
+    state: InsightVState,
     *,
     image_policy: ImagePolicy | None = None,
     max_question_chars: int = MAX_QUESTION_CHARS,
 ) -> dict[str, Any]:
     """Validate the input and reset per-run fields (so a reused thread starts clean).
 
+    The images are kept once (in the graph's store, if it has one: see
+    :mod:`~insightv_agents.image_store`) and ``image``, the caller's payload, is cleared.
+    Its type tells LangGraph the state it writes: added to a graph whose state lacks those
+    keys, it brings them; one defining them differently is refused by ``add_node``.
+
     Raises:
-        InvalidInputError: for a missing, empty or oversized question, or any bad image.
+        InvalidInputError: for a state that is not a mapping, a missing, empty or oversized
+            question, or any bad image.
     """
+    if not isinstance(state, Mapping):
+        raise InvalidInputError(f"the input must be a dict such as {{'image': ..., "
+                                f"'question': ...}}, not {type(state).__name__}.",
+                                field="input")
     question = state.get("question")
     if question is None:
         raise InvalidInputError("`question` is required: pass a non-empty string.",
@@ -73,9 +96,10 @@ def prepare_input(
     if len(question) > max_question_chars:
         raise InvalidInputError(f"`question` is {len(question)} characters; the limit is "
                                 f"{max_question_chars}.", field="question")
-    images = load_images(state.get("image"), image_policy)
+    images = hold_images(load_images(state.get("image"), image_policy),
+                         run_store(current_runtime()))
     return {
-        "question": question.strip(), "images": images,
+        "image": None, "question": question.strip(), "images": images,
         "steps": Overwrite([]), "failures": Overwrite([]), "attempts": Overwrite([]),
         "revision": 0, "critique": None, "verdict": None, "answer": "", "reasoning": "",
         "status": "ok",
@@ -139,6 +163,12 @@ class ReasoningNode(ModelNode):
         check_int("max_steps", max_steps, 1, 256)
         self.mode: ReasoningMode = self.profile.mode
         self.max_steps = max_steps
+
+    def __call__(self, state: ReasoningNodeState) -> dict[str, Any]:
+        """The node's update for ``state`` (its type tells LangGraph which state keys the
+        node uses: a graph whose state lacks them gets them; one defining them differently
+        is refused by ``add_node``)."""
+        return self.invoke(state)
 
     def _structured_output(self, state: dict[str, Any]) -> dict[str, object]:
         # Exactly the text the agents are trained on (a chain: one JSON step per line).
@@ -221,6 +251,11 @@ class SummaryNode(ModelNode):
         super().__init__(model, name=name, context_keys=context_keys,
                          prompts=self.profile.prompts, max_retries=max_retries)
 
+    def __call__(self, state: SummaryNodeState) -> dict[str, Any]:
+        """The node's update for ``state`` (its type tells LangGraph which state keys the
+        node uses, as :meth:`ReasoningNode.__call__`'s does)."""
+        return self.invoke(state)
+
     def _structured_output(self, state: dict[str, Any]) -> dict[str, object]:
         # Exactly the text the summary agent is trained on (format_verdict).
         return self.profile.summary_constraint()
@@ -275,6 +310,11 @@ class FinalAnswerNode(ModelNode):
         super().__init__(model, name=name, context_keys=context_keys, prompts=prompts,
                          max_retries=max_retries)
         self.reasoning_node = reasoning_node
+
+    def __call__(self, state: FinalAnswerNodeState) -> dict[str, Any]:
+        """The node's update for ``state`` (its type tells LangGraph which state keys the
+        node uses, as :meth:`ReasoningNode.__call__`'s does)."""
+        return self.invoke(state)
 
     def _json_schema(self, state: dict[str, Any]) -> dict[str, object]:
         return answer_json_schema()

@@ -4,7 +4,8 @@
   to send and receives each reply's text; it returns how it ended.
 - :class:`ModelNode`: the base of every node that calls a model (model choice, constraints,
   bounded re-asks, one conversation for the sync and the async path).
-- :func:`reply_text`, :func:`rejected_request`, :func:`current_runtime`, :func:`emit_event`:
+- :func:`reply_text`, :func:`rejected_request`, :func:`current_runtime`, :func:`run_store`,
+  :func:`emit_event`:
   what searches, judges and evaluation share with the nodes.
 """
 
@@ -17,10 +18,12 @@ from langchain_core.language_models import LanguageModelLike
 from langchain_core.messages import BaseMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.runtime import Runtime, get_runtime
+from langgraph.store.base import BaseStore
 from langgraph.utils.runnable import RunnableCallable
 
 from insightv_agents.backends.protocol import constrained
 from insightv_agents.errors import ConfigError, ModelOutputError, check_int, model_call
+from insightv_agents.image_store import aresolve_images, resolve_images
 from insightv_agents.prompts import Prompts, reask_messages
 from insightv_agents.schema import Failure
 
@@ -77,6 +80,7 @@ class ModelNode(RunnableCallable):
 
     def _run(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         runtime = current_runtime()
+        state = {**state, "images": resolve_images(state.get("images"), run_store(runtime))}
         model = self._model(runtime, state)
         conversation = self._conversation(state)
         outcome = None
@@ -88,6 +92,8 @@ class ModelNode(RunnableCallable):
 
     async def _arun(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         runtime = current_runtime()
+        state = {**state,
+                 "images": await aresolve_images(state.get("images"), run_store(runtime))}
         model = self._model(runtime, state)
         conversation = self._conversation(state)
         outcome = None
@@ -186,6 +192,11 @@ def current_runtime() -> Runtime[Any] | None:
         return get_runtime()
     except RuntimeError:
         return None
+
+
+def run_store(runtime: Runtime[Any] | None) -> BaseStore | None:
+    """The store of the current run (where its images are kept), if the graph has one."""
+    return getattr(runtime, "store", None)
 
 
 def emit_event(runtime: Runtime[Any] | None, event: dict[str, Any]) -> None:

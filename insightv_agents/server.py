@@ -161,13 +161,14 @@ def _inputs(state: ServedState) -> dict[str, Any]:
 
 
 def _run(state: ServedState, config: RunnableConfig) -> Any:
-    return insightv_graph(_context(get_runtime())).invoke(_inputs(state), config)
+    result = insightv_graph(_context(get_runtime())).invoke(_inputs(state), config)
+    return {**result, "image": None}  # the thread keeps no copy of the caller's image
 
 
 async def _arun(state: ServedState, config: RunnableConfig) -> Any:
     # building the agents reads files and asks servers: off the event loop
     graph = await asyncio.to_thread(insightv_graph, _context(get_runtime()))
-    return await graph.ainvoke(_inputs(state), config)
+    return {**await graph.ainvoke(_inputs(state), config), "image": None}
 
 
 def create_server_graph() -> StateGraph[ServedState, ServerContext, InsightVInput,

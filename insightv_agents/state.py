@@ -35,9 +35,11 @@ class InsightVOutput(TypedDict):
 
 
 class InsightVState(TypedDict):
-    """The full state. ``images`` holds the validated images as data URLs (checkpoint-safe);
-    ``revision`` counts the passes sent back by the summary agent; ``critique`` is the latest
-    reason for sending one back."""
+    """The full state. ``images`` holds the validated images: references to the copies kept
+    in the graph's store, or data URLs when it has none (:mod:`~insightv_agents.image_store`);
+    ``image`` is cleared once they are (the caller's payload is not kept); ``revision``
+    counts the passes sent back by the summary agent; ``critique`` is the latest reason for
+    sending one back."""
 
     image: Any
     question: str
@@ -51,6 +53,43 @@ class InsightVState(TypedDict):
     status: Status
     failures: Annotated[list[Failure], operator.add]
     attempts: Annotated[list[Attempt], operator.add]
+
+
+class ReasoningNodeState(TypedDict):
+    """The state :class:`~insightv_agents.nodes.ReasoningNode` reads and writes."""
+
+    question: str
+    images: list[str]
+    steps: Annotated[list[ReasoningStep], operator.add]
+    revision: int
+    critique: str | None
+    attempts: Annotated[list[Attempt], operator.add]
+    failures: Annotated[list[Failure], operator.add]
+
+
+class SummaryNodeState(TypedDict):
+    """The state :class:`~insightv_agents.nodes.SummaryNode` reads and writes."""
+
+    question: str
+    images: list[str]
+    steps: Annotated[list[ReasoningStep], operator.add]
+    revision: int
+    verdict: Verdict | None
+    answer: str
+    reasoning: str
+    status: Status
+    failures: Annotated[list[Failure], operator.add]
+
+
+class FinalAnswerNodeState(TypedDict):
+    """The state :class:`~insightv_agents.nodes.FinalAnswerNode` reads and writes."""
+
+    question: str
+    images: list[str]
+    steps: Annotated[list[ReasoningStep], operator.add]
+    revision: int
+    answer: str
+    failures: Annotated[list[Failure], operator.add]
 
 
 @dataclass(frozen=True)

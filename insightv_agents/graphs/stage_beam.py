@@ -27,6 +27,7 @@ from langgraph.utils.runnable import RunnableCallable
 from insightv_agents.backends.protocol import unwrap
 from insightv_agents.errors import ConfigError, check_int, model_call
 from insightv_agents.graphs.insightv import REDACT_IMAGES
+from insightv_agents.image_store import aresolve_images, resolve_images
 from insightv_agents.images import ImagePolicy
 from insightv_agents.nodes import MAX_QUESTION_CHARS, SummaryNode, prepare_input
 from insightv_agents.parsing import format_stages, parse_stages
@@ -36,7 +37,7 @@ from insightv_agents.prompts import (
     StagePrompts,
     render_reasoning,
 )
-from insightv_agents.runtime import current_runtime, emit_event
+from insightv_agents.runtime import current_runtime, emit_event, run_store
 from insightv_agents.schema import STAGES, Failure, ReasoningStep, SearchRecord, Stage, Stages
 from insightv_agents.search import (
     Search,
@@ -122,22 +123,24 @@ class _SearchNode(RunnableCallable):
         judge = getattr(context, "judge", None) or self.judge or model
         return model, judge
 
-    def _settings(self, state: dict[str, Any]) -> SearchSettings:
-        return SearchSettings(question=state["question"], images=state.get("images") or [],
+    def _settings(self, state: dict[str, Any], images: list[str]) -> SearchSettings:
+        return SearchSettings(question=state["question"], images=images,
                               prompts=self.prompts, max_retries=self.max_retries)
 
     def _run(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         model, judge = self._models()
+        images = resolve_images(state.get("images"), run_store(current_runtime()))
         with model_call(self.name or ""):
-            result = run_search(self._search(state, self._settings(state)), model, judge,
-                                config, use_n=self.use_n)
+            result = run_search(self._search(state, self._settings(state, images)), model,
+                                judge, config, use_n=self.use_n)
         return self._update(state, result)
 
     async def _arun(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         model, judge = self._models()
+        images = await aresolve_images(state.get("images"), run_store(current_runtime()))
         with model_call(self.name or ""):
-            result = await arun_search(self._search(state, self._settings(state)), model,
-                                       judge, config, use_n=self.use_n)
+            result = await arun_search(self._search(state, self._settings(state, images)),
+                                       model, judge, config, use_n=self.use_n)
         return self._update(state, result)
 
     def _judge_failures(self, state: dict[str, Any], records: list[SearchRecord]
@@ -208,7 +211,7 @@ class ResponseNode(_SearchNode):
                 "failures": self._judge_failures(state, records)}
 
 
-def prepare(state: dict[str, Any], *, image_policy: ImagePolicy | None,
+def prepare(state: StageBeamState, *, image_policy: ImagePolicy | None,
             max_question_chars: int) -> dict[str, Any]:
     """Validate the input (no model call) and reset the run, stages included."""
     return {**prepare_input(state, image_policy=image_policy,

@@ -20,7 +20,7 @@ import operator
 import time
 from collections.abc import Sequence
 from functools import partial
-from typing import Annotated, Any, Literal, NotRequired
+from typing import Annotated, Any, Literal, NotRequired, cast
 
 from langchain_core.language_models import LanguageModelLike
 from langchain_core.runnables import RunnableConfig
@@ -294,9 +294,9 @@ def _prepare(state: dict[str, Any], *, image_policy: ImagePolicy | None,
              max_question_chars: int) -> dict[str, Any]:
     """Validate the item (no model call) and reset per-run fields."""
     answer, choices = check_truth(state.get("answer"), state.get("choices"))
-    prepared = prepare_input(state, image_policy=image_policy,
+    prepared = prepare_input(cast(Any, state), image_policy=image_policy,
                              max_question_chars=max_question_chars)
-    return {"question": prepared["question"], "images": prepared["images"],
+    return {"image": None, "question": prepared["question"], "images": prepared["images"],
             "answer": answer, "choices": choices, "id": state.get("id"),
             "category": state.get("category"), "paths": Overwrite([]),
             "scoring_failures": Overwrite([]), "scoring_seconds": 0.0}
@@ -334,13 +334,20 @@ def _stated(state: PathState) -> dict[str, Any]:
 
 
 def _finish_path(state: PathState) -> dict[str, Any]:
-    ok = bool(state.get("answer")) and bool(state.get("steps"))
+    """The path's result; a failed path always carries the failure that explains it."""
+    steps, answer = list(state.get("steps") or []), state.get("answer") or ""
+    failures = list(state.get("failures") or [])
+    ok = bool(answer) and bool(steps)
+    if not ok and not failures:
+        error = ("the reasoning has no steps" if not steps
+                 else "no final answer: the reasoning states none")
+        failures.append({"node": "final_answer", "revision": 0, "kind": "no_answer",
+                         "error": error, "attempts": 0,
+                         "raw": steps[-1]["reasoning"][-2000:] if steps else ""})
     result: PathResult = {
-        "index": state["index"], "status": "ok" if ok else "failed",
-        "steps": list(state.get("steps") or []), "answer": state.get("answer") or "",
-        "check": state.get("check"), "score": None, "comment": "",
-        "failures": list(state.get("failures") or []),
-        "seconds": round(time.time() - state["started"], 3),
+        "index": state["index"], "status": "ok" if ok else "failed", "steps": steps,
+        "answer": answer, "check": state.get("check"), "score": None, "comment": "",
+        "failures": failures, "seconds": round(time.time() - state["started"], 3),
     }
     return {"paths": [result]}
 
