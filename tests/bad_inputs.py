@@ -1,10 +1,11 @@
 """The bad-input catalogue: malformed inputs across the Python API and every CLI command.
 
 Each :class:`Case` is one bad input and what the library must answer: a typed error whose
-message names what to fix, raised before any model is called. ``tests/test_bad_inputs.py``
-runs them all; ``scripts/reliability.py`` runs them again to write the table of
-``docs/reliability.md``. Inputs the library accepts on purpose (image modes it converts)
-are in :data:`ACCEPTED`.
+message names what to fix, raised before any model is called. ``tests/catalogue.py``
+gathers them with the cases of ``bad_inputs_files.py``, ``bad_inputs_options.py`` and
+``bad_inputs_images.py``; ``tests/test_bad_inputs.py`` runs them all and
+``scripts/reliability.py`` runs them again to write the tables of ``docs/reliability.md``.
+Inputs the library accepts on purpose (image modes it converts) are in :data:`ACCEPTED`.
 """
 
 from __future__ import annotations
@@ -276,9 +277,9 @@ CASES: list[Case] = [
     Case("insightv synthesize", "--concurrency 0", CommandRefused, "concurrency",
          lambda c: c.cli("synthesize", "--input", c.data(), "--out", str(c.tmp / "o"),
                          "--teacher", "t", "--teacher-url", c.url, "--concurrency", "0")),
-    Case("insightv synthesize", "a bad row with --strict", CommandRefused, "not JSON",
+    Case("insightv synthesize", "a bad row (refused by default)", CommandRefused, "not JSON",
          lambda c: c.cli("synthesize", "--input", c.data("{oops"), "--out", str(c.tmp / "o"),
-                         "--teacher", "t", "--teacher-url", c.url, "--strict")),
+                         "--teacher", "t", "--teacher-url", c.url)),
     Case("insightv build-data", "--from a folder that is not a synthesis output",
          CommandRefused, "not a synthesis output folder",
          lambda c: c.cli("build-data", "sft-reason", "--from", str(c.tmp),

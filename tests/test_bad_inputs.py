@@ -1,4 +1,4 @@
-"""Every case of the bad-input catalogue (tests/bad_inputs.py) gets its typed error, naming
+"""Every case of the bad-input catalogue (tests/catalogue.py) gets its typed error, naming
 what to fix, before any model or server is called."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bad_inputs import ACCEPTED, CASES, Accepted, Case, Ctx
+from bad_inputs import ACCEPTED, Accepted, Case, Ctx
+from catalogue import CASES
 from helpers import FakeOpenAIServer
 from PIL import Image
 
@@ -21,11 +22,11 @@ def server() -> Iterator[FakeOpenAIServer]:
 
 
 def test_the_catalogue_has_at_least_40_distinct_cases() -> None:
-    assert len(CASES) >= 40
+    assert len(CASES) >= 150
     assert len({(case.surface, case.what) for case in CASES}) == len(CASES)
     commands = {case.surface for case in CASES if case.surface.startswith("insightv ")}
     assert {"insightv run", "insightv serve", "insightv synthesize", "insightv build-data",
-            "insightv train sft", "insightv eval"} <= commands
+            "insightv train sft", "insightv eval", "insightv compare"} <= commands
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: f"{case.surface}: {case.what}")

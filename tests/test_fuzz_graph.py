@@ -67,7 +67,15 @@ stage_like = st.tuples(*(st.sampled_from([f"<{tag}>", f"</{tag}>", f"<{tag.lower
 stage_adversarial = st.one_of(
     adversarial, stage_like,
     st.sampled_from(["Since it is better, I choose response 3.", "I choose response 1.",
-                     "Response 2 is better", "Correct", "Incorrect", "<CONCLUSION>" * 1000]))
+                     "Response 2 is better", "Correct", "Incorrect", "<CONCLUSION>" * 1000]),
+    # Runs of whitespace after the words and tags the readers look for (these once took
+    # seconds to minutes to read), and long replies with no full stop.
+    st.tuples(st.sampled_from(["I choose", "<SUMMARY", "Response 1 is", "The answer is",
+                               "<CONCLUSION>", "Answer:"]),
+              st.sampled_from([" ", "\t", "\n", " \n"]),
+              st.integers(min_value=1, max_value=50_000)).map(
+                  lambda parts: parts[0] + parts[1] * parts[2]),
+    st.integers(min_value=1, max_value=20_000).map(lambda n: " word" * n))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -82,6 +90,7 @@ def test_stage_beam_search_on_any_model_text_ends_with_a_typed_outcome(
     assert out["status"] in ("ok", "failed")
     assert set(out["stages"]) == {"summary", "caption", "reasoning", "conclusion"}
     assert isinstance(out["answer"], str) and len(model.calls) <= 120
+    assert len(json.dumps(out)) < 2_000_000  # every model-derived text is capped
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -96,5 +105,6 @@ def test_synthesis_on_any_model_text_keeps_every_path_with_a_typed_outcome(
     for path in out["paths"]:
         assert path["status"] in ("ok", "failed") and len(path["steps"]) <= MAX_STEPS
         assert path["score"] is None or 1 <= path["score"] <= 100
+        assert path["status"] == "ok" or path["failures"]  # a failed path says why
     assert all(f["kind"] in ("unparsable", "rejected") for f in out["scoring_failures"])
     assert len(model.calls) <= 3 * CALLS_PER_PASS + (MAX_RETRIES + 1) * 4
