@@ -130,10 +130,28 @@ def path_inside(root: Path, value: str, *, where: str, field: str = "image") -> 
     if Path(value).is_absolute():
         raise InvalidInputError(f"{field} {value!r} is absolute; give it relative to {where}",
                                 field=field)
-    resolved = (root / value).resolve()
-    if not resolved.is_relative_to(root.resolve()):
+    try:
+        resolved = (root / value).resolve()
+        inside = resolved.is_relative_to(root.resolve())
+    except (OSError, ValueError, RuntimeError) as err:  # a NUL byte, a symlink loop
+        raise InvalidInputError(f"{field} {value!r}: not a usable path ({err})",
+                                field=field) from None
+    if not inside:
         raise InvalidInputError(f"{field} {value!r} is outside {where}", field=field)
     return resolved
+
+
+def is_file(path: Path, *, field: str = "image") -> bool:
+    """Whether ``path`` is a regular file (following symlinks).
+
+    Raises:
+        InvalidInputError: when it cannot be looked at (no permission, say).
+    """
+    try:
+        return path.is_file()
+    except (OSError, ValueError) as err:
+        raise InvalidInputError(f"{field} {str(path)!r}: cannot be read ({err})",
+                                field=field) from None
 
 
 def _read_bytes(path: Path, what: str, field: str | None) -> bytes:

@@ -29,7 +29,7 @@ NAMESPACE = ("insightv", "images")
 REF_PREFIX = "sha256:"
 
 _REF_RE = re.compile(r"sha256:[0-9a-f]{64}")
-_IMAGE_URL_RE = re.compile(r"data:image/[\w.+-]+;base64,", re.I)
+_IMAGE_URL_RE = re.compile(r"data:image/[\w.+-]+;base64,[A-Za-z0-9+/]+={0,2}", re.I)
 
 
 def hold_images(urls: Sequence[str], store: BaseStore | None) -> list[str]:
@@ -82,7 +82,7 @@ def _check(images: Any) -> dict[int, str]:
     for index, entry in enumerate(images):
         if isinstance(entry, str) and _REF_RE.fullmatch(entry):
             refs[index] = entry
-        elif not (isinstance(entry, str) and _IMAGE_URL_RE.match(entry)):
+        elif not (isinstance(entry, str) and _IMAGE_URL_RE.fullmatch(entry)):
             shown = type(entry).__name__ if not isinstance(entry, str) else f"{entry[:40]!r}"
             raise InvalidInputError(
                 f"`images[{index}]` ({shown}) is not an image prepared by prepare_input "
@@ -100,6 +100,9 @@ def _assemble(images: Any, refs: dict[int, str], found: dict[str, Any],
             continue
         item = found.get(entry[len(REF_PREFIX):])
         url = item.value.get("url") if item is not None else None
+        if isinstance(url, str) and not _IMAGE_URL_RE.fullmatch(url):
+            raise InvalidInputError(f"`images[{index}]` refers to a stored entry that is not a "
+                                    "base64 image data URL.", field="images")
         if not isinstance(url, str):
             where = "the graph has no store" if store is None else "the store does not hold it"
             raise InvalidInputError(

@@ -367,6 +367,9 @@ def _decode(data: bytes, policy: ImagePolicy) -> Image.Image:
                                     "(ImagePolicy.max_pixels).") from err
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             raise InvalidInputError(f"the image is corrupt or truncated ({err}).") from err
+        except Exception as err:  # Pillow's decoders raise others on crafted files
+            raise InvalidInputError(f"the image is corrupt ({type(err).__name__}: "
+                                    f"{err}).") from err
     return img
 
 

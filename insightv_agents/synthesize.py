@@ -27,7 +27,7 @@ from typing import Any
 
 from insightv_agents import __version__
 from insightv_agents.errors import ConfigError, InvalidInputError
-from insightv_agents.files import output_folder, path_inside, read_json, read_jsonl
+from insightv_agents.files import is_file, output_folder, path_inside, read_json, read_jsonl
 from insightv_agents.graphs.synthesis import check_truth
 from insightv_agents.images import ImagePolicy, open_image
 from insightv_agents.prompts import PROMPTS_VERSION
@@ -343,7 +343,11 @@ def _item(row: dict[str, Any], line: int, root: Path, out: Path | None) -> Item:
 def _image(value: Any, root: Path, out: Path | None) -> tuple[str | bytes, str, str]:
     """(what the graph reads, the record's reference, its root) for an item's image."""
     if isinstance(value, dict) and value.get("bytes"):  # a datasets Image, not decoded
-        data = bytes(value["bytes"])
+        data = value["bytes"]
+        if not isinstance(data, bytes | bytearray):
+            raise InvalidInputError("`image` bytes must be bytes (an undecoded datasets "
+                                    f"Image), not {type(data).__name__}", field="image")
+        data = bytes(data)
         if out is None:
             return data, "", "out"
         return data, f"images/{hashlib.sha1(data).hexdigest()[:20]}{_suffix(data)}", "out"
@@ -353,7 +357,7 @@ def _image(value: Any, root: Path, out: Path | None) -> tuple[str | bytes, str, 
         raise InvalidInputError("`image` must be a path relative to the data folder",
                                 field="image")
     resolved = path_inside(root, value, where="the data folder")
-    if not resolved.is_file():
+    if not is_file(resolved):
         raise InvalidInputError(f"image {value!r}: no such file in {root}", field="image")
     return str(resolved), Path(value).as_posix(), "data"
 

@@ -149,6 +149,10 @@ CASES: list[Case] = [
          "insightv_agent.json", lambda c: c.cli(
              "run", "--local-model", carded(c, {"max_tokens": 0}), "-i",
              c.file("a.png", png()), "-q", "q")),
+    Case("insightv train sft", "--adapter holding only adapter_model.bin", CommandRefused,
+         "safetensors", lambda c: c.cli("train", "sft", "--model", str(c.tmp), "--data",
+                                        str(c.tmp), "--output_dir", str(c.tmp / "o"),
+                                        "--adapter", pickled_adapter(c))),
     Case("insightv serve", "--adapter holding only adapter_model.bin", CommandRefused,
          "adapter_model.safetensors", lambda c: c.cli(
              "serve", "--model", "m", "--adapter", f"reason={pickled_adapter(c)}")),

@@ -73,6 +73,16 @@ def test_a_429_asking_for_more_than_the_deadline_fails_at_once(way: str) -> None
     assert len(server.requests) == 1 and seconds < 1 + SLACK
 
 
+@pytest.mark.parametrize("asked", ["1e308", "3600"])
+def test_a_retry_after_over_two_minutes_is_never_waited_for(asked: str) -> None:
+    slow_down = Refusal(429, "slow down", {"Retry-After": asked})
+    with FakeOpenAIServer(lambda body: slow_down) as server:
+        error, seconds = timed(lambda: call(model(server.url, timeout=86_400), "invoke"))
+    assert isinstance(error, openai.RateLimitError)
+    assert "longer than 120 s" in " ".join(getattr(error, "__notes__", []))
+    assert len(server.requests) == 1 and seconds < SLACK
+
+
 def test_a_graph_node_wraps_the_refused_retry_as_a_model_call_error() -> None:
     slow_down = Refusal(429, "slow down", {"Retry-After": "5"})
     with FakeOpenAIServer(lambda body: slow_down) as server:

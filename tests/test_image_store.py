@@ -9,7 +9,7 @@ import io
 import operator
 import sqlite3
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import pytest
 from helpers import step, verdict
@@ -24,6 +24,7 @@ from insightv_agents import create_insightv_graph, create_synthesis_graph
 from insightv_agents.errors import InvalidInputError
 from insightv_agents.image_store import NAMESPACE, hold_images, resolve_images
 from insightv_agents.nodes import ReasoningNode, SummaryNode, prepare_input
+from insightv_agents.state import ReasoningNodeState
 from insightv_agents.testing import ScriptedChatModel
 
 
@@ -120,7 +121,8 @@ def test_a_reference_without_its_store_is_a_typed_error() -> None:
 @pytest.mark.parametrize("images", [
     ["/etc/passwd"], ["http://example.com/x.png"], [b"\x89PNG"], "data:image/png;base64,AAAA",
     ["sha256:abc"], [None], [{"url": "data:image/png;base64,AA"}],
-    ["data:text/plain;base64,aGVsbG8="]])
+    ["data:text/plain;base64,aGVsbG8="], ["data:image/png;base64,not base64 at all!"],
+    ["data:image/png;base64,AAAA\nhttp://example.com"]])
 def test_nodes_pass_only_prepared_images_to_models(images: Any) -> None:
     model = ScriptedChatModel(SCRIPT)
     with pytest.raises(InvalidInputError, match="images"):
@@ -157,6 +159,35 @@ def test_nodes_bring_the_state_keys_they_use_to_a_users_graph() -> None:
     values = graph.get_state(THREAD).values
     assert values["status"] == "failed"
     assert [failure["node"] for failure in values["failures"]] == ["summarize"]
+
+
+class _Tagged(ReasoningNodeState):
+    tag: str
+
+
+class _TaggingNode(ReasoningNode):
+    """A user's subclass that reads a key of its own."""
+
+    seen: ClassVar[list[str]] = []
+
+    def _conversation(self, state: dict[str, Any]) -> Any:
+        self.seen.append(state.get("tag", "<missing>"))
+        return super()._conversation(state)
+
+
+def test_a_subclass_reading_more_keys_is_added_with_an_input_schema() -> None:
+    class Graph(Bare):
+        tag: str
+
+    builder = StateGraph(Graph)
+    builder.add_node("prepare", prepare_input)
+    model = ScriptedChatModel(SCRIPT)
+    builder.add_node("reason", _TaggingNode(model), input_schema=_Tagged)
+    builder.add_edge(START, "prepare")
+    builder.add_edge("prepare", "reason")
+    builder.add_edge("reason", END)
+    builder.compile().invoke({"image": _png(), "question": "q", "tag": "mine"})
+    assert _TaggingNode.seen == ["mine"] and _sent_images(model)  # its key, and the image
 
 
 def test_a_state_defining_a_node_key_differently_is_refused_when_building() -> None:

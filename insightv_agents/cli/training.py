@@ -19,6 +19,7 @@ from rich.console import Console
 
 from insightv_agents.cli.common import command_errors
 from insightv_agents.errors import ConfigError, InsightVError
+from insightv_agents.trained import check_adapter
 from insightv_agents.trainers.common import option
 
 app = typer.Typer(help="Train the agents: SFT, DPO, iterative DPO (TRL + PEFT). Each "
@@ -170,6 +171,8 @@ def _train(command: str, args: Sequence[str]) -> None:
     console = Console()
     with command_errors(console):
         inputs, config = training_arguments(command, args)
+        if inputs.adapter is not None:
+            check_adapter(inputs.adapter)
         from insightv_agents.trainers.dpo import train_dpo
         from insightv_agents.trainers.sft import train_sft
 

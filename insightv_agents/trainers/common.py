@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from insightv_agents.cards import AgentCard, Role, read_card
 from insightv_agents.errors import ConfigError, InvalidInputError
 from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, ReasoningMode
-from insightv_agents.trained import TRAINING_FILE, check_remote_code, resolve_model
+from insightv_agents.trained import TRAINING_FILE, check_adapter, check_remote_code, resolve_model
 
 FineTune = Literal["lora", "full"]
 DType = Literal["auto", "bfloat16", "bf16-mixed", "float32"]
@@ -198,12 +198,10 @@ def load_for_training(model: str | Path, config: AgentTraining, *,
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     base, found = resolve_model(model)
-    adapter = str(Path(adapter).resolve()) if adapter is not None else found
-    if adapter is not None and not Path(adapter).is_dir():
-        raise InvalidInputError(f"adapter {adapter!r} is not a folder.", field="adapter")
-    if adapter is not None and config.finetune == "full":
+    if (adapter is not None or found is not None) and config.finetune == "full":
         raise ConfigError("full fine-tuning starts from a full model, not an adapter; "
                           "merge the adapter first or use finetune='lora'.")
+    adapter = str(check_adapter(adapter)) if adapter is not None else found
     dtype = precision(config.dtype)[0]
     remote = bool(getattr(config, "trust_remote_code", False))
     check_remote_code(base, remote)

@@ -33,7 +33,7 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
 from insightv_agents.errors import ConfigError, InvalidInputError
-from insightv_agents.files import Fields, path_inside, read_jsonl
+from insightv_agents.files import Fields, is_file, path_inside, read_jsonl
 from insightv_agents.parsing import format_chain, format_stages, format_verdict
 from insightv_agents.prompts import (
     DEFAULT_PROMPTS,
@@ -124,7 +124,7 @@ def _check_image(record: Record, folder: Path, data_root: Path) -> None:
     else:
         raise InvalidInputError(f"`image_root` is {record['image_root']!r}, not 'data' or "
                                 "'out'", field="from")
-    if not path_inside(root, record["image"], where=where).is_file():
+    if not is_file(path_inside(root, record["image"], where=where), field="from"):
         moved = " (if the data moved, pass its folder: --images, load_records(images=...))" \
             if record["image_root"] == "data" else ""
         raise InvalidInputError(f"image {record['image']!r}: no such file in {root}{moved}",

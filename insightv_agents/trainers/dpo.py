@@ -120,10 +120,10 @@ def preference_logprobs(model: str | Path, dataset: Any, *, adapter: str | Path 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from insightv_agents.trained import resolve_model
+    from insightv_agents.trained import check_adapter, resolve_model
 
     base, found = resolve_model(model)
-    adapter = adapter or found
+    adapter = check_adapter(adapter) if adapter else found
     processor = AutoProcessor.from_pretrained(base, trust_remote_code=trust_remote_code)
     network: Any = AutoModelForImageTextToText.from_pretrained(
         base, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)

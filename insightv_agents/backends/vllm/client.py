@@ -62,6 +62,7 @@ refusal of the request itself (400, 413, 422) never is."""
 DEFAULT_RETRIES = 2
 MAX_N, MAX_RETRIES, MAX_TIMEOUT = 64, 10, 86_400.0
 FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.5, 8.0
+MAX_RETRY_AFTER_S = 120.0  # a longer Retry-After is not waited for, even with no deadline
 
 
 def _number(low: float, high: float, above: bool = False) -> Callable[[str, Any], None]:
@@ -413,6 +414,10 @@ class _Attempts:
         if self.retried >= self.retries or not _retryable(err):
             return None
         asked = _retry_after(err)
+        if asked is not None and asked > MAX_RETRY_AFTER_S:
+            err.add_note(f"Not retried: the server asked to wait {asked:g} s (Retry-After), "
+                         f"longer than {MAX_RETRY_AFTER_S:g} s.")
+            return None
         pause = asked if asked is not None else \
             min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** self.retried) * random.uniform(0.75, 1)
         left = self.left()
