@@ -55,41 +55,36 @@ class InsightVState(TypedDict):
     attempts: Annotated[list[Attempt], operator.add]
 
 
-class ReasoningNodeState(TypedDict):
-    """The state :class:`~insightv_agents.nodes.ReasoningNode` reads and writes."""
+class _NodeState(TypedDict):
+    """The keys every model node reads and writes."""
 
     question: str
     images: list[str]
     steps: Annotated[list[ReasoningStep], operator.add]
     revision: int
-    critique: str | None
-    attempts: Annotated[list[Attempt], operator.add]
     failures: Annotated[list[Failure], operator.add]
 
 
-class SummaryNodeState(TypedDict):
+class ReasoningNodeState(_NodeState):
+    """The state :class:`~insightv_agents.nodes.ReasoningNode` reads and writes."""
+
+    critique: str | None
+    attempts: Annotated[list[Attempt], operator.add]
+
+
+class SummaryNodeState(_NodeState):
     """The state :class:`~insightv_agents.nodes.SummaryNode` reads and writes."""
 
-    question: str
-    images: list[str]
-    steps: Annotated[list[ReasoningStep], operator.add]
-    revision: int
     verdict: Verdict | None
     answer: str
     reasoning: str
     status: Status
-    failures: Annotated[list[Failure], operator.add]
 
 
-class FinalAnswerNodeState(TypedDict):
+class FinalAnswerNodeState(_NodeState):
     """The state :class:`~insightv_agents.nodes.FinalAnswerNode` reads and writes."""
 
-    question: str
-    images: list[str]
-    steps: Annotated[list[ReasoningStep], operator.add]
-    revision: int
     answer: str
-    failures: Annotated[list[Failure], operator.add]
 
 
 @dataclass(frozen=True)

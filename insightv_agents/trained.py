@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from insightv_agents.errors import InvalidInputError
+from insightv_agents.files import read_json
 
 ADAPTER_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -37,11 +38,8 @@ def resolve_model(path: str | Path) -> tuple[str, str | None]:
         _check_safetensors(Path(path).expanduser())
         return str(path), None
     adapter = check_adapter(path)
-    try:
-        config = json.loads((adapter / ADAPTER_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise InvalidInputError(f"{adapter / ADAPTER_FILE} cannot be read: {err}",
-                                field="model") from None
+    config = read_json(adapter / ADAPTER_FILE, what="the adapter's config",
+                       fix="Give a PEFT adapter folder.", field="model")
     base = config.get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         raise InvalidInputError(f"the adapter in {adapter} names no base model "

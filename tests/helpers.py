@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.server
 import json
@@ -306,3 +307,20 @@ def langgraph_dev(log: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+WAYS = ["invoke", "ainvoke", "stream", "astream"]
+
+
+def call_way(model: Any, messages: list[Any], way: str) -> str:
+    """One reply through ``way``: invoke, ainvoke, stream or astream."""
+    if way == "invoke":
+        return str(model.invoke(messages).content)
+    if way == "stream":
+        return "".join(str(chunk.content) for chunk in model.stream(messages))
+
+    async def run() -> str:
+        if way == "ainvoke":
+            return str((await model.ainvoke(messages)).content)
+        return "".join([str(chunk.content) async for chunk in model.astream(messages)])
+    return asyncio.run(run())

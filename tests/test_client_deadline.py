@@ -20,29 +20,18 @@ from typing import Any
 
 import openai
 import pytest
-from helpers import FakeOpenAIServer, Refusal, png_bytes
+from helpers import WAYS, FakeOpenAIServer, Refusal, call_way, png_bytes
 from langchain_core.messages import HumanMessage
 
 from insightv_agents import ModelCallError, create_insightv_graph
 from insightv_agents.backends.vllm import ChatVLLM, vllm_chat_model
 
-WAYS = ["invoke", "ainvoke", "stream", "astream"]
 SLACK = 0.5  # seconds a call may run past its deadline (a loaded 2-core machine included)
 
 
 def call(model: Any, way: str, text: str = "Q") -> str:
-    """One reply through ``way``: invoke, ainvoke, stream or astream."""
-    messages = [HumanMessage(text)]
-    if way == "invoke":
-        return str(model.invoke(messages).content)
-    if way == "stream":
-        return "".join(str(chunk.content) for chunk in model.stream(messages))
-
-    async def run() -> str:
-        if way == "ainvoke":
-            return str((await model.ainvoke(messages)).content)
-        return "".join([str(chunk.content) async for chunk in model.astream(messages)])
-    return asyncio.run(run())
+    """One reply to ``text`` through ``way``: invoke, ainvoke, stream or astream."""
+    return call_way(model, [HumanMessage(text)], way)
 
 
 def timed(action: Callable[[], Any]) -> tuple[BaseException, float]:

@@ -389,3 +389,18 @@ def test_record_images_in_the_output_folder_or_a_moved_data_folder_load(
     (source / "records.jsonl").write_text(json.dumps({**record, "image_root": "cloud"}) + "\n")
     with pytest.raises(InvalidInputError, match="`image_root` is 'cloud'"):
         load_records(source)
+
+
+def test_a_damaged_training_run_file_or_adapter_config_is_a_typed_error(tmp_path: Path) -> None:
+    from insightv_agents.trained import TRAINING_FILE, resolve_model
+    from insightv_agents.trainers.common import finished_run
+
+    (tmp_path / TRAINING_FILE).write_text('{"train_loss": ')
+    with pytest.raises(InvalidInputError, match=r"the training run file .*line 1: not JSON"):
+        finished_run(tmp_path)
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{oops")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(InvalidInputError, match=r"the adapter's config .*line 1: not JSON"):
+        resolve_model(adapter)

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import FakeOpenAIServer
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from helpers import WAYS, FakeOpenAIServer
+from helpers import call_way as call
+from langchain_core.messages import AIMessage, HumanMessage
 
 from insightv_agents.backends.vllm import ChatVLLM, vllm_chat_model
 from insightv_agents.errors import ConfigError
@@ -23,21 +24,6 @@ def echo(body: dict[str, Any]) -> str:
     return f"re: {body['messages'][-1]['content']}"
 
 
-def call(model: Any, messages: list[BaseMessage], way: str) -> str:
-    """One reply through ``way``: invoke, ainvoke, stream or astream."""
-    if way == "invoke":
-        return str(model.invoke(messages).content)
-    if way == "stream":
-        return "".join(str(chunk.content) for chunk in model.stream(messages))
-
-    async def run() -> str:
-        if way == "ainvoke":
-            return str((await model.ainvoke(messages)).content)
-        return "".join([str(chunk.content) async for chunk in model.astream(messages)])
-    return asyncio.run(run())
-
-
-WAYS = ["invoke", "ainvoke", "stream", "astream"]
 
 
 @pytest.mark.parametrize("way", WAYS)

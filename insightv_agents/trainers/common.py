@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from insightv_agents.cards import AgentCard, Role, read_card
 from insightv_agents.errors import ConfigError, InvalidInputError
+from insightv_agents.files import read_json
 from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, ReasoningMode
 from insightv_agents.trained import TRAINING_FILE, check_adapter, check_remote_code, resolve_model
 
@@ -325,7 +326,10 @@ def output_card(role: Role, *, card: AgentCard | None = None, sources: Sequence[
 def finished_run(output_dir: str | Path) -> dict[str, Any] | None:
     """The run file of a finished training run in ``output_dir``, else ``None``."""
     path = Path(output_dir) / TRAINING_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    return read_json(path, what="the training run file",
+                     fix="Remove it (or the output folder) to train again.", field="output_dir")
 
 
 def load_dataset_arg(dataset: Any) -> Any:

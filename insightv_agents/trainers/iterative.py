@@ -30,6 +30,7 @@ from insightv_agents.answers import DEFAULT_RULES, AnswerRules, FinalAnswer
 from insightv_agents.assessment import PathScorer
 from insightv_agents.cards import read_card
 from insightv_agents.errors import BackendError, ConfigError, InvalidInputError
+from insightv_agents.files import read_json
 from insightv_agents.formats import card_profile, json_profile
 from insightv_agents.prompts import PROMPTS_VERSION, Prompts, ReasoningMode
 from insightv_agents.trained import resolve_model
@@ -353,8 +354,9 @@ def _finished_round(folder: Path) -> dict[str, Any] | None:
     path = folder / ROUND_FILE
     if not path.exists():
         return None
-    metrics: dict[str, Any] = json.loads(path.read_text())
-    return metrics
+    return read_json(path, what="the round file",
+                     fix="Remove the round's folder to run the round again.",
+                     field="output_dir")
 
 
 def _start_model(model: str | Path) -> str:
