@@ -55,8 +55,9 @@ class ServerContext:
     takes it over HTTP and Studio shows it as a form).
 
     Args:
-        base_url: API root of the reasoning agent's OpenAI-compatible server (vLLM); with
-            neither it nor ``local_model``, the demo agents run in-process.
+        base_url: API root of the reasoning agent's OpenAI-compatible server (vLLM), or a
+            list of the roots of its replicas (an endpoint pool); with neither it nor
+            ``local_model``, the demo agents run in-process.
         model: the reasoning agent's served name.
         summary_base_url, summary_model: the summary agent's server and name (default: the
             reasoning agent plays both roles; ``summary_base_url`` defaults to ``base_url``).
@@ -69,9 +70,9 @@ class ServerContext:
         allow_urls: accept http(s) image URLs.
     """
 
-    base_url: str | None = None
+    base_url: str | list[str] | None = None
     model: str = "insightv-reason"
-    summary_base_url: str | None = None
+    summary_base_url: str | list[str] | None = None
     summary_model: str | None = None
     local_model: str | None = None
     profile: str | None = None
@@ -86,13 +87,18 @@ class ServerContext:
 def agents(context: ServerContext) -> tuple[Any, Any]:
     """The (reasoner, summarizer) chat models ``context`` names (``summarizer`` ``None``: the
     reasoner plays both roles); the same models again for the same fields."""
-    return _agents(context.base_url, context.model, context.summary_base_url,
+    return _agents(_urls(context.base_url), context.model, _urls(context.summary_base_url),
                    context.summary_model, context.local_model, context.temperature,
                    context.max_tokens)
 
 
+def _urls(given: str | list[str] | None) -> str | tuple[str, ...] | None:
+    return tuple(given) if isinstance(given, list) else given
+
+
 @functools.lru_cache(maxsize=8)
-def _agents(base_url: str | None, model: str, summary_base_url: str | None,
+def _agents(base_url: str | tuple[str, ...] | None, model: str,
+            summary_base_url: str | tuple[str, ...] | None,
             summary_model: str | None, local_model: str | None, temperature: float | None,
             max_tokens: int | None) -> tuple[Any, Any]:
     if base_url is not None and local_model is not None:

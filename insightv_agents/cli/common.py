@@ -5,24 +5,26 @@ values."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.text import Text
 
 from insightv_agents.errors import ConfigError, InsightVError
 from insightv_agents.prompts import ReasoningMode
 
 Images = Annotated[list[str], typer.Option("--image", "-i", help="Image path (repeatable).")]
 Question = Annotated[str, typer.Option("--question", "-q", help="The question to answer.")]
-BaseUrl = Annotated[str | None, typer.Option(
-    help="OpenAI-compatible API root of the reasoning agent (e.g. http://127.0.0.1:8000/v1).")]
-SummaryBaseUrl = Annotated[str | None, typer.Option(
-    help="API root of the summary agent (default: the reasoning agent's).")]
+BaseUrl = Annotated[list[str] | None, typer.Option(
+    help="OpenAI-compatible API root of the reasoning agent (e.g. http://127.0.0.1:8000/v1); "
+         "repeat it for several replicas (each request goes to the least busy one up).")]
+SummaryBaseUrl = Annotated[list[str] | None, typer.Option(
+    help="API root of the summary agent, repeatable (default: the reasoning agent's).")]
 LocalModel = Annotated[str | None, typer.Option(
     help="Folder of a transformers VLM to run in-process as the reasoning (and summary) agent.")]
 LocalAdapter = Annotated[str | None, typer.Option(help="PEFT adapter folder for --local-model.")]
@@ -77,13 +79,42 @@ def guarded(command: Callable[P, R]) -> Callable[P, R]:
 
 
 @contextmanager
-def progress(console: Console, description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar of ``total`` items; yields a function that sets how many are done."""
+def progress(console: Console, description: str, total: int,
+             status: Callable[[], str] | None = None) -> Iterator[Callable[[int], None]]:
+    """A progress bar of ``total`` items, with ``status()`` shown under it as it changes
+    (the endpoint pools' replicas: :func:`pool_status`); yields a function that sets how
+    many are done."""
     columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
+    with _StatusProgress(status, *columns, console=console) as bar:
         task = bar.add_task(description, total=total)
         yield lambda done: bar.update(task, completed=done)
+    if status is not None:
+        console.print(status(), highlight=False)
+
+
+class _StatusProgress(Progress):
+    """Rich's progress display with a status text under its bars (Rich's documented way:
+    overriding ``get_renderables``)."""
+
+    def __init__(self, status: Callable[[], str] | None, *columns: Any, **options: Any) -> None:
+        self._status = status  # before Progress starts drawing
+        super().__init__(*columns, **options)
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield from super().get_renderables()
+        if self._status is not None:
+            yield Text(self._status(), style="dim")
+
+
+def pool_status(*models: Any) -> Callable[[], str] | None:
+    """The state of the endpoint pools the ``models`` send to (each pool once: in flight,
+    errors, latency per replica), for :func:`progress`; ``None`` when none has a pool."""
+    pools = {id(pool): pool for model in models
+             if (pool := getattr(model, "pool", None)) is not None}
+    if not pools:
+        return None
+    return lambda: "\n".join(pool.describe() for pool in pools.values())
 
 
 def bad_rows(console: Console, skip_bad: bool, strict: bool = False

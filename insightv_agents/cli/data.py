@@ -15,6 +15,7 @@ from insightv_agents.cli.common import (
     Strict,
     bad_rows,
     guarded,
+    pool_status,
     progress,
     reasoning_mode,
 )
@@ -30,17 +31,18 @@ def synthesize(
     out: Annotated[str, typer.Option(help="Output folder (records.jsonl, run.json); rerun the "
                                           "same command to resume.")],
     teacher: Annotated[str, typer.Option(help="Served model name of the teacher MLLM.")],
-    teacher_url: Annotated[str, typer.Option(
-        help="OpenAI-compatible API root of the teacher (e.g. http://127.0.0.1:8000/v1).")],
+    teacher_url: Annotated[list[str], typer.Option(
+        help="OpenAI-compatible API root of the teacher (e.g. http://127.0.0.1:8000/v1); "
+             "repeat it for several replicas (each request goes to the least busy one up).")],
     scorer: Annotated[str | None, typer.Option(
         help="Served name of the scoring MLLM, or 'rule' for the rule-based scorer "
              "(default: the teacher scores).")] = None,
-    scorer_url: Annotated[str | None, typer.Option(
-        help="API root of the scorer (default: the teacher's).")] = None,
+    scorer_url: Annotated[list[str] | None, typer.Option(
+        help="API root of the scorer, repeatable (default: the teacher's).")] = None,
     judge: Annotated[str | None, typer.Option(
         help="Served name of a text LLM that judges answers the rules cannot decide.")] = None,
-    judge_url: Annotated[str | None, typer.Option(
-        help="API root of the judge (default: the teacher's).")] = None,
+    judge_url: Annotated[list[str] | None, typer.Option(
+        help="API root of the judge, repeatable (default: the teacher's).")] = None,
     paths: Annotated[int, typer.Option("--paths", "-n", help="Reasoning paths per item.")] = 4,
     concurrency: Annotated[int, typer.Option(help="Items in flight at once.")] = 32,
     max_steps: MaxSteps = 16,
@@ -62,7 +64,7 @@ def synthesize(
     import asyncio
 
     from insightv_agents.assessment import RuleScorer
-    from insightv_agents.backends.vllm import vllm_chat_model
+    from insightv_agents.backends.vllm import endpoints, vllm_chat_model
     from insightv_agents.cards import card_of
     from insightv_agents.formats import card_profile, json_profile
     from insightv_agents.graphs.synthesis import create_synthesis_graph
@@ -81,16 +83,19 @@ def synthesize(
     check_int("concurrency", concurrency, 1, 4096)
     items, root = load_items(input, out=out, limit=limit,
                              on_bad_row=bad_rows(console, skip_bad, strict))
-    teacher_model = vllm_chat_model(teacher_url, teacher, temperature=temperature,
+    teachers = endpoints(teacher_url)
+    teacher_model = vllm_chat_model(teachers, teacher, temperature=temperature,
                                     top_p=top_p, max_tokens=max_tokens)
     scorer_model: Any = None
     if scorer == "rule":
         scorer_model = RuleScorer()
-    elif scorer is not None or scorer_url is not None:
-        scorer_model = vllm_chat_model(scorer_url or teacher_url, scorer or teacher,
-                                       temperature=0.0, max_tokens=max_tokens)
+    elif scorer is not None or scorer_url:
+        scorer_model = vllm_chat_model(endpoints(scorer_url) if scorer_url else teachers,
+                                       scorer or teacher, temperature=0.0,
+                                       max_tokens=max_tokens)
     judge_model = None if judge is None else vllm_chat_model(
-        judge_url or teacher_url, judge, temperature=0.0, max_tokens=256)
+        endpoints(judge_url) if judge_url else teachers, judge, temperature=0.0,
+        max_tokens=256)
     if final_answer not in ("ask", "stated"):
         raise InsightVError(f"--final-answer must be 'ask' or 'stated', not "
                             f"{final_answer!r}.")
@@ -109,7 +114,8 @@ def synthesize(
                   "mode": mode, "final_answer": final_answer}
     write_run_file(out, {"input": str(input), "data_root": str(root), "paths": paths,
                          **provenance})
-    with progress(console, "synthesizing", len(items)) as done:
+    with progress(console, "synthesizing", len(items),
+                  pool_status(teacher_model, scorer_model, judge_model)) as done:
 
         def advance(report: Any) -> None:
             done(report.skipped + report.written + len(report.errors))

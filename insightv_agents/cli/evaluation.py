@@ -24,6 +24,7 @@ from insightv_agents.cli.common import (
     SummaryModel,
     bad_rows,
     guarded,
+    pool_status,
     progress,
 )
 from insightv_agents.cli.models import METHODS, build_graph, choose_backend
@@ -115,7 +116,8 @@ def eval_command(
     if labels:
         settings["labels"] = sorted(rules.labels)
     finished = itertools.count(1)
-    with progress(console, f"evaluating {method}", len(items)) as done:
+    with progress(console, f"evaluating {method}", len(items),
+                  pool_status(backend.reasoner, backend.summarizer)) as done:
         report = asyncio.run(evaluate(
             predict, items, out, settings=settings, concurrency=concurrency,
             reasoning_check=dataset.reasoning_check, rules=rules,

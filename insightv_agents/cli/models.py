@@ -4,6 +4,7 @@ scripted stand-in that says it is one; and the graph of a method over them."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,13 +85,17 @@ class Backend:
             else None
 
 
-def choose_backend(base_url: str | None, model: str, summary_base_url: str | None,
+def choose_backend(base_url: str | Sequence[str] | None, model: str,
+                   summary_base_url: str | Sequence[str] | None,
                    summary_model: str | None, local_model: str | None,
                    local_adapter: str | None, temperature: float | None, staged: bool = False,
                    default_temperature: float = 0.2) -> Backend:
     """The backend the options name. With none given: the demo agents, or for the
     LLaVA-CoT methods the scripted stand-in. Sampling: ``temperature`` when given (checked
-    here, whichever backend runs), else the agent card's, else ``default_temperature``."""
+    here, whichever backend runs), else the agent card's, else ``default_temperature``.
+    Several URLs (a list) are the replicas of an endpoint pool."""
+    base_url = base_url or None  # typer gives an empty list for a list option not given
+    summary_base_url = summary_base_url or None
     if temperature is not None:
         check_number("--temperature", temperature, 0, MAX_TEMPERATURE)
     if local_model is not None and base_url is not None:
@@ -117,16 +122,26 @@ def choose_backend(base_url: str | None, model: str, summary_base_url: str | Non
             return Backend(stand_in_stage_model() if staged else stand_in_model(), None, None)
         reasoner, summarizer = demo.demo_agents(temperature=temperature)
         return Backend(reasoner, summarizer, DEMO_BACKEND)
-    from insightv_agents.backends.vllm import served_card, vllm_chat_model
+    from insightv_agents.backends.vllm import (
+        EndpointPool,
+        endpoints,
+        served_card,
+        vllm_chat_model,
+    )
 
-    def served(url: str, name: str) -> Any:
-        card = served_card(url, name)
-        return vllm_chat_model(url, name, temperature=sampling(card), card=card)
+    def served(urls: str | Sequence[str] | EndpointPool, name: str) -> Any:
+        where = endpoints(urls)
+        card = next(filter(None, (served_card(url, name) for url in (
+            where.urls if isinstance(where, EndpointPool) else [where]))), None)
+        return vllm_chat_model(where, name, temperature=sampling(card), card=card)
 
     reasoner = served(base_url, model)
-    description = f"{model} at {base_url}"
+    where = base_url if isinstance(base_url, str) else ", ".join(base_url)
+    description = f"{model} at {where}"
     if summary_model is None and summary_base_url is None:
         return Backend(reasoner, None, description)
+    if summary_base_url is None and reasoner.pool is not None:
+        summary_base_url = reasoner.pool  # one pool: its replicas' load counted once
     summarizer = served(summary_base_url or base_url, summary_model or model)
     return Backend(reasoner, summarizer, f"{description}, summary: {summary_model or model}")
 

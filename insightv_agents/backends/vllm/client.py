@@ -23,6 +23,7 @@ from collections.abc import (
     Generator,
     Iterator,
     Mapping,
+    Sequence,
 )
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +36,7 @@ from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from pydantic import ValidationError, model_validator
 
+from insightv_agents.backends.vllm.pool import EndpointPool
 from insightv_agents.cards import (
     CARD_FILE,
     MAX_TEMPERATURE,
@@ -130,9 +132,14 @@ class ChatVLLM(ChatOpenAI):
 
     ``agent_card`` is how the served agent is driven (:mod:`~insightv_agents.cards`), where
     known: the graphs follow it.
+
+    ``pool``, when given, holds the replicas of the served model (``base_url`` is its first):
+    each request goes to the least busy replica that is up, and one whose replica fails
+    before answering is sent to another at once (:class:`EndpointPool`).
     """
 
     agent_card: AgentCard | None = None
+    pool: EndpointPool | None = None
 
     def __init__(self, **options: Any) -> None:
         check_options(options)
@@ -148,11 +155,19 @@ class ChatVLLM(ChatOpenAI):
             return values
         values = dict(values)
         library = _http_library()
+        pool = values.get("pool")
         if values.get("http_client") is None:
-            values["http_client"] = openai.DefaultHttpxClient(trust_env=False)
+            if isinstance(pool, EndpointPool):
+                values["http_client"] = openai.DefaultHttpxClient(
+                    transport=pool.transport(library, library.HTTPTransport(
+                        limits=openai.DEFAULT_CONNECTION_LIMITS)), trust_env=False)
+            else:
+                values["http_client"] = openai.DefaultHttpxClient(trust_env=False)
         if values.get("http_async_client") is None:
             pools: Any = _loop_local_transport(library)(lambda: library.AsyncHTTPTransport(
                 limits=openai.DEFAULT_CONNECTION_LIMITS))
+            if isinstance(pool, EndpointPool):
+                pools = pool.async_transport(library, pools)
             values["http_async_client"] = openai.DefaultAsyncHttpxClient(
                 transport=pools, trust_env=False)
         return values
@@ -299,7 +314,7 @@ class ChatVLLM(ChatOpenAI):
 
 
 def vllm_chat_model(
-    base_url: str,
+    base_url: str | Sequence[str] | EndpointPool,
     model: str,
     *,
     api_key: str = "EMPTY",
@@ -315,7 +330,11 @@ def vllm_chat_model(
     """A chat model for a vLLM server's OpenAI-compatible API.
 
     Args:
-        base_url: the server's API root, e.g. ``"http://127.0.0.1:8000/v1"``.
+        base_url: the server's API root, e.g. ``"http://127.0.0.1:8000/v1"``; or the API
+            roots of several replicas of the served model (a list, or an
+            :class:`EndpointPool` that several models share): each request goes to the least
+            busy replica that is up, one that fails is taken out and probed again later, and
+            a request it failed is sent to another.
         model: the served model (or LoRA adapter) name.
         api_key: sent as a bearer token; vLLM ignores it unless started with ``--api-key``.
         temperature, top_p, max_tokens: sampling settings of every request (default: the
@@ -339,12 +358,19 @@ def vllm_chat_model(
     Raises:
         ConfigError: for an option out of range (:func:`check_options`), before any request.
     """
-    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-        raise ConfigError(f"base_url must be an http(s) URL, not {base_url!r}.")
+    where = endpoints(base_url)
+    pool = where if isinstance(where, EndpointPool) else None
+    url = pool.urls[0] if pool is not None else str(where)
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"base_url must be an http(s) URL, not {where!r}.")
     check_options({"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
                    "n": n, "timeout": timeout, "max_retries": max_retries, **vllm_options})
     if card == "auto":
-        agent_card = served_card(base_url, model, api_key=api_key)
+        agent_card = None
+        for root in pool.urls if pool is not None else [url]:
+            agent_card = served_card(root, model, api_key=api_key)
+            if agent_card is not None:
+                break
     elif isinstance(card, str | Path):
         agent_card = read_card(card)
         if agent_card is None:
@@ -358,13 +384,31 @@ def vllm_chat_model(
             else default
 
     return ChatVLLM(
-        base_url=base_url, model=model, api_key=api_key,
+        base_url=url, model=model, api_key=api_key,
         temperature=chosen(temperature, sampling.temperature, 0.7),
         top_p=chosen(top_p, sampling.top_p, 0.95),
         max_completion_tokens=chosen(max_tokens, sampling.max_tokens, 1024), n=n,
         max_retries=max_retries, timeout=timeout, extra_body=vllm_options or None,
-        agent_card=agent_card,
+        agent_card=agent_card, pool=pool,
     )
+
+
+def endpoints(base_url: str | Sequence[str] | EndpointPool) -> str | EndpointPool:
+    """What ``base_url`` names: one API root, or an :class:`EndpointPool` (given, or made of
+    a list of two or more roots; a list of one is that root).
+
+    Raises:
+        ConfigError: for an empty list, or one holding a URL twice or a non-http(s) URL.
+    """
+    if isinstance(base_url, EndpointPool | str):
+        return base_url
+    if not isinstance(base_url, Sequence):
+        raise ConfigError(f"base_url must be an http(s) URL or a list of them, not "
+                          f"{base_url!r}.")
+    urls = list(base_url)
+    if len(urls) == 1 and isinstance(urls[0], str):
+        return urls[0]
+    return EndpointPool(urls)
 
 
 def served_card(base_url: str, model: str, *, api_key: str = "EMPTY",
@@ -455,7 +499,7 @@ class _Attempts:
 def _retryable(err: BaseException) -> bool:
     """Whether resending may succeed after ``err``: a connection error, a timeout, or a
     status of :data:`RETRY_STATUSES`."""
-    if isinstance(err, openai.APIConnectionError | TimeoutError):
+    if isinstance(err, openai.APIConnectionError | TimeoutError | _http_library().TransportError):
         return True
     return getattr(err, "status_code", None) in RETRY_STATUSES
 

@@ -1,0 +1,170 @@
+"""Endpoint pools: several replicas of a served model behind one chat model, least busy
+first, a failing replica taken out and probed back, a request it failed sent to another;
+and a synthesis that loses one of two servers (SIGKILL) midway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import FakeOpenAIServer, Refusal
+from test_synthesize import make_data, synthesize_args
+
+from insightv_agents.backends.vllm import EndpointPool, endpoints, vllm_chat_model
+from insightv_agents.backends.vllm import pool as pool_module
+from insightv_agents.errors import ConfigError
+from insightv_agents.records import read_records
+
+TESTS = Path(__file__).parent
+
+
+def replying(name: str) -> Any:
+    return lambda body: name
+
+
+def test_a_pool_refuses_bad_endpoint_lists() -> None:
+    for urls in ([], "http://a/v1", ["ftp://a"], ["http://a/v1", "http://a/v1/"], [3]):
+        with pytest.raises(ConfigError):
+            EndpointPool(urls)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        vllm_chat_model([], "m", card=None)
+    assert endpoints("http://a/v1") == endpoints(["http://a/v1"]) == "http://a/v1"
+    assert endpoints(["http://a/v1", "http://b/v1"]).urls == [  # type: ignore[union-attr]
+        "http://a/v1", "http://b/v1"]
+
+
+def test_requests_go_to_the_least_busy_replica() -> None:
+    with FakeOpenAIServer(replying("A"), delay=0.2) as a, \
+            FakeOpenAIServer(replying("B"), delay=0.2) as b:
+        model = vllm_chat_model([a.url, b.url], "m", card=None, timeout=10)
+
+        async def many() -> list[str]:
+            replies = await asyncio.gather(*(model.ainvoke("x") for _ in range(10)))
+            return [str(reply.content) for reply in replies]
+
+        assert Counter(asyncio.run(many())) == {"A": 5, "B": 5}  # all in flight at once
+        assert sorted(str(model.invoke("x").content) for _ in range(4)) == ["A", "A", "B", "B"]
+        stats = model.pool.stats()  # type: ignore[union-attr]
+        assert [s.requests for s in stats] == [7, 7] and all(s.up for s in stats)
+        assert all(s.in_flight == 0 and s.errors == 0 and s.latency_s >= 0.2 for s in stats)
+        assert "0 in flight" in model.pool.describe()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("way", ["invoke", "ainvoke", "stream", "astream"])
+def test_a_dead_replica_is_passed_over_at_once_and_probed_back(
+        way: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_module, "FIRST_PROBE_S", 0.3)
+    with FakeOpenAIServer(replying("B")) as b:
+        a = FakeOpenAIServer(replying("A"))
+        port = a.server_address[1]
+        a.server_close()  # nothing listens there: connections are refused
+        model = vllm_chat_model([f"http://127.0.0.1:{port}/v1", b.url], "m", card=None,
+                                timeout=10, max_retries=0)  # no retries: the pool alone
+        from helpers import call_way
+
+        assert {call_way(model, ["x"], way) for _ in range(4)} == {"B"}
+        first, second = model.pool.stats()  # type: ignore[union-attr]
+        assert not first.up and first.errors == 1 and second.requests == 4
+        with FakeOpenAIServer(replying("A"), port=port, models=[{"id": "m"}]) as again:
+            time.sleep(0.35)  # the probe is due
+            assert {call_way(model, ["x"], way) for _ in range(6)} == {"A", "B"}
+            assert model.pool.stats()[0].up and again.requests  # type: ignore[union-attr]
+
+
+def test_a_replica_answering_503_is_taken_out_and_the_call_retried_on_another() -> None:
+    with FakeOpenAIServer(lambda body: Refusal(503, "shutting down")) as a, \
+            FakeOpenAIServer(replying("B")) as b:
+        model = vllm_chat_model([a.url, b.url], "m", card=None, timeout=10, max_retries=2)
+        assert {str(model.invoke("x").content) for _ in range(5)} == {"B"}
+        first, _ = model.pool.stats()  # type: ignore[union-attr]
+        assert not first.up and first.errors == 1 and len(a.requests) == 1
+
+
+def test_a_request_refused_for_itself_is_not_sent_elsewhere() -> None:
+    with FakeOpenAIServer(lambda body: Refusal(400, "bad request")) as a, \
+            FakeOpenAIServer(lambda body: Refusal(400, "bad request")) as b:
+        model = vllm_chat_model([a.url, b.url], "m", card=None, timeout=10)
+        with pytest.raises(Exception, match="bad request"):
+            model.invoke("x")
+        assert len(a.requests) + len(b.requests) == 1
+        assert all(s.up for s in model.pool.stats())  # type: ignore[union-attr]
+
+
+def test_when_every_replica_is_down_the_call_fails_with_a_connection_error() -> None:
+    import openai
+
+    ports = []
+    for _ in range(2):
+        server = FakeOpenAIServer(replying("x"))
+        ports.append(server.server_address[1])
+        server.server_close()
+    model = vllm_chat_model([f"http://127.0.0.1:{port}/v1" for port in ports], "m",
+                            card=None, timeout=3, max_retries=0)
+    started = time.monotonic()
+    with pytest.raises(openai.APIConnectionError):
+        model.invoke("x")
+    assert time.monotonic() - started < 2
+
+
+SERVER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from helpers import FakeOpenAIServer, wire_teacher
+with FakeOpenAIServer(wire_teacher(steps=2), delay=0.01, keep_alive=True) as server:
+    print(server.url, flush=True)
+    time.sleep(3600)
+"""
+
+
+def start_server() -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen([sys.executable, "-c", SERVER.format(tests=str(TESTS))],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    return process, process.stdout.readline().strip()
+
+
+@pytest.mark.slow
+def test_synthesis_finishes_on_the_survivor_when_one_of_two_servers_is_killed(
+        tmp_path: Path) -> None:
+    """Two loopback scripted servers, one SIGKILLed in the middle of a 200-item synthesis:
+    the run completes on the other, every (id, path) exactly once, no item in error."""
+    count = 200
+    data = make_data(tmp_path / "data", count)
+    out = tmp_path / "out"
+    records = out / "records.jsonl"
+    (first, first_url), (second, second_url) = start_server(), start_server()
+    try:
+        command = [sys.executable, "-m", "insightv_agents.cli",
+                   *synthesize_args(data, out, first_url, "--teacher-url", second_url,
+                                    "--concurrency", "16")]
+        run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "COLUMNS": "200"})
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and run.poll() is None:
+            if records.exists() and records.read_bytes().count(b"\n") >= count // 4 * 3:
+                break
+            time.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        output, _ = run.communicate(timeout=300)
+    finally:
+        for process in (first, second):
+            process.kill()
+    assert run.returncode == 0, output
+    assert f"{count} item(s) written" in output and "0 item error(s)" in output
+    parsed = [json.loads(line) for line in records.read_bytes().splitlines()]
+    assert Counter((r["id"], r["path_index"]) for r in parsed) == Counter(
+        {(f"q{i}", p): 1 for i in range(count) for p in range(3)})
+    assert all(r["status"] == "ok" for r in parsed)
+    assert not (out / "errors.jsonl").exists()
+    assert "DOWN" in output  # the pool's state, as the progress display showed it
+    assert len(list(read_records(records))) == count * 3
