@@ -191,10 +191,9 @@ async def evaluate(predict: Predictor, items: Sequence[Item], out: str | Path, *
         ConfigError: for a ``concurrency`` below 1.
     """
     check_int("concurrency", concurrency, 1, 4096)
-    folder = output_folder(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    _check_settings(folder, settings or {})
+    folder = start_evaluation(out, settings)
     queue: asyncio.Queue[Item] = asyncio.Queue()
+    step = prediction_step(predict, reasoning_check, rules)
     with RecordLog(folder / PREDICTIONS_FILE, size="records") as log:
         for item in items:
             if item.id not in log.finished:
@@ -203,12 +202,31 @@ async def evaluate(predict: Predictor, items: Sequence[Item], out: str | Path, *
         async def worker() -> None:
             while not queue.empty():
                 item = queue.get_nowait()
-                row = await _predict_one(predict, item, reasoning_check, rules)
-                log.append([row])
+                rows = await step(item)
+                log.append(rows)
                 if on_item is not None:
-                    on_item(row)
+                    on_item(rows[0])
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return finish_evaluation(folder, items, settings)
+
+
+def start_evaluation(out: str | Path, settings: dict[str, Any] | None) -> Path:
+    """The evaluation folder ``out``, made, holding ``settings`` (``eval.json``).
+
+    Raises:
+        InvalidInputError: when it holds a run with other settings, or for an ``out`` that
+            is a file.
+    """
+    folder = output_folder(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    _check_settings(folder, settings or {})
+    return folder
+
+
+def finish_evaluation(folder: Path, items: Sequence[Item],
+                      settings: dict[str, Any] | None) -> dict[str, Any]:
+    """The report on ``items`` from the predictions in ``folder``, written there too."""
     wanted = {item.id for item in items}
     rows = [row for row in read_records(folder / PREDICTIONS_FILE, fields=PREDICTION_FIELDS)
             if row["id"] in wanted]
@@ -216,6 +234,16 @@ async def evaluate(predict: Predictor, items: Sequence[Item], out: str | Path, *
     report["settings"] = settings or {}
     write_reports(folder, report)
     return report
+
+
+def prediction_step(predict: Predictor, reasoning_check: ReasoningCheck | None = None,
+                    rules: AnswerRules = DEFAULT_RULES
+                    ) -> Callable[[Item], Awaitable[list[dict[str, Any]]]]:
+    """What evaluation does with one item: its prediction, checked, as a one-row group of
+    ``predictions.jsonl`` (a failing backend gives a failed prediction, not an error)."""
+    async def step(item: Item) -> list[dict[str, Any]]:
+        return [await _predict_one(predict, item, reasoning_check, rules)]
+    return step
 
 
 async def _predict_one(predict: Predictor, item: Item,

@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -193,6 +193,7 @@ async def synthesize(
     out = output_folder(out)
     report = SynthesisReport(total=len(items))
     started = time.perf_counter()
+    step = synthesis_step(graph, provenance or {})
     with RecordLog(out / RECORDS_FILE) as log:
         report.repaired_bytes = log.repaired_bytes
         pending = [item for item in items if item.id not in log.finished]
@@ -201,15 +202,12 @@ async def synthesize(
 
         async def worker() -> None:  # a fixed pool: memory stays flat however many items
             for item in queue:
-                item_started = time.perf_counter()
                 try:
-                    result = await graph.ainvoke(item.graph_input())
+                    records = await step(item)
                 except Exception as err:  # logged, and retried by a rerun
-                    _log_error(out, item, err)
+                    log_error(out, item.id, err)
                     report.errors.append((item.id, f"{type(err).__name__}: {err}"))
                 else:
-                    records = to_records(item, result, provenance or {},
-                                         time.perf_counter() - item_started)
                     log.append(records)
                     report.written += 1
                     report.paths_failed += sum(r["status"] == "failed" for r in records)
@@ -219,6 +217,17 @@ async def synthesize(
         await asyncio.gather(*(worker() for _ in range(min(concurrency, len(pending)))))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def synthesis_step(graph: Any, provenance: dict[str, Any]
+                   ) -> Callable[[Item], Awaitable[list[dict[str, Any]]]]:
+    """What synthesis does with one item: run the compiled ``graph`` on it and return its
+    records (one per path); an error is raised."""
+    async def step(item: Item) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        result = await graph.ainvoke(item.graph_input())
+        return to_records(item, result, provenance, time.perf_counter() - started)
+    return step
 
 
 def to_records(item: Item, result: dict[str, Any], provenance: dict[str, Any],
@@ -280,8 +289,10 @@ def read_run_file(folder: str | Path) -> dict[str, Any]:
                          "writes the file again and resumes.", field="from")
 
 
-def _log_error(out: Path, item: Item, error: BaseException) -> None:
-    line = json.dumps({"id": item.id, "error": f"{type(error).__name__}: {error}"[:2000],
+def log_error(out: Path, identifier: str, error: BaseException | str) -> None:
+    """Add an item's error to ``<out>/errors.jsonl`` (one line)."""
+    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    line = json.dumps({"id": identifier, "error": message[:2000],
                        "time": datetime.now(UTC).isoformat(timespec="seconds")})
     with open(out / ERRORS_FILE, "a", encoding="utf-8") as handle:
         handle.write(line + "\n")

@@ -45,6 +45,13 @@ SkipBad = Annotated[bool, typer.Option(
                        "the dataset, listing its bad rows, before any model is called).")]
 Strict = Annotated[bool, typer.Option(
     "--strict", hidden=True, help="Deprecated: refusing a dataset with bad rows is the default.")]
+RayAddress = Annotated[str | None, typer.Option(
+    "--ray", metavar="ADDRESS",
+    help="Spread the items over the workers of a Ray cluster: auto (the cluster this machine "
+         "joined with `ray start`), local (start one here), or host:port. Needs "
+         "insightv-agents[ray]; data and --out on storage every node sees.")]
+RayWorkers = Annotated[int | None, typer.Option(
+    help="With --ray: workers (Ray actors; default: one per node).")]
 Method = Annotated[str, typer.Option(
     help="insightv (reasoning + summary agents), or LLaVA-CoT's four stages with stage-beam "
          "(stage-level beam search), best-of-n, sentence-beam or single (one pass).")]

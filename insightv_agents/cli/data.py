@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -11,6 +14,8 @@ from rich.markup import escape
 
 from insightv_agents.cli.common import (
     MaxSteps,
+    RayAddress,
+    RayWorkers,
     SkipBad,
     Strict,
     bad_rows,
@@ -58,82 +63,133 @@ def synthesize(
     final_answer: Annotated[str, typer.Option(
         help="ask: the teacher is asked after its last step; stated: the answer its last step "
              "states (a trained reasoning agent's own paths, for build-data --self).")] = "ask",
+    ray: RayAddress = None,
+    workers: RayWorkers = None,
 ) -> None:
     """Synthesize reasoning paths for a dataset: N teacher paths per item, answer-checked and
     scored together; append-only and resumable."""
     import asyncio
 
-    from insightv_agents.assessment import RuleScorer
-    from insightv_agents.backends.vllm import endpoints, vllm_chat_model
-    from insightv_agents.cards import card_of
-    from insightv_agents.formats import card_profile, json_profile
-    from insightv_agents.graphs.synthesis import create_synthesis_graph
-    from insightv_agents.synthesize import (
-        RECORDS_FILE,
-        describe_model,
-        load_items,
-        write_run_file,
-    )
-    from insightv_agents.synthesize import (
-        synthesize as run_synthesis,
-    )
+    from insightv_agents.synthesize import RECORDS_FILE, load_items, log_error, write_run_file
+    from insightv_agents.synthesize import synthesize as run_synthesis
 
     console = Console()
     output_folder(out)
     check_int("concurrency", concurrency, 1, 4096)
-    items, root = load_items(input, out=out, limit=limit,
-                             on_bad_row=bad_rows(console, skip_bad, strict))
-    teachers = endpoints(teacher_url)
-    teacher_model = vllm_chat_model(teachers, teacher, temperature=temperature,
-                                    top_p=top_p, max_tokens=max_tokens)
-    scorer_model: Any = None
-    if scorer == "rule":
-        scorer_model = RuleScorer()
-    elif scorer is not None or scorer_url:
-        scorer_model = vllm_chat_model(endpoints(scorer_url) if scorer_url else teachers,
-                                       scorer or teacher, temperature=0.0,
-                                       max_tokens=max_tokens)
-    judge_model = None if judge is None else vllm_chat_model(
-        endpoints(judge_url) if judge_url else teachers, judge, temperature=0.0,
-        max_tokens=256)
     if final_answer not in ("ask", "stated"):
         raise InsightVError(f"--final-answer must be 'ask' or 'stated', not "
                             f"{final_answer!r}.")
-    # a trained agent as teacher is driven as its card says
-    profile = json_profile(card_profile(card_of(teacher_model), mode=reasoning_mode(
-        mode) if mode is not None else None), "synthesis")
-    mode = profile.mode
-    graph = create_synthesis_graph(
-        teacher=teacher_model, scorer=scorer_model, judge=judge_model, paths=paths,
-        mode=profile.mode, max_steps=max_steps, prompts=profile.prompts,
-        final_answer="stated" if final_answer == "stated" else "ask").compile(
-            name="synthesis")
-    provenance = {"teacher": describe_model(teacher_model),
-                  "scorer": describe_model(scorer_model or teacher_model),
-                  "judge": describe_model(judge_model), "max_steps": max_steps,
-                  "mode": mode, "final_answer": final_answer}
+    items, root = load_items(input, out=out, limit=limit,
+                             on_bad_row=bad_rows(console, skip_bad, strict))
+    teaching = Teaching(teacher=teacher, teacher_url=tuple(teacher_url), scorer=scorer,
+                        scorer_url=tuple(scorer_url or ()), judge=judge,
+                        judge_url=tuple(judge_url or ()), paths=paths, max_steps=max_steps,
+                        temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                        mode=mode, final_answer=final_answer)
+    graph, provenance, models = teaching.build()
     write_run_file(out, {"input": str(input), "data_root": str(root), "paths": paths,
                          **provenance})
-    with progress(console, "synthesizing", len(items),
-                  pool_status(teacher_model, scorer_model, judge_model)) as done:
+    if ray is not None:
+        from insightv_agents.distributed import run_on_ray
 
-        def advance(report: Any) -> None:
-            done(report.skipped + report.written + len(report.errors))
+        with progress(console, f"synthesizing on Ray ({ray})", len(items)) as done:
+            ray_report = run_on_ray(
+                functools.partial(synthesis_worker, teaching), items, out, stem="records",
+                size="num_paths", address=ray, workers=workers, concurrency=concurrency,
+                on_item=lambda r: done(r.skipped + r.written + len(r.errors)),
+                on_error=functools.partial(log_error, Path(out)))
+        console.print(f"{ray_report.written} item(s) written, {ray_report.skipped} already "
+                      f"done, {len(ray_report.errors)} item error(s), over "
+                      f"{len(ray_report.per_worker)} worker(s) ({ray_report.restarts} "
+                      f"restarted), in {ray_report.seconds:.1f} s -> {out}/{RECORDS_FILE}")
+        errors = ray_report.errors
+    else:
+        with progress(console, "synthesizing", len(items), pool_status(*models)) as done:
 
-        report = asyncio.run(run_synthesis(graph, items, out, concurrency=concurrency,
-                                           provenance=provenance, on_item=advance))
-    if report.repaired_bytes:
-        console.print(f"[yellow]cut {report.repaired_bytes} bytes of an unfinished group left "
-                      "by an interrupted run[/yellow]")
-    console.print(f"{report.written} item(s) written, {report.skipped} already done, "
-                  f"{report.paths_failed} failed path(s) recorded, {len(report.errors)} item "
-                  f"error(s), in {report.seconds:.1f} s -> {out}/{RECORDS_FILE}")
-    for identifier, message in report.errors[:10]:
+            def advance(report: Any) -> None:
+                done(report.skipped + report.written + len(report.errors))
+
+            report = asyncio.run(run_synthesis(graph, items, out, concurrency=concurrency,
+                                               provenance=provenance, on_item=advance))
+        if report.repaired_bytes:
+            console.print(f"[yellow]cut {report.repaired_bytes} bytes of an unfinished group "
+                          "left by an interrupted run[/yellow]")
+        console.print(f"{report.written} item(s) written, {report.skipped} already done, "
+                      f"{report.paths_failed} failed path(s) recorded, {len(report.errors)} "
+                      f"item error(s), in {report.seconds:.1f} s -> {out}/{RECORDS_FILE}")
+        errors = report.errors
+    for identifier, message in errors[:10]:
         console.print(f"[red]{escape(identifier)}: {escape(message)}[/red]")
-    if report.errors:
+    if errors:
         console.print("[yellow]items with errors were not written; rerun to retry them "
                       "(see errors.jsonl)[/yellow]")
         raise typer.Exit(1)
+
+
+@dataclass(frozen=True)
+class Teaching:
+    """The models and settings of a synthesis run, as plain values (sent to Ray workers,
+    which build the same models and graph)."""
+
+    teacher: str
+    teacher_url: tuple[str, ...]
+    scorer: str | None
+    scorer_url: tuple[str, ...]
+    judge: str | None
+    judge_url: tuple[str, ...]
+    paths: int
+    max_steps: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    mode: str | None
+    final_answer: str
+
+    def build(self) -> tuple[Any, dict[str, Any], tuple[Any, ...]]:
+        """The compiled synthesis graph, the records' provenance and the models (teacher,
+        scorer, judge); the teacher's replicas are one endpoint pool, which the scorer and
+        judge share unless given their own URLs."""
+        from insightv_agents.assessment import RuleScorer
+        from insightv_agents.backends.vllm import endpoints, vllm_chat_model
+        from insightv_agents.cards import card_of
+        from insightv_agents.formats import card_profile, json_profile
+        from insightv_agents.graphs.synthesis import create_synthesis_graph
+        from insightv_agents.synthesize import describe_model
+
+        teachers = endpoints(self.teacher_url)
+        teacher = vllm_chat_model(teachers, self.teacher, temperature=self.temperature,
+                                  top_p=self.top_p, max_tokens=self.max_tokens)
+        scorer: Any = None
+        if self.scorer == "rule":
+            scorer = RuleScorer()
+        elif self.scorer is not None or self.scorer_url:
+            scorer = vllm_chat_model(endpoints(self.scorer_url or teachers),
+                                     self.scorer or self.teacher, temperature=0.0,
+                                     max_tokens=self.max_tokens)
+        judge = None if self.judge is None else vllm_chat_model(
+            endpoints(self.judge_url or teachers), self.judge, temperature=0.0,
+            max_tokens=256)
+        # a trained agent as teacher is driven as its card says
+        profile = json_profile(card_profile(card_of(teacher), mode=reasoning_mode(
+            self.mode) if self.mode is not None else None), "synthesis")
+        graph = create_synthesis_graph(
+            teacher=teacher, scorer=scorer, judge=judge, paths=self.paths,
+            mode=profile.mode, max_steps=self.max_steps, prompts=profile.prompts,
+            final_answer="stated" if self.final_answer == "stated" else "ask").compile(
+                name="synthesis")
+        provenance = {"teacher": describe_model(teacher),
+                      "scorer": describe_model(scorer or teacher),
+                      "judge": describe_model(judge), "max_steps": self.max_steps,
+                      "mode": profile.mode, "final_answer": self.final_answer}
+        return graph, provenance, (teacher, scorer, judge)
+
+
+def synthesis_worker(teaching: Teaching) -> Any:
+    """A Ray worker's synthesis step: ``teaching``'s graph built in the worker."""
+    from insightv_agents.synthesize import synthesis_step
+
+    graph, provenance, _ = teaching.build()
+    return synthesis_step(graph, provenance)
 
 
 @guarded

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
@@ -18,6 +20,8 @@ from insightv_agents.cli.common import (
     LocalModel,
     MaxSteps,
     Model,
+    RayAddress,
+    RayWorkers,
     SkipBad,
     Strict,
     SummaryBaseUrl,
@@ -27,7 +31,7 @@ from insightv_agents.cli.common import (
     pool_status,
     progress,
 )
-from insightv_agents.cli.models import METHODS, build_graph, choose_backend
+from insightv_agents.cli.models import METHODS, Backend, build_graph, choose_backend
 from insightv_agents.errors import InsightVError, check_int
 from insightv_agents.files import output_folder
 
@@ -67,6 +71,8 @@ def eval_command(
         help="The data's closed answer set, comma-separated (e.g. yes,no,red,blue): one label "
              "given for another is wrong, not undecided (default: the --checks' rules).")
     ] = None,
+    ray: RayAddress = None,
+    workers: RayWorkers = None,
 ) -> None:
     """Evaluate a method on a dataset: accuracy overall and per category, every prediction
     saved; append-only and resumable."""
@@ -74,14 +80,8 @@ def eval_command(
 
     from rich.markdown import Markdown
 
-    from insightv_agents.evaluate import (
-        DatasetChecks,
-        direct_predictor,
-        evaluate,
-        graph_predictor,
-        load_checks,
-    )
-    from insightv_agents.synthesize import describe_model, load_items
+    from insightv_agents.evaluate import evaluate, report_markdown
+    from insightv_agents.synthesize import load_items
 
     console = Console()
     output_folder(out)
@@ -95,37 +95,110 @@ def eval_command(
             method == "insightv" and demo.demo_available()):
         raise InsightVError("evaluation needs a model: pass --base-url or --local-model "
                             "(with neither, --method insightv runs the demo agents).")
-    backend = choose_backend(
-        base_url, model, summary_base_url, summary_model, local_model, local_adapter,
-        temperature, staged=method not in ("insightv", "direct"), default_temperature=0.0)
-    if mode is None and card_of(backend.reasoner) is None:
-        mode = "chain"
-    predict = direct_predictor(backend.reasoner) if method == "direct" else graph_predictor(
-        build_graph(method, backend.reasoner, backend.summarizer, mode=mode,
-                    max_steps=max_steps, max_revisions=0, beam_size=beam_size))
-    dataset = load_checks(checks, root) if checks else DatasetChecks()
-    rules = answer_rules(labels) or (dataset.rules if checks else None) \
-        or backend.answer_rules() or dataset.rules
-    settings: dict[str, Any] = {
-        "method": method, "data": str(data), "backend": backend.description,
-        "reasoner": describe_model(backend.reasoner),
-        "summarizer": describe_model(backend.summarizer),
-        "mode": mode, "beam_size": beam_size, "limit": limit}
-    if checks:
-        settings["checks"] = checks
-    if labels:
-        settings["labels"] = sorted(rules.labels)
-    finished = itertools.count(1)
-    with progress(console, f"evaluating {method}", len(items),
-                  pool_status(backend.reasoner, backend.summarizer)) as done:
-        report = asyncio.run(evaluate(
-            predict, items, out, settings=settings, concurrency=concurrency,
-            reasoning_check=dataset.reasoning_check, rules=rules,
-            on_item=lambda _: done(next(finished))))
-    from insightv_agents.evaluate import report_markdown
+    run = Evaluation(method=method, data=str(data), root=str(root),
+                     base_url=tuple(base_url or ()), local_model=local_model,
+                     local_adapter=local_adapter, model=model,
+                     summary_base_url=tuple(summary_base_url or ()),
+                     summary_model=summary_model, mode=mode, max_steps=max_steps,
+                     temperature=temperature, beam_size=beam_size, checks=checks,
+                     limit=limit, labels=labels)
+    backend, step, settings = run.build()
+    if ray is not None:
+        from insightv_agents.distributed import run_on_ray
+        from insightv_agents.evaluate import finish_evaluation, start_evaluation
 
+        folder = start_evaluation(out, settings)
+        with progress(console, f"evaluating {method} on Ray ({ray})", len(items)) as done:
+            run_on_ray(functools.partial(evaluation_worker, run), items, folder,
+                       stem="predictions", size="records", address=ray, workers=workers,
+                       concurrency=concurrency,
+                       on_item=lambda r: done(r.skipped + r.written + len(r.errors)))
+        report = finish_evaluation(folder, items, settings)
+    else:
+        finished = itertools.count(1)
+        with progress(console, f"evaluating {method}", len(items),
+                      pool_status(backend.reasoner, backend.summarizer)) as done:
+            report = asyncio.run(evaluate(
+                step.predict, items, out, settings=settings, concurrency=concurrency,
+                reasoning_check=step.reasoning_check, rules=step.rules,
+                on_item=lambda _: done(next(finished))))
     console.print(Markdown(report_markdown(report)))
     console.print(f"-> {out}/report.md, {out}/report.json, {out}/predictions.jsonl")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What ``insightv eval`` runs, as plain values (sent to Ray workers, which build the
+    same models and method)."""
+
+    method: str
+    data: str
+    root: str
+    base_url: tuple[str, ...]
+    local_model: str | None
+    local_adapter: str | None
+    model: str
+    summary_base_url: tuple[str, ...]
+    summary_model: str | None
+    mode: str | None
+    max_steps: int
+    temperature: float | None
+    beam_size: int
+    checks: str | None
+    limit: int | None
+    labels: str | None
+
+    def build(self) -> tuple[Backend, Any, dict[str, Any]]:
+        """The backend, the per-item step (``predict``, ``rules``, ``reasoning_check``) and
+        the run's settings (``eval.json``)."""
+        from insightv_agents.evaluate import (
+            DatasetChecks,
+            direct_predictor,
+            graph_predictor,
+            load_checks,
+        )
+        from insightv_agents.synthesize import describe_model
+
+        backend = choose_backend(
+            self.base_url, self.model, self.summary_base_url, self.summary_model,
+            self.local_model, self.local_adapter, self.temperature,
+            staged=self.method not in ("insightv", "direct"), default_temperature=0.0)
+        mode = self.mode
+        if mode is None and card_of(backend.reasoner) is None:
+            mode = "chain"
+        predict = direct_predictor(backend.reasoner) if self.method == "direct" else \
+            graph_predictor(build_graph(self.method, backend.reasoner, backend.summarizer,
+                                        mode=mode, max_steps=self.max_steps, max_revisions=0,
+                                        beam_size=self.beam_size))
+        dataset = load_checks(self.checks, self.root) if self.checks else DatasetChecks()
+        rules = answer_rules(self.labels) or (dataset.rules if self.checks else None) \
+            or backend.answer_rules() or dataset.rules
+        settings: dict[str, Any] = {
+            "method": self.method, "data": self.data, "backend": backend.description,
+            "reasoner": describe_model(backend.reasoner),
+            "summarizer": describe_model(backend.summarizer),
+            "mode": mode, "beam_size": self.beam_size, "limit": self.limit}
+        if self.checks:
+            settings["checks"] = self.checks
+        if self.labels:
+            settings["labels"] = sorted(rules.labels)
+        step = _Step(predict, rules, dataset.reasoning_check)
+        return backend, step, settings
+
+
+@dataclass(frozen=True)
+class _Step:
+    predict: Any
+    rules: Any
+    reasoning_check: Any
+
+
+def evaluation_worker(run: Evaluation) -> Any:
+    """A Ray worker's evaluation step: ``run``'s models and method built in the worker."""
+    from insightv_agents.evaluate import prediction_step
+
+    _, step, _ = run.build()
+    return prediction_step(step.predict, step.reasoning_check, step.rules)
 
 
 @guarded
