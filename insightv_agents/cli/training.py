@@ -56,11 +56,13 @@ class IterationInputs:
                           "folder).")
     scorer: str = option("rule", "'rule', or the served name of a scoring MLLM at "
                                  "--scorer_url.")
-    scorer_url: str | None = option(None, "API root of the scorer.")
+    scorer_url: list[str] | None = option(None, "API root of the scorer (several: the "
+                                                "replicas of an endpoint pool).")
     summarizer: str | None = option(None, "Served name of the summary agent that answers each "
                                           "path (at --summarizer_url); default: see "
                                           "--final_answer.")
-    summarizer_url: str | None = option(None, "API root of the summarizer.")
+    summarizer_url: list[str] | None = option(None, "API root of the summarizer (several: "
+                                                    "an endpoint pool).")
     sampler: Literal["local", "vllm"] = option(
         "local", "local (transformers in-process) or vllm (a vLLM server on the base model, "
                  "loading each round's adapter live).")

@@ -274,6 +274,7 @@ def save_output(trainer: Any, loaded: Loaded, config: AgentTraining, kind: str,
     run = {"kind": kind, "base_model": str(Path(loaded.base).resolve()),
            "started_from_adapter": loaded.adapter,
            "settings": config.to_dict(), "metrics": metrics,
+           "processes": trainer.args.world_size,
            **extra, "log_history": trainer.state.log_history}
     write_atomic(out / TRAINING_FILE, json.dumps(run, indent=2, default=str))
     return out
