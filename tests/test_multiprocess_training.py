@@ -41,11 +41,11 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train(root: Path, kind: str, out: str, launcher: list[str], batch: int,
-          finetune: str) -> dict[str, Any]:
+          finetune: str, steps: int = 6, rate: float = 1e-3) -> dict[str, Any]:
     data = root / ("sft" if kind == "sft" else "dpo")
     command = [*launcher, "-m", "insightv_agents.cli", "train", kind, "--model",
                str(root / "model"), "--data", str(data), "--output_dir", str(root / out),
-               "--max_steps", "6", "--learning_rate", "1e-3", "--logging_steps", "1",
+               "--max_steps", str(steps), "--learning_rate", str(rate), "--logging_steps", "1",
                "--save_steps", "1000", "--seed", "0", "--finetune", finetune,
                "--report_to", "none", "--per_device_train_batch_size", str(batch),
                "--use_cpu", "true"]
@@ -84,3 +84,41 @@ def test_two_processes_reach_the_losses_of_one_with_the_same_global_batch(
     reply = model.invoke([HumanMessage(content=[
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "How many?"}])])
     assert isinstance(reply.content, str)
+
+
+def test_iterative_dpo_samples_on_the_main_process_and_trains_on_both(
+        prepared: Path, tmp_path: Path) -> None:
+    """One round under 2 processes: the policy (the tiny model taught our chain format)
+    samples once, on the main process, through a scripted summary agent that answers right
+    and wrong in turn; DPO then trains on both processes."""
+    from itertools import count
+
+    from helpers import FakeOpenAIServer, verdict
+    from test_trainers import write_items
+
+    train(prepared, "sft", "policy", [sys.executable], 2, "full", steps=150, rate=3e-3)
+    policy = prepared / "policy"
+    turns = count()
+
+    def summary(body: dict[str, Any]) -> str:
+        return verdict("7") if next(turns) % 2 == 0 else verdict("9", correct=False)
+
+    items = write_items(tmp_path / "data")
+    with FakeOpenAIServer(summary) as server:
+        command = [*TWO_PROCESSES, "-m", "insightv_agents.cli", "train", "iterate",
+                   "--model", str(policy), "--input", str(items), "--output_dir",
+                   str(tmp_path / "run"), "--rounds", "1", "--paths", "2", "--concurrency", "1",
+                   "--reasoning_max_steps", "3", "--learning_rate", "1e-2", "--max_steps", "3",
+                   "--logging_steps", "1", "--save_steps", "1000", "--summarizer", "s",
+                   "--summarizer_url", server.url, "--use_cpu", "true", "--report_to", "none"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        summary_calls = len(server.requests)
+    records = (tmp_path / "run" / "round-1" / "samples" / "records.jsonl").read_text()
+    assert len(records.splitlines()) == 6  # sampled once (3 questions, 2 paths), not twice
+    assert 0 < summary_calls <= 6
+    round_file = json.loads((tmp_path / "run" / "round-1" / "round.json").read_text())
+    assert round_file["trained"] and round_file["pairs"] > 0
+    run = json.loads((Path(round_file["model_out"]) / "insightv_training.json").read_text())
+    assert run["processes"] == 2
