@@ -16,7 +16,6 @@ from helpers import png_bytes, write_output
 from insightv_agents.backends.transformers import ChatTransformersVLM
 from insightv_agents.testing import build_tiny_idefics3
 
-pytestmark = pytest.mark.slow
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 QUESTIONS = {"a": [(90, True), (10, False)], "b": [(80, True), (20, False)],
              "c": [(70, True), (30, False)], "d": [(95, True), (5, False)]}
@@ -26,6 +25,27 @@ TOLERANCE = 2e-3
 # the torchrun launcher (--multi_gpu) with TrainingArguments' use_cpu: gloo on CPU
 TWO_PROCESSES = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2",
                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+@pytest.mark.parametrize(("name", "kind", "stage"), [
+    ("ddp", "MULTI_GPU", None), ("zero2", "DEEPSPEED", 2), ("zero3", "DEEPSPEED", 3),
+    ("fsdp", "FSDP", None)])
+def test_shipped_launch_configs_are_accelerate_configs(name: str, kind: str,
+                                                       stage: int | None) -> None:
+    """They parse as accelerate's own config files (they have not run here: no GPU, no
+    DeepSpeed; see the training guide)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from insightv_agents.configs import launch_config
+
+    config = load_config_from_file(str(launch_config(name)))
+    assert config.distributed_type.name == kind and config.mixed_precision == "bf16"
+    assert config.deepspeed_config.get("zero_stage") == stage
+    if name == "zero3":
+        assert config.deepspeed_config["zero3_save_16bit_model"]  # one file, gathered
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +79,7 @@ def losses(run: dict[str, Any]) -> list[float]:
     return [entry["loss"] for entry in run["log_history"] if "loss" in entry]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "finetune"), [("sft", "full"), ("dpo", "lora")])
 def test_two_processes_reach_the_losses_of_one_with_the_same_global_batch(
         prepared: Path, kind: str, finetune: str) -> None:
@@ -86,6 +107,7 @@ def test_two_processes_reach_the_losses_of_one_with_the_same_global_batch(
     assert isinstance(reply.content, str)
 
 
+@pytest.mark.slow
 def test_iterative_dpo_samples_on_the_main_process_and_trains_on_both(
         prepared: Path, tmp_path: Path) -> None:
     """One round under 2 processes: the policy (the tiny model taught our chain format)

@@ -23,7 +23,8 @@ from insightv_agents.trained import check_adapter
 from insightv_agents.trainers.common import option
 
 app = typer.Typer(help="Train the agents: SFT, DPO, iterative DPO (TRL + PEFT). Each "
-                       "also runs under `accelerate launch -m insightv_agents.cli train`. "
+                       "also runs under `accelerate launch -m insightv_agents.cli train` "
+                       "(`insightv train launch-config` gives DeepSpeed and FSDP configs). "
                        "`insightv train sft --help` lists a command's options.",
                   no_args_is_help=True)
 
@@ -165,6 +166,20 @@ def train_iterate_command(ctx: typer.Context) -> None:
         result = iterative_dpo(inputs.model, inputs.input, config, scorer=scoring,
                                summarizer=answering, policy=policy, on_round=show)
     console.print(f"final model: {result.final_model}\nrounds: {config.output_dir}/rounds.md")
+
+
+@app.command("launch-config")
+def launch_config_command(
+    name: str = typer.Argument(help="ddp, zero2 (DeepSpeed ZeRO-2), zero3 (DeepSpeed ZeRO-3) "
+                                    "or fsdp (PyTorch FSDP2)."),
+) -> None:
+    """Print the path of a shipped `accelerate launch --config_file` file, e.g.
+    `accelerate launch --config_file $(insightv train launch-config zero3) --num_processes 8
+    -m insightv_agents.cli train sft ...`."""
+    from insightv_agents.configs import launch_config
+
+    with command_errors(Console()):
+        typer.echo(str(launch_config(name)))
 
 
 def _train(command: str, args: Sequence[str]) -> None:
