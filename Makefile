@@ -29,7 +29,7 @@ LOCK_FLAGS := --generate-hashes --find-links $(LOCK_FIND_LINKS) --python-version
 PIP_LOCKED := python -m pip install --quiet --no-deps --require-hashes
 
 .PHONY: setup vllm lock test-latest test-lowest docs demo test lint typecheck pytest bench reliability bench-load bench-serving bench-synthesis \
-	bench-training bench-length-grouping bench-sft-speed bench-batching bench-stage-beam bench-checkpoint-size reproduce clean
+	bench-training bench-length-grouping bench-sft-speed bench-batching bench-stage-beam bench-checkpoint-size bench-scale reproduce clean
 
 setup: $(STAMP)
 
@@ -110,6 +110,9 @@ bench: $(STAMP)
 
 bench-checkpoint-size: $(STAMP)
 	$(BIN)/python benchmarks/checkpoint_size.py
+
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/scale.py
 
 reliability: $(STAMP)
 	$(BIN)/python scripts/reliability.py

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from insightv_agents.errors import ConfigError, check_int
-from insightv_agents.records import RecordLog, read_records
+from insightv_agents.records import RecordLog, merge_shards, shards
 from insightv_agents.synthesize import Item
 
 ItemStep = Callable[[Item], Awaitable[list[dict[str, Any]]]]
@@ -129,7 +129,7 @@ def run_on_ray(build: Callable[[], ItemStep], items: Sequence[Item], out: str | 
     report = RayReport(total=len(items))
     started = time.perf_counter()
     done = set(_finished(main, size))
-    for shard in _shards(folder, stem):
+    for shard in shards(folder, stem):
         done |= _finished(shard, size)
     pending = [item for item in items if item.id not in done]
     report.skipped = len(items) - len(pending)
@@ -143,28 +143,6 @@ def run_on_ray(build: Callable[[], ItemStep], items: Sequence[Item], out: str | 
     report.merged = merge_shards(folder, stem, size)
     report.seconds = time.perf_counter() - started
     return report
-
-
-def merge_shards(folder: Path, stem: str, size: str) -> int:
-    """Move each group of the shards ``<folder>/<stem>.<i>.jsonl`` into
-    ``<folder>/<stem>.jsonl`` (a group already there is not added again), then remove the
-    shards; returns the groups moved. Safe to interrupt: a rerun finishes it."""
-    moved = 0
-    with RecordLog(folder / f"{stem}.jsonl", size=size) as log:
-        for shard in _shards(folder, stem):
-            with RecordLog(shard, size=size):
-                pass  # cuts a group a killed worker left unfinished
-            group: list[dict[str, Any]] = []
-            for record in read_records(shard):
-                group.append(record)
-                if len(group) == int(record[size]):
-                    if str(record["id"]) not in log.finished:
-                        log.append(group)
-                        moved += 1
-                    group = []
-        for shard in _shards(folder, stem):
-            shard.unlink()
-    return moved
 
 
 def _connect(ray: Any, address: str) -> None:
@@ -184,14 +162,16 @@ def _dispatch(ray: Any, actor_error: type[BaseException], build: Callable[[], It
               concurrency: int, cpus: float, gpus: float, report: RayReport,
               on_item: Callable[[RayReport], None] | None,
               on_error: Callable[[str, str], None] | None) -> None:
-    """Hand out ``pending`` in batches, two per worker at a time; a batch whose worker died
+    """Hand out ``pending`` in batches of half ``concurrency``, three per worker at a time (the
+    worker runs ``concurrency`` items at once; the third keeps it fed); a batch whose worker died
     is handed out again, less what that worker's shard holds, and another worker is started
     on that shard."""
     count = workers or max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
     remote = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
-                                             max_concurrency=2)
+                                             max_concurrency=3)
+    size_of = max(1, concurrency // 2)  # small batches: a short tail at the end
     batches: deque[list[Item]] = deque(
-        pending[start:start + concurrency] for start in range(0, len(pending), concurrency))
+        pending[start:start + size_of] for start in range(0, len(pending), size_of))
 
     def start(index: int) -> Any:
         shard = folder / f"{stem}.{index}.jsonl"
@@ -202,7 +182,7 @@ def _dispatch(ray: Any, actor_error: type[BaseException], build: Callable[[], It
     running: dict[Any, tuple[int, list[Item]]] = {}
 
     def feed(index: int) -> None:
-        while batches and sum(1 for i, _ in running.values() if i == index) < 2:
+        while batches and sum(1 for i, _ in running.values() if i == index) < 3:
             batch = batches.popleft()
             running[actors[index].run.remote(batch)] = (index, batch)
 
@@ -270,8 +250,3 @@ def _finished(path: Path, size: str) -> set[str]:
         return set()
     with RecordLog(path, size=size) as log:
         return set(log.finished)
-
-
-def _shards(folder: Path, stem: str) -> list[Path]:
-    return sorted(path for path in folder.glob(f"{stem}.*.jsonl")
-                  if path.name[len(stem) + 1:-len(".jsonl")].isdigit())

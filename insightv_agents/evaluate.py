@@ -54,7 +54,7 @@ from insightv_agents.prompts import (
     reasoning_messages,
     user_content,
 )
-from insightv_agents.records import RecordLog, read_records
+from insightv_agents.records import RecordLog, merge_shards, read_records
 from insightv_agents.runtime import reply_text
 from insightv_agents.synthesize import Item
 from insightv_agents.trainers.common import write_atomic
@@ -194,6 +194,7 @@ async def evaluate(predict: Predictor, items: Sequence[Item], out: str | Path, *
     folder = start_evaluation(out, settings)
     queue: asyncio.Queue[Item] = asyncio.Queue()
     step = prediction_step(predict, reasoning_check, rules)
+    merge_shards(folder, "predictions", "records")  # what a run over Ray left (--ray)
     with RecordLog(folder / PREDICTIONS_FILE, size="records") as log:
         for item in items:
             if item.id not in log.finished:

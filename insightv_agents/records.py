@@ -123,3 +123,31 @@ def read_records(path: str | Path, *, fields: Fields | None = None
     """
     for _, record in read_jsonl(path, what="records", fields=fields, torn_tail=True):
         yield record
+
+
+def merge_shards(folder: Path, stem: str, size: str) -> int:
+    """Move each group of the shards ``<folder>/<stem>.<i>.jsonl`` into
+    ``<folder>/<stem>.jsonl`` (a group already there is not added again), then remove the
+    shards; returns the groups moved. Safe to interrupt: a rerun finishes it."""
+    moved = 0
+    with RecordLog(folder / f"{stem}.jsonl", size=size) as log:
+        for shard in shards(folder, stem):
+            with RecordLog(shard, size=size):
+                pass  # cuts a group a killed worker left unfinished
+            group: list[dict[str, Any]] = []
+            for record in read_records(shard):
+                group.append(record)
+                if len(group) == int(record[size]):
+                    if str(record["id"]) not in log.finished:
+                        log.append(group)
+                        moved += 1
+                    group = []
+        for shard in shards(folder, stem):
+            shard.unlink()
+    return moved
+
+
+def shards(folder: Path, stem: str) -> list[Path]:
+    """The shards of ``<folder>/<stem>.jsonl``: ``<stem>.<i>.jsonl``, by name."""
+    return sorted(path for path in folder.glob(f"{stem}.*.jsonl")
+                  if path.name[len(stem) + 1:-len(".jsonl")].isdigit())

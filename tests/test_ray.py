@@ -21,8 +21,7 @@ import pytest
 from helpers import FakeOpenAIServer, step, verdict, wire_teacher
 from test_synthesize import make_data, synthesize_args
 
-from insightv_agents.distributed import merge_shards
-from insightv_agents.records import RecordLog, read_records
+from insightv_agents.records import RecordLog, merge_shards, read_records
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -98,7 +97,11 @@ def test_a_killed_worker_is_replaced_and_every_path_written_once(
     assert run_file["paths"] == 3
 
 
-def test_a_killed_driver_resumes_from_the_shards(cluster: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("again", ["with Ray", "without Ray"])
+def test_a_killed_driver_resumes_from_the_shards(cluster: str, tmp_path: Path,
+                                                 again: str) -> None:
+    """The driver SIGKILLed midway; the same command, or the same without --ray, finishes
+    the run from the shards' whole groups."""
     count = 100
     data = make_data(tmp_path / "data", count)
     out = tmp_path / "out"
@@ -115,6 +118,8 @@ def test_a_killed_driver_resumes_from_the_shards(cluster: str, tmp_path: Path) -
         assert run.returncode == -signal.SIGKILL, "the run ended before the kill"
         before = groups(out)
         assert before >= 90 and not (out / "records.jsonl").exists()
+        if again == "without Ray":
+            command = command[:command.index("--ray")]
         finished = subprocess.run(command, capture_output=True, text=True, timeout=300,
                                   env={**os.environ, "COLUMNS": "200"})
     assert finished.returncode == 0, finished.stdout + finished.stderr
