@@ -130,8 +130,9 @@ def merge_shards(folder: Path, stem: str, size: str) -> int:
     ``<folder>/<stem>.jsonl`` (a group already there is not added again), then remove the
     shards; returns the groups moved. Safe to interrupt: a rerun finishes it."""
     moved = 0
+    merged = shards(folder, stem)
     with RecordLog(folder / f"{stem}.jsonl", size=size) as log:
-        for shard in shards(folder, stem):
+        for shard in merged:
             with RecordLog(shard, size=size):
                 pass  # cuts a group a killed worker left unfinished
             group: list[dict[str, Any]] = []
@@ -142,9 +143,26 @@ def merge_shards(folder: Path, stem: str, size: str) -> int:
                         log.append(group)
                         moved += 1
                     group = []
-        for shard in shards(folder, stem):
+        for shard in merged:
             shard.unlink()
     return moved
+
+
+def finished_groups(path: str | Path, size: str, key: str = "id") -> set[str]:
+    """The groups a record log holds whole, read without writing to it (a torn tail, or a
+    group still being written, is left alone)."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    finished: set[str] = set()
+    group, count = None, 0
+    for record in read_records(path):
+        name = str(record[key])
+        group, count = (name, count + 1) if name == group else (name, 1)
+        if count == int(record[size]):
+            finished.add(name)
+            group, count = None, 0
+    return finished
 
 
 def shards(folder: Path, stem: str) -> list[Path]:

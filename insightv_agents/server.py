@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -70,9 +71,9 @@ class ServerContext:
         allow_urls: accept http(s) image URLs.
     """
 
-    base_url: str | list[str] | None = None
+    base_url: str | Sequence[str] | None = None
     model: str = "insightv-reason"
-    summary_base_url: str | list[str] | None = None
+    summary_base_url: str | Sequence[str] | None = None
     summary_model: str | None = None
     local_model: str | None = None
     profile: str | None = None
@@ -83,22 +84,24 @@ class ServerContext:
     max_tokens: int | None = None
     allow_urls: bool = False
 
+    def __post_init__(self) -> None:  # a list of URLs kept as a tuple: contexts are hashed
+        for name in ("base_url", "summary_base_url"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+
 
 def agents(context: ServerContext) -> tuple[Any, Any]:
     """The (reasoner, summarizer) chat models ``context`` names (``summarizer`` ``None``: the
     reasoner plays both roles); the same models again for the same fields."""
-    return _agents(_urls(context.base_url), context.model, _urls(context.summary_base_url),
+    return _agents(context.base_url, context.model, context.summary_base_url,
                    context.summary_model, context.local_model, context.temperature,
                    context.max_tokens)
 
 
-def _urls(given: str | list[str] | None) -> str | tuple[str, ...] | None:
-    return tuple(given) if isinstance(given, list) else given
-
-
 @functools.lru_cache(maxsize=8)
-def _agents(base_url: str | tuple[str, ...] | None, model: str,
-            summary_base_url: str | tuple[str, ...] | None,
+def _agents(base_url: str | Sequence[str] | None, model: str,
+            summary_base_url: str | Sequence[str] | None,
             summary_model: str | None, local_model: str | None, temperature: float | None,
             max_tokens: int | None) -> tuple[Any, Any]:
     if base_url is not None and local_model is not None:
@@ -122,8 +125,10 @@ def _agents(base_url: str | tuple[str, ...] | None, model: str,
     reasoner = vllm_chat_model(base_url, model, temperature=temperature, max_tokens=max_tokens)
     if summary_model is None and summary_base_url is None:
         return reasoner, None
-    return reasoner, vllm_chat_model(summary_base_url or base_url, summary_model or model,
-                                     temperature=temperature, max_tokens=max_tokens)
+    # the same servers: one pool, so the two agents' load is counted together
+    return reasoner, vllm_chat_model(summary_base_url or reasoner.pool or base_url,
+                                     summary_model or model, temperature=temperature,
+                                     max_tokens=max_tokens)
 
 
 _building = threading.Lock()  # one build at a time: models are loaded once

@@ -195,7 +195,7 @@ async def synthesize(
     started = time.perf_counter()
     step = synthesis_step(graph, provenance or {})
     merge_shards(out, "records", "num_paths")  # what a run over Ray left (--ray)
-    with RecordLog(out / RECORDS_FILE) as log:
+    with RecordLog(out / RECORDS_FILE, fsync=fsync) as log:
         report.repaired_bytes = log.repaired_bytes
         pending = [item for item in items if item.id not in log.finished]
         report.skipped = len(items) - len(pending)

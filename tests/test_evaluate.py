@@ -30,6 +30,7 @@ from insightv_agents.evaluate import (
 from insightv_agents.images import data_url_bytes
 from insightv_agents.parsing import format_chain, format_verdict
 from insightv_agents.prompts import DEFAULT_PROMPTS
+from insightv_agents.records import read_records
 from insightv_agents.synthesize import load_items
 from insightv_agents.testing import ScriptedChatModel
 
@@ -106,6 +107,19 @@ def test_insightv_known_numbers_recovery_and_reports(data: Path, tmp_path: Path)
     assert len(rows) == 30 and all({"reasoning", "verdict", "answer", "truth", "check", "steps"}
                                    <= set(row) for row in rows)
     assert "base64" not in (tmp_path / "out" / "predictions.jsonl").read_text()
+
+
+def test_a_run_over_ray_is_resumed_without_it(data: Path, tmp_path: Path) -> None:
+    """Predictions a Ray run left in its workers' shards are merged in, not made again."""
+    model = ScriptedChatModel([lambda m: "The answer is 1."], cycle=True)
+    out = tmp_path / "out"
+    items, _ = load_items(data / "test.jsonl")
+    asyncio.run(evaluate(direct_predictor(model), items[:10], out, settings={"m": "direct"}))
+    (out / "predictions.jsonl").rename(out / "predictions.3.jsonl")  # as a worker left it
+    report = asyncio.run(evaluate(direct_predictor(model), items, out, settings={"m": "direct"}))
+    assert len(model.calls) == 30 and report["items"] == 30
+    assert not (out / "predictions.3.jsonl").exists()
+    assert len(list(read_records(out / "predictions.jsonl"))) == 30
 
 
 def test_resume_skips_done_items_and_other_settings_are_refused(data: Path,

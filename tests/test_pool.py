@@ -78,12 +78,14 @@ def test_a_dead_replica_is_passed_over_at_once_and_probed_back(
             time.sleep(0.35)  # the probe is due
             assert {call_way(model, ["x"], way) for _ in range(6)} == {"A", "B"}
             assert model.pool.stats()[0].up and again.requests  # type: ignore[union-attr]
+        # every response was closed: nothing counts as in flight
+        assert [s.in_flight for s in model.pool.stats()] == [0, 0]  # type: ignore[union-attr]
 
 
-def test_a_replica_answering_503_is_taken_out_and_the_call_retried_on_another() -> None:
+def test_a_replica_answering_503_is_taken_out_and_the_request_sent_on_at_once() -> None:
     with FakeOpenAIServer(lambda body: Refusal(503, "shutting down")) as a, \
             FakeOpenAIServer(replying("B")) as b:
-        model = vllm_chat_model([a.url, b.url], "m", card=None, timeout=10, max_retries=2)
+        model = vllm_chat_model([a.url, b.url], "m", card=None, timeout=10, max_retries=0)
         assert {str(model.invoke("x").content) for _ in range(5)} == {"B"}
         first, _ = model.pool.stats()  # type: ignore[union-attr]
         assert not first.up and first.errors == 1 and len(a.requests) == 1
@@ -168,3 +170,104 @@ def test_synthesis_finishes_on_the_survivor_when_one_of_two_servers_is_killed(
     assert not (out / "errors.jsonl").exists()
     assert "DOWN" in output  # the pool's state, as the progress display showed it
     assert len(list(read_records(records))) == count * 3
+
+
+class Stub:
+    """An async HTTP transport answering by host: ``fail`` hosts refuse connections,
+    ``hang`` hosts never answer; the others answer 200. Records each request."""
+
+    def __init__(self) -> None:
+        self.fail: set[str] = set()
+        self.hang: set[str] = set()
+        self.seen: list[tuple[str, str]] = []
+
+    async def handle_async_request(self, request: Any) -> Any:
+        import httpx
+
+        host = request.url.host
+        self.seen.append((host, request.url.path))
+        if host in self.fail:
+            raise httpx.ConnectError("refused", request=request)
+        if host in self.hang:
+            await asyncio.sleep(3600)
+        return httpx.Response(200, json={"ok": host})
+
+    async def aclose(self) -> None:
+        pass
+
+
+def send(transport: Any, url: str) -> Any:
+    import httpx
+
+    async def run() -> Any:
+        response = await transport.handle_async_request(
+            httpx.Request("POST", url, content=b"{}"))
+        await response.aread()
+        await response.aclose()
+        return response.json()["ok"]
+    return asyncio.run(run())
+
+
+def test_a_probe_cut_short_by_a_cancelled_call_is_tried_again_later(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    monkeypatch.setattr(pool_module, "FIRST_PROBE_S", 0.0)
+    pool = EndpointPool(["http://a/v1", "http://b/v1"])
+    stub = Stub()
+    transport = pool.async_transport(httpx, stub)
+    stub.fail.add("a")
+    replies = [send(transport, "http://a/v1/chat/completions") for _ in range(2)]
+    assert replies == ["b", "b"]  # the one sent to a, refused, was sent on to b
+    assert [s.up for s in pool.stats()] == [False, True]
+    stub.fail.clear()
+    stub.hang.add("a")  # a's probe now hangs, and the call is cancelled meanwhile
+
+    async def cancelled() -> None:
+        task = asyncio.ensure_future(transport.handle_async_request(
+            httpx.Request("POST", "http://a/v1/chat/completions", content=b"{}")))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())
+    assert stub.seen[-1] == ("a", "/v1/models")
+    stub.hang.clear()
+    assert send(transport, "http://a/v1/chat/completions") == "a"  # probed again, back up
+    assert [(s.up, s.in_flight) for s in pool.stats()] == [(True, 0), (True, 0)]
+
+
+def test_replica_urls_are_matched_as_the_http_library_writes_them() -> None:
+    import httpx
+
+    pool = EndpointPool(["http://Replica-A:80/v1", "http://replica-b:8000/v1/"])
+    stub = Stub()
+    transport = pool.async_transport(httpx, stub)
+    hosts = [send(transport, "http://replica-a/v1/chat/completions") for _ in range(4)]
+    assert sorted(hosts) == ["replica-a", "replica-a", "replica-b", "replica-b"]
+    assert {path for _, path in stub.seen} == {"/v1/chat/completions"}
+
+
+def test_a_replica_out_for_long_is_probed_every_30_s_at_most() -> None:
+    pool = EndpointPool(["http://a/v1", "http://b/v1"])
+    replica = pool._replicas[0]
+    for _ in range(5000):  # a night of failed probes
+        pool._probed(replica, False)
+    waits = replica.probe_at - time.monotonic()
+    assert 29 < waits <= pool_module.MAX_PROBE_S
+    pool._probed(replica, None)  # a probe cut short changes nothing
+    assert not replica.up and not replica.probing
+
+
+def test_a_server_context_takes_a_list_of_replicas() -> None:
+    from pydantic import TypeAdapter
+
+    from insightv_agents.server import ServerContext, agents
+
+    context = TypeAdapter(ServerContext).validate_python(
+        {"base_url": ["http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1"],
+         "summary_model": "summary"})
+    hash(context)  # contexts are cached by value
+    reasoner, summarizer = agents(context)
+    assert reasoner.pool is summarizer.pool and reasoner.pool.urls == list(context.base_url)

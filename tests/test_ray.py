@@ -21,7 +21,7 @@ import pytest
 from helpers import FakeOpenAIServer, step, verdict, wire_teacher
 from test_synthesize import make_data, synthesize_args
 
-from insightv_agents.records import RecordLog, merge_shards, read_records
+from insightv_agents.records import read_records
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def workers() -> list[int]:
     return found
 
 
-def groups(folder: Path) -> int:
+def shard_lines(folder: Path) -> int:
     return sum(path.read_bytes().count(b"\n") for path in folder.glob("records.*.jsonl"))
 
 
@@ -83,7 +83,7 @@ def test_a_killed_worker_is_replaced_and_every_path_written_once(
         run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env={**os.environ, "COLUMNS": "200"})
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and run.poll() is None and groups(out) < 60:
+        while time.monotonic() < deadline and run.poll() is None and shard_lines(out) < 60:
             time.sleep(0.02)  # 20 items of 100 written in shards
         busy = workers()
         assert len(busy) == 2, "both workers should be running"
@@ -111,12 +111,12 @@ def test_a_killed_driver_resumes_from_the_shards(cluster: str, tmp_path: Path,
                                     "--concurrency", "4")]
         run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and run.poll() is None and groups(out) < 90:
+        while time.monotonic() < deadline and run.poll() is None and shard_lines(out) < 90:
             time.sleep(0.02)
         run.send_signal(signal.SIGKILL)
         run.wait()
         assert run.returncode == -signal.SIGKILL, "the run ended before the kill"
-        before = groups(out)
+        before = shard_lines(out)
         assert before >= 90 and not (out / "records.jsonl").exists()
         if again == "without Ray":
             command = command[:command.index("--ray")]
@@ -126,27 +126,6 @@ def test_a_killed_driver_resumes_from_the_shards(cluster: str, tmp_path: Path,
     done_before = int(re.search(r"(\d+) already done", finished.stdout).group(1))
     assert done_before >= before // 3 - 1  # the shards' whole groups were kept
     exactly_once(out, count)
-
-
-def test_merging_shards_keeps_each_group_once_and_survives_a_second_merge(
-        tmp_path: Path) -> None:
-    def group(identifier: str) -> list[dict[str, Any]]:
-        return [{"id": identifier, "num_paths": 2, "path_index": i} for i in range(2)]
-
-    with RecordLog(tmp_path / "records.jsonl") as main:
-        main.append(group("a"))
-    with RecordLog(tmp_path / "records.0.jsonl") as shard:
-        shard.append(group("a"))  # merged before, by a merge that was interrupted
-        shard.append(group("b"))
-    with RecordLog(tmp_path / "records.1.jsonl") as shard:
-        shard.append(group("c"))
-    with open(tmp_path / "records.1.jsonl", "ab") as torn:
-        torn.write(b'{"id": "d", "num_paths": 2, "path_index": 0}\n{"id": "d", "num')
-    assert merge_shards(tmp_path, "records", "num_paths") == 2
-    assert merge_shards(tmp_path, "records", "num_paths") == 0
-    ids = [r["id"] for r in read_records(tmp_path / "records.jsonl")]
-    assert ids == ["a", "a", "b", "b", "c", "c"]
-    assert not list(tmp_path.glob("records.*.jsonl"))
 
 
 def _answering(body: dict[str, Any]) -> str:

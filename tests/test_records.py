@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from insightv_agents import InvalidInputError
-from insightv_agents.records import RecordLog, read_records
+from insightv_agents.records import RecordLog, finished_groups, merge_shards, read_records
 
 
 def group(identifier: str, size: int = 3) -> list[dict[str, object]]:
@@ -78,3 +79,37 @@ def test_read_records_names_a_damaged_line(tmp_path: Path) -> None:
     assert [r.get("id") for r in read_records(path)] == ["a", None]  # no field asked for
     with pytest.raises(InvalidInputError, match=r"records\.jsonl, line 2: no `id` field"):
         list(read_records(path, fields={"id": str}))
+
+
+def test_merging_shards_keeps_each_group_once_and_survives_a_second_merge(
+        tmp_path: Path) -> None:
+    def group(identifier: str) -> list[dict[str, Any]]:
+        return [{"id": identifier, "num_paths": 2, "path_index": i} for i in range(2)]
+
+    with RecordLog(tmp_path / "records.jsonl") as main:
+        main.append(group("a"))
+    with RecordLog(tmp_path / "records.0.jsonl") as shard:
+        shard.append(group("a"))  # merged before, by a merge that was interrupted
+        shard.append(group("b"))
+    with RecordLog(tmp_path / "records.1.jsonl") as shard:
+        shard.append(group("c"))
+    with open(tmp_path / "records.1.jsonl", "ab") as torn:
+        torn.write(b'{"id": "d", "num_paths": 2, "path_index": 0}\n{"id": "d", "num')
+    assert merge_shards(tmp_path, "records", "num_paths") == 2
+    assert merge_shards(tmp_path, "records", "num_paths") == 0
+    ids = [r["id"] for r in read_records(tmp_path / "records.jsonl")]
+    assert ids == ["a", "a", "b", "b", "c", "c"]
+    assert not list(tmp_path.glob("records.*.jsonl"))
+
+
+def test_finished_groups_reads_a_log_without_cutting_its_tail(tmp_path: Path) -> None:
+    """How the Ray driver reads a dead worker's shard: a torn tail is left as it is."""
+    path = tmp_path / "records.0.jsonl"
+    with RecordLog(path) as log:
+        log.append([{"id": "a", "num_paths": 1}])
+    with open(path, "ab") as torn:
+        torn.write(b'{"id": "b", "num_paths": 2}\n{"id": "b", "num')
+    size = path.stat().st_size
+    assert finished_groups(path, "num_paths") == {"a"}
+    assert path.stat().st_size == size
+    assert finished_groups(tmp_path / "missing.jsonl", "num_paths") == set()

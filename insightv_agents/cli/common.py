@@ -51,7 +51,8 @@ RayAddress = Annotated[str | None, typer.Option(
          "joined with `ray start`), local (start one here), or host:port. Needs "
          "insightv-agents[ray]; data and --out on storage every node sees.")]
 RayWorkers = Annotated[int | None, typer.Option(
-    help="With --ray: workers (Ray actors; default: one per node).")]
+    help="With --ray: workers (Ray actors; default: one per node with room for one), each "
+         "with --concurrency items in flight.")]
 Method = Annotated[str, typer.Option(
     help="insightv (reasoning + summary agents), or LLaVA-CoT's four stages with stage-beam "
          "(stage-level beam search), best-of-n, sentence-beam or single (one pass).")]

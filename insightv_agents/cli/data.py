@@ -49,7 +49,8 @@ def synthesize(
     judge_url: Annotated[list[str] | None, typer.Option(
         help="API root of the judge, repeatable (default: the teacher's).")] = None,
     paths: Annotated[int, typer.Option("--paths", "-n", help="Reasoning paths per item.")] = 4,
-    concurrency: Annotated[int, typer.Option(help="Items in flight at once.")] = 32,
+    concurrency: Annotated[int, typer.Option(
+        help="Items in flight at once (with --ray: in each worker).")] = 32,
     max_steps: MaxSteps = 16,
     temperature: Annotated[float, typer.Option(help="Teacher sampling temperature.")] = 0.7,
     top_p: Annotated[float, typer.Option(help="Teacher nucleus sampling.")] = 0.95,
@@ -76,6 +77,10 @@ def synthesize(
     console = Console()
     output_folder(out)
     check_int("concurrency", concurrency, 1, 4096)
+    if ray is not None:
+        from insightv_agents.distributed import check_ray
+
+        check_ray()
     if final_answer not in ("ask", "stated"):
         raise InsightVError(f"--final-answer must be 'ask' or 'stated', not "
                             f"{final_answer!r}.")
@@ -100,7 +105,7 @@ def synthesize(
                 on_error=functools.partial(log_error, Path(out)))
         console.print(f"{ray_report.written} item(s) written, {ray_report.skipped} already "
                       f"done, {len(ray_report.errors)} item error(s), over "
-                      f"{len(ray_report.per_worker)} worker(s) ({ray_report.restarts} "
+                      f"{ray_report.workers} worker(s) ({ray_report.restarts} "
                       f"restarted), in {ray_report.seconds:.1f} s -> {out}/{RECORDS_FILE}")
         errors = ray_report.errors
     else:

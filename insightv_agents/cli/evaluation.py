@@ -66,13 +66,16 @@ def eval_command(
     limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
     skip_bad: SkipBad = False,
     strict: Strict = False,
-    concurrency: Annotated[int, typer.Option(help="Items in flight at once.")] = 8,
+    concurrency: Annotated[int, typer.Option(
+        help="Items in flight at once (with --ray: in each worker).")] = 8,
     labels: Annotated[str | None, typer.Option(
         help="The data's closed answer set, comma-separated (e.g. yes,no,red,blue): one label "
              "given for another is wrong, not undecided (default: the --checks' rules).")
     ] = None,
     ray: RayAddress = None,
     workers: RayWorkers = None,
+    worker_gpus: Annotated[float, typer.Option(
+        help="With --ray: GPUs each worker reserves (for --local-model on GPU nodes).")] = 0.0,
 ) -> None:
     """Evaluate a method on a dataset: accuracy overall and per category, every prediction
     saved; append-only and resumable."""
@@ -89,6 +92,10 @@ def eval_command(
         raise InsightVError(f"--method must be insightv, direct or one of "
                             f"{', '.join(METHODS)}; not {method!r}.")
     check_int("concurrency", concurrency, 1, 4096)
+    if ray is not None:
+        from insightv_agents.distributed import check_ray
+
+        check_ray()
     items, root = load_items(data, out=out, limit=limit,
                              on_bad_row=bad_rows(console, skip_bad, strict))
     if base_url is None and local_model is None and not (
@@ -111,7 +118,7 @@ def eval_command(
         with progress(console, f"evaluating {method} on Ray ({ray})", len(items)) as done:
             run_on_ray(functools.partial(evaluation_worker, run), items, folder,
                        stem="predictions", size="records", address=ray, workers=workers,
-                       concurrency=concurrency,
+                       concurrency=concurrency, gpus_per_worker=worker_gpus,
                        on_item=lambda r: done(r.skipped + r.written + len(r.errors)))
         report = finish_evaluation(folder, items, settings)
     else:

@@ -4,11 +4,12 @@ The pool sits under the OpenAI client as its HTTP transport, so a :class:`ChatVL
 pool behaves like one with a single server (structured outputs, streaming, retries within
 one deadline), and each request goes to the replica with the fewest requests in flight
 among those that are up. A replica that refuses connections, drops one, or answers 502,
-503 or 504 is taken out and probed again later (``GET <replica>/models``, after 1 s, then
-2, 4, ... up to 30 s); a request whose replica fails before answering is sent again at once
-to another replica, so it is not lost. A generation request has no effect on the server, so
-sending it again is safe; what is written from its reply (records, predictions) is
-written once by the caller.
+503 or 504 is taken out and probed again later (``GET <replica>/models``, at most 2 s, after
+1 s, then 2, 4, ... up to 30 s); the request it failed is sent at once to another replica,
+within the time the request had, so it is not lost. A generation request has no effect on
+the server, so sending it again is safe; what is written from its reply (records,
+predictions) is written once by the caller. A request refused for itself (400, 413, 422)
+is not sent elsewhere.
 
 >>> pool = EndpointPool(["http://10.0.0.1:8000/v1", "http://10.0.0.2:8000/v1"])
 >>> [replica.url for replica in pool.stats()]
@@ -20,6 +21,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -33,6 +35,7 @@ FAILING_STATUSES = frozenset({502, 503, 504})
 """Statuses that take a replica out (a proxy without a backend, a server shutting down or
 overloaded); other errors are the request's own."""
 _LATENCY_WEIGHT = 0.2  # of the newest request in the moving average
+_MAX_DOUBLINGS = 6  # 1 s doubled 5 times passes MAX_PROBE_S
 
 
 @dataclass(frozen=True)
@@ -123,8 +126,10 @@ class EndpointPool:
 
     def _choose(self, tried: set[str]) -> tuple[_Replica | None, bool]:
         """The replica for the next attempt of a request that has ``tried`` these, and
-        whether it needs a probe first: the least busy one that is up; else one out whose
-        probe is due; else (all out) the one out longest, probed. ``None``: all tried."""
+        whether to probe it first: one out whose probe is due (probed before the request is
+        sent, at most ``PROBE_TIMEOUT_S``, once per interval); else the least busy one that
+        is up; else (all out) the one whose probe is due soonest, probed unless another
+        request is probing it. ``None``: all tried."""
         now = time.monotonic()
         with self._lock:
             fresh = [r for r in self._replicas if r.url not in tried]
@@ -141,17 +146,21 @@ class EndpointPool:
                 order = {id(r): (i - self._turn) % len(self._replicas)
                          for i, r in enumerate(self._replicas)}
                 return min(up, key=lambda r: (r.in_flight, order[id(r)])), False
-            replica = min(fresh, key=lambda r: r.probe_at)
+            idle = [r for r in fresh if not r.probing]
+            if not idle:
+                return min(fresh, key=lambda r: r.probe_at), False
+            replica = min(idle, key=lambda r: r.probe_at)
             replica.probing = True
             return replica, True
 
-    def _probed(self, replica: _Replica, answered: bool) -> None:
+    def _probed(self, replica: _Replica, answered: bool | None) -> None:
+        """A probe's end: answered, failed, or ``None``: cut short (cancelled)."""
         with self._lock:
             replica.probing = False
             if answered:
                 replica.up, replica.failures_in_row = True, 0
-            else:
-                self._out(replica)
+            elif answered is False:
+                self._out(replica, failed_probe=True)
 
     def _started(self, replica: _Replica) -> float:
         with self._lock:
@@ -173,32 +182,45 @@ class EndpointPool:
             replica.latency_s = seconds if replica.latency_s is None else \
                 (1 - _LATENCY_WEIGHT) * replica.latency_s + _LATENCY_WEIGHT * seconds
 
-    def _out(self, replica: _Replica) -> None:  # with the lock held
+    def _out(self, replica: _Replica, failed_probe: bool = False) -> None:  # lock held
+        """Take ``replica`` out; its next probe 1 s later, doubling with each failed probe
+        up to 30 s (more requests failing on it while it is out change nothing)."""
+        if not replica.up and not failed_probe:
+            return
         replica.up = False
-        replica.failures_in_row += 1
+        replica.failures_in_row = min(replica.failures_in_row + 1, _MAX_DOUBLINGS)
         replica.probe_at = time.monotonic() + min(
             MAX_PROBE_S, FIRST_PROBE_S * 2 ** (replica.failures_in_row - 1))
 
 
 class _PoolTransport:
     """Sends each request to a replica of the pool: the URL's API root (the model's
-    ``base_url``, the pool's first replica) replaced by the chosen replica's."""
+    ``base_url``, the pool's first replica) replaced by the chosen replica's. Each attempt
+    after the first gets the time the first had, less what has passed."""
 
     def __init__(self, pool: EndpointPool, library: ModuleType, inner: Any) -> None:
         self._pool = pool
         self._library = library
         self._inner = inner
+        # the roots as the HTTP library writes URLs (lower-case host, no default port)
+        self._roots = {replica.url: str(library.URL(replica.url)).rstrip("/")
+                       for replica in pool._replicas}
 
     def _attempts(self, request: Any) -> Iterator[tuple[_Replica | None, bool, Any]]:
-        """(replica, needs a probe, the request for it) for each attempt of ``request``;
-        ``(None, False, request)`` for a URL outside the pool (sent as it is)."""
+        """(replica, probe it first, the request for it) for each attempt of ``request``;
+        ``(None, False, request)`` for a URL outside the pool (sent as it is). Ends when
+        every replica was tried or the request's time is up."""
         url = str(request.url)
-        root = self._pool.urls[0]
+        root = self._roots[self._pool.urls[0]]
         if not url.startswith(root):
             yield None, False, request
             return
+        began = time.monotonic()
         tried: set[str] = set()
         while True:
+            extensions = _time_left(request.extensions, time.monotonic() - began)
+            if extensions is None:
+                return
             replica, probe = self._pool._choose(tried)
             if replica is None:
                 return
@@ -206,11 +228,11 @@ class _PoolTransport:
             headers = [(name, value) for name, value in request.headers.raw
                        if name.lower() != b"host"]
             yield replica, probe, self._library.Request(
-                request.method, replica.url + url[len(root):], headers=headers,
-                content=request.content, extensions=request.extensions)
+                request.method, self._roots[replica.url] + url[len(root):], headers=headers,
+                content=request.content, extensions=extensions)
 
     def _probe(self, replica: _Replica) -> Any:
-        return self._library.Request("GET", replica.url + "/models", extensions={
+        return self._library.Request("GET", self._roots[replica.url] + "/models", extensions={
             "timeout": dict.fromkeys(("connect", "read", "write", "pool"), PROBE_TIMEOUT_S)})
 
     def _give_up(self, request: Any, last: BaseException | None) -> BaseException:
@@ -220,18 +242,36 @@ class _PoolTransport:
             f"no replica of {', '.join(self._pool.urls)} answers its probe", request=request)
 
     def _passes_over(self, err: BaseException) -> bool:
-        """Whether the next replica is tried at once after ``err``: the replica failed
-        before answering (a request that timed out has used its deadline)."""
+        """Whether the replica failed before answering, so the request goes to the next one
+        at once (a request that timed out has used its time)."""
         library = self._library
         return isinstance(err, library.TransportError) and (
             isinstance(err, library.ConnectTimeout)
             or not isinstance(err, library.TimeoutException))
+
+    def _ended(self, replica: _Replica, started: float, err: BaseException) -> None:
+        """A request that raised ``err`` on ``replica``: a failure of the replica, or (a
+        cancelled call) nobody's."""
+        if isinstance(err, Exception):
+            self._pool._finished(replica, started, True, self._passes_over(err))
+        else:
+            with self._pool._lock:
+                replica.in_flight -= 1
+
+    def _tracked(self, response: Any, replica: _Replica, started: float,
+                 asynchronous: bool) -> Any:
+        failing = response.status_code in FAILING_STATUSES
+        release = _release(self._pool, replica, started, failing, self._passes_over)
+        return self._library.Response(
+            response.status_code, headers=response.headers, extensions=response.extensions,
+            stream=_tracked(self._library, asynchronous)(response, release))
 
 
 class _SyncPoolTransport(_PoolTransport):
     def handle_request(self, request: Any) -> Any:
         request.read()
         last: BaseException | None = None
+        final: Any = None
         for replica, probe, attempt in self._attempts(request):
             if replica is None:
                 return self._inner.handle_request(attempt)
@@ -240,19 +280,27 @@ class _SyncPoolTransport(_PoolTransport):
             started = self._pool._started(replica)
             try:
                 response = self._inner.handle_request(attempt)
-            except Exception as err:
-                self._pool._finished(replica, started, True, self._passes_over(err))
+            except BaseException as err:
+                self._ended(replica, started, err)
                 if not self._passes_over(err):
                     raise
-                last = err
+                last, final = err, None
                 continue
-            return self._library.Response(
-                response.status_code, headers=response.headers, extensions=response.extensions,
-                stream=_tracked(self._library, False)(response, _release(
-                    self._pool, replica, started, response.status_code)))
+            if response.status_code in FAILING_STATUSES and len(self._pool.urls) > 1:
+                content = response.read()  # this replica cannot serve it: the next may
+                response.close()
+                self._pool._finished(replica, started, True, True)
+                final = self._library.Response(response.status_code,
+                                               headers=response.headers, content=content)
+                last = None
+                continue
+            return self._tracked(response, replica, started, asynchronous=False)
+        if final is not None and last is None:
+            return final  # the last replica tried answered so: the caller sees that answer
         raise self._give_up(request, last)
 
     def _answers(self, replica: _Replica) -> bool:
+        answered: bool | None = None
         try:
             response = self._inner.handle_request(self._probe(replica))
             response.read()
@@ -260,8 +308,9 @@ class _SyncPoolTransport(_PoolTransport):
             answered = response.status_code < 500
         except Exception:
             answered = False
-        self._pool._probed(replica, answered)
-        return answered
+        finally:
+            self._pool._probed(replica, answered)
+        return bool(answered)
 
     def close(self) -> None:
         self._inner.close()
@@ -271,6 +320,7 @@ class _AsyncPoolTransport(_PoolTransport):
     async def handle_async_request(self, request: Any) -> Any:
         await request.aread()
         last: BaseException | None = None
+        final: Any = None
         for replica, probe, attempt in self._attempts(request):
             if replica is None:
                 return await self._inner.handle_async_request(attempt)
@@ -279,19 +329,27 @@ class _AsyncPoolTransport(_PoolTransport):
             started = self._pool._started(replica)
             try:
                 response = await self._inner.handle_async_request(attempt)
-            except BaseException as err:  # a cancelled request ends its replica's count too
-                self._pool._finished(replica, started, True, self._passes_over(err))
+            except BaseException as err:  # a cancelled call ends its count too
+                self._ended(replica, started, err)
                 if not self._passes_over(err):
                     raise
-                last = err
+                last, final = err, None
                 continue
-            return self._library.Response(
-                response.status_code, headers=response.headers, extensions=response.extensions,
-                stream=_tracked(self._library, True)(response, _release(
-                    self._pool, replica, started, response.status_code)))
+            if response.status_code in FAILING_STATUSES and len(self._pool.urls) > 1:
+                content = await response.aread()  # this replica cannot serve it: the
+                await response.aclose()  # next may
+                self._pool._finished(replica, started, True, True)
+                final = self._library.Response(response.status_code,
+                                               headers=response.headers, content=content)
+                last = None
+                continue
+            return self._tracked(response, replica, started, asynchronous=True)
+        if final is not None and last is None:
+            return final  # the last replica tried answered so: the caller sees that answer
         raise self._give_up(request, last)
 
     async def _answers(self, replica: _Replica) -> bool:
+        answered: bool | None = None
         try:
             response = await self._inner.handle_async_request(self._probe(replica))
             await response.aread()
@@ -299,24 +357,44 @@ class _AsyncPoolTransport(_PoolTransport):
             answered = response.status_code < 500
         except Exception:
             answered = False
-        self._pool._probed(replica, answered)
-        return answered
+        finally:
+            self._pool._probed(replica, answered)
+        return bool(answered)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
-def _release(pool: EndpointPool, replica: _Replica, started: float,
-             status: int) -> Callable[[bool], None]:
-    """What ends a response's count on its replica, once: ``release(failed)``, failed when
-    its body could not be read whole."""
-    done = threading.Event()
+def _time_left(extensions: dict[str, Any], elapsed: float) -> dict[str, Any] | None:
+    """``extensions`` with each timeout less ``elapsed`` (``None``: one has run out)."""
+    timeouts = extensions.get("timeout")
+    if not elapsed or not isinstance(timeouts, dict):
+        return extensions
+    left = {name: None if value is None else value - elapsed
+            for name, value in timeouts.items()}
+    if any(value is not None and value <= 0 for value in left.values()):
+        return None
+    return {**extensions, "timeout": left}
 
-    def release(failed: bool) -> None:
-        if not done.is_set():
-            done.set()
-            failing = status in FAILING_STATUSES
-            pool._finished(replica, started, failed or failing, failed or failing)
+
+def _release(pool: EndpointPool, replica: _Replica, started: float, failing: bool,
+             passes_over: Callable[[BaseException], bool]
+             ) -> Callable[[BaseException | None], None]:
+    """What ends a response's count on its replica, once: ``release(error)`` with the error
+    that broke its body off, if one did (a replica that dropped it is taken out; one too
+    slow for the call's time is not)."""
+    lock = threading.Lock()
+    done = False
+
+    def release(error: BaseException | None) -> None:
+        nonlocal done
+        with lock:
+            if done:
+                return
+            done = True
+        broken = error is not None and passes_over(error)
+        failed = failing or error is not None
+        pool._finished(replica, started, failed, failing or broken)
     return release
 
 
@@ -329,39 +407,40 @@ def _transport_class(library: ModuleType, asynchronous: bool) -> type:
 
 
 class _Tracked:
-    """A response body that ends its request's count on its replica when closed (a body
-    that breaks off counts as the replica's failure)."""
+    """A response body that ends its request's count on its replica when closed, or when
+    dropped unclosed (collected)."""
 
-    def __init__(self, response: Any, release: Callable[[bool], None]) -> None:
+    def __init__(self, response: Any, release: Callable[[BaseException | None], None]) -> None:
         self._response = response
         self._release = release
+        weakref.finalize(self, release, None)
 
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from self._response.stream
-        except Exception:
-            self._release(True)
+        except Exception as err:
+            self._release(err)
             raise
 
     def close(self) -> None:
         try:
             self._response.close()
         finally:
-            self._release(False)
+            self._release(None)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._response.stream:
                 yield chunk
-        except Exception:
-            self._release(True)
+        except Exception as err:
+            self._release(err)
             raise
 
     async def aclose(self) -> None:
         try:
             await self._response.aclose()
         finally:
-            self._release(False)
+            self._release(None)
 
 
 @functools.cache
