@@ -12,8 +12,10 @@ predictions) is written once by the caller. A request refused for itself (400, 4
 is not sent elsewhere.
 
 >>> pool = EndpointPool(["http://10.0.0.1:8000/v1", "http://10.0.0.2:8000/v1"])
->>> [replica.url for replica in pool.stats()]
+>>> pool.urls
 ['http://10.0.0.1:8000/v1', 'http://10.0.0.2:8000/v1']
+>>> pool.stats()[0].up, pool.stats()[0].in_flight
+(True, 0)
 """
 
 from __future__ import annotations
