@@ -127,22 +127,17 @@ def read_records(path: str | Path, *, fields: Fields | None = None
 
 def merge_shards(folder: Path, stem: str, size: str) -> int:
     """Move each group of the shards ``<folder>/<stem>.<i>.jsonl`` into
-    ``<folder>/<stem>.jsonl`` (a group already there is not added again), then remove the
-    shards; returns the groups moved. Safe to interrupt: a rerun finishes it."""
+    ``<folder>/<stem>.jsonl`` (a group already there is not added again; a group a killed
+    worker left unfinished is dropped), then remove the shards; returns the groups moved.
+    Safe to interrupt: a rerun finishes it."""
     moved = 0
     merged = shards(folder, stem)
     with RecordLog(folder / f"{stem}.jsonl", size=size) as log:
         for shard in merged:
-            with RecordLog(shard, size=size):
-                pass  # cuts a group a killed worker left unfinished
-            group: list[dict[str, Any]] = []
-            for record in read_records(shard):
-                group.append(record)
-                if len(group) == int(record[size]):
-                    if str(record["id"]) not in log.finished:
-                        log.append(group)
-                        moved += 1
-                    group = []
+            for group in whole_groups(shard, size):
+                if str(group[0]["id"]) not in log.finished:
+                    log.append(group)
+                    moved += 1
         for shard in merged:
             shard.unlink()
     return moved
@@ -151,18 +146,24 @@ def merge_shards(folder: Path, stem: str, size: str) -> int:
 def finished_groups(path: str | Path, size: str, key: str = "id") -> set[str]:
     """The groups a record log holds whole, read without writing to it (a torn tail, or a
     group still being written, is left alone)."""
+    return {str(group[0][key]) for group in whole_groups(path, size, key)}
+
+
+def whole_groups(path: str | Path, size: str, key: str = "id"
+                 ) -> Iterator[list[dict[str, Any]]]:
+    """The complete groups of a record log, in order, read without writing to it (none
+    when the file does not exist)."""
     path = Path(path)
     if not path.exists():
-        return set()
-    finished: set[str] = set()
-    group, count = None, 0
+        return
+    group: list[dict[str, Any]] = []
     for record in read_records(path):
-        name = str(record[key])
-        group, count = (name, count + 1) if name == group else (name, 1)
-        if count == int(record[size]):
-            finished.add(name)
-            group, count = None, 0
-    return finished
+        if group and str(record[key]) != str(group[0][key]):
+            group = []  # an unfinished group, cut off by a kill
+        group.append(record)
+        if len(group) == int(record[size]):
+            yield group
+            group = []
 
 
 def shards(folder: Path, stem: str) -> list[Path]:

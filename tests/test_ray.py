@@ -62,6 +62,22 @@ def shard_lines(folder: Path) -> int:
     return sum(path.read_bytes().count(b"\n") for path in folder.glob("records.*.jsonl"))
 
 
+def ray_synthesis(data: Path, out: Path, url: str, cluster: str) -> list[str]:
+    return [sys.executable, "-m", "insightv_agents.cli",
+            *synthesize_args(data, out, url, "--ray", cluster, "--workers", "2",
+                             "--concurrency", "4")]
+
+
+def start_until(command: list[str], out: Path, lines: int) -> subprocess.Popen[str]:
+    """Start ``command``; return once its shards hold ``lines`` records (or it ended)."""
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, env={**os.environ, "COLUMNS": "200"})
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and run.poll() is None and shard_lines(out) < lines:
+        time.sleep(0.02)
+    return run
+
+
 def exactly_once(out: Path, count: int, paths: int = 3) -> None:
     records = out / "records.jsonl"
     parsed = [json.loads(line) for line in records.read_bytes().splitlines()]
@@ -77,14 +93,7 @@ def test_a_killed_worker_is_replaced_and_every_path_written_once(
     data = make_data(tmp_path / "data", count)
     out = tmp_path / "out"
     with FakeOpenAIServer(wire_teacher(steps=2), delay=0.02) as server:
-        command = [sys.executable, "-m", "insightv_agents.cli",
-                   *synthesize_args(data, out, server.url, "--ray", cluster, "--workers", "2",
-                                    "--concurrency", "4")]
-        run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, "COLUMNS": "200"})
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and run.poll() is None and shard_lines(out) < 60:
-            time.sleep(0.02)  # 20 items of 100 written in shards
+        run = start_until(ray_synthesis(data, out, server.url, cluster), out, 60)  # 20 items
         busy = workers()
         assert len(busy) == 2, "both workers should be running"
         os.kill(busy[0], signal.SIGKILL)
@@ -106,13 +115,8 @@ def test_a_killed_driver_resumes_from_the_shards(cluster: str, tmp_path: Path,
     data = make_data(tmp_path / "data", count)
     out = tmp_path / "out"
     with FakeOpenAIServer(wire_teacher(steps=2), delay=0.02) as server:
-        command = [sys.executable, "-m", "insightv_agents.cli",
-                   *synthesize_args(data, out, server.url, "--ray", cluster, "--workers", "2",
-                                    "--concurrency", "4")]
-        run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and run.poll() is None and shard_lines(out) < 90:
-            time.sleep(0.02)
+        command = ray_synthesis(data, out, server.url, cluster)
+        run = start_until(command, out, 90)  # 30 items
         run.send_signal(signal.SIGKILL)
         run.wait()
         assert run.returncode == -signal.SIGKILL, "the run ended before the kill"

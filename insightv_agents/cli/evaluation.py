@@ -109,7 +109,7 @@ def eval_command(
                      summary_model=summary_model, mode=mode, max_steps=max_steps,
                      temperature=temperature, beam_size=beam_size, checks=checks,
                      limit=limit, labels=labels)
-    backend, step, settings = run.build()
+    backend, settings, judged = run.build()
     if ray is not None:
         from insightv_agents.distributed import run_on_ray
         from insightv_agents.evaluate import finish_evaluation, start_evaluation
@@ -126,9 +126,8 @@ def eval_command(
         with progress(console, f"evaluating {method}", len(items),
                       pool_status(backend.reasoner, backend.summarizer)) as done:
             report = asyncio.run(evaluate(
-                step.predict, items, out, settings=settings, concurrency=concurrency,
-                reasoning_check=step.reasoning_check, rules=step.rules,
-                on_item=lambda _: done(next(finished))))
+                items=items, out=out, settings=settings, concurrency=concurrency,
+                on_item=lambda _: done(next(finished)), **judged))
     console.print(Markdown(report_markdown(report)))
     console.print(f"-> {out}/report.md, {out}/report.json, {out}/predictions.jsonl")
 
@@ -155,9 +154,10 @@ class Evaluation:
     limit: int | None
     labels: str | None
 
-    def build(self) -> tuple[Backend, Any, dict[str, Any]]:
-        """The backend, the per-item step (``predict``, ``rules``, ``reasoning_check``) and
-        the run's settings (``eval.json``)."""
+    def build(self) -> tuple[Backend, dict[str, Any], dict[str, Any]]:
+        """The backend, the run's settings (``eval.json``), and how each item is predicted
+        and judged: ``predict``, ``rules``, ``reasoning_check`` (the arguments of
+        :func:`~insightv_agents.evaluate.evaluate` and ``prediction_step``)."""
         from insightv_agents.evaluate import (
             DatasetChecks,
             direct_predictor,
@@ -189,23 +189,15 @@ class Evaluation:
             settings["checks"] = self.checks
         if self.labels:
             settings["labels"] = sorted(rules.labels)
-        step = _Step(predict, rules, dataset.reasoning_check)
-        return backend, step, settings
-
-
-@dataclass(frozen=True)
-class _Step:
-    predict: Any
-    rules: Any
-    reasoning_check: Any
+        return backend, settings, {"predict": predict, "rules": rules,
+                                   "reasoning_check": dataset.reasoning_check}
 
 
 def evaluation_worker(run: Evaluation) -> Any:
     """A Ray worker's evaluation step: ``run``'s models and method built in the worker."""
     from insightv_agents.evaluate import prediction_step
 
-    _, step, _ = run.build()
-    return prediction_step(step.predict, step.reasoning_check, step.rules)
+    return prediction_step(**run.build()[2])
 
 
 @guarded

@@ -122,17 +122,11 @@ def choose_backend(base_url: str | Sequence[str] | None, model: str,
             return Backend(stand_in_stage_model() if staged else stand_in_model(), None, None)
         reasoner, summarizer = demo.demo_agents(temperature=temperature)
         return Backend(reasoner, summarizer, DEMO_BACKEND)
-    from insightv_agents.backends.vllm import (
-        EndpointPool,
-        endpoints,
-        served_card,
-        vllm_chat_model,
-    )
+    from insightv_agents.backends.vllm import EndpointPool, endpoints, served_card, vllm_chat_model
 
     def served(urls: str | Sequence[str] | EndpointPool, name: str) -> Any:
-        where = endpoints(urls)
-        card = next(filter(None, (served_card(url, name) for url in (
-            where.urls if isinstance(where, EndpointPool) else [where]))), None)
+        where = endpoints(urls)  # one pool for the card's lookup and the model
+        card = served_card(where, name)
         return vllm_chat_model(where, name, temperature=sampling(card), card=card)
 
     reasoner = served(base_url, model)

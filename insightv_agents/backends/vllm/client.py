@@ -366,11 +366,7 @@ def vllm_chat_model(
     check_options({"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
                    "n": n, "timeout": timeout, "max_retries": max_retries, **vllm_options})
     if card == "auto":
-        agent_card = None
-        for root in pool.urls if pool is not None else [url]:
-            agent_card = served_card(root, model, api_key=api_key)
-            if agent_card is not None:
-                break
+        agent_card = served_card(where, model, api_key=api_key)
     elif isinstance(card, str | Path):
         agent_card = read_card(card)
         if agent_card is None:
@@ -411,13 +407,17 @@ def endpoints(base_url: str | Sequence[str] | EndpointPool) -> str | EndpointPoo
     return EndpointPool(urls)
 
 
-def served_card(base_url: str, model: str, *, api_key: str = "EMPTY",
-                timeout: float = 5.0) -> AgentCard | None:
+def served_card(base_url: str | Sequence[str] | EndpointPool, model: str, *,
+                api_key: str = "EMPTY", timeout: float = 5.0) -> AgentCard | None:
     """The agent card of ``model`` as served at ``base_url``: the card in the folder the
     server's ``/models`` entry names (vLLM's ``root``: the model's or adapter's folder),
     where that folder is on this machine; ``None`` when there is none or the server does
-    not answer."""
-    client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout,
+    not answer. Of several replicas (a list or a pool), the first that gives one."""
+    where = endpoints(base_url)
+    if isinstance(where, EndpointPool):
+        return next(filter(None, (served_card(url, model, api_key=api_key, timeout=timeout)
+                                  for url in where.urls)), None)
+    client = openai.OpenAI(base_url=where, api_key=api_key, timeout=timeout,
                            max_retries=0, http_client=openai.DefaultHttpxClient(
                                trust_env=False))
     try:

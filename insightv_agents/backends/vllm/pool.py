@@ -24,7 +24,7 @@ import functools
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -38,6 +38,7 @@ FAILING_STATUSES = frozenset({502, 503, 504})
 overloaded); other errors are the request's own."""
 _LATENCY_WEIGHT = 0.2  # of the newest request in the moving average
 _MAX_DOUBLINGS = 6  # 1 s doubled 5 times passes MAX_PROBE_S
+_Step = tuple[str, Any]  # a step of a request's routing: ("send", request) or ("drain", response)
 
 
 @dataclass(frozen=True)
@@ -260,59 +261,81 @@ class _PoolTransport:
             with self._pool._lock:
                 replica.in_flight -= 1
 
-    def _tracked(self, response: Any, replica: _Replica, started: float,
-                 asynchronous: bool) -> Any:
-        failing = response.status_code in FAILING_STATUSES
-        release = _release(self._pool, replica, started, failing, self._passes_over)
-        return self._library.Response(
-            response.status_code, headers=response.headers, extensions=response.extensions,
-            stream=_tracked(self._library, asynchronous)(response, release))
-
-
-class _SyncPoolTransport(_PoolTransport):
-    def handle_request(self, request: Any) -> Any:
-        request.read()
+    def _route(self, request: Any, asynchronous: bool) -> Generator[_Step, Any, Any]:
+        """The pool's handling of ``request``, without I/O of its own: it yields each step
+        (``("send", request)``: a response; ``("drain", response)``: its body read and the
+        response closed), is sent each step's result or has its error thrown in, and returns
+        the response to hand back. The sync and async transports run it."""
         last: BaseException | None = None
         final: Any = None
         for replica, probe, attempt in self._attempts(request):
             if replica is None:
-                return self._inner.handle_request(attempt)
-            if probe and not self._answers(replica):
+                return (yield "send", attempt)
+            if probe and not (yield from self._answers(replica)):
                 continue
             started = self._pool._started(replica)
             try:
-                response = self._inner.handle_request(attempt)
-            except BaseException as err:
+                response = yield "send", attempt
+            except BaseException as err:  # a cancelled call ends its count too
                 self._ended(replica, started, err)
                 if not self._passes_over(err):
                     raise
                 last, final = err, None
                 continue
             if response.status_code in FAILING_STATUSES and len(self._pool.urls) > 1:
-                content = response.read()  # this replica cannot serve it: the next may
-                response.close()
+                content = yield "drain", response  # this replica cannot serve it: the next may
                 self._pool._finished(replica, started, True, True)
                 final = self._library.Response(response.status_code,
                                                headers=response.headers, content=content)
                 last = None
                 continue
-            return self._tracked(response, replica, started, asynchronous=False)
+            failing = response.status_code in FAILING_STATUSES
+            release = _release(self._pool, replica, started, failing, self._passes_over)
+            return self._library.Response(
+                response.status_code, headers=response.headers,
+                extensions=response.extensions,
+                stream=_tracked(self._library, asynchronous)(response, release))
         if final is not None and last is None:
             return final  # the last replica tried answered so: the caller sees that answer
         raise self._give_up(request, last)
 
-    def _answers(self, replica: _Replica) -> bool:
+    def _answers(self, replica: _Replica) -> Generator[_Step, Any, bool]:
+        """Probe ``replica`` (steps of :meth:`_route`): whether it answers."""
         answered: bool | None = None
         try:
-            response = self._inner.handle_request(self._probe(replica))
-            response.read()
-            response.close()
+            response = yield "send", self._probe(replica)
+            yield "drain", response
             answered = response.status_code < 500
         except Exception:
             answered = False
         finally:
             self._pool._probed(replica, answered)
-        return bool(answered)
+        return answered
+
+
+class _SyncPoolTransport(_PoolTransport):
+    def handle_request(self, request: Any) -> Any:
+        request.read()
+        route = self._route(request, asynchronous=False)
+        result: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                kind, subject = route.throw(error) if error is not None else route.send(result)
+            except StopIteration as done:
+                return done.value
+            try:
+                result, error = self._step(kind, subject), None
+            except BaseException as err:
+                result, error = None, err
+
+    def _step(self, kind: str, subject: Any) -> Any:
+        if kind == "send":
+            return self._inner.handle_request(subject)
+        try:
+            return subject.read()
+        finally:
+            subject.close()
 
     def close(self) -> None:
         self._inner.close()
@@ -321,47 +344,26 @@ class _SyncPoolTransport(_PoolTransport):
 class _AsyncPoolTransport(_PoolTransport):
     async def handle_async_request(self, request: Any) -> Any:
         await request.aread()
-        last: BaseException | None = None
-        final: Any = None
-        for replica, probe, attempt in self._attempts(request):
-            if replica is None:
-                return await self._inner.handle_async_request(attempt)
-            if probe and not await self._answers(replica):
-                continue
-            started = self._pool._started(replica)
+        route = self._route(request, asynchronous=True)
+        result: Any = None
+        error: BaseException | None = None
+        while True:
             try:
-                response = await self._inner.handle_async_request(attempt)
-            except BaseException as err:  # a cancelled call ends its count too
-                self._ended(replica, started, err)
-                if not self._passes_over(err):
-                    raise
-                last, final = err, None
-                continue
-            if response.status_code in FAILING_STATUSES and len(self._pool.urls) > 1:
-                content = await response.aread()  # this replica cannot serve it: the
-                await response.aclose()  # next may
-                self._pool._finished(replica, started, True, True)
-                final = self._library.Response(response.status_code,
-                                               headers=response.headers, content=content)
-                last = None
-                continue
-            return self._tracked(response, replica, started, asynchronous=True)
-        if final is not None and last is None:
-            return final  # the last replica tried answered so: the caller sees that answer
-        raise self._give_up(request, last)
+                kind, subject = route.throw(error) if error is not None else route.send(result)
+            except StopIteration as done:
+                return done.value
+            try:
+                result, error = await self._step(kind, subject), None
+            except BaseException as err:
+                result, error = None, err
 
-    async def _answers(self, replica: _Replica) -> bool:
-        answered: bool | None = None
+    async def _step(self, kind: str, subject: Any) -> Any:
+        if kind == "send":
+            return await self._inner.handle_async_request(subject)
         try:
-            response = await self._inner.handle_async_request(self._probe(replica))
-            await response.aread()
-            await response.aclose()
-            answered = response.status_code < 500
-        except Exception:
-            answered = False
+            return await subject.aread()
         finally:
-            self._pool._probed(replica, answered)
-        return bool(answered)
+            await subject.aclose()
 
     async def aclose(self) -> None:
         await self._inner.aclose()
