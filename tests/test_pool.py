@@ -271,3 +271,28 @@ def test_a_server_context_takes_a_list_of_replicas() -> None:
     hash(context)  # contexts are cached by value
     reasoner, summarizer = agents(context)
     assert reasoner.pool is summarizer.pool and reasoner.pool.urls == list(context.base_url)
+
+
+def test_ray_options_are_checked_before_any_work(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without Ray installed, --ray is refused before the data is read or a server asked;
+    bad numbers are refused before a cluster is joined."""
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from insightv_agents.cli import app
+    from insightv_agents.distributed import run_on_ray
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else real(name, *a))
+    with FakeOpenAIServer(replying("x")) as server:
+        result = CliRunner().invoke(app, synthesize_args(
+            tmp_path / "missing.jsonl", tmp_path / "out", server.url, "--ray", "auto"))
+        assert result.exit_code == 2 and "pip install 'insightv-agents[ray]'" in result.output
+        assert server.requests == []
+    monkeypatch.undo()
+    for bad in ({"workers": 0}, {"concurrency": 0}, {"gpus_per_worker": -1}):
+        with pytest.raises(ConfigError):
+            run_on_ray(print, [], tmp_path, stem="records", size="num_paths", **bad)

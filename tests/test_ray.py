@@ -168,3 +168,25 @@ def test_eval_on_ray_predicts_as_one_process_does(cluster: str, tmp_path: Path) 
     single, ray = (json.loads((tmp_path / name / "report.json").read_text())
                    for name in ("single", "ray"))
     assert ray["accuracy"] == single["accuracy"] and single["accuracy"]["all"]["correct"] == 10
+
+
+def test_a_cluster_without_room_for_a_worker_is_a_typed_error(
+        cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers asking for a GPU on a cluster of none never start: the run says so."""
+    import functools
+
+    from insightv_agents import distributed
+    from insightv_agents.cli.evaluation import Evaluation, evaluation_worker
+    from insightv_agents.errors import ConfigError
+    from insightv_agents.synthesize import load_items
+
+    monkeypatch.setattr(distributed, "WORKER_START_S", 3.0)
+    items, root = load_items(make_data(tmp_path / "data", 2))
+    run = Evaluation(method="insightv", data="d", root=str(root), base_url=(), local_model=None,
+                     local_adapter=None, model="m", summary_base_url=(), summary_model=None,
+                     mode=None, max_steps=4, temperature=0.0, beam_size=2, checks=None,
+                     limit=None, labels=None)
+    with pytest.raises(ConfigError, match="no Ray worker started within 3 s"):
+        distributed.run_on_ray(functools.partial(evaluation_worker, run), items,
+                               tmp_path / "out", stem="predictions", size="records",
+                               address=cluster, workers=1, gpus_per_worker=1)
