@@ -217,7 +217,8 @@ def iterative_dpo(
         prompts: the prompts M_t is sampled with and its pairs are written in (default: as
             its agent card says, else ours).
         rules: how each path's answer is checked against the ground truth.
-        on_round: called with each round's metrics when the round finishes.
+        on_round: called with each round's metrics when the round finishes (on the main
+            process only, under ``accelerate launch``).
 
     Raises:
         ConfigError, InvalidInputError: before any round, for a bad config or items;
@@ -233,9 +234,12 @@ def iterative_dpo(
         raise ConfigError("final_answer='stated' reads each path's last step; with a "
                           "summarizer, the summarizer answers. Pass one or the other.")
     load_items(items)  # every item is checked before any round
+    from accelerate import PartialState
+
     policy = policy or InProcessPolicy()
     current = _start_model(model)
     rounds: list[dict[str, Any]] = []
+    main = PartialState().is_main_process  # under accelerate launch, one process reports
     # One event loop for every round: HTTP clients that models cache stay bound to it.
     with asyncio.Runner() as loop:
         for number in range(1, config.rounds + 1):
@@ -244,11 +248,12 @@ def iterative_dpo(
                 finished = _run_round(number, current, items, config, loop=loop,
                                       policy=policy, scorer=scorer, judge=judge,
                                       summarizer=summarizer, prompts=prompts, rules=rules)
-                if on_round is not None:
+                if on_round is not None and main:
                     on_round(finished)
             rounds.append(finished)
             current = finished["model_out"]
-            write_round_report(Path(str(config.output_dir)), rounds)
+            if main:
+                write_round_report(Path(str(config.output_dir)), rounds)
     return IterativeResult(rounds=rounds, final_model=current)
 
 
