@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired
 
 from typing_extensions import TypedDict
 
@@ -86,6 +86,8 @@ class PathResult(TypedDict):
     comment: str
     failures: list[Failure]
     seconds: float
+    verdict: NotRequired[Verdict | None]
+    revisions: NotRequired[int]
 
 
 Stage = Literal["summary", "caption", "reasoning", "conclusion"]

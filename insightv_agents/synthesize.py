@@ -39,10 +39,12 @@ ERRORS_FILE = "errors.jsonl"
 RECORD_FIELDS = (
     "id", "path_index", "num_paths", "image", "image_root", "question", "answer", "choices",
     "category", "status", "steps", "final_answer", "correct", "check", "score", "comment",
-    "failures", "scoring_failures", "provenance",
+    "failures", "scoring_failures", "verdict", "revisions", "provenance",
 )
 """The fields of a record. ``answer`` is the ground truth, ``final_answer`` the path's own;
-``correct`` is the answer filter's verdict (``None``: undecided); ``image`` is relative to
+``correct`` is the answer filter's verdict (``None``: undecided); ``verdict`` is the
+summary agent's on the path (when one answered) and ``revisions`` how often it sent the
+path back; ``image`` is relative to
 the data folder (``image_root="data"``) or, for images embedded in a dataset, to the output
 folder (``"out"``)."""
 _MAX_ERRORS_SHOWN = 10
@@ -247,6 +249,7 @@ def to_records(item: Item, result: dict[str, Any], provenance: dict[str, Any],
             "final_answer": path["answer"], "correct": check["correct"] if check else None,
             "check": check, "score": path["score"], "comment": path["comment"],
             "failures": path["failures"], "scoring_failures": result["scoring_failures"],
+            "verdict": path.get("verdict"), "revisions": path.get("revisions", 0),
             "provenance": {
                 **provenance, "prompts_version": PROMPTS_VERSION, "library": __version__,
                 "created": created,

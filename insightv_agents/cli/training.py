@@ -1,4 +1,5 @@
-"""``insightv train sft | dpo | iterate``: the trainers (TRL + PEFT) from the command line.
+"""``insightv train sft | dpo | iterate | grpo | loop``: the trainers (TRL + PEFT), from
+the command line.
 
 Each command's options are the fields of its config (:class:`~insightv_agents.trainers.sft.
 SFTConfig`, :class:`~insightv_agents.trainers.dpo.DPOConfig`, :class:`~insightv_agents.
@@ -22,7 +23,8 @@ from insightv_agents.errors import ConfigError, InsightVError
 from insightv_agents.trained import check_adapter
 from insightv_agents.trainers.common import option
 
-app = typer.Typer(help="Train the agents: SFT, DPO, iterative DPO (TRL + PEFT). Each "
+app = typer.Typer(help="Train the agents: SFT, DPO, iterative DPO, GRPO and the "
+                       "self-improving loop (TRL + PEFT). Each "
                        "also runs under `accelerate launch -m insightv_agents.cli train` "
                        "(`insightv train launch-config` gives DeepSpeed and FSDP configs). "
                        "`insightv train sft --help` lists a command's options.",
@@ -71,6 +73,40 @@ class IterationInputs:
     max_tokens: int = option(1024, "Longest reply per request.")
 
 
+@dataclass
+class GRPOInputs:
+    """What ``train grpo`` reads."""
+
+    model: str = required("The agent to train: a base model folder, or an earlier output "
+                          "(full model or adapter).")
+    input: str = required("reasoning: questions in the synthesis input format (JSONL or a "
+                          "dataset folder); summary: a synthesis output folder of chains "
+                          "written by a reasoning agent (right and flawed ones).")
+    adapter: str | None = option(None, "A PEFT adapter on --model to train further.")
+    scorer: Literal["none", "rule"] = option(
+        "none", "rule: add RuleScorer's path score to the reasoning agent's rewards.")
+    sampler: Literal["trl", "vllm"] = option(
+        "trl", "trl (TRL's generation, in-process) or vllm (a vLLM server on the base model, "
+               "loading the policy's adapter at each step; LoRA only).")
+
+
+@dataclass
+class LoopInputs:
+    """What ``train loop`` reads and samples with."""
+
+    reasoner: str = required("M_1: the reasoning agent (e.g. its SFT output).")
+    summarizer: str = required("S_1: the summary agent (e.g. its SFT output).")
+    input: str = required("Questions in the synthesis input format (JSONL or a dataset "
+                          "folder).")
+    scorer: str = option("rule", "'rule', or the served name of a scoring MLLM at "
+                                 "--scorer_url.")
+    scorer_url: list[str] | None = option(None, "API root of the scorer (several: the "
+                                                "replicas of an endpoint pool).")
+    sampling_temperature: float = option(0.7, "The reasoning agent's temperature when it "
+                                              "samples a round's chains.")
+    max_tokens: int = option(1024, "Longest reply per request.")
+
+
 def training_arguments(command: str, args: Sequence[str]) -> tuple[Any, ...]:
     """The dataclasses ``insightv train <command>`` parses from ``args`` (TRL's ``TrlParser``:
     the command line over the ``--config`` file).
@@ -82,15 +118,21 @@ def training_arguments(command: str, args: Sequence[str]) -> tuple[Any, ...]:
     from trl import TrlParser
 
     from insightv_agents.trainers.dpo import DPOConfig
+    from insightv_agents.trainers.grpo import GRPOConfig
     from insightv_agents.trainers.iterative import IterativeDPOConfig
+    from insightv_agents.trainers.loop import LoopConfig
     from insightv_agents.trainers.sft import SFTConfig
 
     kinds: dict[str, tuple[Any, ...]] = {
         "sft": (TrainingInputs, SFTConfig), "dpo": (TrainingInputs, DPOConfig),
-        "iterate": (IterationInputs, IterativeDPOConfig)}
-    needed = "--input QUESTIONS" if command == "iterate" else "--data DATASET"
+        "iterate": (IterationInputs, IterativeDPOConfig), "grpo": (GRPOInputs, GRPOConfig),
+        "loop": (LoopInputs, LoopConfig)}
+    needed = {"iterate": "--model MODEL --input QUESTIONS",
+              "grpo": "--model MODEL --input QUESTIONS|CHAINS",
+              "loop": "--reasoner MODEL --summarizer MODEL --input QUESTIONS"}.get(
+        command, "--model MODEL --data DATASET")
     parser = TrlParser(kinds[command], prog=f"insightv train {command}", allow_abbrev=False,
-                       usage=f"%(prog)s --model MODEL {needed} --output_dir OUT [options] "
+                       usage=f"%(prog)s {needed} --output_dir OUT [options] "
                              f"(--help lists the options)")
     try:
         return tuple(parser.parse_args_and_config(list(args)))
@@ -166,6 +208,109 @@ def train_iterate_command(ctx: typer.Context) -> None:
         result = iterative_dpo(inputs.model, inputs.input, config, scorer=scoring,
                                summarizer=answering, policy=policy, on_round=show)
     console.print(f"final model: {result.final_model}\nrounds: {config.output_dir}/rounds.md")
+
+
+@app.command("grpo", context_settings=PASS_THROUGH, add_help_option=False)
+def train_grpo_command(ctx: typer.Context) -> None:
+    """GRPO of either agent (Insight-V++): --agent reasoning (chains on --input questions,
+    rewarded for answer and format) or --agent summary (the judge, on the chains of a
+    synthesis output), --model, --output_dir, and any GRPOConfig field (--loss_type,
+    --num_generations, --beta, ...)."""
+    from contextlib import ExitStack
+
+    console = Console()
+    with command_errors(console), ExitStack() as stack:
+        inputs, config = training_arguments("grpo", ctx.args)
+        if inputs.adapter is not None:
+            check_adapter(inputs.adapter)
+        from insightv_agents.answers import AnswerRules
+        from insightv_agents.cards import read_card
+        from insightv_agents.formats import card_profile
+        from insightv_agents.trainers.grpo import (
+            VLLMRollouts,
+            judge_grpo_dataset,
+            reasoning_grpo_dataset,
+            train_grpo,
+        )
+        from insightv_agents.trainers.rewards import ScoreReward, default_rewards
+
+        card = read_card(inputs.adapter) or read_card(inputs.model)
+        reasoning = config.agent == "reasoning"
+        profile = card_profile(card, mode="chain" if reasoning else None)
+        if reasoning:
+            data = reasoning_grpo_dataset(inputs.input, prompts=profile.prompts)
+        else:
+            from insightv_agents.trainers.data import load_records
+
+            data = judge_grpo_dataset(load_records(inputs.input), prompts=profile.prompts,
+                                      profile=profile)
+        rules = AnswerRules.from_mapping(card.answer_rules) \
+            if card is not None and card.answer_rules else None
+        rewards = None
+        if inputs.scorer == "rule":
+            if not reasoning:
+                raise InsightVError("--scorer rule rewards reasoning chains (--agent "
+                                    "reasoning).")
+            from insightv_agents.answers import DEFAULT_RULES
+            from insightv_agents.assessment import RuleScorer
+
+            chosen = rules or DEFAULT_RULES
+            rewards = [*default_rewards("reasoning", profile=profile, rules=chosen),
+                       ScoreReward(RuleScorer(), rules=chosen, profile=profile, weight=0.5)]
+        rollouts = None
+        if inputs.sampler == "vllm":
+            from insightv_agents.backends.vllm import VLLMServer
+            from insightv_agents.trained import resolve_model
+
+            server = VLLMServer(resolve_model(inputs.model)[0], runtime_lora=True,
+                                max_lora_rank=max(config.lora_r, 16))
+            with console.status(f"starting vLLM (log: {server.log_path})"):
+                stack.enter_context(server)
+            rollouts = VLLMRollouts(server)
+        result = train_grpo(inputs.model, data, config, rewards=rewards, rollouts=rollouts,
+                            adapter=inputs.adapter, rules=rules)
+    kind = "adapter" if result.adapter else "model"
+    console.print(f"{kind}: {result.output_dir} (reward "
+                  f"{result.metrics.get('first_logged_reward')} -> "
+                  f"{result.metrics.get('last_logged_reward')}; rollouts in "
+                  f"{result.output_dir}/completions/)")
+
+
+@app.command("loop", context_settings=PASS_THROUGH, add_help_option=False)
+def train_loop_command(ctx: typer.Context) -> None:
+    """The self-improving loop (Insight-V++): each round the reasoning agent samples chains
+    through the synthesis graph, the summary agent judges them and sends flawed ones back,
+    and both agents are retrained (--method grpo or sft): --reasoner, --summarizer, --input,
+    --output_dir, and any LoopConfig field (--rounds, --paths, --max_revisions, ...)."""
+    from insightv_agents.assessment import RuleScorer
+    from insightv_agents.trainers.iterative import InProcessPolicy
+    from insightv_agents.trainers.loop import self_improving_loop
+
+    console = Console()
+
+    def show(metrics: dict[str, Any]) -> None:
+        console.print(f"round {metrics['round']}: accuracy {metrics['accuracy']}, verdict "
+                      f"accuracy {metrics['verdict_accuracy']}, {metrics['kept_paths']} "
+                      f"paths kept -> {metrics['reasoner_out']}, {metrics['summarizer_out']}")
+
+    with command_errors(console):
+        inputs, config = training_arguments("loop", ctx.args)
+        scoring: Any = RuleScorer()
+        if inputs.scorer != "rule":
+            from insightv_agents.backends.vllm import vllm_chat_model
+
+            if inputs.scorer_url is None:
+                raise InsightVError("--scorer NAME needs --scorer_url.")
+            scoring = vllm_chat_model(inputs.scorer_url, inputs.scorer, temperature=0.0,
+                                      max_tokens=inputs.max_tokens)
+        result = self_improving_loop(
+            inputs.reasoner, inputs.summarizer, inputs.input, config, scorer=scoring,
+            policy=InProcessPolicy(temperature=inputs.sampling_temperature,
+                                   max_new_tokens=inputs.max_tokens),
+            summary_policy=InProcessPolicy(temperature=0.0, max_new_tokens=inputs.max_tokens),
+            on_round=show)
+    console.print(f"final agents: {result.reasoner}, {result.summarizer}\nrounds: "
+                  f"{config.output_dir}/rounds.md")
 
 
 @app.command("launch-config")

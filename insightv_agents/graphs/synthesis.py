@@ -48,10 +48,18 @@ from insightv_agents.nodes import (
     SummaryNode,
     prepare_input,
     reasoning_usable,
+    revise,
 )
 from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, ReasoningMode, format_question
 from insightv_agents.runtime import Exchange, Outcome, emit_event
-from insightv_agents.schema import AnswerCheck, Failure, PathResult, ReasoningStep, Verdict
+from insightv_agents.schema import (
+    AnswerCheck,
+    Attempt,
+    Failure,
+    PathResult,
+    ReasoningStep,
+    Verdict,
+)
 
 MAX_CHOICES = 26
 MAX_ANSWER_CHARS = 10_000
@@ -109,6 +117,10 @@ class PathState(TypedDict):
     answer: str
     check: AnswerCheck | None
     paths: list[PathResult]
+    revision: NotRequired[int]
+    critique: NotRequired[str | None]
+    attempts: NotRequired[Annotated[list[Attempt], operator.add]]
+    verdict: NotRequired[Verdict | None]
 
 
 class PathOutput(TypedDict):
@@ -126,12 +138,20 @@ def create_path_graph(
     prompts: Prompts = DEFAULT_PROMPTS,
     rules: AnswerRules = DEFAULT_RULES,
     final_answer: FinalAnswer = "ask",
+    max_revisions: int = 0,
 ) -> StateGraph[PathState, Any, PathState, PathOutput]:
     """One reasoning path: steps until ``summary`` or the cap, the final answer (asked of the
     teacher, from ``summarizer``'s verdict, or as the last step states it), and the answer
     check (rules, then ``judge`` when they cannot decide). Its output is
     ``{"paths": [PathResult]}``, so runs fanned out with ``Send`` collect in a parent's
-    ``paths`` list."""
+    ``paths`` list. With ``max_revisions`` (and a ``summarizer``), a path the summary agent
+    judges flawed goes back to the teacher with its critique (the inference graph's revise
+    loop) up to that many times; the path keeps its last pass, its verdict and how many
+    revisions it took."""
+    check_int("max_revisions", max_revisions, 0, 16)
+    if max_revisions and summarizer is None:
+        raise ConfigError("max_revisions needs a summarizer: its verdicts send flawed paths "
+                          "back for revision.")
     if final_answer not in ("ask", "stated"):
         raise ConfigError(f"final_answer must be 'ask' or 'stated', not {final_answer!r}.")
     if final_answer == "stated" and summarizer is not None:
@@ -165,7 +185,19 @@ def create_path_graph(
     builder.add_edge(START, "reason")
     builder.add_conditional_edges("reason", RunnableCallable(after_reason, trace=False),
                                   {"continue": "reason", "answer": "final_answer"})
-    builder.add_edge("final_answer", "check")
+    if max_revisions:
+        def after_verdict(state: PathState) -> Literal["flawed", "done"]:
+            verdict = state.get("verdict")
+            flawed = verdict is not None and verdict["reasoning_correct"] is False
+            return "flawed" if flawed and state.get("revision", 0) < max_revisions else "done"
+
+        builder.add_node("revise", revise, trace_policy=REDACT_IMAGES)
+        builder.add_conditional_edges("final_answer",
+                                      RunnableCallable(after_verdict, trace=False),
+                                      {"flawed": "revise", "done": "check"})
+        builder.add_edge("revise", "reason")
+    else:
+        builder.add_edge("final_answer", "check")
     if judge is not None:
         builder.add_node("judge", JudgeNode(judge, max_retries=max_retries, prompts=prompts),
                          trace_policy=REDACT_IMAGES)
@@ -193,6 +225,7 @@ def create_synthesis_graph(
     image_policy: ImagePolicy | None = None,
     max_question_chars: int = MAX_QUESTION_CHARS,
     final_answer: FinalAnswer = "ask",
+    max_revisions: int = 0,
 ) -> StateGraph[SynthesisState, Any, SynthesisInput, SynthesisOutput]:
     """Build the Insight-V data-synthesis graph for one item (see the module docstring).
 
@@ -217,6 +250,9 @@ def create_synthesis_graph(
             answers) or ``"stated"`` (the answer the last step states, "The answer is X", no
             model call: a trained reasoning agent's own answer, as its chains end; a path
             whose last step states none fails).
+        max_revisions: with a ``summarizer``, how many times a path it judges flawed goes
+            back to the teacher with its critique (0: never; the self-improving loop's
+            revise step).
 
     Returns:
         A ``StateGraph``: input :class:`SynthesisInput`, output :class:`SynthesisOutput`.
@@ -232,7 +268,8 @@ def create_synthesis_graph(
     path_graph = create_path_graph(teacher=teacher, judge=judge, summarizer=summarizer,
                                    mode=mode, max_steps=max_steps, max_retries=max_retries,
                                    prompts=prompts, rules=rules,
-                                   final_answer=final_answer).compile()
+                                   final_answer=final_answer,
+                                   max_revisions=max_revisions).compile()
     chosen_scorer = teacher if scorer is None else scorer
     if isinstance(chosen_scorer, PathScorer):
         custom = partial(score_with, chosen_scorer)
@@ -317,12 +354,13 @@ class VerdictAnswerNode(SummaryNode):
     def _update(self, state: dict[str, Any], outcome: Outcome[Any] | None,
                 runtime: Runtime[Any] | None) -> dict[str, Any]:
         if outcome is None:
-            return {"answer": ""}
+            return {"answer": "", "verdict": None}
         if outcome.value is None:
-            return {"answer": "", "failures": [self._unreadable(state, outcome, runtime)]}
+            return {"answer": "", "verdict": None,
+                    "failures": [self._unreadable(state, outcome, runtime)]}
         answer = outcome.value["answer"]
         emit_event(runtime, {"event": "answer", "node": self.name, "answer": answer})
-        return {"answer": answer}
+        return {"answer": answer, "verdict": outcome.value}
 
 
 def _stated(state: PathState) -> dict[str, Any]:
@@ -348,6 +386,7 @@ def _finish_path(state: PathState) -> dict[str, Any]:
         "index": state["index"], "status": "ok" if ok else "failed", "steps": steps,
         "answer": answer, "check": state.get("check"), "score": None, "comment": "",
         "failures": failures, "seconds": round(time.time() - state["started"], 3),
+        "verdict": state.get("verdict"), "revisions": state.get("revision", 0),
     }
     return {"paths": [result]}
 

@@ -273,8 +273,9 @@ def _run_round(number: int, current: str, items: str | Path, config: IterativeDP
     state = PartialState()
     started = time.perf_counter()
     if state.is_main_process:  # under accelerate launch, one process samples
-        _sample(number, current, items, samples, config, mode, loop=loop, policy=policy,
-                scorer=scorer, judge=judge, summarizer=summarizer, prompts=prompts, rules=rules)
+        sample_round(number, current, items, samples, config, mode, loop=loop, policy=policy,
+                     scorer=scorer, judge=judge, summarizer=summarizer, prompts=prompts,
+                     rules=rules)
     state.wait_for_everyone()
     sampled_seconds = time.perf_counter() - started
     records = load_records(samples)
@@ -309,10 +310,19 @@ def _run_round(number: int, current: str, items: str | Path, config: IterativeDP
     return metrics
 
 
-def _sample(number: int, current: str, items: str | Path, samples: Path,
-            config: IterativeDPOConfig, mode: ReasoningMode, *, loop: asyncio.Runner,
-            policy: Policy, scorer: Any, judge: Any, summarizer: Any, prompts: Prompts,
-            rules: AnswerRules) -> None:
+def sample_round(number: int, current: str, items: str | Path, samples: Path, config: Any,
+                 mode: ReasoningMode, *, loop: asyncio.Runner, policy: Policy, scorer: Any,
+                 judge: Any, summarizer: Any, prompts: Prompts, rules: AnswerRules,
+                 max_revisions: int = 0) -> None:
+    """Sample round ``number``'s paths from ``current`` through the synthesis graph into
+    ``samples`` (append-only; a rerun resumes), as ``config`` (an :class:`IterativeDPOConfig`
+    or the loop's config: ``paths``, ``reasoning_max_*``, ``final_answer``, ``concurrency``,
+    ``round_questions``) says; with ``max_revisions``, ``summarizer`` sends flawed paths
+    back for revision.
+
+    Raises:
+        BackendError: when items fail to sample (rerun to resume).
+    """
     from insightv_agents.graphs.synthesis import create_synthesis_graph
     from insightv_agents.synthesize import describe_model, load_items, synthesize, write_run_file
 
@@ -326,11 +336,13 @@ def _sample(number: int, current: str, items: str | Path, samples: Path,
                                    max_retries=config.reasoning_max_retries,
                                    prompts=prompts, rules=rules,
                                    final_answer=config.final_answer,
-                                   ).compile(name=f"iterative-dpo-round-{number}")
+                                   max_revisions=max_revisions,
+                                   ).compile(name=f"round-{number}")
     provenance = {"teacher": {**describe_model(sampler), "policy_model": current},
                   "scorer": describe_model(scorer), "judge": describe_model(judge),
                   "summarizer": describe_model(summarizer), "max_steps": config.reasoning_max_steps,
                   "mode": mode, "final_answer": config.final_answer,
+                  "max_revisions": max_revisions,
                   "prompts_version": PROMPTS_VERSION, "round": number}
     write_run_file(samples, {"input": str(items), "data_root": str(root),
                              "question_ids": [item.id for item in loaded],

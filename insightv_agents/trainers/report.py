@@ -1,5 +1,5 @@
-"""The round metrics of an iterative-DPO run as a table (Markdown and JSON) and a plot (SVG,
-drawn here: no plotting library needed)."""
+"""The round metrics of an iterative-DPO or self-improving-loop run as a table (Markdown
+and JSON) and a plot (SVG, drawn here: no plotting library needed)."""
 
 from __future__ import annotations
 
@@ -16,17 +16,25 @@ COLUMNS = (("round", "round"), ("accuracy", "sample accuracy"), ("mean_score", "
            ("sampling_seconds", "sampling s"), ("training_seconds", "training s"))
 
 
-def round_table(rounds: list[dict[str, Any]]) -> str:
+Series = tuple[tuple[str, float, str, str], ...]
+SERIES: Series = (("accuracy", 1.0, "#1f77b4", "sample accuracy"),
+                  ("mean_score", 100.0, "#d62728", "mean score / 100"))
+
+
+def round_table(rounds: list[dict[str, Any]],
+                columns: tuple[tuple[str, str], ...] = COLUMNS) -> str:
     """A Markdown table of the rounds' metrics (the samples of round t come from M_t)."""
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
+    lines = ["| " + " | ".join(title for _, title in columns) + " |",
+             "|" + "---|" * len(columns)]
     for metrics in rounds:
-        lines.append("| " + " | ".join(_cell(metrics.get(key)) for key, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(metrics.get(key)) for key, _ in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
-def round_plot(rounds: list[dict[str, Any]], width: int = 480, height: int = 260) -> str:
-    """An SVG line plot of sample accuracy and mean score / 100 by round."""
+def round_plot(rounds: list[dict[str, Any]], width: int = 480, height: int = 260,
+               series: Series = SERIES) -> str:
+    """An SVG line plot by round of ``series`` (key, scale, colour, label): by default
+    sample accuracy and mean score / 100."""
     left, right, top, bottom = 48, 16, 28, 40
     count = max(len(rounds), 1)
 
@@ -50,8 +58,6 @@ def round_plot(rounds: list[dict[str, Any]], width: int = 480, height: int = 260
                      '</text>')
     parts.append(f'<text x="{(width + left) / 2:.0f}" y="{height - 6}" '
                  'text-anchor="middle">round (samples from M_t)</text>')
-    series = (("accuracy", 1.0, "#1f77b4", "sample accuracy"),
-              ("mean_score", 100.0, "#d62728", "mean score / 100"))
     for position, (key, scale, colour, label) in enumerate(series):
         points = [(x(i), y(min(max(m[key] / scale, 0.0), 1.0)))
                   for i, m in enumerate(rounds) if m.get(key) is not None]
@@ -61,17 +67,19 @@ def round_plot(rounds: list[dict[str, Any]], width: int = 480, height: int = 260
                          'stroke-width="2"/>')
             parts += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3" fill="{colour}"/>'
                       for px, py in points]
-        parts.append(f'<text x="{left + 150 * position}" y="16" fill="{colour}">{label}</text>')
+        parts.append(f'<text x="{left + 120 * position}" y="16" fill="{colour}">{label}</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
 
-def write_round_report(folder: Path, rounds: list[dict[str, Any]]) -> None:
+def write_round_report(folder: Path, rounds: list[dict[str, Any]],
+                       columns: tuple[tuple[str, str], ...] = COLUMNS,
+                       series: Series = SERIES) -> None:
     """Write ``rounds.md``, ``rounds.json`` and ``rounds.svg`` in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / "rounds.md", round_table(rounds))
+    write_atomic(folder / "rounds.md", round_table(rounds, columns))
     write_atomic(folder / "rounds.json", json.dumps(rounds, indent=2, default=str))
-    write_atomic(folder / "rounds.svg", round_plot(rounds))
+    write_atomic(folder / "rounds.svg", round_plot(rounds, series=series))
 
 
 def _cell(value: Any) -> str:
