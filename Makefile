@@ -29,7 +29,7 @@ LOCK_FLAGS := --generate-hashes --find-links $(LOCK_FIND_LINKS) --python-version
 PIP_LOCKED := python -m pip install --quiet --no-deps --require-hashes
 
 .PHONY: setup vllm lock test-latest test-lowest docs demo test lint typecheck pytest bench reliability bench-load bench-serving bench-synthesis \
-	bench-training bench-length-grouping bench-sft-speed bench-batching bench-stage-beam bench-checkpoint-size bench-scale reproduce clean
+	bench-training bench-length-grouping bench-sft-speed bench-batching bench-stage-beam bench-checkpoint-size bench-scale bench-grpo reproduce clean
 
 setup: $(STAMP)
 
@@ -113,6 +113,9 @@ bench-checkpoint-size: $(STAMP)
 
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/scale.py
+
+bench-grpo: $(STAMP)
+	$(BIN)/python benchmarks/grpo.py
 
 reliability: $(STAMP)
 	$(BIN)/python scripts/reliability.py
