@@ -79,6 +79,17 @@ class AnswerRules:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"invalid answer rules {dict(values)!r}: {err}") from None
 
+    @classmethod
+    def from_card(cls, card: Any) -> AnswerRules | None:
+        """The rules an agent card gives (its ``answer_rules``), ``None`` where it gives none
+        (or there is no card).
+
+        Raises:
+            ConfigError: for a bad value.
+        """
+        values = getattr(card, "answer_rules", None)
+        return cls.from_mapping(values) if values else None
+
 
 DEFAULT_RULES = AnswerRules()
 

@@ -204,6 +204,22 @@ def test_grpo_datasets_hold_the_prompts_and_what_the_rewards_read(tmp_path: Path
     assert "circle" in json.dumps(judge[1]["prompt"])
 
 
+def test_grpo_refuses_data_without_its_columns_and_a_one_sided_judge_set(
+        tmp_path: Path) -> None:
+    from insightv_agents import InvalidInputError
+
+    questions = reasoning_grpo_dataset(write_items(tmp_path / "data", 2))
+    with pytest.raises(ConfigError, match="chain_correct"):  # before any model is loaded
+        train_grpo(tmp_path / "no-model", questions,
+                   {"output_dir": str(tmp_path / "out"), "agent": "summary"})
+    records = write_chains(tmp_path / "chains", 2, 0)
+    for paths in records.questions.values():
+        paths[:] = [path for path in paths if path["correct"]]
+    with pytest.raises(InvalidInputError, match="0 flawed"):
+        judge_grpo_dataset(records)
+    assert len(judge_grpo_dataset(records, balance=False)) == 2
+
+
 # --- the synthesis graph's revise loop ---------------------------------------------------------
 
 

@@ -80,9 +80,7 @@ class Backend:
 
     def answer_rules(self) -> AnswerRules | None:
         """The answer rules the reasoning agent's card gives, if it gives any."""
-        card = card_of(self.reasoner)
-        return AnswerRules.from_mapping(card.answer_rules) if card and card.answer_rules \
-            else None
+        return AnswerRules.from_card(card_of(self.reasoner))
 
 
 def choose_backend(base_url: str | Sequence[str] | None, model: str,

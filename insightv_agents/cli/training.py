@@ -163,7 +163,6 @@ def train_iterate_command(ctx: typer.Context) -> None:
     and any IterativeDPOConfig field (--rounds, --paths, --beta, ...)."""
     from contextlib import ExitStack
 
-    from insightv_agents.assessment import RuleScorer
     from insightv_agents.trainers.iterative import InProcessPolicy, VLLMPolicy, iterative_dpo
 
     console = Console()
@@ -175,14 +174,7 @@ def train_iterate_command(ctx: typer.Context) -> None:
 
     with command_errors(console), ExitStack() as stack:
         inputs, config = training_arguments("iterate", ctx.args)
-        scoring: Any = RuleScorer()
-        if inputs.scorer != "rule":
-            from insightv_agents.backends.vllm import vllm_chat_model
-
-            if inputs.scorer_url is None:
-                raise InsightVError("--scorer NAME needs --scorer_url.")
-            scoring = vllm_chat_model(inputs.scorer_url, inputs.scorer, temperature=0.0,
-                                      max_tokens=inputs.max_tokens)
+        scoring = scorer_of(inputs)
         answering = None
         if inputs.summarizer is not None or inputs.summarizer_url is not None:
             from insightv_agents.backends.vllm import vllm_chat_model
@@ -244,8 +236,7 @@ def train_grpo_command(ctx: typer.Context) -> None:
 
             data = judge_grpo_dataset(load_records(inputs.input), prompts=profile.prompts,
                                       profile=profile)
-        rules = AnswerRules.from_mapping(card.answer_rules) \
-            if card is not None and card.answer_rules else None
+        rules = AnswerRules.from_card(card)
         rewards = None
         if inputs.scorer == "rule":
             if not reasoning:
@@ -282,7 +273,6 @@ def train_loop_command(ctx: typer.Context) -> None:
     through the synthesis graph, the summary agent judges them and sends flawed ones back,
     and both agents are retrained (--method grpo or sft): --reasoner, --summarizer, --input,
     --output_dir, and any LoopConfig field (--rounds, --paths, --max_revisions, ...)."""
-    from insightv_agents.assessment import RuleScorer
     from insightv_agents.trainers.iterative import InProcessPolicy
     from insightv_agents.trainers.loop import self_improving_loop
 
@@ -295,14 +285,7 @@ def train_loop_command(ctx: typer.Context) -> None:
 
     with command_errors(console):
         inputs, config = training_arguments("loop", ctx.args)
-        scoring: Any = RuleScorer()
-        if inputs.scorer != "rule":
-            from insightv_agents.backends.vllm import vllm_chat_model
-
-            if inputs.scorer_url is None:
-                raise InsightVError("--scorer NAME needs --scorer_url.")
-            scoring = vllm_chat_model(inputs.scorer_url, inputs.scorer, temperature=0.0,
-                                      max_tokens=inputs.max_tokens)
+        scoring = scorer_of(inputs)
         result = self_improving_loop(
             inputs.reasoner, inputs.summarizer, inputs.input, config, scorer=scoring,
             policy=InProcessPolicy(temperature=inputs.sampling_temperature,
@@ -325,6 +308,21 @@ def launch_config_command(
 
     with command_errors(Console()):
         typer.echo(str(launch_config(name)))
+
+
+def scorer_of(inputs: IterationInputs | LoopInputs) -> Any:
+    """The scorer ``--scorer`` names: ``RuleScorer`` for ``rule``, else the served model at
+    ``--scorer_url``."""
+    from insightv_agents.assessment import RuleScorer
+
+    if inputs.scorer == "rule":
+        return RuleScorer()
+    if inputs.scorer_url is None:
+        raise InsightVError("--scorer NAME needs --scorer_url.")
+    from insightv_agents.backends.vllm import vllm_chat_model
+
+    return vllm_chat_model(inputs.scorer_url, inputs.scorer, temperature=0.0,
+                           max_tokens=inputs.max_tokens)
 
 
 def _train(command: str, args: Sequence[str]) -> None:

@@ -60,7 +60,7 @@ _RECORD_FIELDS: Fields = {
     "correct": (bool, _NONE), "check": (dict, _NONE), "score": (int, float, _NONE),
     "comment": (str, _NONE)}
 """The fields of a synthesis record the builders read, and their types."""
-_PLACEHOLDER = "data:image/png;base64,"  # stands for the image while messages are built
+IMAGE_PLACEHOLDER = "data:image/png;base64,"  # stands for the image while messages are built
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def to_trl_messages(messages: Iterable[BaseMessage]) -> list[dict[str, Any]]:
 def reasoning_prompt(record: Record, mode: ReasoningMode, prompts: Prompts) -> list[BaseMessage]:
     """The reasoning agent's opening conversation for a record's question."""
     return reasoning_messages(prompts=prompts, mode=mode, question=_question(record, prompts),
-                              images=[_PLACEHOLDER], steps=[])
+                              images=[IMAGE_PLACEHOLDER], steps=[])
 
 
 def reasoning_conversation(record: Record, mode: ReasoningMode, prompts: Prompts
@@ -171,7 +171,7 @@ def reasoning_conversation(record: Record, mode: ReasoningMode, prompts: Prompts
     if mode == "chain":
         return [*reasoning_prompt(record, mode, prompts), AIMessage(format_chain(steps))]
     messages = reasoning_messages(prompts=prompts, mode="step",
-                                  question=_question(record, prompts), images=[_PLACEHOLDER],
+                                  question=_question(record, prompts), images=[IMAGE_PLACEHOLDER],
                                   steps=steps)
     return messages[:-1]  # ends on the last step, not on a request for another
 
@@ -180,13 +180,13 @@ def summary_conversation(record: Record, verdict: Verdict, prompts: Prompts
                          ) -> list[BaseMessage]:
     """The summary agent judging ``record``'s steps, then giving ``verdict``."""
     return [*summary_messages(prompts=prompts, question=_question(record, prompts),
-                              images=[_PLACEHOLDER], steps=record["steps"]),
+                              images=[IMAGE_PLACEHOLDER], steps=record["steps"]),
             AIMessage(format_verdict(verdict))]
 
 
 def qa_conversation(record: Record, prompts: Prompts) -> list[BaseMessage]:
     """Plain question answering: the image and question, then the ground truth."""
-    return [HumanMessage(content=user_content(prompts, [_PLACEHOLDER],
+    return [HumanMessage(content=user_content(prompts, [IMAGE_PLACEHOLDER],
                                               _question(record, prompts))),
             AIMessage(record["answer"])]
 
@@ -440,7 +440,7 @@ def build_stage_sft(records: Records, *, min_score: int | None = None,
             report.skipped["no correct path"] += 1
             continue
         messages = stage_messages(prompts=prompts, question=_question(best, DEFAULT_PROMPTS),
-                                  images=[_PLACEHOLDER])
+                                  images=[IMAGE_PLACEHOLDER])
         rows.append(_row(identifier, "stages", [
             *messages, AIMessage(format_stages(path_stages(best)))], records.image(best)))
     report.rows = len(rows)
@@ -489,7 +489,8 @@ def build_stage_judge_sft(records: Records, *, limit: int | None = None, seed: i
         first, second = (good[stage], bad[stage]) if choice == 1 else (bad[stage], good[stage])
         messages = pairwise_messages(prompts=prompts, target=stage,
                                      question=_question(best, DEFAULT_PROMPTS),
-                                     images=[_PLACEHOLDER], prefix=format_stages(good, upto=stage),
+                                     images=[IMAGE_PLACEHOLDER],
+                                     prefix=format_stages(good, upto=stage),
                                      first=first, second=second)
         reply = f"Since {_JUDGE_REASONS[stage]}, I choose response {choice}."
         rows.append(_row(identifier, f"judge-{stage}", [*messages, AIMessage(reply)],

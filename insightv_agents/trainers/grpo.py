@@ -23,7 +23,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -33,7 +33,7 @@ from insightv_agents.answers import DEFAULT_RULES, AnswerRules
 from insightv_agents.cards import AgentCard, Role, read_card
 from insightv_agents.errors import BackendError, ConfigError, InvalidInputError
 from insightv_agents.formats import FormatProfile, card_profile, format_profile
-from insightv_agents.prompts import Prompts, format_question, reasoning_messages, summary_messages
+from insightv_agents.prompts import Prompts, format_question, summary_messages
 from insightv_agents.trainers.common import (
     AgentTraining,
     check_config,
@@ -44,12 +44,16 @@ from insightv_agents.trainers.common import (
     output_card,
     save_output,
 )
-from insightv_agents.trainers.data import Records, to_trl_messages
+from insightv_agents.trainers.data import (
+    IMAGE_PLACEHOLDER,
+    Records,
+    reasoning_prompt,
+    to_trl_messages,
+)
 from insightv_agents.trainers.rewards import Agent, default_rewards
 from insightv_agents.trainers.sft import TrainResult
 
 GRPO_DEFAULTS: dict[str, tuple[float, float]] = {"full": (1e-6, 1), "lora": (1e-5, 1)}
-_PLACEHOLDER = "data:image/png;base64,"  # stands for the image while messages are built
 
 
 @dataclass
@@ -109,8 +113,8 @@ def reasoning_grpo_dataset(items: str | Path, *, prompts: Prompts | None = None,
     rows = []
     for item in loaded:
         question = format_question(item.question, item.choices, profile.prompts)
-        messages = reasoning_messages(prompts=profile.prompts, mode="chain", question=question,
-                                      images=[_PLACEHOLDER], steps=[])
+        messages = reasoning_prompt({"question": item.question, "choices": item.choices},
+                                    "chain", profile.prompts)
         rows.append({"id": item.id, "prompt": to_trl_messages(messages),
                      "image": _image_bytes(item.image), "question": question,
                      "answer": item.answer, "choices": item.choices})
@@ -142,7 +146,7 @@ def judge_grpo_dataset(records: Records, *, prompts: Prompts | None = None,
                 continue
             question = format_question(path["question"], path.get("choices"), chosen.prompts)
             messages = summary_messages(prompts=chosen.prompts, question=question,
-                                        images=[_PLACEHOLDER], steps=path["steps"],
+                                        images=[IMAGE_PLACEHOLDER], steps=path["steps"],
                                         render=chosen.render_reasoning)
             row = {"id": f"{identifier}/{path['path_index']}",
                    "prompt": to_trl_messages(messages),
@@ -201,8 +205,8 @@ class VLLMRollouts:
     server: Any
     concurrency: int = 16
     timeout: float = 600.0
-    _step: int = -1
-    _name: str = ""
+    _step: int = field(default=-1, init=False, repr=False)
+    _name: str = field(default="", init=False, repr=False)
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
         name = self._sync(trainer)
@@ -220,8 +224,7 @@ class VLLMRollouts:
         prompt_ids: list[list[int]] = []
         completion_ids: list[list[int]] = []
         logprobs: list[list[float]] = []
-        for group, (ids, choices) in zip(groups, replies, strict=True):
-            del ids  # the server's; the trainer's own tokenization is used below
+        for group, choices in zip(groups, replies, strict=True):
             encoded = _prompt_ids(trainer.processing_class, prompts[group[0]])
             for tokens, probabilities in choices:
                 prompt_ids.append(encoded)
@@ -253,7 +256,7 @@ class VLLMRollouts:
         return name
 
     def _sample(self, name: str, prompt: list[dict[str, Any]], count: int, args: Any,
-                image_token: int | None) -> tuple[list[int], list[tuple[list[int], list[float]]]]:
+                image_token: int | None) -> list[tuple[list[int], list[float]]]:
         import httpx
 
         body: dict[str, Any] = {
@@ -273,7 +276,7 @@ class VLLMRollouts:
         except httpx.HTTPError as err:
             raise BackendError(f"rollouts from the vLLM server failed: {err}") from err
         choices = sorted(reply["choices"], key=lambda choice: choice["index"])
-        return reply.get("prompt_token_ids") or [], [
+        return [
             (list(choice["token_ids"]),
              [float(entry["logprob"]) for entry in (choice.get("logprobs") or {})
               .get("content") or []])
@@ -351,11 +354,9 @@ def train_grpo(model: str | Path, dataset: Any, config: GRPOConfig | dict[str, A
     if rollouts is not None and config.finetune != "lora":
         raise ConfigError("vLLM rollouts need finetune='lora' (the server loads the "
                           "policy's adapter at each step).")
-    started_card = card or read_card(adapter) or _model_card(model)
+    started_card = card or read_card(adapter) or read_card(model)
     profile = card_profile(started_card, mode="chain" if config.agent == "reasoning" else None)
-    if rules is None:
-        rules = AnswerRules.from_mapping(started_card.answer_rules) \
-            if started_card is not None and started_card.answer_rules else DEFAULT_RULES
+    rules = rules or AnswerRules.from_card(started_card) or DEFAULT_RULES
     chosen: list[Any] = list(rewards) if rewards is not None else default_rewards(
         config.agent, profile=profile, rules=rules)
     if not chosen or not all(callable(reward) for reward in chosen):
@@ -392,7 +393,3 @@ def train_grpo(model: str | Path, dataset: Any, config: GRPOConfig | dict[str, A
     return TrainResult(output_dir=out, adapter=config.finetune == "lora",
                        base_model=loaded.base, metrics=metrics)
 
-
-def _model_card(model: str | Path) -> AgentCard | None:
-    folder = Path(model)
-    return read_card(folder) if folder.is_dir() else None

@@ -115,11 +115,16 @@ class IterativeDPOConfig(DPOConfig):
 
     def round_questions(self, round_number: int, count: int) -> list[int]:
         """Indexes of the questions (of ``count``) that one round samples."""
-        per_round = self.questions_per_round
-        if per_round is None or per_round >= count:
-            return list(range(count))
-        start = (round_number - 1) * per_round
-        return [(start + offset) % count for offset in range(per_round)]
+        return round_slice(round_number, count, self.questions_per_round)
+
+
+def round_slice(round_number: int, count: int, per_round: int | None) -> list[int]:
+    """Indexes of the questions (of ``count``) round ``round_number`` samples: the next
+    ``per_round`` of them, wrapping round (all of them for ``None``)."""
+    if per_round is None or per_round >= count:
+        return list(range(count))
+    start = (round_number - 1) * per_round
+    return [(start + offset) % count for offset in range(per_round)]
 
 
 @runtime_checkable
@@ -237,13 +242,13 @@ def iterative_dpo(
     from accelerate import PartialState
 
     policy = policy or InProcessPolicy()
-    current = _start_model(model)
+    current = start_model(model)
     rounds: list[dict[str, Any]] = []
     main = PartialState().is_main_process  # under accelerate launch, one process reports
     # One event loop for every round: HTTP clients that models cache stay bound to it.
     with asyncio.Runner() as loop:
         for number in range(1, config.rounds + 1):
-            finished = _finished_round(config.round_dir(number))
+            finished = finished_round(config.round_dir(number))
             if finished is None:
                 finished = _run_round(number, current, items, config, loop=loop,
                                       policy=policy, scorer=scorer, judge=judge,
@@ -280,7 +285,7 @@ def _run_round(number: int, current: str, items: str | Path, config: IterativeDP
     sampled_seconds = time.perf_counter() - started
     records = load_records(samples)
     metrics: dict[str, Any] = {"round": number, "model_in": current,
-                               **_sample_metrics(records.questions.values())}
+                               **sample_metrics(records.questions.values())}
     try:
         pairs, report = build_dpo_pairs(records, min_margin=config.min_margin,
                                         min_chosen_score=config.min_chosen_score,
@@ -355,7 +360,8 @@ def sample_round(number: int, current: str, items: str | Path, samples: Path, co
                            f"({shown}). Rerun to resume; see {samples / 'errors.jsonl'}.")
 
 
-def _sample_metrics(questions: Sequence[list[dict[str, Any]]] | Any) -> dict[str, Any]:
+def sample_metrics(questions: Sequence[list[dict[str, Any]]] | Any) -> dict[str, Any]:
+    """A round's sample metrics: questions, paths, failed paths, accuracy, mean score."""
     paths = [path for group in questions for path in group]
     scored = [path["score"] for path in paths if path["score"] is not None]
     return {
@@ -367,7 +373,8 @@ def _sample_metrics(questions: Sequence[list[dict[str, Any]]] | Any) -> dict[str
     }
 
 
-def _finished_round(folder: Path) -> dict[str, Any] | None:
+def finished_round(folder: Path) -> dict[str, Any] | None:
+    """The metrics of the round finished in ``folder`` (its round file), else ``None``."""
     path = folder / ROUND_FILE
     if not path.exists():
         return None
@@ -376,7 +383,9 @@ def _finished_round(folder: Path) -> dict[str, Any] | None:
                      field="output_dir")
 
 
-def _start_model(model: str | Path) -> str:
+def start_model(model: str | Path) -> str:
+    """Where a run starts: a model folder's absolute path, an adapter output's adapter, or
+    a model name as it is."""
     base, adapter = resolve_model(model)
     if adapter is None and Path(base).exists():
         return str(Path(base).resolve())

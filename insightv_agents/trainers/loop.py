@@ -50,7 +50,11 @@ from insightv_agents.trainers.iterative import (
     ROUND_FILE,
     InProcessPolicy,
     Policy,
+    finished_round,
+    round_slice,
+    sample_metrics,
     sample_round,
+    start_model,
 )
 from insightv_agents.trainers.report import write_round_report
 from insightv_agents.trainers.rewards import ScoreReward, default_rewards
@@ -129,11 +133,7 @@ class LoopConfig(GRPOConfig):
 
     def round_questions(self, round_number: int, count: int) -> list[int]:
         """Indexes of the questions (of ``count``) that one round samples."""
-        per_round = self.questions_per_round
-        if per_round is None or per_round >= count:
-            return list(range(count))
-        start = (round_number - 1) * per_round
-        return [(start + offset) % count for offset in range(per_round)]
+        return round_slice(round_number, count, self.questions_per_round)
 
     def grpo(self, output_dir: Path, agent: Literal["reasoning", "summary"]) -> GRPOConfig:
         """This round's GRPO config for ``agent``: this one, writing to ``output_dir``."""
@@ -197,18 +197,15 @@ def self_improving_loop(
         raise ConfigError("the loop needs a scorer (an MLLM or a PathScorer such as "
                           "RuleScorer).")
     load_items(items)  # every item is checked before any round
-    card = read_card(reasoner)
-    if rules is None:
-        rules = AnswerRules.from_mapping(card.answer_rules) \
-            if card is not None and card.answer_rules else DEFAULT_RULES
+    rules = rules or AnswerRules.from_card(read_card(reasoner)) or DEFAULT_RULES
     policy = policy or InProcessPolicy()
     summary_policy = summary_policy or InProcessPolicy(temperature=0.0)
-    current = {"reasoner": _start(reasoner), "summarizer": _start(summarizer)}
+    current = {"reasoner": start_model(reasoner), "summarizer": start_model(summarizer)}
     rounds: list[dict[str, Any]] = []
     with asyncio.Runner() as loop:
         for number in range(1, config.rounds + 1):
             folder = config.round_dir(number)
-            finished = _finished_round(folder)
+            finished = finished_round(folder)
             if finished is None:
                 finished = _run_round(number, current, items, config, loop=loop,
                                       policy=policy, summary_policy=summary_policy,
@@ -262,10 +259,7 @@ def _round_metrics(records: Any, config: LoopConfig) -> dict[str, Any]:
     judged = [path for path in paths if path.get("correct") is not None
               and (path.get("verdict") or {}).get("reasoning_correct") is not None]
     return {
-        "questions": len(records.questions), "paths": len(paths),
-        "failed_paths": sum(path["status"] != "ok" for path in paths),
-        "accuracy": round(sum(path["correct"] is True for path in paths) / len(paths), 4)
-        if paths else None,
+        **sample_metrics(records.questions.values()),
         "verdict_accuracy": round(sum(path["verdict"]["reasoning_correct"] is path["correct"]
                                       for path in judged) / len(judged), 4) if judged else None,
         "revised_paths": sum(bool(path.get("revisions")) for path in paths),
@@ -333,23 +327,4 @@ def _trained(out: Path, train: Callable[[], Any]) -> dict[str, Any]:
     return {"model": str(out), "trained": True, "reward": metrics.get("last_logged_reward"),
             "loss": metrics.get("train_loss")}
 
-
-def _finished_round(folder: Path) -> dict[str, Any] | None:
-    from insightv_agents.files import read_json
-
-    path = folder / ROUND_FILE
-    if not path.exists():
-        return None
-    return read_json(path, what="the round file",
-                     fix="Remove the round's folder to run the round again.",
-                     field="output_dir")
-
-
-def _start(model: str | Path) -> str:
-    from insightv_agents.trained import resolve_model
-
-    base, adapter = resolve_model(model)
-    if adapter is None and Path(base).exists():
-        return str(Path(base).resolve())
-    return adapter or base
 

@@ -31,7 +31,7 @@ reward formulas are not published):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -41,7 +41,6 @@ from insightv_agents.formats import FormatProfile, format_profile
 from insightv_agents.schema import PathResult, ReasoningStep
 
 Agent = Literal["reasoning", "summary"]
-RewardFunction = Callable[..., list[float | None]]
 
 _MARKERS: dict[str, tuple[str, ...]] = {
     "steps": ("{", '"summary"', '"reasoning"', '"action"', "}"),
