@@ -306,11 +306,9 @@ def _openai_messages(prompt: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _prompt_ids(processor: Any, prompt: list[dict[str, Any]]) -> list[int]:
     """The prompt's token ids as the trainer's processor makes them (image tokens
     expanded), so that the forward pass matches the image features."""
-    from trl.data_utils import apply_chat_template
-
     images = [part["image"] for message in prompt if isinstance(message["content"], list)
               for part in message["content"] if part.get("type") == "image"]
-    text = apply_chat_template({"prompt": prompt}, processor)["prompt"]
+    text = trl.apply_chat_template({"prompt": prompt}, processor)["prompt"]
     encoded = processor(text=[text], images=[images] if images else None)
     return list(encoded["input_ids"][0])
 

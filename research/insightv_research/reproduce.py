@@ -77,6 +77,8 @@ SYSTEMS: dict[str, str] = {
     "e-dpo-3": "(e) (c) + iterative DPO",
     "f-stages": "(f) LLaVA-CoT stages",
     "f-stage-beam": "(f) + stage-level beam search",
+    "g-grpo": "(g) (c) + GRPO",
+    "h-loop": "(h) (c) + self-improving loop",
 }
 OPTIMAL_ONLY = SummaryMix(optimal=1, flawed=0, self_made=0, qa=0)
 RESULTS_FILE = "results.json"
@@ -92,9 +94,13 @@ PAIRS: tuple[tuple[str, str, tuple[str, ...] | None, str], ...] = (
     ("e-dpo-3", "c-insightv", None, "all"),
     ("c-insightv", "a-direct", ("perception",), "perception"),
     ("f-stage-beam", "f-stages", None, "all"),
+    ("g-grpo", "c-insightv", None, "all"),
+    ("g-grpo", "e-dpo-3", None, "all"),
+    ("h-loop", "c-insightv", None, "all"),
+    ("h-loop", "e-dpo-3", None, "all"),
 )
 # The stages that make models (``timings.json`` keys): everything but the data and the eval.
-TRAINING_STAGES = ("text", "base", "sft", "reasoner samples", "iterative")
+TRAINING_STAGES = ("text", "base", "sft", "reasoner samples", "iterative", "grpo", "loop")
 
 
 def dpo_losses(sft_weight: float) -> dict[str, Any]:
@@ -161,6 +167,15 @@ class ReproduceSettings(BaseModel):
         dpo_on_plan: the DPO rounds' ``SceneScorer`` counts a sampled path's right answer only
             when the path follows a plan for the question (``on_plan``).
         beam_size: candidates per stage in (f)'s stage-level beam search.
+        grpo_steps, grpo_generations, grpo_learning_rate: (g), GRPO of the reasoning agent
+            from its SFT model (full fine-tuning) on the DPO split's questions: steps of one
+            question's group of ``grpo_generations`` chains, rewarded for the stated answer
+            (1), the format (0.5) and ``SceneScorer``'s score of the chain (0.5: a
+            process-level reward).
+        loop_rounds, loop_revisions: (h), the self-improving loop from the SFT agents on the
+            DPO split (``dpo`` fresh questions a round, ``dpo_paths`` chains each, the summary
+            agent sending a flawed chain back up to ``loop_revisions`` times), both agents
+            retrained by GRPO each round (``grpo_steps`` steps each).
         summary_rows, summary_mix: rows of the summary agent's SFT set, and their shares of
             optimal and flawed paths, the agent's own paths and plain question answering
             (:class:`~insightv_agents.trainers.data.SummaryMix`; the default is optimal paths
@@ -216,6 +231,11 @@ class ReproduceSettings(BaseModel):
     dpo_score_share: Literal["claims", "steps"] = "claims"
     dpo_on_plan: bool = False
     beam_size: int = Field(2, ge=2, le=8)
+    grpo_steps: int = Field(48, ge=1)
+    grpo_generations: int = Field(8, ge=2, le=64)
+    grpo_learning_rate: float = Field(2e-5, gt=0)
+    loop_rounds: int = Field(2, ge=1, le=10)
+    loop_revisions: int = Field(1, ge=0, le=16)
     summary_rows: int = Field(1200, ge=10)
     summary_mix: SummaryMix = Field(default_factory=lambda: OPTIMAL_ONLY)
     summary_epochs: float | None = Field(4, gt=0)
@@ -340,6 +360,8 @@ class Run:
                 rows |= self.timed("training sets", partial(self.build, records, later, own))
             self.timed(f"sft {name}", partial(self.sft, name, rows[name]))
         rounds = self.timed("iterative dpo", self.iterate)
+        self.grpo_result = self.timed("grpo", self.grpo)
+        self.loop_rounds = self.timed("loop", self.loop)
         reports = {system: self.timed(f"eval {system}", partial(self.evaluate, system, rounds))
                    for system in SYSTEMS}
         results = self.results(reports, rounds)
@@ -571,6 +593,58 @@ class Run:
             on_round=lambda metrics: self.log(f"  round {metrics['round']}: {metrics}"))
         return result.rounds
 
+    def grpo_config(self, output_dir: Path, **extra: Any) -> dict[str, Any]:
+        """The GRPO settings of (g) and of each round of (h)."""
+        s = self.settings
+        return {"output_dir": str(output_dir), "finetune": "full",
+                "learning_rate": s.grpo_learning_rate, "max_steps": s.grpo_steps,
+                "num_generations": s.grpo_generations,
+                "per_device_train_batch_size": s.grpo_generations,
+                "max_completion_length": s.max_new_tokens, "seed": s.seed, "logging_steps": 1,
+                "save_steps": 50, "dtype": self.precision, "report_to": [], **extra}
+
+    def grpo(self) -> dict[str, Any]:
+        """(g): GRPO of the SFT reasoning agent on the DPO split's questions."""
+        from insightv_agents.trainers.common import finished_run
+        from insightv_agents.trainers.grpo import reasoning_grpo_dataset, train_grpo
+        from insightv_agents.trainers.rewards import ScoreReward, default_rewards
+        from insightv_research.shapes.scorer import SceneScorer
+
+        out = self.models / "grpo"
+        run = finished_run(out)
+        if run is None:
+            rewards = [*default_rewards("reasoning", rules=ANSWER_RULES),
+                       ScoreReward(SceneScorer(index=self.index), rules=ANSWER_RULES,
+                                   weight=0.5)]
+            metrics = train_grpo(
+                self.models / "reasoner",
+                reasoning_grpo_dataset(self.data / "dpo.jsonl", prompts=PROMPTS),
+                self.grpo_config(out), rewards=rewards, rules=ANSWER_RULES).metrics
+        else:
+            metrics = run["metrics"]
+        return {key: metrics.get(key) for key in
+                ("first_logged_reward", "last_logged_reward", "train_loss", "wall_seconds")}
+
+    def loop(self) -> list[dict[str, Any]]:
+        """(h): the self-improving loop from the SFT agents on the DPO split."""
+        from insightv_agents.trainers.iterative import InProcessPolicy
+        from insightv_agents.trainers.loop import LoopConfig, self_improving_loop
+        from insightv_research.shapes.scorer import SceneScorer
+
+        s = self.settings
+        result = self_improving_loop(
+            self.models / "reasoner", self.models / "summary", self.data / "dpo.jsonl",
+            LoopConfig(**self.grpo_config(
+                self.models / "loop", rounds=s.loop_rounds, paths=s.dpo_paths,
+                max_revisions=s.loop_revisions, questions_per_round=s.dpo,
+                concurrency=s.concurrency)),
+            scorer=SceneScorer(index=self.index), rules=ANSWER_RULES,
+            policy=InProcessPolicy(max_new_tokens=s.max_new_tokens, seed=s.seed),
+            summary_policy=InProcessPolicy(temperature=0.0, max_new_tokens=s.max_new_tokens,
+                                           seed=s.seed),
+            on_round=lambda metrics: self.log(f"  loop round {metrics['round']}: {metrics}"))
+        return result.rounds
+
     def chat(self, model: Path | str, temperature: float = 0.0) -> Any:
         from insightv_agents.backends.transformers import ChatTransformersVLM
 
@@ -594,10 +668,16 @@ class Run:
             return graph_predictor(create_stage_beam_graph(
                 model, search="stage" if beam else "single", beam_size=self.settings.beam_size,
                 check_reasoning=False, prompts=STAGE_PROMPTS).compile())
-        reasoner = str(models / "reasoner") if system == "c-insightv" \
-            else rounds[0 if system == "d-dpo-1" else -1]["model_out"]
+        reasoner, summary = str(models / "reasoner"), str(models / "summary")
+        if system in ("d-dpo-1", "e-dpo-3"):
+            reasoner = rounds[0 if system == "d-dpo-1" else -1]["model_out"]
+        elif system == "g-grpo":
+            reasoner = str(models / "grpo")
+        elif system == "h-loop":
+            reasoner, summary = (self.loop_rounds[-1]["reasoner_out"],
+                                 self.loop_rounds[-1]["summarizer_out"])
         return graph_predictor(create_insightv_graph(
-            reasoner=self.chat(reasoner), summarizer=self.chat(models / "summary"),
+            reasoner=self.chat(reasoner), summarizer=self.chat(summary),
             mode="chain", prompts=PROMPTS).compile())
 
     def evaluate(self, system: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -635,7 +715,8 @@ class Run:
                 "mean_seconds": round(report.get("mean_seconds", 0.0), 3),
             }
         return {"settings": json.loads(self.settings.model_dump_json()), "systems": systems,
-                "dpo_rounds": rounds, "timings_seconds": self.timings,
+                "dpo_rounds": rounds, "grpo": self.grpo_result, "loop_rounds": self.loop_rounds,
+                "timings_seconds": self.timings,
                 "training_seconds": round(sum(v for k, v in self.timings.items()
                                               if k.startswith(TRAINING_STAGES)), 1),
                 "total_seconds": round(sum(self.timings.values()), 1), "machine": machine(),
@@ -731,6 +812,17 @@ def results_markdown(results: dict[str, Any]) -> str:
         loss = r.get("train_loss")
         lines.append(f"| {r['round']} | {r['pairs']} | {pct(r.get('accuracy'))} "
                      f"| {r.get('mean_score')} | {'–' if loss is None else f'{loss:.3f}'} |")
+    if results.get("grpo"):
+        g = results["grpo"]
+        lines += ["", f"GRPO (g): reward {_number(g.get('first_logged_reward'))} at its first "
+                  f"step, {_number(g.get('last_logged_reward'))} at its last."]
+    if results.get("loop_rounds"):
+        lines += ["", "| Loop round | Sampled accuracy | Verdict accuracy | Revised | Paths "
+                  "kept | Reasoner reward | Summary reward |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['round']} | {pct(r.get('accuracy'))} | {pct(r.get('verdict_accuracy'))}"
+                  f" | {r.get('revised_paths')} | {r.get('kept_paths')} "
+                  f"| {_number(r.get('reasoner_reward'))} | {_number(r.get('summary_reward'))} |"
+                  for r in results["loop_rounds"]]
     return "\n".join(lines) + "\n"
 
 
@@ -786,6 +878,10 @@ def runs_markdown(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
                   f"| {wins} | {losses} | {sign_test(wins, losses):.2f} |"
                   for (first, second, questions), (n, items, wins, losses) in pooled.items()]
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def _short(name: str) -> str:

@@ -32,6 +32,7 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
                                  text_near_copy_target=None, caption_epochs=1,
                                  sft_epochs=1, rounds=2, dpo_paths=2,
                                  self_questions=3, self_paths=2,
+                                 grpo_steps=2, grpo_generations=2,
                                  max_new_tokens=16, concurrency=2,
                                  precision="auto", micro_batches=2)  # the speed options
     log: list[str] = []
@@ -43,7 +44,7 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
     assert [r["round"] for r in results["dpo_rounds"]] == [1, 2]
     assert [probe["epochs"] for probe in results["caption_probe"]] == [1]  # the base's probe
     # the goals question by question: the paired counts give the accuracies' difference
-    assert len(results["paired"]) == 7
+    assert len(results["paired"]) == 11
     for pair in results["paired"]:
         if pair["questions"] == "all":
             first, second = (results["systems"][pair[k]]["accuracy"] for k in ("first",
@@ -64,7 +65,7 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
     # what the summary agent did with the chains' answers: for (c)-(e) only, where it ran
     # (here the 16-token chains state no answer: test_results_table_says_what_the_summary...)
     assert not any(system["summary_agent"] for name, system in results["systems"].items()
-                   if name[0] not in "cde")
+                   if name[0] not in "cdegh")
     ET.fromstring((out / "results.svg").read_text())  # well-formed SVG
     # The caption pre-training saw only training images: the test split stays held out.
     trained = {json.loads(line)["image"] for line in (out / "data" / "train.jsonl")
@@ -73,8 +74,12 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
               .read_text().splitlines()}
     assert not trained & tested
     stamps = {path: path.stat().st_mtime_ns for path in out.rglob("insightv_training.json")}
-    # text, base, 4 SFT runs, and each DPO round that had pairs to train on
-    assert len(stamps) == 6 + sum(r["trained"] for r in results["dpo_rounds"])
+    # text, base, 4 SFT runs, each DPO round that had pairs to train on, (g)'s GRPO, and
+    # each loop round's trainings (the summary agent's needs right and flawed chains)
+    assert [r["round"] for r in results["loop_rounds"]] == [1, 2]
+    assert results["grpo"]["last_logged_reward"] is not None
+    assert len(stamps) == 7 + sum(r["trained"] for r in results["dpo_rounds"]) + sum(
+        r["reasoner_trained"] + r["summarizer_trained"] for r in results["loop_rounds"])
     assert json.loads((out / "models" / "text" / "insightv_training.json").read_text()
                       )["metrics"]["step"] == 10
     # the caption pre-training at its own learning rate, the SFT runs at theirs
@@ -117,19 +122,19 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
         == stamps  # nothing trained twice
 
     # The same run with the paper's summary agent (its mix, with the reasoning agent's own
-    # paths; 2 epochs) and the DPO rounds judged by that agent: only those and (c)-(e) are
-    # redone.
+    # paths; 2 epochs) and the DPO rounds judged by that agent: only those, the loop and
+    # (c)-(e), (g), (h) are redone.
     paper = settings.model_copy(update={
         "out": tmp_path / "paper", "dpo_answer": "summary", "summary_epochs": 2,
         "summary_mix": SummaryMix()})
     shutil.copytree(out, paper.out, ignore=shutil.ignore_patterns(
-        "dpo", "summary", "c-*", "d-*", "e-*"))
+        "dpo", "summary", "loop", "c-*", "d-*", "e-*", "g-*", "h-*"))
     redone = reproduce(paper, log=[].append)
     assert {path.relative_to(paper.out): path.stat().st_mtime_ns
             for path in paper.out.rglob("insightv_training.json")
-            if not {"dpo", "summary"} & set(path.parts)} \
+            if not {"dpo", "summary", "loop"} & set(path.parts)} \
         == {path.relative_to(out): stamp for path, stamp in stamps.items()
-            if not {"dpo", "summary"} & set(path.parts)}  # the rest was not trained again
+            if not {"dpo", "summary", "loop"} & set(path.parts)}  # the rest not trained again
     import datasets
 
     kinds = {name: set(datasets.load_from_disk(str(run / "training-sets" / "summary"))["kind"])
