@@ -139,6 +139,7 @@ def judge_grpo_dataset(records: Records, *, prompts: Prompts | None = None,
         else format_profile(mode="chain", prompts=prompts)
     right: list[dict[str, Any]] = []
     flawed: list[dict[str, Any]] = []
+    images: dict[str, bytes] = {}  # a question's paths share their image: read it once
     for identifier, paths in records.questions.items():
         for path in paths:
             correct = path.get("correct")
@@ -150,7 +151,7 @@ def judge_grpo_dataset(records: Records, *, prompts: Prompts | None = None,
                                         render=chosen.render_reasoning)
             row = {"id": f"{identifier}/{path['path_index']}",
                    "prompt": to_trl_messages(messages),
-                   "image": Path(records.image(path)).read_bytes(), "question": question,
+                   "image": _read_once(images, records.image(path)), "question": question,
                    "answer": path["answer"], "choices": path.get("choices"),
                    "chain_correct": bool(correct)}
             (right if correct else flawed).append(row)
@@ -170,6 +171,12 @@ def judge_grpo_dataset(records: Records, *, prompts: Prompts | None = None,
         raise InvalidInputError("no usable chain with a decided answer in the records.",
                                 field="from")
     return _dataset(rows)
+
+
+def _read_once(cache: dict[str, bytes], path: str) -> bytes:
+    if path not in cache:
+        cache[path] = Path(path).read_bytes()
+    return cache[path]
 
 
 def _image_bytes(image: str | bytes) -> bytes:

@@ -156,7 +156,7 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
         ("stated", False), ("ask", True)]  # the chains' own answers, then the summary agent
     assert [r["round"] for r in redone["dpo_rounds"]] == [1, 2]
     assert all(redone["systems"][name] == results["systems"][name] for name in SYSTEMS
-               if name[0] not in "cde")
+               if name[0] not in "cdegh")  # (g), (h) use the summary agent too
 
 
 def test_results_table_says_what_the_summary_agent_did_with_the_chains_answers() -> None:
