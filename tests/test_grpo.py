@@ -269,7 +269,8 @@ def test_grpo_in_process_raises_the_format_reward_from_a_fresh_start(
 def test_grpo_with_vllm_rollouts_raises_the_reward(model: Path, tmp_path: Path) -> None:
     """Rollouts from a real vLLM CPU server that loads the policy's LoRA adapter at every
     step (TRL's rollout_func)."""
-    from test_vllm_server import ENGINE, vllm_python
+    from helpers import vllm_python
+    from test_vllm_server import ENGINE
 
     from insightv_agents.backends.vllm import VLLMServer
     from insightv_agents.trainers.grpo import VLLMRollouts

@@ -176,8 +176,8 @@ def test_a_cluster_without_room_for_a_worker_is_a_typed_error(
     import functools
 
     from insightv_agents import distributed
-    from insightv_agents.cli.evaluation import Evaluation, evaluation_worker
     from insightv_agents.errors import ConfigError
+    from insightv_agents.methods import Evaluation, evaluation_worker
     from insightv_agents.synthesize import load_items
 
     monkeypatch.setattr(distributed, "WORKER_START_S", 3.0)

@@ -16,7 +16,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.text import Text
 
 from insightv_agents.errors import ConfigError, InsightVError
-from insightv_agents.prompts import ReasoningMode
 
 Images = Annotated[list[str], typer.Option("--image", "-i", help="Image path (repeatable).")]
 Question = Annotated[str, typer.Option("--question", "-q", help="The question to answer.")]
@@ -141,12 +140,3 @@ def bad_rows(console: Console, skip_bad: bool, strict: bool = False
     def report(problem: str) -> None:
         console.print(f"[yellow]skipped bad row: {escape(problem)}[/yellow]", soft_wrap=True)
     return report
-
-
-def reasoning_mode(mode: str) -> ReasoningMode:
-    """``--mode``'s value, checked."""
-    if mode == "step":
-        return "step"
-    if mode == "chain":
-        return "chain"
-    raise InsightVError(f"--mode must be 'step' or 'chain', not {mode!r}.")

@@ -22,10 +22,10 @@ from insightv_agents.cli.common import (
     guarded,
     pool_status,
     progress,
-    reasoning_mode,
 )
 from insightv_agents.errors import InsightVError, check_int
 from insightv_agents.files import output_folder
+from insightv_agents.methods import reasoning_mode
 
 
 @guarded

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from insightv_agents import demo
-from insightv_agents.cards import card_of
 from insightv_agents.cli.common import (
     BaseUrl,
     BeamSize,
@@ -31,9 +29,9 @@ from insightv_agents.cli.common import (
     pool_status,
     progress,
 )
-from insightv_agents.cli.models import METHODS, Backend, build_graph, choose_backend
 from insightv_agents.errors import InsightVError, check_int
 from insightv_agents.files import output_folder
+from insightv_agents.methods import METHODS, Evaluation, evaluation_worker
 
 
 @guarded
@@ -132,74 +130,6 @@ def eval_command(
     console.print(f"-> {out}/report.md, {out}/report.json, {out}/predictions.jsonl")
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    """What ``insightv eval`` runs, as plain values (sent to Ray workers, which build the
-    same models and method)."""
-
-    method: str
-    data: str
-    root: str
-    base_url: tuple[str, ...]
-    local_model: str | None
-    local_adapter: str | None
-    model: str
-    summary_base_url: tuple[str, ...]
-    summary_model: str | None
-    mode: str | None
-    max_steps: int
-    temperature: float | None
-    beam_size: int
-    checks: str | None
-    limit: int | None
-    labels: str | None
-
-    def build(self) -> tuple[Backend, dict[str, Any], dict[str, Any]]:
-        """The backend, the run's settings (``eval.json``), and how each item is predicted
-        and judged: ``predict``, ``rules``, ``reasoning_check`` (the arguments of
-        :func:`~insightv_agents.evaluate.evaluate` and ``prediction_step``)."""
-        from insightv_agents.evaluate import (
-            DatasetChecks,
-            direct_predictor,
-            graph_predictor,
-            load_checks,
-        )
-        from insightv_agents.synthesize import describe_model
-
-        backend = choose_backend(
-            self.base_url, self.model, self.summary_base_url, self.summary_model,
-            self.local_model, self.local_adapter, self.temperature,
-            staged=self.method not in ("insightv", "direct"), default_temperature=0.0)
-        mode = self.mode
-        if mode is None and card_of(backend.reasoner) is None:
-            mode = "chain"
-        predict = direct_predictor(backend.reasoner) if self.method == "direct" else \
-            graph_predictor(build_graph(self.method, backend.reasoner, backend.summarizer,
-                                        mode=mode, max_steps=self.max_steps, max_revisions=0,
-                                        beam_size=self.beam_size))
-        dataset = load_checks(self.checks, self.root) if self.checks else DatasetChecks()
-        rules = answer_rules(self.labels) or (dataset.rules if self.checks else None) \
-            or backend.answer_rules() or dataset.rules
-        settings: dict[str, Any] = {
-            "method": self.method, "data": self.data, "backend": backend.description,
-            "reasoner": describe_model(backend.reasoner),
-            "summarizer": describe_model(backend.summarizer),
-            "mode": mode, "beam_size": self.beam_size, "limit": self.limit}
-        if self.checks:
-            settings["checks"] = self.checks
-        if self.labels:
-            settings["labels"] = sorted(rules.labels)
-        return backend, settings, {"predict": predict, "rules": rules,
-                                   "reasoning_check": dataset.reasoning_check}
-
-
-def evaluation_worker(run: Evaluation) -> Any:
-    """A Ray worker's evaluation step: ``run``'s models and method built in the worker."""
-    from insightv_agents.evaluate import prediction_step
-
-    return prediction_step(**run.build()[2])
-
-
 @guarded
 def compare(
     first: Annotated[str, typer.Argument(help="An evaluation folder (insightv eval --out).")],
@@ -220,13 +150,24 @@ def compare(
         f"sign test p = {paired.p_value:.3f}.", highlight=False)
 
 
-def answer_rules(labels: str | None) -> Any:
-    """The closed answer set ``--labels`` gives, if it gives one."""
-    from insightv_agents.answers import AnswerRules
+@guarded
+def lmms_task(
+    data: Annotated[str, typer.Option(
+        help="JSONL file or saved Hugging Face dataset folder in the synthesis input format.")],
+    out: Annotated[str, typer.Option(help="Folder for the task file and its dataset.")],
+    name: Annotated[str, typer.Option(help="The task's name in lmms-eval.")] = "insightv_local",
+    limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
+    skip_bad: SkipBad = False,
+    strict: Strict = False,
+) -> None:
+    """Write an lmms-eval task over a dataset of yours (loaded from disk, asked and scored as
+    ``insightv eval`` asks and scores it): ``lmms-eval eval --tasks OUT/NAME.yaml ...``."""
+    from insightv_agents.harnesses.lmms_task import write_lmms_task
+    from insightv_agents.synthesize import load_items
 
-    if labels is None:
-        return None
-    words = frozenset(word.strip() for word in labels.split(",") if word.strip())
-    if not words:
-        raise InsightVError("--labels names no answer (comma-separated words).")
-    return AnswerRules(labels=words)
+    console = Console()
+    output_folder(out)
+    items, _ = load_items(data, limit=limit, on_bad_row=bad_rows(console, skip_bad, strict))
+    path = write_lmms_task(items, out, task=name)
+    console.print(f"{len(items)} items -> {path}\nRun it: lmms-eval eval --model insightv "
+                  f"--tasks {path} --output_path OUT --log_samples", highlight=False)

@@ -27,9 +27,9 @@ from insightv_agents.cli.common import (
     SummaryModel,
     command_errors,
 )
-from insightv_agents.cli.models import METHODS, STAND_IN_NOTICE, build_graph, choose_backend
 from insightv_agents.errors import InsightVError
 from insightv_agents.images import ImagePolicy
+from insightv_agents.methods import METHODS, STAND_IN_NOTICE, build_graph, choose_backend
 
 
 def run(

@@ -179,7 +179,10 @@ def _read_once(cache: dict[str, bytes], path: str) -> bytes:
     return cache[path]
 
 
-def _image_bytes(image: str | bytes) -> bytes:
+def _image_bytes(image: str | bytes | list[str | bytes]) -> bytes:
+    if isinstance(image, list):
+        raise InvalidInputError("a GRPO prompt has one image; this item has several.",
+                                field="image")
     return image if isinstance(image, bytes) else Path(image).read_bytes()
 
 

@@ -1,5 +1,6 @@
-"""Which models a command runs: a vLLM server, a model in-process, the demo agents, or a
-scripted stand-in that says it is one; and the graph of a method over them."""
+"""Which models a run uses — a vLLM server, a model in-process, the demo agents, or a scripted
+stand-in that says it is one — and the method over them: what the CLI's commands and the
+harness models (:mod:`insightv_agents.harnesses`) build from the same plain options."""
 
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ from langchain_core.messages import BaseMessage
 from insightv_agents import demo
 from insightv_agents.answers import AnswerRules
 from insightv_agents.cards import MAX_TEMPERATURE, AgentCard, card_of, read_card
-from insightv_agents.cli.common import reasoning_mode
 from insightv_agents.errors import InsightVError, check_number
 from insightv_agents.graphs import create_insightv_graph, create_stage_beam_graph
 from insightv_agents.images import ImagePolicy
-from insightv_agents.prompts import DEFAULT_STAGE_PROMPTS
+from insightv_agents.prompts import DEFAULT_STAGE_PROMPTS, ReasoningMode
 from insightv_agents.testing import ScriptedChatModel
 
 DEMO_BACKEND = "the demo agents (shapes world, in-process; see insightv_agents.demo)"
@@ -152,3 +152,92 @@ def build_graph(method: str, reasoner: Any, summarizer: Any, *, mode: str | None
     return create_stage_beam_graph(
         reasoner, beam_size=beam_size, search=METHODS[method],  # type: ignore[arg-type]
         summarizer=summarizer, image_policy=policy).compile(name=method)
+
+
+def reasoning_mode(mode: str) -> ReasoningMode:
+    """``--mode``'s value, checked."""
+    if mode == "step":
+        return "step"
+    if mode == "chain":
+        return "chain"
+    raise InsightVError(f"--mode must be 'step' or 'chain', not {mode!r}.")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What ``insightv eval`` runs, as plain values (sent to Ray workers, which build the
+    same models and method)."""
+
+    method: str
+    data: str
+    root: str
+    base_url: tuple[str, ...]
+    local_model: str | None
+    local_adapter: str | None
+    model: str
+    summary_base_url: tuple[str, ...]
+    summary_model: str | None
+    mode: str | None
+    max_steps: int
+    temperature: float | None
+    beam_size: int
+    checks: str | None
+    limit: int | None
+    labels: str | None
+
+    def build(self) -> tuple[Backend, dict[str, Any], dict[str, Any]]:
+        """The backend, the run's settings (``eval.json``), and how each item is predicted
+        and judged: ``predict``, ``rules``, ``reasoning_check`` (the arguments of
+        :func:`~insightv_agents.evaluate.evaluate` and ``prediction_step``)."""
+        from insightv_agents.evaluate import (
+            DatasetChecks,
+            direct_predictor,
+            graph_predictor,
+            load_checks,
+        )
+        from insightv_agents.synthesize import describe_model
+
+        backend = choose_backend(
+            self.base_url, self.model, self.summary_base_url, self.summary_model,
+            self.local_model, self.local_adapter, self.temperature,
+            staged=self.method not in ("insightv", "direct"), default_temperature=0.0)
+        mode = self.mode
+        if mode is None and card_of(backend.reasoner) is None:
+            mode = "chain"
+        predict = direct_predictor(backend.reasoner) if self.method == "direct" else \
+            graph_predictor(build_graph(self.method, backend.reasoner, backend.summarizer,
+                                        mode=mode, max_steps=self.max_steps, max_revisions=0,
+                                        beam_size=self.beam_size))
+        dataset = load_checks(self.checks, self.root) if self.checks else DatasetChecks()
+        rules = answer_rules(self.labels) or (dataset.rules if self.checks else None) \
+            or backend.answer_rules() or dataset.rules
+        settings: dict[str, Any] = {
+            "method": self.method, "data": self.data, "backend": backend.description,
+            "reasoner": describe_model(backend.reasoner),
+            "summarizer": describe_model(backend.summarizer),
+            "mode": mode, "beam_size": self.beam_size, "limit": self.limit}
+        if self.checks:
+            settings["checks"] = self.checks
+        if self.labels:
+            settings["labels"] = sorted(rules.labels)
+        return backend, settings, {"predict": predict, "rules": rules,
+                                   "reasoning_check": dataset.reasoning_check}
+
+
+def evaluation_worker(run: Evaluation) -> Any:
+    """A Ray worker's evaluation step: ``run``'s models and method built in the worker."""
+    from insightv_agents.evaluate import prediction_step
+
+    return prediction_step(**run.build()[2])
+
+
+def answer_rules(labels: str | None) -> Any:
+    """The closed answer set ``--labels`` gives, if it gives one."""
+    from insightv_agents.answers import AnswerRules
+
+    if labels is None:
+        return None
+    words = frozenset(word.strip() for word in labels.split(",") if word.strip())
+    if not words:
+        raise InsightVError("--labels names no answer (comma-separated words).")
+    return AnswerRules(labels=words)
