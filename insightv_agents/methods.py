@@ -165,8 +165,8 @@ def reasoning_mode(mode: str) -> ReasoningMode:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """What ``insightv eval`` runs, as plain values (sent to Ray workers, which build the
-    same models and method)."""
+    """What ``insightv eval`` runs, as plain values: Ray workers and the harness models
+    (:mod:`insightv_agents.harnesses`) build the same models and method from them."""
 
     method: str
     data: str

@@ -7,6 +7,8 @@ import contextlib
 import http.server
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import sys
@@ -402,3 +404,16 @@ def insightv_serve(folder: Path, name: str, log: Path, *options: str) -> Iterato
         with pytest.raises(ProcessLookupError):
             os.killpg(group, 0)
     assert not port_open(port)
+
+
+def shell_commands(code: str) -> list[list[str]]:
+    """Each command line of a shell block, continuation lines joined, comments and
+    ``[optional]`` parts and a trailing ``&`` dropped."""
+    joined = re.sub(r"\\\n\s*", " ", code)
+    lines = []
+    for line in joined.splitlines():
+        line = re.sub(r"\s#.*$", "", line)
+        line = re.sub(r"\[[^\]]*\]", "", line).strip().rstrip("&").strip()
+        if line and not line.startswith("#"):
+            lines.append(shlex.split(line))
+    return lines

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import typer
+from helpers import shell_commands
 
 from insightv_agents.backends.vllm import VLLM_PYTHON_ENV
 from insightv_agents.cli import app
@@ -71,24 +71,11 @@ def test_python_block_runs(where: str, code: str, tiny_model: Path, tmp_path: Pa
     exec(compile(code, where, "exec"), {"__name__": "__docs__"})
 
 
-def commands(code: str) -> list[list[str]]:
-    """Each command line of a shell block, continuation lines joined, comments and
-    ``[optional]`` parts and a trailing ``&`` dropped."""
-    joined = re.sub(r"\\\n\s*", " ", code)
-    lines = []
-    for line in joined.splitlines():
-        line = re.sub(r"\s#.*$", "", line)
-        line = re.sub(r"\[[^\]]*\]", "", line).strip().rstrip("&").strip()
-        if line and not line.startswith("#"):
-            lines.append(shlex.split(line))
-    return lines
-
-
 @pytest.mark.parametrize(("where", "code"), SHELL, ids=[where for where, _ in SHELL])
 def test_shell_block_commands_exist(where: str, code: str) -> None:
     command = typer.main.get_command(app)
     targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.M))
-    for words in commands(code):
+    for words in shell_commands(code):
         if words[0] == "accelerate" and "insightv_agents.cli" in words:  # the CLI, launched
             words = ["insightv", *words[words.index("insightv_agents.cli") + 1:]]
         if words[0] == "make":

@@ -244,7 +244,10 @@ def test_the_registration_snippet_names_working_models() -> None:
 @pytest.mark.parametrize(("answer", "options", "form"), [
     ("B", ["x", "y"], "B"), ("(b)", ["x", "y"], "B"), ("y", ["x", "y"], "B"),
     ("Option A. x", ["x", "y"], "A"), ("z", ["x", "y"], "z"), ("3", [], "3"),
-    ("3.0", [], "3"), ("-2.50", [], "-2.5"), ("75%", [], "75"), ("12 apples", [], "12"),
+    ("No, it is not", ["Yes", "No"], "B"), ("12 squares", ["10", "12"], "B"),
+    ("3.0", [], "3.0"), ("-2.50", [], "-2.50"), ("75%", [], "75"), ("12 apples", [], "12"),
+    ("1,000", [], "1000"), ("1,2", [], "1,2"), ("007", [], "007"), ("2nd", [], "2nd"),
+    ("B12", [], "B12"), ("mp3", [], "mp3"), ("No 5", [], "No 5"), ("D.C.", [], "D.C"),
     ("3/4", [], "3/4"), ("No.", [], "No"), ("yes, it is", [], "Yes"),
     ("no smoking", [], "no smoking"), ("  a cat. ", [], "a cat"), ("", [], ""),
 ])
@@ -259,7 +262,11 @@ def test_options_are_read_from_every_layout_in_linear_time() -> None:
     assert prompt_options("Hint: A. is a letter\nQuestion: B. what?") == []  # A then no B
     assert prompt_options("old\nA. x\nB. y\nnew\nA. p\nB. q\nC. r") == ["p", "q", "r"]
     assert prompt_options("Q?\nA. only one") == []
+    assert prompt_options("Q? Options: A: 1, B: 2, C: 3\nAnswer with a letter.") == [
+        "1", "2", "3"]  # MMStar's layout
+    assert prompt_options("Q?\nChoices: (A) red (B) a blue cube") == ["red", "a blue cube"]
     started = time.perf_counter()
     prompt_options(("A. " + " " * 5000 + "\n") * 40 + "B.\t" * 50_000)
     prompt_options("(" * 200_000)
+    prompt_options("Options: " + "A: " * 100_000)
     assert time.perf_counter() - started < 1.0

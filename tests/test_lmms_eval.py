@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,90 +89,137 @@ def test_requests_are_answered_in_order_grouped_by_task_and_logged(tmp_path: Pat
 def test_bad_model_args_are_refused_before_any_question() -> None:
     with pytest.raises(ConfigError, match="unknown model_args for InsightV: beam_size"):
         InsightV(base_url="http://127.0.0.1:9/v1", beam_size=4)
-    with pytest.raises(ConfigError, match="method"):
-        LlavaCoT(base_url="http://127.0.0.1:9/v1", search="greedy")
-    with pytest.raises(ConfigError, match="concurrency"):
-        InsightV(base_url="http://127.0.0.1:9/v1", concurrency=0)
+    for search in ("greedy", "insightv"):
+        with pytest.raises(ConfigError, match="search must be one of stage-beam"):
+            LlavaCoT(base_url="http://127.0.0.1:9/v1", search=search)
+    for bad in ({"concurrency": 0}, {"concurrency": 2.5}, {"max_steps": "abc"},
+                {"max_steps": True}, {"temperature": -1}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            InsightV(base_url="http://127.0.0.1:9/v1", **bad)
     assert _urls("[http://a:1/v1, http://b:2/v1]") == ("http://a:1/v1", "http://b:2/v1")
     assert _urls("http://a:1/v1") == ("http://a:1/v1",) and _urls(None) == ()
 
 
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guides" / "benchmarks.md"
+LOCAL_URLS = ("http://localhost:8000/v1", "http://localhost:8001/v1")
+
+
+def guide_commands() -> list[list[str]]:
+    """The guide's shell commands for the shapes world, in its order."""
+    from helpers import shell_commands
+
+    text = GUIDE.read_text()
+    return [words for block in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M)
+            for words in shell_commands(block)
+            if (words[0] in ("insightv", "lmms-eval") and "shapes20" in " ".join(words))
+            or words[:2] in (["insightv", "eval"], ["insightv", "serve"])]
+
+
+def run(words: list[str], where: Path, urls: dict[str, str] | None = None) -> None:
+    """One of the guide's commands, in ``where`` (its paths are relative), the served
+    agents' URLs put for the guide's: ``insightv`` in-process, ``lmms-eval`` as a process
+    (offline, nothing from a hub)."""
+    for old, new in (urls or {}).items():
+        words = [word.replace(old, new) for word in words]
+    if words[0] == "insightv":
+        previous = Path.cwd()
+        os.chdir(where)
+        try:
+            result = CliRunner().invoke(app, words[1:])
+        finally:
+            os.chdir(previous)
+        assert result.exit_code == 0, result.output
+        return
+    env = {**os.environ, "HF_HOME": str(where / "hf"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([LMMS_EVAL, *words[1:]], cwd=where, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    out = where / words[words.index("--output_path") + 1]
+    wrote = list(out.glob("**/*_results.json"))  # lmms-eval exits with 0 when it fails
+    assert done.returncode == 0 and wrote, done.stdout[-4000:] + done.stderr[-4000:]
+
+
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """20 held-out shapes questions and the lmms-eval task over them (`insightv lmms-task`)."""
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding 20 held-out shapes questions (``shapes/test.jsonl``) and the guide's
+    lmms-eval task over them (``insightv lmms-task``)."""
     from insightv_research.shapes import make_dataset
 
     folder = tmp_path_factory.mktemp("lmms")
-    data = make_dataset(folder / "shapes", sizes={"test": 20}, seed=7) / "test.jsonl"
-    written = CliRunner().invoke(app, ["lmms-task", "--data", str(data), "--out",
-                                       str(folder / "tasks"), "--name", "shapes20"])
-    assert written.exit_code == 0, written.output
-    return {"data": data, "tasks": folder / "tasks"}
+    make_dataset(folder / "shapes", sizes={"test": 20}, seed=7)
+    (task,) = [words for words in guide_commands() if words[:2] == ["insightv", "lmms-task"]]
+    run(task, folder)
+    return folder
 
 
-def lmms_eval(shapes: dict[str, Path], out: Path, model_args: str) -> dict[str, Any]:
-    """``lmms-eval eval`` on the shapes task (a process of its own, offline); its accuracy,
-    each doc's answer, and our log of the predictions."""
-    env = {**os.environ, "HF_HOME": str(out / "hf"), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1"}
-    done = subprocess.run(
-        [LMMS_EVAL, "eval", "--model", "insightv", "--model_args",
-         f"{model_args},log_dir={out / 'insightv'}", "--include_path", str(shapes["tasks"]),
-         "--tasks", "shapes20", "--output_path", str(out), "--log_samples"],
-        env=env, capture_output=True, text=True, timeout=1200)
-    results = list(out.glob("*_results.json"))  # lmms-eval exits 0 even when it fails
-    assert done.returncode == 0 and len(results) == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    (samples,) = out.glob("*_samples_shapes20.jsonl")
-    return {"accuracy": json.loads(results[0].read_text())["results"]["shapes20"]["accuracy,none"],
+def results(where: Path, out: str, log_dir: str, evaluated: str) -> dict[str, Any]:
+    """What lmms-eval wrote in ``out`` (its accuracy, each doc's answer), our log of the
+    predictions, and ``insightv eval``'s in ``evaluated`` (its accuracy, each answer in the
+    form scorers read)."""
+    found = list((where / out).glob("**/*_results.json"))
+    assert len(found) == 1, f"lmms-eval wrote {len(found)} results in {out}"
+    (samples,) = (where / out).glob("**/*_samples_shapes20.jsonl")
+    order = [json.loads(line)["id"] for line in (where / "shapes" / "test.jsonl").open()]
+    predicted = {row["id"]: row for row in
+                 map(json.loads, (where / evaluated / "predictions.jsonl").open())}
+    report = json.loads((where / evaluated / "report.json").read_text())
+    return {"accuracy": json.loads(found[0].read_text())["results"]["shapes20"]["accuracy,none"],
             "answers": {row["doc_id"]: row["filtered_resps"]
                         for row in map(json.loads, samples.open())},
             "logged": [json.loads(line) for line in
-                       (out / "insightv" / "shapes20" / "predictions.jsonl").open()]}
+                       (where / log_dir / "shapes20" / "predictions.jsonl").open()],
+            "eval_accuracy": report["accuracy"]["all"]["accuracy"],
+            "eval_answers": {index: benchmark_answer(predicted[identifier]["answer"])
+                             for index, identifier in enumerate(order)}}
 
 
-def insightv_eval(shapes: dict[str, Path], out: Path, *options: str) -> dict[str, Any]:
-    result = CliRunner().invoke(app, ["eval", "--data", str(shapes["data"]), "--out", str(out),
-                                      *options])
-    assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in (out / "predictions.jsonl").open()]
-    order = [json.loads(line)["id"] for line in shapes["data"].open()]
-    by_id = {row["id"]: row for row in rows}
-    return {"accuracy": json.loads((out / "report.json").read_text())["accuracy"]["all"][
-        "accuracy"], "answers": {index: benchmark_answer(by_id[identifier]["answer"])
-                                 for index, identifier in enumerate(order)}}
+def same_as_insightv_eval(found: dict[str, Any]) -> None:
+    assert len(found["eval_answers"]) == 20
+    assert found["answers"] == found["eval_answers"]
+    assert found["accuracy"] == pytest.approx(found["eval_accuracy"])
+    assert len(found["logged"]) == 20
+    assert all(row["status"] == "ok" and row["steps"] and row["verdict"]
+               for row in found["logged"])
 
 
-def same_as_insightv_eval(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
-    assert len(theirs["answers"]) == 20
-    assert ours["answers"] == theirs["answers"]
-    assert ours["accuracy"] == pytest.approx(theirs["accuracy"])
-    assert len(ours["logged"]) == 20
-    assert all(row["steps"] and row["verdict"] for row in ours["logged"])
+def option(words: list[str], name: str) -> str:
+    return words[words.index(name) + 1]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_lmms_eval_with_the_demo_agents_in_process(shapes: dict[str, Path],
-                                                    tmp_path: Path) -> None:
-    ours = lmms_eval(shapes, tmp_path / "lmms", "concurrency=4")
-    same_as_insightv_eval(ours, insightv_eval(shapes, tmp_path / "eval"))
+def test_the_guides_lmms_eval_run_with_the_demo_agents_in_process(shapes: Path) -> None:
+    local = [words for words in guide_commands()
+             if (words[0] == "lmms-eval" and "base_url" not in option(words, "--model_args"))
+             or (words[:2] == ["insightv", "eval"] and "--base-url" not in words)]
+    assert [words[0] for words in local] == ["lmms-eval", "insightv"]
+    for words in local:
+        run(words, shapes)
+    lmms, evaluated = local
+    log_dir = option(lmms, "--model_args").split("log_dir=")[1].split(",")[0]
+    same_as_insightv_eval(results(shapes, option(lmms, "--output_path"), log_dir,
+                                  option(evaluated, "--out")))
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_lmms_eval_with_the_demo_agents_served_by_vllm(shapes: dict[str, Path],
-                                                        tmp_path: Path) -> None:
-    from insightv_agents.demo import REASONER_DIR, SUMMARY_DIR
-
-    with insightv_serve(REASONER_DIR, "reasoner", tmp_path / "reasoner.log") as reasoning, \
-            insightv_serve(SUMMARY_DIR, "summary", tmp_path / "summary.log") as summary:
-        ours = lmms_eval(shapes, tmp_path / "lmms", f"base_url={reasoning},model=reasoner,"
-                         f"summary_base_url={summary},summary_model=summary,concurrency=8")
-        theirs = insightv_eval(shapes, tmp_path / "eval", "--base-url", reasoning, "--model",
-                               "reasoner", "--summary-base-url", summary, "--summary-model",
-                               "summary")
-    same_as_insightv_eval(ours, theirs)
-    assert {row["agent_answer"] for row in ours["logged"]} != {""}
+def test_the_guides_lmms_eval_run_through_vllm(shapes: Path, tmp_path: Path) -> None:
+    served = [words for words in guide_commands()
+              if (words[0] == "lmms-eval" and "base_url" in option(words, "--model_args"))
+              or (words[:2] == ["insightv", "eval"] and "--base-url" in words)]
+    serve = [words for words in guide_commands() if words[:2] == ["insightv", "serve"]]
+    assert [words[0] for words in served] == ["lmms-eval", "insightv"] and len(serve) == 2
+    root = Path(__file__).resolve().parents[1]
+    agents = [(root / option(words, "--model"), option(words, "--served-name"))
+              for words in serve]
+    with insightv_serve(*agents[0], tmp_path / "reasoner.log") as reasoning, \
+            insightv_serve(*agents[1], tmp_path / "summary.log") as summary:
+        for words in served:
+            run(words, shapes, dict(zip(LOCAL_URLS, (reasoning, summary), strict=True)))
+    lmms, evaluated = served
+    log_dir = option(lmms, "--model_args").split("log_dir=")[1].split(",")[0]
+    found = results(shapes, option(lmms, "--output_path"), log_dir, option(evaluated, "--out"))
+    same_as_insightv_eval(found)
 
 
 def test_a_task_over_a_dataset_of_ours_refuses_bad_input(tmp_path: Path) -> None:

@@ -161,7 +161,7 @@ def lmms_task(
     strict: Strict = False,
 ) -> None:
     """Write an lmms-eval task over a dataset of yours (loaded from disk, asked and scored as
-    ``insightv eval`` asks and scores it): ``lmms-eval eval --tasks OUT/NAME.yaml ...``."""
+    ``insightv eval`` asks and scores it): ``lmms-eval eval --include_path OUT --tasks NAME``."""
     from insightv_agents.harnesses.lmms_task import write_lmms_task
     from insightv_agents.synthesize import load_items
 
@@ -170,4 +170,5 @@ def lmms_task(
     items, _ = load_items(data, limit=limit, on_bad_row=bad_rows(console, skip_bad, strict))
     path = write_lmms_task(items, out, task=name)
     console.print(f"{len(items)} items -> {path}\nRun it: lmms-eval eval --model insightv "
-                  f"--tasks {path} --output_path OUT --log_samples", highlight=False)
+                  f"--include_path {out} --tasks {name} --output_path OUT --log_samples",
+                  highlight=False)

@@ -24,14 +24,18 @@ answer, and the agents' reasoning runs under their own limits.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from insightv_agents.errors import ConfigError
+from insightv_agents.cards import MAX_TEMPERATURE
+from insightv_agents.errors import ConfigError, check_number
 from insightv_agents.harnesses.agent import HarnessAgent, HarnessQuestion, HarnessSettings
+from insightv_agents.methods import METHODS
 
 # Filled in by lmms-eval itself (``create_from_arg_string``'s additional config): not ours.
 _HARNESS_ARGS = ("batch_size", "max_batch_size", "device")
@@ -56,30 +60,43 @@ class InsightV(lmms):
         if unknown:
             raise ConfigError(f"unknown model_args for {type(self).__name__}: "
                               f"{', '.join(unknown)}.")
-        self.agent = HarnessAgent(HarnessSettings(
+        if temperature is not None:  # lmms-eval reads "0" as the int 0
+            check_number("temperature", temperature, 0, MAX_TEMPERATURE)
+        self.settings = HarnessSettings(
             method=method, base_url=_urls(base_url), model=str(model),
-            summary_base_url=_urls(summary_base_url),
-            summary_model=None if summary_model is None else str(summary_model),
-            local_model=pretrained, local_adapter=adapter, mode=mode,
-            max_steps=int(max_steps),
-            temperature=None if temperature is None else float(temperature),
-            beam_size=beam_size, concurrency=int(concurrency), log_dir=log_dir),
-            harness="lmms-eval")
+            summary_base_url=_urls(summary_base_url), summary_model=_text(summary_model),
+            local_model=_text(pretrained), local_adapter=_text(adapter), mode=_text(mode),
+            max_steps=max_steps, temperature=None if temperature is None else float(temperature),
+            beam_size=beam_size, concurrency=concurrency, log_dir=_text(log_dir))
+        self._agent: HarnessAgent | None = HarnessAgent(self.settings, harness="lmms-eval")
 
     def _method(self, args: dict[str, Any], temperature: float | None
                 ) -> tuple[str, int, float | None]:
         """The method, beam size and temperature (``insightv``: no search)."""
         return self.METHOD, 2, temperature
 
+    @property
+    def agent(self) -> HarnessAgent:
+        """What answers (built again after :meth:`clean`)."""
+        if self._agent is None:
+            self._agent = HarnessAgent(self.settings, harness="lmms-eval")
+        return self._agent
+
     def generate_until(self, requests: Sequence[Any]) -> list[str]:
         """Each request's answer; all of a task's requests are asked together, at most
-        ``concurrency`` at once."""
+        ``concurrency`` at once, each one's images read when its turn comes. A document
+        asked again in one call (lmms-eval's ``--repeats``) is named ``split/doc#k``."""
         questions: dict[str, list[tuple[int, HarnessQuestion]]] = {}
+        seen: Counter[tuple[str, str]] = Counter()
         for index, request in enumerate(requests):
             context, _, doc_to_visual, doc_id, task, split = request.args
-            visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
-            questions.setdefault(task, []).append((index, HarnessQuestion(
-                id=f"{split}/{doc_id}", images=list(visuals), prompt=context)))
+            name = f"{split}/{doc_id}"
+            seen[task, name] += 1
+            if seen[task, name] > 1:
+                name = f"{name}#{seen[task, name]}"
+            images = partial(_visuals, doc_to_visual, self.task_dict[task][split], doc_id)
+            questions.setdefault(task, []).append(
+                (index, HarnessQuestion(id=name, images=images, prompt=context)))
         answers = [""] * len(requests)
         with tqdm(total=len(requests), desc="insightv answering", disable=self.rank != 0) as bar:
             for task, indexed in questions.items():
@@ -97,7 +114,11 @@ class InsightV(lmms):
         raise NotImplementedError(f"{type(self).__name__} answers one-turn questions only.")
 
     def clean(self) -> None:
-        self.agent.close()
+        """Free the models (lmms-eval calls this after each evaluation); the next request
+        builds them again."""
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
         super().clean()
 
 
@@ -114,9 +135,20 @@ class LlavaCoT(InsightV):
     def _method(self, args: dict[str, Any], temperature: float | None
                 ) -> tuple[str, int, float | None]:
         search = str(args.pop("search", self.METHOD))
+        if search not in METHODS:
+            raise ConfigError(f"search must be one of {', '.join(METHODS)}; not {search!r}.")
         if temperature is None and search != "single":
             temperature = self.SEARCH_TEMPERATURE
-        return search, int(args.pop("beam_size", 2)), temperature
+        return search, args.pop("beam_size", 2), temperature
+
+
+def _visuals(doc_to_visual: Any, docs: Any, doc_id: int) -> list[Any]:
+    return list(doc_to_visual(docs[doc_id]) or [])
+
+
+def _text(value: Any) -> str | None:
+    """A model arg that is text (lmms-eval turns "123" into a number)."""
+    return None if value is None else str(value)
 
 
 def _urls(value: Any) -> tuple[str, ...]:

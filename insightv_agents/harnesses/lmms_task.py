@@ -70,7 +70,8 @@ def doc_to_target(doc: dict[str, Any]) -> str:
 
 def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
     """``accuracy``: 1 when the reply is right by :func:`~insightv_agents.answers.match_answer`
-    (the rules ``insightv eval`` checks with), else 0."""
+    with the default rules (those of ``insightv eval``; a closed answer set, from an agent
+    card or ``--labels``, tells wrong from undecided and changes no accuracy), else 0."""
     reply = results[0] if results else ""
     check = match_answer(reply, str(doc["answer"]), choices=doc.get("choices") or None)
     return {"accuracy": float(check["correct"] is True)}

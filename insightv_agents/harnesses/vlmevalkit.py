@@ -48,7 +48,7 @@ supported_VLM.update({
     # two agents served by vLLM (`insightv serve` or `vllm serve`), replicas as a list
     "insightv": _partial(InsightVModel, base_url="http://localhost:8000/v1",
                          model="insightv-reason", summary_model="insightv-summary",
-                         concurrency=16, log_dir="outputs/insightv-predictions"),
+                         log_dir="outputs/insightv-predictions"),
     # LLaVA-CoT with its stage-level beam search (beam 2, as the paper's table)
     "llava-cot-beam": _partial(InsightVModel, method="stage-beam", beam_size=2,
                                base_url="http://localhost:8000/v1", model="llava-cot"),
@@ -65,8 +65,9 @@ class InsightVModel:
     HarnessSettings`): ``method`` (``insightv``, ``direct``, ``stage-beam``, ``best-of-n``,
     ``sentence-beam``, ``single``), ``base_url`` (a URL or a list: a pool), ``model``,
     ``summary_base_url``, ``summary_model``, ``local_model``, ``local_adapter``, ``mode``,
-    ``max_steps``, ``temperature``, ``beam_size``, ``concurrency``, and ``log_dir`` (every
-    prediction's reasoning, verdict and search, a folder per benchmark). With
+    ``max_steps``, ``temperature``, ``beam_size``, and ``log_dir`` (every prediction's
+    reasoning, verdict and search, a folder per benchmark). VLMEvalKit asks one question at
+    a time (several processes with ``torchrun`` ask in parallel). With
     ``custom_prompt=False`` VLMEvalKit builds each benchmark's prompt itself; the options
     are then read from its text.
     """
