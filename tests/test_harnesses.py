@@ -231,6 +231,8 @@ def test_bad_settings_are_refused_before_any_model_is_built() -> None:
 
 
 def test_the_registration_snippet_names_working_models() -> None:
+    guide = Path(__file__).resolve().parents[1] / "docs" / "guides" / "benchmarks.md"
+    assert f"```py\n{REGISTRATION}```" in guide.read_text()  # the guide shows these lines
     supported_VLM: dict[str, Any] = {}
     exec(REGISTRATION, {"supported_VLM": supported_VLM})  # as vlmeval/config.py runs it
     assert set(supported_VLM) == {"insightv-demo", "insightv", "llava-cot-beam"}
