@@ -18,7 +18,8 @@ LATEST_VENV ?= .venv-latest
 LOWEST_VENV ?= .venv-lowest
 # torch stays at the locked CPU build there too: newer torch releases are CUDA builds of
 # several GB, and no torchvision works beside the CPU build (see requirements/dev.in), so
-# lmms-eval's torchvision is left out of the locks and removed after `pip install`.
+# lmms-eval's torchvision is left out of the locks and removed after `pip install`, and timm
+# with it (it imports torchvision, and `accelerate launch` imports timm when it is there).
 TORCH ?= torch==2.13.0
 # The locks are for Linux x86-64, CPython 3.11; torch's CPU wheel comes from a find-links
 # folder (on a machine without /opt/wheels, point LOCK_FIND_LINKS at one holding it, or at
@@ -54,7 +55,7 @@ $(VLLM_STAMP): $(VLLM_LOCK)
 # (--upgrade: without it uv keeps the versions already in the lock).
 lock: $(STAMP)
 	$(BIN)/uv pip compile requirements/dev.in $(LOCK_FLAGS) --upgrade --no-emit-package insightv-agents \
-	  --no-emit-package torchvision -o $(DEV_LOCK)
+	  --no-emit-package torchvision --no-emit-package timm -o $(DEV_LOCK)
 	$(BIN)/uv pip compile requirements/vllm-server.in $(LOCK_FLAGS) --upgrade --no-emit-package torchvision \
 	  --no-emit-package torchaudio --no-emit-package torchcodec -o $(VLLM_LOCK)
 
@@ -65,7 +66,7 @@ test-latest:
 	test -d $(LATEST_VENV) || $(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
 	  "$(TORCH)" -e ".[dev,hf]" -e research
-	$(LATEST_VENV)/bin/python -m pip uninstall --quiet --yes torchvision  # lmms-eval's; a CUDA build
+	$(LATEST_VENV)/bin/python -m pip uninstall --quiet --yes torchvision timm  # lmms-eval's
 	$(LATEST_VENV)/bin/python scripts/lock_drift.py $(DEV_LOCK)
 	$(LATEST_VENV)/bin/python -m pytest -m "not slow" $(TESTED)
 
@@ -74,7 +75,7 @@ test-latest:
 test-lowest: $(STAMP)
 	test -d $(LOWEST_VENV) || $(PYTHON) -m venv $(LOWEST_VENV)
 	$(BIN)/uv pip compile requirements/dev.in $(LOCK_FLAGS) --resolution lowest-direct \
-	  --no-emit-package insightv-agents --no-emit-package torchvision \
+	  --no-emit-package insightv-agents --no-emit-package torchvision --no-emit-package timm \
 	  -o $(LOWEST_VENV)/requirements.txt
 	$(BIN)/uv pip sync --python $(LOWEST_VENV)/bin/python --find-links $(LOCK_FIND_LINKS) \
 	  --quiet $(LOWEST_VENV)/requirements.txt

@@ -348,10 +348,10 @@ def test_the_demo_agents_answer_the_same_every_way(tmp_path: Path) -> None:
         served = CliRunner().invoke(app, [
             "run", "-i", str(image), "-q", question, "--base-url", reasoning, "--model",
             "reasoner", "--summary-base-url", summary, "--summary-model", "summary", "--json"])
-        evaluated = CliRunner().invoke(app, [
+        evaluated = CliRunner().invoke(app, [  # vLLM's CPU build is no faster with more
             "eval", "--data", str(data), "--out", str(tmp_path / "eval-served"), "--base-url",
             reasoning, "--model", "reasoner", "--summary-base-url", summary, "--summary-model",
-            "summary"])
+            "summary", "--concurrency", "2"])  # in flight; 8 reach the 120 s deadline
         assert evaluated.exit_code == 0, evaluated.output
         with langgraph_dev(tmp_path / "langgraph.log") as url:
             client = get_sync_client(url=url)
