@@ -67,6 +67,17 @@ class Item:
     category: str | None
     line: int
 
+    def image_bytes(self) -> bytes:
+        """The encoded image (read from its file when ``image`` is a path).
+
+        Raises:
+            InvalidInputError: for an item with several images.
+        """
+        if isinstance(self.image, list):
+            raise InvalidInputError(f"item {self.id!r} has several images; one is needed "
+                                    "here.", field="image")
+        return self.image if isinstance(self.image, bytes) else Path(self.image).read_bytes()
+
     def graph_input(self) -> dict[str, Any]:
         return {"id": self.id, "image": self.image, "question": self.question,
                 "answer": self.answer, "choices": self.choices, "category": self.category}

@@ -43,7 +43,7 @@ def write_lmms_task(items: list[Item], out: str | Path, *, task: str) -> Path:
         raise InvalidInputError("no items to write.", field="data")
     folder = output_folder(out)
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"id": item.id, "image": {"bytes": _image_bytes(item), "path": None},
+    rows = [{"id": item.id, "image": {"bytes": item.image_bytes(), "path": None},
              "question": item.question, "answer": item.answer, "choices": item.choices,
              "category": item.category} for item in items]
     split = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
@@ -75,13 +75,6 @@ def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]
     reply = results[0] if results else ""
     check = match_answer(reply, str(doc["answer"]), choices=doc.get("choices") or None)
     return {"accuracy": float(check["correct"] is True)}
-
-
-def _image_bytes(item: Item) -> bytes:
-    image = item.image
-    if isinstance(image, list):
-        raise InvalidInputError(f"item {item.id!r}: one image per item.", field="image")
-    return image if isinstance(image, bytes) else Path(image).read_bytes()
 
 
 def _task_yaml(task: str, dataset: Path) -> str:

@@ -116,7 +116,7 @@ def reasoning_grpo_dataset(items: str | Path, *, prompts: Prompts | None = None,
         messages = reasoning_prompt({"question": item.question, "choices": item.choices},
                                     "chain", profile.prompts)
         rows.append({"id": item.id, "prompt": to_trl_messages(messages),
-                     "image": _image_bytes(item.image), "question": question,
+                     "image": item.image_bytes(), "question": question,
                      "answer": item.answer, "choices": item.choices})
     return _dataset(rows)
 
@@ -177,13 +177,6 @@ def _read_once(cache: dict[str, bytes], path: str) -> bytes:
     if path not in cache:
         cache[path] = Path(path).read_bytes()
     return cache[path]
-
-
-def _image_bytes(image: str | bytes | list[str | bytes]) -> bytes:
-    if isinstance(image, list):
-        raise InvalidInputError("a GRPO prompt has one image; this item has several.",
-                                field="image")
-    return image if isinstance(image, bytes) else Path(image).read_bytes()
 
 
 def _dataset(rows: list[dict[str, Any]]) -> Any:
