@@ -26,6 +26,7 @@ from insightv_agents.cards import AgentCard, read_card
 from insightv_agents.formats import format_profile
 from insightv_agents.graphs.synthesis import create_synthesis_graph
 from insightv_agents.parsing import format_chain
+from insightv_agents.prompts import Prompts
 from insightv_agents.synthesize import RECORD_FIELDS, write_run_file
 from insightv_agents.testing import ScriptedChatModel, build_tiny_idefics3
 from insightv_agents.trainers.data import load_records
@@ -350,13 +351,18 @@ def test_judge_grpo_raises_verdict_accuracy_on_held_out_chains(
 
 class ChainPolicy:
     """The reasoning agent's sampler in the loop tests: chains stating 7 (right) and 9
-    (wrong) in turn (a tiny random model writes no readable chain)."""
+    (wrong) in turn (a tiny random model writes no readable chain). ``models`` keeps the
+    chat models made, so a test can read what they were asked."""
+
+    def __init__(self) -> None:
+        self.models: list[ScriptedChatModel] = []
 
     def chat_model(self, model: str, round_number: int) -> ScriptedChatModel:
-        return ScriptedChatModel([chain("7"), chain("9")], cycle=True)
+        self.models.append(ScriptedChatModel([chain("7"), chain("9")], cycle=True))
+        return self.models[-1]
 
 
-class JudgePolicy:
+class JudgePolicy(ChainPolicy):
     """The summary agent's sampler: judges a chain by the answer it states."""
 
     def chat_model(self, model: str, round_number: int) -> ScriptedChatModel:
@@ -365,7 +371,13 @@ class JudgePolicy:
             return json.dumps({"reasoning_correct": right,
                                "critique": "" if right else "Count the dots again.",
                                "answer": "7" if right else "9"})
-        return ScriptedChatModel([judge], cycle=True)
+        self.models.append(ScriptedChatModel([judge], cycle=True))
+        return self.models[-1]
+
+
+def first_turns(policy: ChainPolicy) -> set[str]:
+    """The first message of every call the policy's chat models answered."""
+    return {str(call[0].content) for model in policy.models for call in model.calls}
 
 
 LOOP = {"rounds": 2, "paths": 2, "max_revisions": 1, "concurrency": 1,
@@ -383,12 +395,18 @@ def test_the_loop_samples_judges_revises_and_retrains_both_agents(
     shutil.copytree(model, summary)
     AgentCard(role="summary", profile="chain").save(summary)
     seen: list[int] = []
+    reasoner, judge = ChainPolicy(), JudgePolicy()
+    prompts = Prompts(reasoning_chain_system="Reason in short steps.",
+                      summary_system="Judge the reasoning.")
     result = self_improving_loop(model, summary, write_items(tmp_path / "data", 3),
                                  {**LOOP, "output_dir": tmp_path / "run"},
-                                 scorer=RuleScorer(), policy=ChainPolicy(),
-                                 summary_policy=JudgePolicy(),
+                                 scorer=RuleScorer(), policy=reasoner, summary_policy=judge,
+                                 prompts=prompts,
                                  on_round=lambda metrics: seen.append(metrics["round"]))
     assert seen == [1, 2]
+    # both agents are asked with the prompts given, not the cards' (ours)
+    assert first_turns(reasoner) == {"Reason in short steps."}
+    assert first_turns(judge) == {"Judge the reasoning."}
     first = result.rounds[0]
     assert first["paths"] == 6 and first["verdict_accuracy"] == 1.0
     assert first["revised_paths"] >= 1 and first["kept_paths"] >= 3

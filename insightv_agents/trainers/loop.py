@@ -39,6 +39,7 @@ from insightv_agents.assessment import PathScorer
 from insightv_agents.cards import read_card
 from insightv_agents.errors import ConfigError, InvalidInputError
 from insightv_agents.formats import card_profile, json_profile
+from insightv_agents.prompts import Prompts
 from insightv_agents.trainers.common import check_config, finished_run, option, write_atomic
 from insightv_agents.trainers.grpo import (
     GRPOConfig,
@@ -169,6 +170,7 @@ def self_improving_loop(
     scorer: LanguageModelLike | PathScorer,
     policy: Policy | None = None,
     summary_policy: Policy | None = None,
+    prompts: Prompts | None = None,
     rules: AnswerRules | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> LoopResult:
@@ -183,6 +185,8 @@ def self_improving_loop(
             trainers.rewards.ScoreReward`).
         policy: where M_t samples (default: in-process at temperature 0.7);
             summary_policy: where S_t judges (default: in-process, greedy).
+        prompts: the prompts both agents are sampled with and trained in (default: the
+            reasoner's card's, else ours).
         rules: how answers are checked (default: the reasoner's card's, else ours).
         on_round: called with each round's metrics when it finishes.
 
@@ -209,7 +213,7 @@ def self_improving_loop(
             if finished is None:
                 finished = _run_round(number, current, items, config, loop=loop,
                                       policy=policy, summary_policy=summary_policy,
-                                      scorer=scorer, rules=rules)
+                                      scorer=scorer, prompts=prompts, rules=rules)
                 if on_round is not None:
                     on_round(finished)
             rounds.append(finished)
@@ -223,11 +227,11 @@ def self_improving_loop(
 
 def _run_round(number: int, current: dict[str, str], items: str | Path, config: LoopConfig, *,
                loop: asyncio.Runner, policy: Policy, summary_policy: Policy, scorer: Any,
-               rules: AnswerRules) -> dict[str, Any]:
+               prompts: Prompts | None, rules: AnswerRules) -> dict[str, Any]:
     from insightv_agents.trainers.data import load_records
 
-    profile = json_profile(card_profile(read_card(current["reasoner"]), mode="chain"),
-                           "the self-improving loop")
+    profile = json_profile(card_profile(read_card(current["reasoner"]), mode="chain",
+                                        prompts=prompts), "the self-improving loop")
     folder = config.round_dir(number)
     samples = folder / "samples"
     started = time.perf_counter()

@@ -638,7 +638,7 @@ class Run:
                 self.models / "loop", rounds=s.loop_rounds, paths=s.dpo_paths,
                 max_revisions=s.loop_revisions, questions_per_round=s.dpo,
                 concurrency=s.concurrency)),
-            scorer=SceneScorer(index=self.index), rules=ANSWER_RULES,
+            scorer=SceneScorer(index=self.index), rules=ANSWER_RULES, prompts=PROMPTS,
             policy=InProcessPolicy(max_new_tokens=s.max_new_tokens, seed=s.seed),
             summary_policy=InProcessPolicy(temperature=0.0, max_new_tokens=s.max_new_tokens,
                                            seed=s.seed),
