@@ -384,24 +384,38 @@ class PairedComparison:
 
 
 def compare_predictions(first: str | Path, second: str | Path, *,
-                        categories: Collection[str] | None = None) -> PairedComparison:
+                        categories: Collection[str] | None = None,
+                        stated: bool = False) -> PairedComparison:
     """Compare two evaluation folders (or their ``predictions.jsonl``) on the items both
     answered, optionally only those of some ``categories``. On a test set of tens of
     questions, accuracies a few points apart are within noise; the paired count says how
     many items actually changed, and ``p_value`` how surprising that is.
 
+    With ``stated``, compare the answers the reasoning chains stated in their last step
+    (what the two-agent system's evaluations record as ``stated``) in place of the final
+    answers: whether the reasoning agents differ, whatever the summary agents made of
+    their chains. An item whose chain stated no answer counts as wrong.
+
     Raises:
         InvalidInputError: when a folder holds no predictions or damaged ones, or the two
-            share no item.
+            share no item; with ``stated``, when a folder is not an evaluation of the
+            two-agent system (no prediction holds a verdict).
     """
     def right(folder: str | Path) -> dict[str, bool]:
         path = Path(folder)
         path = path / PREDICTIONS_FILE if path.is_dir() else path
         if not path.is_file():
             raise InvalidInputError(f"no predictions at {path}", field="predictions")
-        return {row["id"]: row["correct"]
-                for row in read_records(path, fields=PREDICTION_FIELDS)
-                if categories is None or row["category"] in categories}
+        rows = [row for row in read_records(path, fields=PREDICTION_FIELDS)
+                if categories is None or row["category"] in categories]
+        if not stated:
+            return {row["id"]: row["correct"] for row in rows}
+        if rows and not any(row.get("verdict") for row in rows):
+            raise InvalidInputError(
+                f"{path} is not an evaluation of a reasoning agent with a summary agent: it "
+                "records no chain's stated answer", field="predictions")
+        return {row["id"]: isinstance(row.get("stated"), dict)
+                and row["stated"].get("correct") is True for row in rows}
 
     a, b = right(first), right(second)
     shared = [key for key in a if key in b]

@@ -291,6 +291,54 @@ def test_two_evaluations_compared_question_by_question(data: Path, tmp_path: Pat
     assert result.exit_code == 2 and "no predictions" in result.output
 
 
+def test_the_chains_stated_answers_compared_apart_from_the_final_ones(data: Path,
+                                                                     tmp_path: Path) -> None:
+    """``stated=True`` compares what the reasoning chains concluded, not what the summary
+    agents answered: here the final answers are all right in both, the chains are not."""
+    from typer.testing import CliRunner
+
+    from insightv_agents.cli import app
+
+    def two_agents(chain_right: Callable[[str], bool], states: bool = True) -> Any:
+        async def predict(item: Any) -> dict[str, Any]:
+            stated = item.answer if chain_right(item.category) else "purple"
+            return {"answer": item.answer, "status": "ok",
+                    "steps": [{"summary": "Conclude", "action": "conclude",
+                               "reasoning": f"The answer is {stated}." if states
+                               else "Nothing to conclude."}],
+                    "verdict": {"reasoning_correct": True, "critique": "",
+                                "answer": item.answer}}
+        return predict
+
+    run(two_agents(lambda c: c in ("perception", "count")), data, tmp_path / "first")
+    run(two_agents(lambda c: c == "count"), data, tmp_path / "second")
+    run(answering_right(), data, tmp_path / "direct")
+    count = sum(item.category == "count" for item in load_items(data / "test.jsonl")[0])
+    perception = sum(item.category == "perception"
+                     for item in load_items(data / "test.jsonl")[0])
+    final = compare_predictions(tmp_path / "first", tmp_path / "second")
+    assert (final.both_right, final.only_first, final.only_second) == (30, 0, 0)
+    chains = compare_predictions(tmp_path / "first", tmp_path / "second", stated=True)
+    assert (chains.items, chains.both_right, chains.only_first, chains.only_second,
+            chains.both_wrong) == (30, count, perception, 0, 30 - count - perception)
+    assert chains.p_value == sign_test(perception, 0)
+    run(two_agents(lambda c: True, states=False), data, tmp_path / "silent")
+    silent = compare_predictions(tmp_path / "first", tmp_path / "silent", stated=True)
+    assert (silent.only_first, silent.only_second) == (count + perception, 0)  # none stated
+    with pytest.raises(InvalidInputError, match="not an evaluation of a reasoning agent"):
+        compare_predictions(tmp_path / "first", tmp_path / "direct", stated=True)
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "first"),
+                                      str(tmp_path / "second"), "--stated"])
+    assert result.exit_code == 0 and f"only {tmp_path / 'first'} {perception}," in (
+        result.output.replace("\n", ""))
+
+
+def answering_right() -> Any:
+    async def predict(item: Any) -> dict[str, Any]:
+        return {"answer": item.answer, "status": "ok"}
+    return predict
+
+
 def test_the_accuracy_interval_is_wilsons() -> None:
     """Reference values of the Wilson score interval (95%)."""
     assert accuracy_interval(18, 30) == pytest.approx((0.4232, 0.7541), abs=1e-4)

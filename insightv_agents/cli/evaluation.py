@@ -136,13 +136,16 @@ def compare(
     second: Annotated[str, typer.Argument(help="Another, on the same items.")],
     category: Annotated[list[str] | None, typer.Option(
         help="Only items of this category (repeat for several).")] = None,
+    stated: Annotated[bool, typer.Option(
+        help="Compare the answers the reasoning chains stated (two-agent evaluations), "
+             "not the final answers.")] = False,
 ) -> None:
     """Compare two evaluations question by question: which items only one got right, and
     the sign test's p-value (accuracies a few points apart on tens of items are noise)."""
     from insightv_agents.evaluate import compare_predictions
 
     console = Console()
-    paired = compare_predictions(first, second, categories=category or None)
+    paired = compare_predictions(first, second, categories=category or None, stated=stated)
     console.print(
         f"{paired.items} items: both right {paired.both_right}, only {first} "
         f"{paired.only_first}, only {second} {paired.only_second}, both wrong "

@@ -99,6 +99,13 @@ PAIRS: tuple[tuple[str, str, tuple[str, ...] | None, str], ...] = (
     ("h-loop", "c-insightv", None, "all"),
     ("h-loop", "e-dpo-3", None, "all"),
 )
+# The reinforcement-learned reasoning agents against (c)'s and (e)'s on what their chains
+# stated, whatever the summary agents answered (on all questions).
+CHAIN_PAIRS: tuple[tuple[str, str], ...] = (
+    ("e-dpo-3", "c-insightv"), ("g-grpo", "c-insightv"), ("g-grpo", "e-dpo-3"),
+    ("h-loop", "c-insightv"), ("h-loop", "e-dpo-3"),
+)
+CHAINS = "all, chains' answers"
 # The stages that make models (``timings.json`` keys): everything but the data and the eval.
 TRAINING_STAGES = ("text", "base", "sft", "reasoner samples", "iterative", "grpo", "loop")
 
@@ -724,16 +731,19 @@ class Run:
                 "paired": self.paired(reports)}
 
     def paired(self, reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-        """The goals' comparisons question by question (:data:`PAIRS`): how many test
-        questions only the first system got right, how many only the second, and the sign
-        test's p-value on those."""
+        """The goals' comparisons question by question (:data:`PAIRS`, then
+        :data:`CHAIN_PAIRS` on the chains' stated answers): how many test questions only the
+        first system got right, how many only the second, and the sign test's p-value on
+        those."""
         from insightv_agents.evaluate import compare_predictions
 
         rows = []
-        for first, second, categories, questions in PAIRS:
+        chains = [(first, second, None, CHAINS) for first, second in CHAIN_PAIRS]
+        for first, second, categories, questions in (*PAIRS, *chains):
             if first in reports and second in reports:
                 paired = compare_predictions(self.out / "eval" / first,
-                                             self.out / "eval" / second, categories=categories)
+                                             self.out / "eval" / second, categories=categories,
+                                             stated=questions == CHAINS)
                 rows.append({"first": first, "second": second, "questions": questions,
                              "items": paired.items, "only_first": paired.only_first,
                              "only_second": paired.only_second,

@@ -44,7 +44,7 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
     assert [r["round"] for r in results["dpo_rounds"]] == [1, 2]
     assert [probe["epochs"] for probe in results["caption_probe"]] == [1]  # the base's probe
     # the goals question by question: the paired counts give the accuracies' difference
-    assert len(results["paired"]) == 11
+    assert len(results["paired"]) == 16  # 11 on the answers, 5 on the chains' answers
     for pair in results["paired"]:
         if pair["questions"] == "all":
             first, second = (results["systems"][pair[k]]["accuracy"] for k in ("first",
