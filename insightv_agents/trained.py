@@ -52,6 +52,14 @@ def resolve_model(path: str | Path) -> tuple[str, str | None]:
     return base, str(adapter)
 
 
+def same_model(first: str | Path, second: str | Path) -> bool:
+    """Whether two model names are the same model: the same folder (however written), or
+    the same hub id."""
+    if Path(first).expanduser().exists():
+        return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
+    return str(first) == str(second)
+
+
 def check_adapter(path: str | Path) -> Path:
     """The resolved folder of a PEFT adapter whose weights are safetensors
     (``adapter_model.safetensors`` beside ``adapter_config.json``), checked before anything is

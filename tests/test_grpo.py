@@ -475,3 +475,80 @@ def test_cli_train_grpo_and_loop_parse_their_configs(tmp_path: Path) -> None:
                                     "--output_dir", str(tmp_path), "--rounds", "0"])
 
 
+
+
+def summary_adapter(model: Path, folder: Path) -> Path:
+    """A summary agent as a LoRA adapter on ``model`` (the reasoning agent's base)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    config = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                        target_modules=r".*text_model\.layers\.\d+\.self_attn\.(q|v)_proj")
+    base = AutoModelForImageTextToText.from_pretrained(model)
+    get_peft_model(base, config).save_pretrained(folder)
+    AgentCard(role="summary", profile="chain").save(folder)
+    return folder
+
+
+def loop_command(model: Path, summary: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["train", "loop", "--reasoner", str(model), "--summarizer", str(summary),
+            "--input", str(write_items(tmp_path / "data", 2)), "--output_dir",
+            str(tmp_path / "run"), "--rounds", "2", "--paths", "2", "--concurrency", "1",
+            "--reasoning_max_steps", "2", "--max_steps", "2", "--num_generations", "2",
+            "--per_device_train_batch_size", "2", "--max_completion_length", "8",
+            "--learning_rate", "1e-3", "--dtype", "float32", "--lora_r", "8",
+            "--save_steps", "1000", "--max_tokens", "64", *extra]
+
+
+def test_cli_loop_through_vllm_is_refused_before_a_server_starts(model: Path,
+                                                                 tmp_path: Path) -> None:
+    """`train loop --sampler vllm` serves both agents' rounds from one server as adapters:
+    full fine-tuning, or agents on two different base models, are refused first."""
+    from typer.testing import CliRunner
+
+    from insightv_agents.cli import app
+    from insightv_agents.cli.training import training_arguments
+
+    inputs, _ = training_arguments("loop", ["--reasoner", "r", "--summarizer", "s",
+                                            "--input", "q", "--output_dir", str(tmp_path)])
+    assert inputs.sampler == "local"
+    summary = summary_adapter(model, tmp_path / "summary")
+    full = CliRunner().invoke(app, loop_command(model, summary, tmp_path, "--sampler", "vllm",
+                                                "--finetune", "full"))
+    assert full.exit_code != 0 and "--finetune lora" in full.output
+    other = tmp_path / "other-base"
+    shutil.copytree(model, other)
+    result = CliRunner().invoke(app, loop_command(other, summary, tmp_path, "--sampler",
+                                                  "vllm"))
+    assert result.exit_code != 0 and "one vLLM server" in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()  # nothing sampled, nothing trained
+
+
+@pytest.mark.slow
+def test_cli_loop_samples_both_agents_from_one_vllm_server(
+        model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train loop --sampler vllm` on a real vLLM CPU server: each round's reasoning and
+    summary adapters are loaded into the one server live, under their own names."""
+    from helpers import vllm_python
+    from typer.testing import CliRunner
+
+    from insightv_agents.backends.vllm import VLLM_PYTHON_ENV
+    from insightv_agents.cli import app
+
+    monkeypatch.setenv(VLLM_PYTHON_ENV, vllm_python())
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    summary = summary_adapter(model, tmp_path / "summary")
+    result = CliRunner().invoke(app, loop_command(model, summary, tmp_path, "--sampler",
+                                                  "vllm"))
+    assert result.exit_code == 0, result.output
+    rounds = json.loads((tmp_path / "run" / "rounds.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["reasoner_trained"]
+    for number in (1, 2):
+        records = load_records(tmp_path / "run" / f"round-{number}" / "samples")
+        provenance = [path["provenance"] for group in records.questions.values()
+                      for path in group]
+        assert len(provenance) == 4
+        # round 1 samples the base model itself; round 2 its round-1 adapter, by name
+        assert {p["teacher"]["model_name"] for p in provenance} == {
+            "reasoner-2" if number == 2 else str(model)}
+        assert {p["summarizer"]["model_name"] for p in provenance} == {f"summary-{number}"}

@@ -12,6 +12,7 @@ them (the line wins), ``insightv train sft --help`` for them all.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -105,6 +106,9 @@ class LoopInputs:
     sampling_temperature: float = option(0.7, "The reasoning agent's temperature when it "
                                               "samples a round's chains.")
     max_tokens: int = option(1024, "Longest reply per request.")
+    sampler: Literal["local", "vllm"] = option(
+        "local", "local (transformers in-process) or vllm (one vLLM server on the agents' "
+                 "base model, loading each round's adapters live; LoRA only).")
 
 
 def training_arguments(command: str, args: Sequence[str]) -> tuple[Any, ...]:
@@ -161,8 +165,6 @@ def train_iterate_command(ctx: typer.Context) -> None:
     """Iterative DPO: each round samples from the current model through the synthesis
     graph, scores, builds pairs and trains the next model: --model, --input, --output_dir,
     and any IterativeDPOConfig field (--rounds, --paths, --beta, ...)."""
-    from contextlib import ExitStack
-
     from insightv_agents.trainers.iterative import InProcessPolicy, VLLMPolicy, iterative_dpo
 
     console = Console()
@@ -208,8 +210,6 @@ def train_grpo_command(ctx: typer.Context) -> None:
     rewarded for answer and format) or --agent summary (the judge, on the chains of a
     synthesis output), --model, --output_dir, and any GRPOConfig field (--loss_type,
     --num_generations, --beta, ...)."""
-    from contextlib import ExitStack
-
     console = Console()
     with command_errors(console), ExitStack() as stack:
         inputs, config = training_arguments("grpo", ctx.args)
@@ -283,17 +283,48 @@ def train_loop_command(ctx: typer.Context) -> None:
                       f"accuracy {metrics['verdict_accuracy']}, {metrics['kept_paths']} "
                       f"paths kept -> {metrics['reasoner_out']}, {metrics['summarizer_out']}")
 
-    with command_errors(console):
+    with command_errors(console), ExitStack() as stack:
         inputs, config = training_arguments("loop", ctx.args)
         scoring = scorer_of(inputs)
+        policy: Any = InProcessPolicy(temperature=inputs.sampling_temperature,
+                                      max_new_tokens=inputs.max_tokens)
+        summary_policy: Any = InProcessPolicy(temperature=0.0,
+                                              max_new_tokens=inputs.max_tokens)
+        if inputs.sampler == "vllm":
+            policy, summary_policy = vllm_loop_policies(inputs, config, console, stack)
         result = self_improving_loop(
             inputs.reasoner, inputs.summarizer, inputs.input, config, scorer=scoring,
-            policy=InProcessPolicy(temperature=inputs.sampling_temperature,
-                                   max_new_tokens=inputs.max_tokens),
-            summary_policy=InProcessPolicy(temperature=0.0, max_new_tokens=inputs.max_tokens),
-            on_round=show)
+            policy=policy, summary_policy=summary_policy, on_round=show)
     console.print(f"final agents: {result.reasoner}, {result.summarizer}\nrounds: "
                   f"{config.output_dir}/rounds.md")
+
+
+def vllm_loop_policies(inputs: LoopInputs, config: Any, console: Console,
+                       stack: ExitStack) -> tuple[Any, Any]:
+    """The loop's two samplers on one vLLM server started on the agents' base model (in
+    ``stack``): the reasoning agent's rounds loaded as ``reasoner-<t>``, the summary
+    agent's as ``summary-<t>``."""
+    from insightv_agents.backends.vllm import VLLMServer
+    from insightv_agents.trained import adapter_rank, resolve_model, same_model
+    from insightv_agents.trainers.iterative import VLLMPolicy
+
+    if config.finetune != "lora":
+        raise InsightVError("--sampler vllm loads each round's adapters into a vLLM server: "
+                            "it needs --finetune lora.")
+    agents = [resolve_model(inputs.reasoner), resolve_model(inputs.summarizer)]
+    if not same_model(agents[0][0], agents[1][0]):
+        raise InsightVError(
+            f"--sampler vllm serves both agents from one vLLM server: they must be adapters "
+            f"on one base model (or that model), but the reasoning agent's is {agents[0][0]} "
+            f"and the summary agent's {agents[1][0]}. Use --sampler local.")
+    rank = max(config.lora_r, *(adapter_rank(adapter) for _, adapter in agents if adapter))
+    server = VLLMServer(agents[0][0], runtime_lora=True, max_lora_rank=rank)
+    with console.status(f"starting vLLM (log: {server.log_path})"):
+        stack.enter_context(server)
+    return (VLLMPolicy(server, temperature=inputs.sampling_temperature,
+                       max_tokens=inputs.max_tokens, adapter_prefix="reasoner"),
+            VLLMPolicy(server, temperature=0.0, max_tokens=inputs.max_tokens,
+                       adapter_prefix="summary"))
 
 
 @app.command("launch-config")

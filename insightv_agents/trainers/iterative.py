@@ -33,7 +33,7 @@ from insightv_agents.errors import BackendError, ConfigError, InvalidInputError
 from insightv_agents.files import read_json
 from insightv_agents.formats import card_profile, json_profile
 from insightv_agents.prompts import PROMPTS_VERSION, Prompts, ReasoningMode
-from insightv_agents.trained import resolve_model
+from insightv_agents.trained import resolve_model, same_model
 from insightv_agents.trainers.common import check_config, option, write_atomic
 from insightv_agents.trainers.dpo import DPOConfig, train_dpo
 from insightv_agents.trainers.report import write_round_report
@@ -159,27 +159,30 @@ class InProcessPolicy:
 class VLLMPolicy:
     """Samples from a running :class:`~insightv_agents.backends.vllm.VLLMServer`
     (started with ``runtime_lora=True``): each round's adapter is loaded into it by name
-    (``round-<t>``), no restart. The server serves the base model; rounds must be LoRA
-    adapters on it (full fine-tuned rounds need a new server: use :class:`InProcessPolicy`)."""
+    (``<adapter_prefix>-<t>``), no restart. The server serves the base model; rounds must be
+    LoRA adapters on it (full fine-tuned rounds need a new server: use
+    :class:`InProcessPolicy`). Two policies sharing a server (the self-improving loop's two
+    agents) take different prefixes."""
 
     server: Any
     temperature: float = 0.7
     top_p: float = 0.95
     max_tokens: int = 1024
+    adapter_prefix: str = "round"
 
     def chat_model(self, model: str, round_number: int) -> BaseChatModel:
         base, adapter = resolve_model(model)
         settings = {"temperature": self.temperature, "top_p": self.top_p,
                     "max_tokens": self.max_tokens}
         if adapter is None:
-            if _same(base, self.server.model):
+            if same_model(base, self.server.model):
                 return self.server.chat_model(self.server.served_model_name, **settings)
             raise ConfigError(f"the vLLM server serves {self.server.model}, not {base}: a "
                               "full model per round needs InProcessPolicy (or LoRA rounds).")
-        if not _same(base, self.server.model):
+        if not same_model(base, self.server.model):
             raise ConfigError(f"the adapter {adapter} is for {base}, but the vLLM server "
                               f"serves {self.server.model}.")
-        name = f"round-{round_number}"
+        name = f"{self.adapter_prefix}-{round_number}"
         if self.server.adapters.get(name) != adapter:
             if name in self.server.adapters:
                 self.server.unload_adapter(name)
@@ -392,6 +395,3 @@ def start_model(model: str | Path) -> str:
     return adapter or base
 
 
-def _same(first: str, second: str) -> bool:
-    return Path(first).resolve() == Path(second).resolve() if Path(first).exists() \
-        else first == second
