@@ -195,9 +195,10 @@ class VLLMRollouts:
     ``rollout_func``: at each new training step the policy's current LoRA adapter is saved
     to ``<output_dir>/rollout-adapter/`` and loaded into the server by name, then each
     question's group is sampled in one request (``n`` completions) with the trainer's
-    ``temperature``, ``top_p`` and ``max_completion_length``, token ids and log-probabilities
-    returned (TRL corrects for the gap between the server's and the trainer's
-    probabilities with its importance sampling). Needs LoRA (``finetune="lora"``).
+    ``temperature``, ``top_p`` and ``max_completion_length`` (seeded from the run's ``seed``,
+    the step and the group), token ids and log-probabilities returned (TRL corrects for the
+    gap between the server's and the trainer's probabilities with its importance sampling).
+    Needs LoRA (``finetune="lora"``).
 
     Args:
         server: the vLLM server.
@@ -222,8 +223,10 @@ class VLLMRollouts:
             else:
                 groups.append([index])
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            replies = list(pool.map(lambda group: self._sample(
-                name, prompts[group[0]], len(group), trainer.args, image_token), groups))
+            replies = list(pool.map(lambda numbered: self._sample(
+                name, prompts[numbered[1][0]], len(numbered[1]), trainer.args, image_token,
+                seed=_rollout_seed(trainer.args.seed, self._step, numbered[0])),
+                enumerate(groups)))
         prompt_ids: list[list[int]] = []
         completion_ids: list[list[int]] = []
         logprobs: list[list[float]] = []
@@ -259,14 +262,15 @@ class VLLMRollouts:
         return name
 
     def _sample(self, name: str, prompt: list[dict[str, Any]], count: int, args: Any,
-                image_token: int | None) -> list[tuple[list[int], list[float]]]:
+                image_token: int | None, *, seed: int
+                ) -> list[tuple[list[int], list[float]]]:
         import httpx
 
         body: dict[str, Any] = {
             "model": name, "messages": _openai_messages(prompt), "n": count,
             "temperature": args.temperature, "top_p": args.top_p,
             "max_tokens": args.max_completion_length, "logprobs": True,
-            "return_token_ids": True, "skip_special_tokens": False}
+            "return_token_ids": True, "skip_special_tokens": False, "seed": seed}
         if args.top_k:
             body["top_k"] = args.top_k
         if image_token is not None:  # a sampled image token would not match the image features
@@ -284,6 +288,12 @@ class VLLMRollouts:
              [float(entry["logprob"]) for entry in (choice.get("logprobs") or {})
               .get("content") or []])
             for choice in choices]
+
+
+def _rollout_seed(seed: int, step: int, group: int) -> int:
+    """The sampling seed of one group's request: from the run's seed, the step and the
+    group, so that a rerun samples the same rollouts whatever order the requests run in."""
+    return (seed * 1_000_003 + step * 10_007 + group) % 2**31
 
 
 def _openai_messages(prompt: list[dict[str, Any]]) -> list[dict[str, Any]]:
