@@ -83,6 +83,9 @@ SYSTEMS: dict[str, str] = {
 OPTIMAL_ONLY = SummaryMix(optimal=1, flawed=0, self_made=0, qa=0)
 RESULTS_FILE = "results.json"
 TRAINED = ("direct", "reasoner", "summary", "stages")  # the SFT runs, in order
+# The training sets of the two agents, by their dataset kind: saved with an agent card in the
+# run's prompts, which the agents trained on them carry (and whatever loads them then uses).
+AGENT_SETS = {"reasoner": "sft-reason", "summary": "sft-summary"}
 MULTI_STEP = tuple(c for c in CATEGORIES if c != "perception")
 # The issue's goals as paired comparisons: (first, second, the questions compared, in words;
 # None: all of them).
@@ -489,6 +492,7 @@ class Run:
     def build(self, records: Any, names: Sequence[str], own: Any = None) -> dict[str, Path]:
         """The training sets ``names`` (each built once); ``own``: the reasoner's sampled
         paths for the summary agent's mix."""
+        from insightv_agents.trainers.common import dataset_card
         from insightv_agents.trainers.data import (
             build_direct_sft,
             build_reasoning_sft,
@@ -514,6 +518,8 @@ class Run:
                 shutil.rmtree(staging, ignore_errors=True)
                 dataset.save_to_disk(str(staging))
                 (staging / "build_report.txt").write_text("\n".join(report.lines()) + "\n")
+                if name in AGENT_SETS:  # the agents trained on it carry the run's prompts
+                    dataset_card(AGENT_SETS[name], mode="chain", prompts=PROMPTS).save(staging)
                 staging.replace(folder)
             folders[name] = folder
         return folders
@@ -559,15 +565,18 @@ class Run:
         epochs = s.summary_epochs if name == "summary" and s.summary_epochs else s.sft_epochs
         if not finished_run(self.models / name):
             self.train(self.models / "base", str(rows), self.models / name, epochs,
-                       group_by_length=s.group_by_length and name == "reasoner")
+                       group_by_length=s.group_by_length and name == "reasoner",
+                       agent="summary" if name == "summary" else "reasoning")
 
     def train(self, model: Path, rows: Any, out: Path, epochs: float, *,
-              learning_rate: float | None = None, group_by_length: bool = False) -> None:
+              learning_rate: float | None = None, group_by_length: bool = False,
+              agent: Literal["reasoning", "summary"] = "reasoning") -> None:
         from insightv_agents.trainers.sft import SFTConfig, train_sft
 
         s = self.settings
         train_sft(model, rows, SFTConfig(
-            output_dir=str(out), finetune="full", learning_rate=learning_rate or s.learning_rate,
+            output_dir=str(out), agent=agent, finetune="full",
+            learning_rate=learning_rate or s.learning_rate,
             num_train_epochs=epochs, per_device_train_batch_size=s.batch_size,
             warmup_steps=0.05, logging_steps=20, save_steps=200, seed=s.seed,
             train_sampling_strategy="group_by_length" if group_by_length else "random",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from insightv_research.reproduce import (
+    PROMPTS,
     SYSTEMS,
     ReproduceSettings,
     Run,
@@ -20,7 +21,9 @@ from insightv_research.reproduce import (
     runs_markdown,
 )
 
+from insightv_agents.cards import read_card
 from insightv_agents.evaluate import sign_test
+from insightv_agents.trainers.common import prompt_changes
 from insightv_agents.trainers.data import SummaryMix, load_records
 
 
@@ -51,6 +54,11 @@ def test_reproduce_runs_every_system_and_resumes(tmp_path: Path) -> None:
                                                                                 "second"))
             assert pair["items"] == 5 and pair["only_first"] - pair["only_second"] == round(
                 5 * (first - second))
+    # the two agents carry the run's prompts (whatever loads them asks them in those)
+    for name, role in (("reasoner", "reasoning"), ("summary", "summary")):
+        card = read_card(settings.out / "models" / name)
+        assert card is not None and card.role == role and card.profile == "chain"
+        assert card.prompts == prompt_changes(PROMPTS) != {}
     # training time: every stage but the data, the training sets and the evaluation
     timings = results["timings_seconds"]
     assert {"text pre-training", "iterative dpo"} <= set(timings)
