@@ -305,6 +305,7 @@ def vllm_loop_policies(inputs: LoopInputs, config: Any, console: Console,
     ``stack``): the reasoning agent's rounds loaded as ``reasoner-<t>``, the summary
     agent's as ``summary-<t>``."""
     from insightv_agents.backends.vllm import VLLMServer
+    from insightv_agents.synthesize import load_items
     from insightv_agents.trained import adapter_rank, resolve_model, same_model
     from insightv_agents.trainers.iterative import VLLMPolicy
 
@@ -317,8 +318,10 @@ def vllm_loop_policies(inputs: LoopInputs, config: Any, console: Console,
             f"--sampler vllm serves both agents from one vLLM server: they must be adapters "
             f"on one base model (or that model), but the reasoning agent's is {agents[0][0]} "
             f"and the summary agent's {agents[1][0]}. Use --sampler local.")
-    rank = max(config.lora_r, *(adapter_rank(adapter) for _, adapter in agents if adapter))
-    server = VLLMServer(agents[0][0], runtime_lora=True, max_lora_rank=rank)
+    load_items(inputs.input)  # bad items are refused before the server starts
+    rank = max([config.lora_r, *(adapter_rank(adapter) for _, adapter in agents if adapter)])
+    server = VLLMServer(agents[0][0], runtime_lora=True, max_lora_rank=rank,
+                        extra_args=["--max-loras", "2"])  # one adapter of each agent at once
     with console.status(f"starting vLLM (log: {server.log_path})"):
         stack.enter_context(server)
     return (VLLMPolicy(server, temperature=inputs.sampling_temperature,

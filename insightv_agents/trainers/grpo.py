@@ -17,6 +17,7 @@ rewards and advantages to ``<output_dir>/completions/completions_<step>.parquet`
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -195,9 +196,9 @@ class VLLMRollouts:
     ``rollout_func``: at each new training step the policy's current LoRA adapter is saved
     to ``<output_dir>/rollout-adapter/`` and loaded into the server by name, then each
     question's group is sampled in one request (``n`` completions) with the trainer's
-    ``temperature``, ``top_p`` and ``max_completion_length`` (seeded from the run's ``seed``,
-    the step and the group), token ids and log-probabilities returned (TRL corrects for the
-    gap between the server's and the trainer's probabilities with its importance sampling).
+    ``temperature``, ``top_p`` and ``max_completion_length``, seeded by
+    :func:`rollout_seed`; token ids and log-probabilities come back (TRL corrects for the gap
+    between the server's and the trainer's probabilities with its importance sampling).
     Needs LoRA (``finetune="lora"``).
 
     Args:
@@ -211,9 +212,12 @@ class VLLMRollouts:
     timeout: float = 600.0
     _step: int = field(default=-1, init=False, repr=False)
     _name: str = field(default="", init=False, repr=False)
+    _calls: int = field(default=0, init=False, repr=False)
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
         name = self._sync(trainer)
+        self._calls += 1
+        call = (trainer.args.seed, self._step, trainer.accelerator.process_index, self._calls)
         image_token = getattr(trainer.accelerator.unwrap_model(trainer.model).config,
                               "image_token_id", None)
         groups: list[list[int]] = []
@@ -225,7 +229,7 @@ class VLLMRollouts:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             replies = list(pool.map(lambda numbered: self._sample(
                 name, prompts[numbered[1][0]], len(numbered[1]), trainer.args, image_token,
-                seed=_rollout_seed(trainer.args.seed, self._step, numbered[0])),
+                seed=rollout_seed(*call, numbered[0])),
                 enumerate(groups)))
         prompt_ids: list[list[int]] = []
         completion_ids: list[list[int]] = []
@@ -290,10 +294,13 @@ class VLLMRollouts:
             for choice in choices]
 
 
-def _rollout_seed(seed: int, step: int, group: int) -> int:
-    """The sampling seed of one group's request: from the run's seed, the step and the
-    group, so that a rerun samples the same rollouts whatever order the requests run in."""
-    return (seed * 1_000_003 + step * 10_007 + group) % 2**31
+def rollout_seed(*parts: int) -> int:
+    """The sampling seed of one group's request (31 bits), a hash of ``parts`` (the run's
+    seed, the step, the process, the call, the group): a rerun samples the same rollouts
+    whatever order the requests run in, and no two requests share seeds (vLLM gives the
+    k-th completion of a request the seed plus k, so seeds one apart would repeat them)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def _openai_messages(prompt: list[dict[str, Any]]) -> list[dict[str, Any]]:
