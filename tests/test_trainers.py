@@ -764,3 +764,17 @@ def test_resume_passes_over_a_checkpoint_cut_short(tmp_path: Path) -> None:
     assert checkpoint_to_resume(SFTConfig(output_dir=str(tmp_path))) == str(
         tmp_path / "checkpoint-4")
     assert checkpoint_to_resume(SFTConfig(output_dir=str(tmp_path), resume=False)) is None
+
+
+def test_a_trained_output_names_its_base_by_path_or_hub_id(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """A local base by its absolute path (the adapter then loads from anywhere); a hub id
+    as it is, not as a folder of the working directory."""
+    from insightv_agents.trainers.common import model_name
+
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert model_name("base") == str((tmp_path / "base").resolve())
+    assert model_name("HuggingFaceTB/SmolVLM-256M-Instruct") == (
+        "HuggingFaceTB/SmolVLM-256M-Instruct")

@@ -268,16 +268,23 @@ def save_output(trainer: Any, loaded: Loaded, config: AgentTraining, kind: str,
     if (out / "adapter_config.json").exists():
         adapter_path = out / "adapter_config.json"
         adapter = json.loads(adapter_path.read_text())
-        adapter["base_model_name_or_path"] = str(Path(loaded.base).resolve())
+        adapter["base_model_name_or_path"] = model_name(loaded.base)
         write_atomic(adapter_path, json.dumps(adapter, indent=2))
     card.save(out)
-    run = {"kind": kind, "base_model": str(Path(loaded.base).resolve()),
+    run = {"kind": kind, "base_model": model_name(loaded.base),
            "started_from_adapter": loaded.adapter,
            "settings": config.to_dict(), "metrics": metrics,
            "processes": trainer.args.world_size,
            **extra, "log_history": trainer.state.log_history}
     write_atomic(out / TRAINING_FILE, json.dumps(run, indent=2, default=str))
     return out
+
+
+def model_name(model: str | Path) -> str:
+    """How a trained output names the model it was trained on: a local folder by its
+    absolute path, a hub id as it is."""
+    folder = Path(model).expanduser()
+    return str(folder.resolve()) if folder.exists() else str(model)
 
 
 def prompt_changes(prompts: Prompts) -> dict[str, Any]:
