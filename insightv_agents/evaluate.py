@@ -392,14 +392,15 @@ def compare_predictions(first: str | Path, second: str | Path, *,
     many items actually changed, and ``p_value`` how surprising that is.
 
     With ``stated``, compare the answers the reasoning chains stated in their last step
-    (what the two-agent system's evaluations record as ``stated``) in place of the final
-    answers: whether the reasoning agents differ, whatever the summary agents made of
-    their chains. An item whose chain stated no answer counts as wrong.
+    (what the two-agent system's evaluations record as ``stated``; a reasoning agent's own
+    answer where it answered alone, :func:`chain_predictor`) in place of the final answers:
+    whether the reasoning agents differ, whatever the summary agents made of their chains.
+    An item whose chain stated no answer counts as wrong.
 
     Raises:
         InvalidInputError: when a folder holds no predictions or damaged ones, or the two
-            share no item; with ``stated``, when a folder is not an evaluation of the
-            two-agent system (no prediction holds a verdict).
+            share no item; with ``stated``, when a folder holds no reasoning chain (a
+            direct answerer's evaluation).
     """
     def right(folder: str | Path) -> dict[str, bool]:
         path = Path(folder)
@@ -410,12 +411,11 @@ def compare_predictions(first: str | Path, second: str | Path, *,
                 if categories is None or row["category"] in categories]
         if not stated:
             return {row["id"]: row["correct"] for row in rows}
-        if rows and not any(row.get("verdict") for row in rows):
+        if rows and not any(row.get("verdict") or row.get("steps") for row in rows):
             raise InvalidInputError(
-                f"{path} is not an evaluation of a reasoning agent with a summary agent: it "
-                "records no chain's stated answer", field="predictions")
-        return {row["id"]: isinstance(row.get("stated"), dict)
-                and row["stated"].get("correct") is True for row in rows}
+                f"{path} is not an evaluation of a reasoning agent: no prediction holds a "
+                "reasoning chain, so none states an answer", field="predictions")
+        return {row["id"]: chain_right(row) for row in rows}
 
     a, b = right(first), right(second)
     shared = [key for key in a if key in b]
@@ -428,6 +428,15 @@ def compare_predictions(first: str | Path, second: str | Path, *,
         for x, y in ((True, True), (True, False), (False, True), (False, False)))
     return PairedComparison(len(shared), both, only_first, only_second, neither,
                             sign_test(only_first, only_second))
+
+
+def chain_right(row: dict[str, Any]) -> bool:
+    """Whether a prediction's reasoning chain stated the right answer: with a summary agent
+    (a verdict), its recorded ``stated`` answer; a reasoning agent alone answers with it."""
+    if row.get("verdict"):
+        stated = row.get("stated")
+        return isinstance(stated, dict) and stated.get("correct") is True
+    return bool(row.get("steps")) and row["correct"] is True
 
 
 def accuracy_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -327,10 +327,21 @@ def test_the_chains_stated_answers_compared_apart_from_the_final_ones(data: Path
     assert (silent.only_first, silent.only_second) == (count + perception, 0)  # none stated
     with pytest.raises(InvalidInputError, match="not an evaluation of a reasoning agent"):
         compare_predictions(tmp_path / "first", tmp_path / "direct", stated=True)
+
+    async def alone(item: Any) -> dict[str, Any]:  # a reasoning agent answering alone
+        answer = item.answer if item.category == "count" else "purple"
+        return {"answer": answer, "status": "ok", "steps": [
+            {"summary": "Conclude", "action": "conclude",
+             "reasoning": f"The answer is {answer}."}]}
+
+    run(alone, data, tmp_path / "alone")
+    versus = compare_predictions(tmp_path / "first", tmp_path / "alone", stated=True)
+    assert (versus.both_right, versus.only_first, versus.only_second) == (count, perception, 0)
     result = CliRunner().invoke(app, ["compare", str(tmp_path / "first"),
                                       str(tmp_path / "second"), "--stated"])
-    assert result.exit_code == 0 and f"only {tmp_path / 'first'} {perception}," in (
-        result.output.replace("\n", ""))
+    output = result.output.replace("\n", "")
+    assert result.exit_code == 0 and f"only {tmp_path / 'first'} {perception}," in output
+    assert "(the answers their chains stated)" in " ".join(result.output.split())
 
 
 def answering_right() -> Any:

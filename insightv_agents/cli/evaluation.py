@@ -137,8 +137,8 @@ def compare(
     category: Annotated[list[str] | None, typer.Option(
         help="Only items of this category (repeat for several).")] = None,
     stated: Annotated[bool, typer.Option(
-        help="Compare the answers the reasoning chains stated (two-agent evaluations), "
-             "not the final answers.")] = False,
+        help="Compare the answers the reasoning chains stated, not the final answers "
+             "(what the summary agents made of them).")] = False,
 ) -> None:
     """Compare two evaluations question by question: which items only one got right, and
     the sign test's p-value (accuracies a few points apart on tens of items are noise)."""
@@ -149,7 +149,8 @@ def compare(
     console.print(
         f"{paired.items} items: both right {paired.both_right}, only {first} "
         f"{paired.only_first}, only {second} {paired.only_second}, both wrong "
-        f"{paired.both_wrong}.\nAccuracy difference {100 * paired.difference:+.1f} points; "
+        f"{paired.both_wrong}{' (the answers their chains stated)' if stated else ''}.\n"
+        f"Accuracy difference {100 * paired.difference:+.1f} points; "
         f"sign test p = {paired.p_value:.3f}.", highlight=False)
 
 
