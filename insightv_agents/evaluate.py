@@ -415,7 +415,7 @@ def compare_predictions(first: str | Path, second: str | Path, *,
             raise InvalidInputError(
                 f"{path} is not an evaluation of a reasoning agent: no prediction holds a "
                 "reasoning chain, so none states an answer", field="predictions")
-        return {row["id"]: chain_right(row) for row in rows}
+        return {row["id"]: _chain_right(row) for row in rows}
 
     a, b = right(first), right(second)
     shared = [key for key in a if key in b]
@@ -430,7 +430,7 @@ def compare_predictions(first: str | Path, second: str | Path, *,
                             sign_test(only_first, only_second))
 
 
-def chain_right(row: dict[str, Any]) -> bool:
+def _chain_right(row: dict[str, Any]) -> bool:
     """Whether a prediction's reasoning chain stated the right answer: with a summary agent
     (a verdict), its recorded ``stated`` answer; a reasoning agent alone answers with it."""
     if row.get("verdict"):

@@ -52,12 +52,17 @@ def resolve_model(path: str | Path) -> tuple[str, str | None]:
     return base, str(adapter)
 
 
+def model_name(model: str | Path) -> str:
+    """A model's name as trained outputs record it: a local folder by its absolute path, a
+    hub id as it is."""
+    folder = Path(model).expanduser()
+    return str(folder.resolve()) if folder.exists() else str(model)
+
+
 def same_model(first: str | Path, second: str | Path) -> bool:
     """Whether two model names are the same model: the same folder (however written), or
     the same hub id."""
-    if Path(first).expanduser().exists():
-        return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
-    return str(first) == str(second)
+    return model_name(first) == model_name(second)
 
 
 def check_adapter(path: str | Path) -> Path:

@@ -771,7 +771,7 @@ def test_a_trained_output_names_its_base_by_path_or_hub_id(tmp_path: Path,
                                                            ) -> None:
     """A local base by its absolute path (the adapter then loads from anywhere); a hub id
     as it is, not as a folder of the working directory."""
-    from insightv_agents.trainers.common import model_name
+    from insightv_agents.trained import model_name
 
     (tmp_path / "base").mkdir()
     monkeypatch.chdir(tmp_path)

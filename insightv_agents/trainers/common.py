@@ -21,7 +21,13 @@ from insightv_agents.cards import AgentCard, Role, read_card
 from insightv_agents.errors import ConfigError, InvalidInputError
 from insightv_agents.files import read_json
 from insightv_agents.prompts import DEFAULT_PROMPTS, Prompts, ReasoningMode
-from insightv_agents.trained import TRAINING_FILE, check_adapter, check_remote_code, resolve_model
+from insightv_agents.trained import (
+    TRAINING_FILE,
+    check_adapter,
+    check_remote_code,
+    model_name,
+    resolve_model,
+)
 
 FineTune = Literal["lora", "full"]
 DType = Literal["auto", "bfloat16", "bf16-mixed", "float32"]
@@ -278,13 +284,6 @@ def save_output(trainer: Any, loaded: Loaded, config: AgentTraining, kind: str,
            **extra, "log_history": trainer.state.log_history}
     write_atomic(out / TRAINING_FILE, json.dumps(run, indent=2, default=str))
     return out
-
-
-def model_name(model: str | Path) -> str:
-    """How a trained output names the model it was trained on: a local folder by its
-    absolute path, a hub id as it is."""
-    folder = Path(model).expanduser()
-    return str(folder.resolve()) if folder.exists() else str(model)
 
 
 def prompt_changes(prompts: Prompts) -> dict[str, Any]:

@@ -226,11 +226,13 @@ class VLLMRollouts:
                 groups[-1].append(index)
             else:
                 groups.append([index])
+
+        def sample(number: int, group: list[int]) -> list[tuple[list[int], list[float]]]:
+            return self._sample(name, prompts[group[0]], len(group), trainer.args,
+                                image_token, seed=rollout_seed(*call, number))
+
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            replies = list(pool.map(lambda numbered: self._sample(
-                name, prompts[numbered[1][0]], len(numbered[1]), trainer.args, image_token,
-                seed=rollout_seed(*call, numbered[0])),
-                enumerate(groups)))
+            replies = list(pool.map(sample, range(len(groups)), groups))
         prompt_ids: list[list[int]] = []
         completion_ids: list[list[int]] = []
         logprobs: list[list[float]] = []

@@ -33,7 +33,7 @@ from insightv_agents.errors import BackendError, ConfigError, InvalidInputError
 from insightv_agents.files import read_json
 from insightv_agents.formats import card_profile, json_profile
 from insightv_agents.prompts import PROMPTS_VERSION, Prompts, ReasoningMode
-from insightv_agents.trained import resolve_model, same_model
+from insightv_agents.trained import model_name, resolve_model, same_model
 from insightv_agents.trainers.common import check_config, option, write_atomic
 from insightv_agents.trainers.dpo import DPOConfig, train_dpo
 from insightv_agents.trainers.report import write_round_report
@@ -390,8 +390,6 @@ def start_model(model: str | Path) -> str:
     """Where a run starts: a model folder's absolute path, an adapter output's adapter, or
     a model name as it is."""
     base, adapter = resolve_model(model)
-    if adapter is None and Path(base).exists():
-        return str(Path(base).resolve())
-    return adapter or base
+    return adapter or model_name(base)
 
 

@@ -747,12 +747,13 @@ class Run:
         from insightv_agents.evaluate import compare_predictions
 
         rows = []
-        chains = [(first, second, None, CHAINS) for first, second in CHAIN_PAIRS]
-        for first, second, categories, questions in (*PAIRS, *chains):
+        comparisons = [(*pair, False) for pair in PAIRS] + [
+            (first, second, None, CHAINS, True) for first, second in CHAIN_PAIRS]
+        for first, second, categories, questions, stated in comparisons:
             if first in reports and second in reports:
                 paired = compare_predictions(self.out / "eval" / first,
                                              self.out / "eval" / second, categories=categories,
-                                             stated=questions == CHAINS)
+                                             stated=stated)
                 rows.append({"first": first, "second": second, "questions": questions,
                              "items": paired.items, "only_first": paired.only_first,
                              "only_second": paired.only_second,
